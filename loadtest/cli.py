@@ -1,0 +1,256 @@
+"""`python -m loadtest`: run bounded loads against one or two servers and report.
+
+Examples (see docs/loadtest.md):
+  python -m loadtest --url http://127.0.0.1:8000 --mode poisson --rate 0.5 --duration 60 \\
+      --max-requests 30 --prompts ../shared/data/cnndm/test.jsonl --budget-ratio 0.6 --out runs/lt
+  python -m loadtest --compare http://127.0.0.1:8000 http://127.0.0.1:8001 --sweep 0.2,0.4,0.8
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from loadtest.client import APIS, Target
+from loadtest.report import render_markdown, render_text, summarize_run, table_rows
+from loadtest.runner import MODES, RunConfig, RunResult, run_load, wait_ready
+from loadtest.spec import BudgetSpec, LoadtestError, PromptSource
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m loadtest",
+        description="Load generator for HEST serving (latency, goodput, joules per request).",
+    )
+    t = p.add_argument_group("target")
+    t.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL")
+    t.add_argument(
+        "--compare", nargs=2, metavar=("URL_A", "URL_B"), help="run the same load on both, B/A"
+    )
+    t.add_argument("--labels", nargs="+", help="names for the target(s) in tables and plots")
+    t.add_argument("--api", choices=APIS, default="native", help="native /v1/summarize or openai")
+    t.add_argument("--api-b", choices=APIS, help="protocol of URL_B in --compare (default --api)")
+    t.add_argument("--endpoint", help="override the request path (e.g. /summarize)")
+    t.add_argument("--model", default="default", help="OpenAI `model` field")
+    t.add_argument("--max-new-tokens", type=int, default=64)
+    t.add_argument("--no-stream", action="store_true", help="no SSE; TTFT from timings.ttft_s")
+    t.add_argument("--wait-ready", type=float, default=0.0, metavar="S", help="wait for readiness")
+    load = p.add_argument_group("load (every run is bounded by --max-requests AND --duration)")
+    load.add_argument("--mode", choices=MODES, default="poisson")
+    load.add_argument("--rate", type=float, default=1.0, help="requests/s (open loop)")
+    load.add_argument("--sweep", help="comma-separated rates: one run per rate (open loop)")
+    load.add_argument("--concurrency", type=int, default=1, help="workers (closed loop)")
+    load.add_argument("--max-requests", type=int, default=50)
+    load.add_argument("--duration", type=float, default=60.0, help="seconds of sending")
+    load.add_argument("--drain", type=float, default=60.0, help="extra seconds for in-flight")
+    load.add_argument("--request-timeout", type=float, default=120.0)
+    load.add_argument("--warmup", type=int, default=0, help="unmeasured requests before each run")
+    load.add_argument("--seed", type=int, default=0)
+    src = p.add_argument_group("prompts and budgets")
+    src.add_argument("--prompts", help="JSONL file (e.g. ../shared/data/cnndm/test.jsonl)")
+    src.add_argument("--prompt-field", default="article")
+    src.add_argument("--prompt-limit", type=int, help="read at most this many rows")
+    src.add_argument("--generated-words", type=int, default=300, help="without --prompts")
+    src.add_argument("--max-chars", type=int, help="cut each prompt to this many characters")
+    budget = src.add_mutually_exclusive_group()
+    budget.add_argument("--budget-ratio", help="0.6 | 0.4,0.6,1.0 | uniform:0.4,1.0")
+    budget.add_argument("--budget-j", help="joules, same forms as --budget-ratio")
+    out = p.add_argument_group("output")
+    out.add_argument("--slo", type=float, default=5.0, help="latency SLO in s for goodput")
+    out.add_argument("--out", help="directory for report.json, report.md and PNG plots")
+    out.add_argument("--json", help="write the JSON report here")
+    out.add_argument("--markdown", help="write the markdown report here")
+    out.add_argument("--no-plots", action="store_true")
+    out.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def _targets(args: argparse.Namespace) -> list[Target]:
+    urls = list(args.compare) if args.compare else [args.url]
+    apis = [args.api, args.api_b or args.api][: len(urls)]
+    for url in urls:
+        if not url.startswith(("http://", "https://")):
+            raise LoadtestError(f"{url!r}: give a full URL such as http://127.0.0.1:8000")
+    if args.max_new_tokens < 1:
+        raise LoadtestError(f"--max-new-tokens {args.max_new_tokens}: give at least 1")
+    return [
+        Target(
+            url=url,
+            api=api,
+            stream=not args.no_stream,
+            max_new_tokens=args.max_new_tokens,
+            model=args.model,
+            path=args.endpoint,
+        )
+        for url, api in zip(urls, apis, strict=True)
+    ]
+
+
+def _configs(args: argparse.Namespace) -> list[RunConfig]:
+    if args.prompts:
+        prompts = PromptSource.from_jsonl(
+            args.prompts, text_field=args.prompt_field, limit=args.prompt_limit
+        )
+    else:
+        prompts = PromptSource.generated(words=args.generated_words, seed=args.seed)
+    prompts = prompts.truncated(args.max_chars)
+    if args.budget_j is not None:
+        budget = BudgetSpec.parse(args.budget_j, kind="j")
+    else:
+        budget = BudgetSpec.parse(args.budget_ratio, kind="ratio")
+    if args.sweep:
+        if args.mode == "closed":
+            raise LoadtestError("--sweep is over arrival rates: use --mode poisson or constant")
+        try:
+            rates = [float(x) for x in args.sweep.split(",") if x.strip()]
+        except ValueError as err:
+            raise LoadtestError(f"--sweep {args.sweep!r}: give rates like 0.2,0.5,1") from err
+    else:
+        rates = [args.rate]
+    return [
+        RunConfig(
+            mode=args.mode,
+            rate=rate,
+            concurrency=args.concurrency,
+            max_requests=args.max_requests,
+            duration_s=args.duration,
+            drain_s=args.drain,
+            request_timeout_s=args.request_timeout,
+            warmup=args.warmup,
+            seed=args.seed,
+            budget=budget,
+            prompts=prompts,
+        )
+        for rate in rates
+    ]
+
+
+async def _run_all(
+    targets: list[Target], configs: list[RunConfig], args: argparse.Namespace
+) -> list[RunResult]:
+    if args.wait_ready > 0:
+        for target in targets:
+            await wait_ready(target, args.wait_ready)
+    results = []
+    for config in configs:
+        for target in targets:  # one after the other: the two servers never share the load
+            results.append(await run_load(target, config, progress=not args.no_progress))
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        targets = _targets(args)
+        configs = _configs(args)
+        labels = args.labels or [t.url for t in targets]
+        if len(labels) != len(targets):
+            raise LoadtestError(f"--labels: give {len(targets)} names, one per target")
+        results = asyncio.run(_run_all(targets, configs, args))
+    except LoadtestError as err:
+        print(f"loadtest: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("loadtest: interrupted", file=sys.stderr)
+        return 130
+    by_url = dict(zip([t.url for t in targets], labels, strict=True))
+    summaries = [summarize_run(r, slo_s=args.slo, label=by_url[r.target.url]) for r in results]
+    comparisons = _comparisons(summaries) if len(targets) == 2 else []
+    text = [render_text(table_rows(summaries))]
+    for comp in comparisons:
+        text.append(f"\ncompare at {comp['load']} (B/A):\n" + render_text(comp["rows"]))
+    print("\n".join(text))
+    report = {
+        "tool": "loadtest",
+        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "argv": sys.argv[1:] if argv is None else argv,
+        "slo_s": args.slo,
+        "runs": [
+            {"summary": s, "requests": [rec.to_dict() for rec in r.records]}
+            for s, r in zip(summaries, results, strict=True)
+        ],
+        "comparisons": comparisons,
+    }
+    _write_outputs(args, report, results, summaries)
+    if not any(s["requests"]["ok"] for s in summaries):
+        print("loadtest: no request succeeded; see errors_by_status above", file=sys.stderr)
+        return 3
+    return 0
+
+
+def _comparisons(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    comps = []
+    for a, b in zip(summaries[::2], summaries[1::2], strict=True):
+        load = f"c={a['concurrency']}" if a["mode"] == "closed" else f"{a['rate_rps']:g} req/s"
+        comps.append(
+            {
+                "load": load,
+                "a": a["label"],
+                "b": b["label"],
+                "rows": table_rows([a, b], ratios=True),
+            }
+        )
+    return comps
+
+
+def _write_outputs(
+    args: argparse.Namespace,
+    report: dict[str, Any],
+    results: list[RunResult],
+    summaries: list[dict[str, Any]],
+) -> None:
+    out = Path(args.out) if args.out else None
+    json_path = Path(args.json) if args.json else (out / "report.json" if out else None)
+    md_path = Path(args.markdown) if args.markdown else (out / "report.md" if out else None)
+    plots: list[Path] = []
+    if out and not args.no_plots:
+        from loadtest.plots import write_plots
+
+        plots = write_plots(results, summaries, out)
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(report, indent=2, default=str) + "\n")
+        print(f"wrote {json_path}", file=sys.stderr)
+    if md_path:
+        md_path.parent.mkdir(parents=True, exist_ok=True)
+        md_path.write_text(_markdown(report, summaries, plots, md_path.parent))
+        print(f"wrote {md_path}", file=sys.stderr)
+    for plot in plots:
+        print(f"wrote {plot}", file=sys.stderr)
+
+
+def _markdown(
+    report: dict[str, Any], summaries: list[dict[str, Any]], plots: list[Path], base: Path
+) -> str:
+    lines = [
+        "# Load test report",
+        "",
+        f"Created {report['created_at']}; command: `python -m loadtest {' '.join(report['argv'])}`",
+        "",
+        f"Latency SLO for goodput: {report['slo_s']:g} s. `estimated` joules are time x nominal "
+        "watts (an estimate); `measured` joules come from a hardware meter and are n/a without one.",
+        "",
+        render_markdown(table_rows(summaries)),
+    ]
+    for comp in report["comparisons"]:
+        lines += ["", f"## {comp['b']} / {comp['a']} at {comp['load']}", ""]
+        lines.append(render_markdown(comp["rows"]))
+    for s in summaries:
+        if s["per_budget"]:
+            lines += ["", f"## Per budget: {s['label']} ({s['mode']}, {s['rate_rps']} req/s)", ""]
+            keys = list(s["per_budget"][0])
+            rows = [keys] + [[_cell(row[k]) for k in keys] for row in s["per_budget"]]
+            lines.append(render_markdown(rows))
+    for plot in plots:
+        rel = plot.relative_to(base) if plot.is_relative_to(base) else plot
+        lines += ["", f"![{plot.stem}]({rel})"]
+    return "\n".join(lines) + "\n"
+
+
+def _cell(value: Any) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else str(value)

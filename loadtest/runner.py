@@ -1,0 +1,236 @@
+"""Arrival schedules and the bounded request loop.
+
+Open loop (`poisson`, `constant`): request i is sent at its scheduled time whether or not earlier
+ones have answered, so queueing shows in the latencies. Closed loop (`closed`): `concurrency`
+workers each send the next request as soon as their previous one answers. Every run stops issuing
+at `max_requests` or `duration_s`, whichever comes first, waits at most `drain_s` more for requests
+in flight, then cancels the rest (counted as errors `deadline`). So a run never outlives
+duration_s + drain_s, and it only ever talks to the one URL it was given.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+
+from loadtest.client import RequestRecord, Target, send
+from loadtest.spec import BudgetSpec, LoadtestError, PromptSource
+
+MODES = ("poisson", "constant", "closed")
+
+
+@dataclass
+class RunConfig:
+    """One run's load shape and bounds."""
+
+    mode: str = "poisson"
+    rate: float | None = 1.0  # requests/s for open-loop modes
+    concurrency: int = 1  # workers for the closed loop
+    max_requests: int = 50
+    duration_s: float = 60.0
+    drain_s: float = 60.0
+    request_timeout_s: float = 120.0
+    warmup: int = 0  # requests sent (one at a time) before the measured run, not counted
+    seed: int = 0
+    budget: BudgetSpec = field(default_factory=BudgetSpec)
+    prompts: PromptSource = field(default_factory=PromptSource.generated)
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise LoadtestError(f"--mode {self.mode!r}: use one of {MODES}")
+        if self.mode != "closed" and (self.rate is None or not self.rate > 0):
+            raise LoadtestError(f"--rate {self.rate}: open-loop modes need a rate > 0 requests/s")
+        if self.mode == "closed" and self.concurrency < 1:
+            raise LoadtestError(f"--concurrency {self.concurrency}: give at least 1")
+        if self.max_requests < 1 or not self.duration_s > 0:
+            raise LoadtestError(
+                f"--max-requests {self.max_requests} / --duration {self.duration_s}: "
+                "both bounds must be positive"
+            )
+        if self.drain_s < 0 or not self.request_timeout_s > 0:
+            raise LoadtestError("--drain must be >= 0 and --request-timeout > 0 seconds")
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "mode": self.mode,
+            "rate_rps": self.rate if self.mode != "closed" else None,
+            "concurrency": self.concurrency if self.mode == "closed" else None,
+            "max_requests": self.max_requests,
+            "duration_s": self.duration_s,
+            "drain_s": self.drain_s,
+            "request_timeout_s": self.request_timeout_s,
+            "warmup": self.warmup,
+            "seed": self.seed,
+            "budget": self.budget.describe(),
+            "prompts": self.prompts.origin,
+        }
+
+
+@dataclass
+class RunResult:
+    target: Target
+    config: RunConfig
+    records: list[RequestRecord]
+    started_at: str
+    wall_s: float
+    server_info: dict[str, Any] | None = None
+
+
+def schedule(config: RunConfig) -> list[float]:
+    """Send times (s from start) for open-loop modes: at most max_requests, all < duration_s."""
+    assert config.rate is not None
+    rng = random.Random(config.seed)
+    times: list[float] = []
+    t = 0.0
+    while len(times) < config.max_requests:
+        if config.mode == "poisson":
+            t += rng.expovariate(config.rate)
+        else:
+            t = len(times) / config.rate
+        if t >= config.duration_s:
+            break
+        times.append(t)
+    return times
+
+
+def make_records(config: RunConfig, count: int) -> list[RequestRecord]:
+    """The request list (budgets drawn with their own seeded generator: same for every target)."""
+    rng = random.Random(config.seed + 1)
+    records = []
+    for i in range(count):
+        budget = config.budget.draw(i, rng)
+        records.append(
+            RequestRecord(
+                index=i,
+                budget_field=config.budget.field,
+                budget_sent=budget,
+                budget_group=config.budget.group(budget),
+            )
+        )
+    return records
+
+
+def _client(config: RunConfig, pool: int) -> httpx.AsyncClient:
+    timeout = httpx.Timeout(config.request_timeout_s, connect=10.0)
+    limits = httpx.Limits(max_connections=pool, max_keepalive_connections=pool)
+    # trust_env=False: no proxy from the environment; requests go to the given URL only
+    return httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False)
+
+
+async def wait_ready(target: Target, timeout_s: float) -> None:
+    """Poll the server's readiness endpoint until it answers 200, or raise after timeout_s."""
+    path = "/readyz" if target.api == "native" else "/v1/models"
+    url = target.url.rstrip("/") + path
+    deadline = time.monotonic() + timeout_s
+    last = "no answer"
+    async with httpx.AsyncClient(timeout=5.0, trust_env=False) as client:
+        while time.monotonic() < deadline:
+            try:
+                response = await client.get(url)
+                if response.status_code == 200:
+                    return
+                last = f"HTTP {response.status_code}"
+            except httpx.TransportError as err:
+                last = type(err).__name__
+            await asyncio.sleep(0.5)
+    raise LoadtestError(f"{url} not ready after {timeout_s:g} s (last: {last}); is the server up?")
+
+
+async def fetch_info(target: Target) -> dict[str, Any] | None:
+    """The native server's /v1/info (model, policy, meter), or None where there is none."""
+    if target.api != "native":
+        return None
+    try:
+        async with httpx.AsyncClient(timeout=5.0, trust_env=False) as client:
+            response = await client.get(target.url.rstrip("/") + "/v1/info")
+        return response.json() if response.status_code == 200 else None
+    except (httpx.HTTPError, ValueError):
+        return None
+
+
+async def run_load(target: Target, config: RunConfig, *, progress: bool = True) -> RunResult:
+    """Run one bounded load against `target` and return every request's record."""
+    from tqdm.auto import tqdm
+
+    times = schedule(config) if config.mode != "closed" else []
+    count = len(times) if config.mode != "closed" else config.max_requests
+    records = make_records(config, count)
+    info = await fetch_info(target)
+    pool = max(config.concurrency, 64) if config.mode == "closed" else max(64, count)
+    started_at = datetime.now(UTC).isoformat(timespec="seconds")
+    label = f"{target.url} {config.mode} " + (
+        f"c={config.concurrency}" if config.mode == "closed" else f"{config.rate:g} req/s"
+    )
+    async with _client(config, pool) as client:
+        for i in range(config.warmup):
+            warm = RequestRecord(index=-1 - i, budget_field=None)
+            await send(client, target, warm, config.prompts.get(i), time.perf_counter())
+        bar = tqdm(total=count, desc=label, unit="req", disable=not progress, leave=False)
+        t0 = time.perf_counter()
+        sent: set[int] = set()
+
+        async def one(record: RequestRecord) -> None:
+            sent.add(record.index)
+            await send(client, target, record, config.prompts.get(record.index), t0)
+            bar.update(1)
+            bar.set_postfix(errors=sum(r.error is not None for r in records), refresh=False)
+
+        try:
+            async with asyncio.timeout(config.duration_s + config.drain_s):
+                if config.mode == "closed":
+                    await _closed_loop(config, records, one, t0)
+                else:
+                    await _open_loop(config, times, records, one, t0)
+        except TimeoutError:
+            pass
+        finally:
+            bar.close()
+    wall_s = time.perf_counter() - t0
+    records = [r for r in records if r.index in sent]  # never-sent requests are not in the run
+    for record in records:
+        if record.latency_s is None:  # still in flight when the hard deadline hit
+            record.error = "deadline"
+    return RunResult(target, config, records, started_at, wall_s, info)
+
+
+async def _open_loop(config: RunConfig, times: list[float], records, one, t0: float) -> None:
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        for when, record in zip(times, records, strict=True):
+            delay = t0 + when - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            record.scheduled_s = when
+            tasks.append(asyncio.create_task(one(record)))
+        if tasks:
+            await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _closed_loop(config: RunConfig, records, one, t0: float) -> None:
+    next_index = 0
+
+    async def worker() -> None:
+        nonlocal next_index
+        while next_index < len(records) and time.perf_counter() - t0 < config.duration_s:
+            record = records[next_index]
+            next_index += 1
+            record.scheduled_s = time.perf_counter() - t0
+            await one(record)
+
+    workers = [asyncio.create_task(worker()) for _ in range(config.concurrency)]
+    try:
+        await asyncio.gather(*workers)
+    finally:
+        for task in workers:
+            task.cancel()
+        await asyncio.gather(*workers, return_exceptions=True)

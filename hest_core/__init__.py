@@ -1,0 +1,34 @@
+"""HEST runtime: energy-budgeted generation with per-token fp16 / int8 / skip paths."""
+
+from .artifact import HestAdapter, HestConfig, load_adapter
+from .controller import Controller
+from .engine import Engine, GenerationRequest, GenerationResult, RequestStats
+from .errors import (
+    AdapterMismatchError,
+    BudgetTooLowError,
+    CalibrationError,
+    HestError,
+    InvalidInputError,
+    ModelLoadError,
+)
+from .generation import PreparedRequest
+from .prompt import build_prompt
+
+__all__ = [
+    "AdapterMismatchError",
+    "BudgetTooLowError",
+    "CalibrationError",
+    "Controller",
+    "Engine",
+    "GenerationRequest",
+    "GenerationResult",
+    "HestAdapter",
+    "HestConfig",
+    "HestError",
+    "InvalidInputError",
+    "ModelLoadError",
+    "PreparedRequest",
+    "RequestStats",
+    "build_prompt",
+    "load_adapter",
+]

@@ -1,0 +1,138 @@
+"""Adapter artifacts: `adapter.safetensors` (tensors prefixed `hest_`) + `adapter_config.json`.
+
+The config carries a format version and the base model's fingerprint; loading onto another base
+model raises AdapterMismatchError.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .controller import Controller, build_controller
+from .errors import AdapterMismatchError, HestError
+from .model import TARGETS, ModelSpec
+
+ADAPTER_VERSION = 1
+WEIGHTS_FILE = "adapter.safetensors"
+CONFIG_FILE = "adapter_config.json"
+
+
+@dataclass
+class HestConfig:
+    base_model: str
+    base_model_fingerprint: str
+    n_layers: int
+    hidden: int
+    k: int = 32
+    shortcut_rank: int = 0
+    targets: list[str] = field(default_factory=lambda: list(TARGETS))
+    method: str = "hest"  # hest | hest-fp16only | hest-no-dual | hest-unfactorised | bhsp | tabs
+    created: str = ""
+    training: dict = field(default_factory=dict)
+    version: int = ADAPTER_VERSION
+
+    def __post_init__(self):
+        if self.k <= 0:
+            raise HestError(f"HestConfig.k must be > 0, got {self.k}", param="k")
+        if self.shortcut_rank < 0:
+            raise HestError(
+                f"HestConfig.shortcut_rank must be >= 0, got {self.shortcut_rank}",
+                param="shortcut_rank",
+            )
+        bad = [t for t in self.targets if t not in TARGETS]
+        if bad:
+            raise HestError(f"HestConfig.targets has unknown {bad}; use {TARGETS}", param="targets")
+
+
+@dataclass
+class HestAdapter:
+    config: HestConfig
+    controller: torch.nn.Module
+    z: dict[str, torch.Tensor]  # target -> (L, r_target) fp32
+    shortcut: tuple[torch.Tensor, torch.Tensor] | None = None  # (L, R, d), (L, d, R)
+
+    @classmethod
+    def untrained(cls, spec: ModelSpec, fingerprint: str, sizes: dict[str, int], k: int = 32):
+        cfg = HestConfig(
+            base_model=spec.name,
+            base_model_fingerprint=fingerprint,
+            n_layers=spec.n_layers,
+            hidden=spec.hidden,
+            k=k,
+            created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        )
+        z = {t: torch.zeros(spec.n_layers, sizes[t]) for t in cfg.targets}
+        return cls(cfg, Controller(spec.hidden, spec.n_layers, k), z)
+
+    def check_compatible(self, spec: ModelSpec, fingerprint: str) -> None:
+        c = self.config
+        if c.base_model_fingerprint != fingerprint:
+            raise AdapterMismatchError(
+                f"adapter was trained for base model {c.base_model!r} (fingerprint "
+                f"{c.base_model_fingerprint}) but the loaded model {spec.name!r} has fingerprint "
+                f"{fingerprint}; load the matching base model or retrain the adapter",
+                param="adapter",
+            )
+        if (c.n_layers, c.hidden) != (spec.n_layers, spec.hidden):
+            raise AdapterMismatchError(
+                f"adapter shape (layers={c.n_layers}, hidden={c.hidden}) does not match the model "
+                f"(layers={spec.n_layers}, hidden={spec.hidden})",
+                param="adapter",
+            )
+
+    def save(self, path: str | Path) -> Path:
+        from safetensors.torch import save_file
+
+        d = Path(path)
+        d.mkdir(parents=True, exist_ok=True)
+        tensors = {
+            n: p.detach().float().contiguous() for n, p in self.controller.named_parameters()
+        }
+        tensors = {f"hest_controller.{n.removeprefix('hest_')}": t for n, t in tensors.items()}
+        for t, zt in self.z.items():
+            tensors[f"hest_z.{t}"] = zt.detach().float().contiguous()
+        if self.shortcut is not None:
+            tensors["hest_shortcut.a"] = self.shortcut[0].float().contiguous()
+            tensors["hest_shortcut.b"] = self.shortcut[1].float().contiguous()
+        save_file(tensors, str(d / WEIGHTS_FILE))
+        (d / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=1))
+        return d
+
+
+def load_adapter(path: str | Path) -> HestAdapter:
+    from safetensors.torch import load_file
+
+    d = Path(path)
+    if not (d / CONFIG_FILE).is_file() or not (d / WEIGHTS_FILE).is_file():
+        raise AdapterMismatchError(
+            f"{d} is not a HEST adapter: it needs {CONFIG_FILE} and {WEIGHTS_FILE}",
+            param="adapter",
+        )
+    raw = json.loads((d / CONFIG_FILE).read_text())
+    if raw.get("version") != ADAPTER_VERSION:
+        raise AdapterMismatchError(
+            f"{d}: adapter format version {raw.get('version')} is not {ADAPTER_VERSION}",
+            param="adapter",
+        )
+    cfg = HestConfig(**raw)
+    t = load_file(str(d / WEIGHTS_FILE))
+    ctl = build_controller(cfg.method, cfg.hidden, cfg.n_layers, cfg.k)
+    state = {
+        f"hest_{n.removeprefix('hest_controller.')}": v
+        for n, v in t.items()
+        if n.startswith("hest_controller.")
+    }
+    try:
+        ctl.load_state_dict(state)
+    except RuntimeError as err:
+        raise AdapterMismatchError(f"{d}: controller tensors do not fit: {err}") from err
+    z = {n.removeprefix("hest_z."): v for n, v in t.items() if n.startswith("hest_z.")}
+    sc = None
+    if "hest_shortcut.a" in t:
+        sc = (t["hest_shortcut.a"], t["hest_shortcut.b"])
+    return HestAdapter(cfg, ctl, z, sc)

@@ -1,0 +1,148 @@
+"""The energy model: calibrated per-unit costs, summed over the work actually executed.
+
+Costs are per phase, because the same unit costs very different joules per token when it runs
+as part of a compute-bound prefill GEMM or a memory-bound decode GEMV:
+  unit[phase][l][p]  J for one token through layer l's gated linear work on path p
+  token_fixed[phase] J per token for ungated work (embedding, norms, rope, residual adds)
+  attn_ctx[phase]    J per token per attended position, summed over layers (softmax(QK)V)
+  head[phase]        J per row of logits (final norm + lm_head)
+A prefill of P tokens attends P(P+1)/2 positions; decode step i (context c) attends c.
+The modelled all-fp16 cost of a request = prefill + (max_new_tokens - 1) decode steps (the first
+generated token comes out of the prefill).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .errors import CalibrationError
+
+CALIBRATION_VERSION = 1
+PHASES = ("prefill", "decode")
+
+
+@dataclass
+class PhaseCosts:
+    unit: list[list[float]]  # (L, 3) joules per token per unit, paths fp16/int8/skip
+    token_fixed: float
+    attn_ctx: float
+    head: float
+
+    def check(self, n_layers: int, phase: str) -> None:
+        if len(self.unit) != n_layers or any(len(r) != 3 for r in self.unit):
+            raise CalibrationError(
+                f"calibration {phase}.unit must be {n_layers} rows of 3 costs, got "
+                f"{len(self.unit)} rows; recalibrate with `python -m hest_core.calibrate`"
+            )
+        vals = [v for r in self.unit for v in r] + [self.token_fixed, self.attn_ctx, self.head]
+        if any(not math.isfinite(v) or v < 0 for v in vals):
+            raise CalibrationError(f"calibration {phase} has negative or non-finite costs")
+
+
+@dataclass
+class CalibrationTable:
+    model: str
+    model_fingerprint: str
+    n_layers: int
+    device: str
+    method: str  # "nvml" | "rapl" | "estimate (wall time x nominal 30 W)"
+    meter: str  # "nvml" | "rapl" | "estimate"
+    date: str
+    dtype: str
+    threads: int
+    prefill: PhaseCosts
+    decode: PhaseCosts
+    kernels: dict = field(default_factory=dict)  # measured kernel choices and timings
+    version: int = CALIBRATION_VERSION
+    source: str = ""  # where it was loaded from (not saved)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d.pop("source")
+        return d
+
+    def save(self, path: str | Path) -> None:
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.to_json(), indent=1))
+        tmp.replace(p)
+
+    @classmethod
+    def load(cls, path: str | Path) -> CalibrationTable:
+        try:
+            d = json.loads(Path(path).read_text())
+            if d.get("version") != CALIBRATION_VERSION:
+                raise CalibrationError(
+                    f"{path}: calibration version {d.get('version')} != {CALIBRATION_VERSION}; "
+                    "recalibrate with `python -m hest_core.calibrate`"
+                )
+            d["prefill"] = PhaseCosts(**d["prefill"])
+            d["decode"] = PhaseCosts(**d["decode"])
+            t = cls(**d)
+        except CalibrationError:
+            raise
+        except Exception as err:
+            raise CalibrationError(f"cannot read calibration table {path}: {err}") from err
+        t.source = str(path)
+        for ph in PHASES:
+            getattr(t, ph).check(t.n_layers, ph)
+        return t
+
+
+class EnergyModel:
+    """Cost arithmetic over a calibration table. All results in joules (modelled)."""
+
+    def __init__(self, table: CalibrationTable):
+        self.table = table
+        self.L = table.n_layers
+        self.ph = {"prefill": table.prefill, "decode": table.decode}
+        # per phase: (L, 3) costs, and the cost of a whole token per path summed over layers
+        self.unit = {k: [tuple(r) for r in v.unit] for k, v in self.ph.items()}
+        self.unit_sum = {k: [sum(r[p] for r in v) for p in range(3)] for k, v in self.unit.items()}
+        # suffix sums of the skip cost: reserve to finish a token after layer l
+        self.skip_after = {}
+        for k, rows in self.unit.items():
+            acc, out = 0.0, [0.0] * (self.L + 1)
+            for li in range(self.L - 1, -1, -1):
+                acc += rows[li][2]
+                out[li] = acc
+            self.skip_after[k] = out  # out[l] = sum of skip costs of layers l..L-1
+
+    def prefill_fixed(self, p: int) -> float:
+        c = self.ph["prefill"]
+        return p * c.token_fixed + c.attn_ctx * p * (p + 1) / 2 + c.head
+
+    def decode_fixed(self, ctx: int) -> float:
+        c = self.ph["decode"]
+        return c.token_fixed + c.attn_ctx * ctx + c.head
+
+    def _decode_fixed_sum(self, p: int, steps: int) -> float:
+        c = self.ph["decode"]
+        return steps * (c.token_fixed + c.head) + c.attn_ctx * (steps * p + steps * (steps + 1) / 2)
+
+    def request_cost(self, p: int, max_new: int, path: int) -> float:
+        """Cost of a prompt of p tokens + max_new generated tokens with every unit on `path`."""
+        steps = max(0, max_new - 1)
+        return (
+            self.prefill_fixed(p)
+            + p * self.unit_sum["prefill"][path]
+            + self._decode_fixed_sum(p, steps)
+            + steps * self.unit_sum["decode"][path]
+        )
+
+    def fp16_cost(self, p: int, max_new: int) -> float:
+        return self.request_cost(p, max_new, 0)
+
+    def min_decode_step(self, ctx: int) -> float:
+        return self.decode_fixed(ctx) + self.unit_sum["decode"][2]
+
+    def min_feasible(self, p: int, max_new: int) -> float:
+        """Prompt with every unit skipped, plus one generated token (a decode step)."""
+        cost = self.prefill_fixed(p) + p * self.unit_sum["prefill"][2]
+        if max_new >= 2:
+            cost += self.min_decode_step(p + 1)
+        return cost

@@ -1,0 +1,344 @@
+"""The public runtime: `Engine.from_pretrained(...)`, `engine.generate([...])`."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import calibrate as calib
+from .artifact import HestAdapter, load_adapter
+from .controller import Controller
+from .dtypes import dtype_name, resolve_device, resolve_dtype
+from .energy import EnergyModel
+from .errors import BudgetTooLowError, HestError, InvalidInputError
+from .generation import BatchRunner, PreparedRequest, RequestState
+from .guard import MODES, BudgetGuard
+from .loading import DEFAULT_MODEL, build_lean, fingerprint, load_hf_model, load_tokenizer
+from .meters import pick_meter
+from .model import PATHS
+from .prompt import DEFAULT_MAX_ARTICLE_TOKENS, build_prompt
+from .spectral import SvdCache, make_weight_fn
+
+log = logging.getLogger("hest.engine")
+
+DEFAULT_ADAPTER_DIR = Path(__file__).parent / "adapters" / "smollm2-135m-instruct"
+POLICIES = ("hest", "fp16", "int8")
+
+
+@dataclass
+class GenerationRequest:
+    text: str
+    energy_budget_j: float | None = None
+    energy_budget_ratio: float | None = None
+    max_new_tokens: int | None = None
+    cancelled: threading.Event | None = None
+
+
+@dataclass
+class RequestStats:
+    budget_j: float
+    budget_ratio: float
+    fp16_cost_j: float
+    modelled_j: float
+    measured_j: float | None
+    estimated_j: float
+    meter: str
+    prompt_tokens: int
+    completion_tokens: int
+    paths: dict[str, int]
+    paths_per_layer: list[dict[str, int]]
+    demotions: int
+    truncated: bool
+    queue_s: float = 0.0
+    ttft_s: float = 0.0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    total_s: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    finish_reason: str
+    stats: RequestStats = field(repr=False)
+
+
+class Engine:
+    def __init__(self, *, tokenizer, lean, controller, energy, meter, policy, guard_mode, info):
+        self.tokenizer, self.lean, self.controller = tokenizer, lean, controller
+        self.energy: EnergyModel = energy
+        self.meter = meter
+        self.policy, self.guard_mode = policy, guard_mode
+        self.device = lean.device
+        self._info = info
+        self.max_article_tokens = DEFAULT_MAX_ARTICLE_TOKENS
+        self.default_max_new_tokens = 128
+        self.max_new_tokens_limit = 512
+        self.max_input_chars = 200_000
+        self.default_budget_ratio = 0.6
+        self._lock = threading.Lock()
+        eos = {tokenizer.eos_token_id}
+        for name in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>"):
+            tid = tokenizer.convert_tokens_to_ids(name)
+            if isinstance(tid, int) and tid != tokenizer.unk_token_id:
+                eos.add(tid)
+        self.eos_ids = {t for t in eos if t is not None}
+
+    # ---- construction -----------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str = DEFAULT_MODEL,
+        adapter: str | Path | HestAdapter | None = "default",
+        *,
+        device: str = "cpu",
+        dtype: str = "auto",
+        policy: str = "hest",
+        guard: str = "paced",
+        calibration: str | Path | None = None,
+        meter: str | None = None,
+        threads: int | None = None,
+        progress: bool = True,
+    ) -> Engine:
+        if policy not in POLICIES:
+            raise HestError(f"policy={policy!r} is not one of {POLICIES}", param="policy")
+        if guard not in MODES:
+            raise HestError(f"guard={guard!r} is not one of {MODES}", param="guard")
+        threads = threads or int(os.environ.get("HEST_THREADS", "0") or 0)
+        if threads:
+            torch.set_num_threads(threads)
+        dev = resolve_device(device)
+        dt = resolve_dtype(dtype, dev)
+        t0 = time.perf_counter()
+        tok = load_tokenizer(model, progress)
+        hf = load_hf_model(model, progress)
+        fp = fingerprint(hf)
+        ad = cls._resolve_adapter(adapter, model)
+        weight_fn = None
+        if ad is not None:
+            from .loading import spec_of
+
+            ad.check_compatible(spec_of(hf), fp)
+            if any(float(z.abs().max()) > 0 for z in ad.z.values()):
+                weight_fn = make_weight_fn(ad.z, SvdCache(hf, fp, progress))
+        lean = build_lean(hf, dt, dev, max_positions=4096, weight_fn=weight_fn)
+        if ad is not None and ad.shortcut is not None:
+            a, b = ad.shortcut
+            for li, lw in enumerate(lean.layers):
+                lw.shortcut = (a[li].to(dev, dt), b[li].to(dev, dt))
+        ctl = ad.controller if ad is not None else Controller(lean.spec.hidden, lean.spec.n_layers)
+        ctl = ctl.to(dev).eval()
+        m = pick_meter(dev.type, meter)
+        table = calib.resolve(lean, fp, calibration, m, progress)
+        calib.apply_kernel_choices(lean, table)
+        del hf
+        info = {
+            "model": lean.spec.name,
+            "model_fingerprint": fp,
+            "adapter": str(adapter) if ad is not None else None,
+            "adapter_method": ad.config.method if ad is not None else None,
+            "device": str(dev),
+            "dtype": dtype_name(dt),
+            "policy": policy,
+            "guard": guard,
+            "meter": m.name,
+            "meter_description": m.describe(),
+            "calibration": {
+                "device": table.device,
+                "method": table.method,
+                "date": table.date,
+                "source": table.source,
+            },
+            "controller_params": sum(p.numel() for p in ctl.parameters()),
+            "n_layers": lean.spec.n_layers,
+            "load_s": round(time.perf_counter() - t0, 2),
+        }
+        return cls(
+            tokenizer=tok,
+            lean=lean,
+            controller=ctl,
+            energy=EnergyModel(table),
+            meter=m,
+            policy=policy,
+            guard_mode="off" if policy != "hest" else guard,
+            info=info,
+        )
+
+    @staticmethod
+    def _resolve_adapter(adapter, model: str) -> HestAdapter | None:
+        if adapter is None or isinstance(adapter, HestAdapter):
+            return adapter
+        if str(adapter) == "default":
+            if model != DEFAULT_MODEL:
+                return None  # the shipped adapter is for the default model only
+            if not (DEFAULT_ADAPTER_DIR / "adapter_config.json").is_file():
+                log.warning(
+                    "no trained default adapter at %s; serving without one", DEFAULT_ADAPTER_DIR
+                )
+                return None
+            return load_adapter(DEFAULT_ADAPTER_DIR)
+        return load_adapter(adapter)
+
+    def info(self) -> dict:
+        return dict(self._info)
+
+    # ---- validation -------------------------------------------------------------------------------
+    def check(self, r: GenerationRequest) -> PreparedRequest:
+        if not isinstance(r.text, str) or not r.text.strip():
+            raise InvalidInputError(
+                "text is empty; send the article to summarise", param="text", code="empty_text"
+            )
+        if len(r.text) > self.max_input_chars:
+            raise InvalidInputError(
+                f"text has {len(r.text)} characters, over the limit of {self.max_input_chars}; "
+                f"send at most {self.max_input_chars} (articles are cut to "
+                f"{self.max_article_tokens} tokens anyway)",
+                param="text",
+                code="text_too_long",
+            )
+        max_new = self.default_max_new_tokens if r.max_new_tokens is None else r.max_new_tokens
+        if (
+            isinstance(max_new, bool)
+            or not isinstance(max_new, int)
+            or not 1 <= max_new <= self.max_new_tokens_limit
+        ):
+            raise InvalidInputError(
+                f"max_new_tokens={max_new!r} must be an integer in 1..{self.max_new_tokens_limit}",
+                param="max_new_tokens",
+                code="invalid_max_new_tokens",
+            )
+        if r.energy_budget_j is not None and r.energy_budget_ratio is not None:
+            raise InvalidInputError(
+                "give energy_budget_j or energy_budget_ratio, not both",
+                param="energy_budget_j",
+                code="conflicting_budget",
+            )
+        ids, truncated = build_prompt(self.tokenizer, r.text, self.max_article_tokens)
+        fp16 = self.energy.fp16_cost(len(ids), max_new)
+        if r.energy_budget_j is not None:
+            name, val = "energy_budget_j", r.energy_budget_j
+        else:
+            name = "energy_budget_ratio"
+            val = (
+                self.default_budget_ratio
+                if r.energy_budget_ratio is None
+                else r.energy_budget_ratio
+            )
+        if (
+            isinstance(val, bool)
+            or not isinstance(val, int | float)
+            or not math.isfinite(val)
+            or val <= 0
+        ):
+            raise InvalidInputError(
+                f"{name}={val!r} must be a finite number > 0", param=name, code="invalid_budget"
+            )
+        budget = float(val) if name == "energy_budget_j" else float(val) * fp16
+        min_j = self.energy.min_feasible(len(ids), max_new)
+        if self.guard_mode != "off" and budget < min_j:
+            raise BudgetTooLowError(
+                f"{name}={val:g} gives {budget:.4g} J, below the minimum of {min_j:.4g} J "
+                f"(ratio {min_j / fp16:.3f}) for this {len(ids)}-token prompt: every unit skipped "
+                "plus one generated token. Raise the budget or shorten the text",
+                minimum_j=min_j,
+                param=name,
+            )
+        return PreparedRequest(
+            ids=ids,
+            max_new=max_new,
+            budget_j=budget,
+            budget_ratio=budget / fp16,
+            fp16_cost_j=fp16,
+            min_j=min_j,
+            truncated=truncated,
+            cancelled=r.cancelled,
+        )
+
+    # ---- generation -------------------------------------------------------------------------------
+    def generate(
+        self, requests: list[GenerationRequest | PreparedRequest], on_token=None
+    ) -> list[GenerationResult]:
+        if not requests:
+            return []
+        prepared = [r if isinstance(r, PreparedRequest) else self.check(r) for r in requests]
+        with self._lock:
+            return self._run(prepared, on_token)
+
+    def summarize(
+        self,
+        texts: list[str],
+        energy_budget_ratio: float | None = None,
+        energy_budget_j: float | None = None,
+        max_new_tokens: int | None = None,
+    ) -> list[GenerationResult]:
+        reqs = [
+            GenerationRequest(t, energy_budget_j, energy_budget_ratio, max_new_tokens)
+            for t in texts
+        ]
+        return self.generate(reqs)
+
+    def warmup(self) -> None:
+        self.generate(
+            [GenerationRequest("Warm-up article. " * 20, energy_budget_ratio=1.0, max_new_tokens=4)]
+        )
+
+    def _run(self, prepared: list[PreparedRequest], on_token) -> list[GenerationResult]:
+        L = self.lean.spec.n_layers
+        states = [
+            RequestState(
+                req=p,
+                guard=BudgetGuard(self.energy, p.budget_j, len(p.ids), p.max_new, self.guard_mode),
+                beta=math.log(p.budget_ratio),
+                layer_counts=[[0, 0, 0] for _ in range(L)],
+            )
+            for p in prepared
+        ]
+        t0 = time.perf_counter()
+        window = self.meter.begin()
+        BatchRunner(self, states, on_token).run(t0)
+        reading = self.meter.end(window)
+        total = time.perf_counter() - t0
+        modelled = [st.guard.spent for st in states]
+        msum = sum(modelled) or 1.0
+        out = []
+        for st, mj in zip(states, modelled, strict=True):
+            share = mj / msum
+            per_layer = [dict(zip(PATHS, c, strict=True)) for c in st.layer_counts]
+            paths = {p: sum(c[i] for c in st.layer_counts) for i, p in enumerate(PATHS)}
+            done = st.done_s or total
+            stats = RequestStats(
+                budget_j=st.req.budget_j,
+                budget_ratio=st.req.budget_ratio,
+                fp16_cost_j=st.req.fp16_cost_j,
+                modelled_j=mj,
+                measured_j=reading.energy_j * share if reading.measured else None,
+                estimated_j=reading.elapsed_s * self._nominal_watts() * share,
+                meter=reading.meter,
+                prompt_tokens=len(st.req.ids),
+                completion_tokens=len(st.out_ids),
+                paths=paths,
+                paths_per_layer=per_layer,
+                demotions=st.guard.demotions,
+                truncated=st.req.truncated,
+                ttft_s=st.ttft_s,
+                prefill_s=st.prefill_s,
+                decode_s=max(0.0, done - st.prefill_s),
+                total_s=done,
+            )
+            out.append(GenerationResult(st.text, st.finish or "length", stats))
+        return out
+
+    def _nominal_watts(self) -> float:
+        return float(
+            getattr(self.meter, "watts", None) or os.environ.get("HEST_NOMINAL_WATTS", 30.0)
+        )

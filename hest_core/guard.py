@@ -1,0 +1,126 @@
+"""The budget guard: modelled energy of executed work never exceeds the request's budget.
+
+Before each layer step it computes how much the request may spend on that layer's units:
+* hard limit: what is left after reserving the cheapest way to finish the current token
+  (remaining layers skipped) and, during prefill, the cheapest next generated token;
+* paced limit (mode "paced", default): the spend above the all-skip minimum is spread over the
+  rest of the request in proportion to its all-fp16 cost, so a request cannot run its budget dry
+  on the first tokens and then stop early.
+Where the controller's choice costs more than the limit, the guard demotes units whose margin
+(logit of the chosen path minus the next cheaper one) is smallest: fp16 -> int8, then -> skip.
+A decode step starts only if its cheapest form fits, else the request ends with
+finish_reason="energy_budget".
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .energy import EnergyModel
+
+MODES = ("paced", "hard", "off")
+
+
+class BudgetGuard:
+    def __init__(self, em: EnergyModel, budget_j: float, prompt_len: int, max_new: int, mode: str):
+        self.em, self.budget, self.mode = em, budget_j, mode
+        self.P, self.max_new = prompt_len, max_new
+        self.spent = 0.0
+        self.demotions = 0
+        self.phase = "prefill"
+        self.rem_fp16 = em.request_cost(prompt_len, max_new, 0)  # not-yet-charged work, all fp16
+        self.rem_min = em.request_cost(prompt_len, max_new, 2)  # ... and all skip
+
+    # ---- fixed (ungated) work --------------------------------------------------------------------
+    def _charge_fixed(self, cost: float) -> None:
+        self.spent += cost
+        self.rem_fp16 -= cost
+        self.rem_min -= cost
+
+    def start_prefill(self) -> None:
+        self.phase = "prefill"
+        self._charge_fixed(self.em.prefill_fixed(self.P))
+
+    def try_start_decode(self, ctx: int) -> bool:
+        """Charge a decode step's fixed work if its cheapest form fits; else False (stop)."""
+        self.phase = "decode"
+        fixed = self.em.decode_fixed(ctx)
+        if self.mode != "off" and self.spent + fixed + self.em.unit_sum["decode"][2] > self.budget:
+            return False
+        self._charge_fixed(fixed)
+        return True
+
+    # ---- gated work, one layer at a time ---------------------------------------------------------
+    def limit(self, li: int, n: int) -> float:
+        if self.mode == "off":
+            return math.inf
+        ph = self.phase
+        reserve = n * self.em.skip_after[ph][li + 1]
+        if ph == "prefill" and self.max_new >= 2:
+            reserve += self.em.min_decode_step(self.P + 1)
+        left = self.budget - self.spent
+        hard = left - reserve
+        if self.mode == "hard" or left >= self.rem_fp16 * (1 - 1e-9):
+            return hard
+        c = self.em.unit[ph][li]
+        step_fp, step_min = n * c[0], n * c[2]
+        span = self.rem_fp16 - self.rem_min
+        phi = min(1.0, max(0.0, (left - self.rem_min) / span)) if span > 0 else 1.0
+        return min(hard, step_min + phi * (step_fp - step_min))
+
+    def commit(self, li: int, counts: list[int]) -> float:
+        c = self.em.unit[self.phase][li]
+        cost = counts[0] * c[0] + counts[1] * c[1] + counts[2] * c[2]
+        n = counts[0] + counts[1] + counts[2]
+        self.spent += cost
+        self.rem_fp16 -= n * c[0]
+        self.rem_min -= n * c[2]
+        return cost
+
+    def fit(
+        self, li: int, paths: torch.Tensor, logits: torch.Tensor | None, counts: list[int]
+    ) -> tuple[torch.Tensor, list[int]]:
+        """Demote units of this request's rows until their cost fits the limit."""
+        n = paths.shape[0]
+        lim = self.limit(li, n)
+        c = self.em.unit[self.phase][li]
+        cost = counts[0] * c[0] + counts[1] * c[1] + counts[2] * c[2]
+        if cost <= lim:
+            return paths, counts
+        new_paths, new_counts = demote(paths, logits, counts, c, lim)
+        self.demotions += int((new_paths != paths).sum())
+        return new_paths, new_counts
+
+
+def demote(
+    paths: torch.Tensor,
+    logits: torch.Tensor | None,
+    counts: list[int],
+    c: tuple[float, float, float],
+    lim: float,
+) -> tuple[torch.Tensor, list[int]]:
+    """Move the smallest-margin units one path cheaper until sum(cost) <= lim (or all skip)."""
+    paths = paths.clone()
+    counts = list(counts)
+    # fp16 -> int8 -> skip; where int8 is not cheaper on this device, fp16 goes straight to skip
+    steps = ((0, 1), (1, 2)) if c[1] < c[0] else ((0, 2), (1, 2))
+    for hi, lo in steps:
+        cost = counts[0] * c[0] + counts[1] * c[1] + counts[2] * c[2]
+        if cost <= lim or counts[hi] == 0:
+            continue
+        save = c[hi] - c[lo]
+        need = counts[hi] if save <= 0 else min(counts[hi], math.ceil((cost - lim) / save))
+        while need < counts[hi] and (cost - need * save) > lim:  # float rounding
+            need += 1
+        idx = (paths == hi).nonzero().squeeze(1)
+        if logits is not None and need < idx.numel():
+            margin = logits[idx, hi] - logits[idx, lo]
+            idx = idx[margin.argsort()[:need]]
+        else:
+            idx = idx[:need]
+        paths[idx] = lo
+        counts[hi] -= need
+        counts[lo] += need
+    return paths, counts

@@ -1,0 +1,148 @@
+"""Energy meters behind one begin/end window interface (the shape of Zeus's monitor).
+
+* `NvmlMeter`: the GPU's total-energy counter (millijoules since driver load), via nvidia-ml-py.
+* `RaplMeter`: Linux powercap RAPL package counters (microjoules), where readable.
+* `EstimateMeter`: wall time x a configured nominal wattage. Always available; its figures are
+  estimates and are labelled `meter="estimate"` everywhere.
+
+`pick_meter()` returns the best one that works here and never raises for missing hardware.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import time
+from dataclasses import dataclass
+
+DEFAULT_NOMINAL_WATTS = 30.0  # a 2-core slice of a server CPU; override with HEST_NOMINAL_WATTS
+
+
+@dataclass
+class Window:
+    start_s: float
+    start_j: float
+
+
+@dataclass
+class Reading:
+    elapsed_s: float
+    energy_j: float  # joules over the window (estimated when meter == "estimate")
+    meter: str
+
+    @property
+    def measured(self) -> bool:
+        return self.meter != "estimate"
+
+
+class Meter:
+    name = "none"
+
+    def _joules(self) -> float:
+        raise NotImplementedError
+
+    def begin(self) -> Window:
+        return Window(time.perf_counter(), self._joules())
+
+    def end(self, w: Window) -> Reading:
+        now_j = self._joules()
+        elapsed = time.perf_counter() - w.start_s
+        return Reading(elapsed, max(0.0, now_j - w.start_j), self.name)
+
+    def describe(self) -> str:
+        return self.name
+
+
+class EstimateMeter(Meter):
+    name = "estimate"
+
+    def __init__(self, watts: float | None = None):
+        self.watts = float(watts or os.environ.get("HEST_NOMINAL_WATTS", DEFAULT_NOMINAL_WATTS))
+
+    def _joules(self) -> float:
+        return 0.0
+
+    def end(self, w: Window) -> Reading:
+        elapsed = time.perf_counter() - w.start_s
+        return Reading(elapsed, elapsed * self.watts, self.name)
+
+    def describe(self) -> str:
+        return f"estimate (wall time x nominal {self.watts:g} W)"
+
+
+class NvmlMeter(Meter):
+    name = "nvml"
+
+    def __init__(self, index: int = 0):
+        import pynvml  # from nvidia-ml-py
+
+        pynvml.nvmlInit()
+        self._nvml = pynvml
+        self._h = pynvml.nvmlDeviceGetHandleByIndex(index)
+        self._nvml.nvmlDeviceGetTotalEnergyConsumption(self._h)  # raises where unsupported
+        self.index = index
+
+    def _joules(self) -> float:
+        return self._nvml.nvmlDeviceGetTotalEnergyConsumption(self._h) / 1000.0
+
+    def describe(self) -> str:
+        return f"nvml (GPU {self.index} total-energy counter)"
+
+
+class RaplMeter(Meter):
+    name = "rapl"
+
+    def __init__(self, root: str = "/sys/class/powercap"):
+        self.files = []
+        for zone in sorted(glob.glob(os.path.join(root, "intel-rapl:[0-9]*"))):
+            if zone.count(":") != 1:
+                continue  # package zones only; sub-zones are inside them
+            f = os.path.join(zone, "energy_uj")
+            mx = os.path.join(zone, "max_energy_range_uj")
+            with open(f) as fh:  # raises PermissionError where unreadable
+                fh.read()
+            wrap = float(open(mx).read()) if os.path.exists(mx) else 2**32
+            self.files.append((f, wrap))
+        if not self.files:
+            raise OSError("no RAPL package zones under " + root)
+        self._last = [self._read(f) for f, _ in self.files]
+        self._acc = 0.0
+
+    @staticmethod
+    def _read(path: str) -> float:
+        with open(path) as fh:
+            return float(fh.read())
+
+    def _joules(self) -> float:
+        for i, (f, wrap) in enumerate(self.files):
+            v = self._read(f)
+            d = v - self._last[i]
+            if d < 0:
+                d += wrap  # the counter wrapped
+            self._acc += d
+            self._last[i] = v
+        return self._acc / 1e6
+
+    def describe(self) -> str:
+        return f"rapl ({len(self.files)} package zone(s))"
+
+
+def pick_meter(device_type: str = "cpu", prefer: str | None = None) -> Meter:
+    """The best meter available for this device; `prefer` forces one ('nvml'|'rapl'|'estimate')."""
+    prefer = prefer or os.environ.get("HEST_METER") or "auto"
+    order = {
+        "auto": ["nvml", "estimate"] if device_type == "cuda" else ["rapl", "estimate"],
+        "nvml": ["nvml", "estimate"],
+        "rapl": ["rapl", "estimate"],
+        "estimate": ["estimate"],
+    }.get(prefer, ["estimate"])
+    for name in order:
+        try:
+            if name == "nvml":
+                return NvmlMeter()
+            if name == "rapl":
+                return RaplMeter()
+            return EstimateMeter()
+        except Exception:  # missing hardware or permissions: fall through to the next meter
+            continue
+    return EstimateMeter()

@@ -1,0 +1,303 @@
+"""A lean Llama-layout decoder that runs each (layer, token) unit on its own path.
+
+Weights are pulled out of a Hugging Face model once: fused q/k/v and gate/up projections in the
+16-bit dtype, plus int8 copies (per output channel) for the `int8` and `skip` paths. The forward
+works on a flat list of tokens from any number of sequences, so every path runs as one matmul
+over the rows of the whole batch that chose it.
+
+Paths (index order used everywhere): 0 = fp16, 1 = int8, 2 = skip.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from .quant import Int8Linear
+
+FP16, INT8, SKIP = 0, 1, 2
+PATHS = ("fp16", "int8", "skip")
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    model_type: str
+    n_layers: int
+    hidden: int
+    intermediate: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    vocab: int
+    eps: float
+    qk_norm: bool
+    max_positions: int
+
+    @property
+    def q_dim(self) -> int:
+        return self.n_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.n_kv_heads * self.head_dim
+
+
+@dataclass
+class LayerWeights:
+    ln1: torch.Tensor  # (d,)
+    ln2: torch.Tensor  # (d,)
+    wqkv: torch.Tensor  # (q_dim + 2 kv_dim, d)
+    bqkv: torch.Tensor | None
+    wo: torch.Tensor  # (d, q_dim)
+    wgu: torch.Tensor  # (2 I, d)
+    wdown: torch.Tensor  # (d, I)
+    q_norm: torch.Tensor | None = None  # (head_dim,) Qwen3
+    k_norm: torch.Tensor | None = None
+    qkv8: Int8Linear | None = None
+    o8: Int8Linear | None = None
+    gu8: Int8Linear | None = None
+    down8: Int8Linear | None = None
+    shortcut: tuple[torch.Tensor, torch.Tensor] | None = None  # (R, d), (d, R)
+
+    def build_int8(self, act_dtype: torch.dtype) -> None:
+        self.qkv8 = Int8Linear.from_weight(self.wqkv, self.bqkv, act_dtype)
+        self.o8 = Int8Linear.from_weight(self.wo, None, act_dtype)
+        self.gu8 = Int8Linear.from_weight(self.wgu, None, act_dtype)
+        self.down8 = Int8Linear.from_weight(self.wdown, None, act_dtype)
+
+    def int8_linears(self) -> list[Int8Linear]:
+        return [m for m in (self.qkv8, self.o8, self.gu8, self.down8) if m is not None]
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """As HF LlamaRMSNorm: statistics in fp32, result cast back, then scaled."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (N, heads, hd); cos/sin: (N, 1, hd) in x's dtype."""
+    return x * cos + _rotate_half(x) * sin
+
+
+@dataclass
+class Routing:
+    """Rows of one layer grouped by path. `only` is set when every row took one path."""
+
+    paths: torch.Tensor  # (N,) int64
+    only: int | None
+    idx: list[torch.Tensor | None] = field(default_factory=lambda: [None, None, None])
+
+    @classmethod
+    def of(cls, paths: torch.Tensor, counts: list[int]) -> Routing:
+        n = paths.shape[0]
+        for p in range(3):
+            if counts[p] == n:
+                return cls(paths=paths, only=p)
+        idx = [
+            (paths == p).nonzero().squeeze(1) if counts[p] else None for p in range(3)
+        ]  # each (n_p,)
+        return cls(paths=paths, only=None, idx=idx)
+
+
+@dataclass
+class SeqSlot:
+    """Where one sequence's rows sit in the flat batch and in the KV cache."""
+
+    row0: int  # first row in the flat token batch
+    n: int  # rows of this sequence in this call
+    cache_row: int  # batch row in the KV cache
+    pos0: int  # position of its first row
+
+
+class KVCache:
+    """Static per-layer cache: k, v each (B, kv_heads, max_len, head_dim)."""
+
+    def __init__(self, spec: ModelSpec, batch: int, max_len: int, dtype, device):
+        shape = (batch, spec.n_kv_heads, max_len, spec.head_dim)
+        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(spec.n_layers)]
+        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(spec.n_layers)]
+        self.max_len = max_len
+
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Drop finished sequences: keep only these batch rows (in this order)."""
+        self.k = [t.index_select(0, rows) for t in self.k]
+        self.v = [t.index_select(0, rows) for t in self.v]
+
+
+# decide(layer, h) -> (paths (N,) int64, counts [3]) ; h is the normalised attention input
+Decider = Callable[[int, torch.Tensor], tuple[torch.Tensor, list[int]]]
+
+
+class LeanModel:
+    def __init__(
+        self,
+        spec: ModelSpec,
+        layers: list[LayerWeights],
+        embed: torch.Tensor,
+        norm: torch.Tensor,
+        lm_head: torch.Tensor,
+        rope_cos: torch.Tensor,
+        rope_sin: torch.Tensor,
+        dtype: torch.dtype,
+        device: torch.device,
+    ):
+        self.spec, self.layers = spec, layers
+        self.embed, self.norm, self.lm_head = embed, norm, lm_head
+        self.rope_cos, self.rope_sin = rope_cos, rope_sin  # (max_pos, hd) in dtype
+        self.dtype, self.device = dtype, device
+
+    # ---- projections, per path -------------------------------------------------------------
+    @staticmethod
+    def _two_way(h, r: Routing, dense: torch.Tensor, bias, q8: Int8Linear) -> torch.Tensor:
+        """Attention projections: fp16 rows dense, int8 and skip rows int8."""
+        if r.only is not None:
+            return F.linear(h, dense, bias) if r.only == FP16 else q8(h)
+        out = torch.empty(h.shape[0], dense.shape[0], dtype=h.dtype, device=h.device)
+        i_hi = r.idx[FP16]
+        i_lo = torch.cat([i for i in (r.idx[INT8], r.idx[SKIP]) if i is not None])
+        if i_hi is not None:
+            out.index_copy_(0, i_hi, F.linear(h.index_select(0, i_hi), dense, bias))
+        out.index_copy_(0, i_lo, q8(h.index_select(0, i_lo)))
+        return out
+
+    @staticmethod
+    def _mlp_dense(h: torch.Tensor, lw: LayerWeights) -> torch.Tensor:
+        gu = F.linear(h, lw.wgu)  # (n, 2I)
+        g, u = gu.chunk(2, dim=-1)
+        return F.linear(F.silu(g) * u, lw.wdown)
+
+    @staticmethod
+    def _mlp_int8(h: torch.Tensor, lw: LayerWeights) -> torch.Tensor:
+        gu = lw.gu8(h)
+        g, u = gu.chunk(2, dim=-1)
+        return lw.down8(F.silu(g) * u)
+
+    @staticmethod
+    def _mlp_skip(h: torch.Tensor, lw: LayerWeights) -> torch.Tensor | None:
+        if lw.shortcut is None:
+            return None  # pure passthrough: the residual stream is left as it is
+        a, b = lw.shortcut
+        return F.linear(F.linear(h, a), b)  # (n, d) via rank R
+
+    def _mlp(self, h: torch.Tensor, r: Routing, lw: LayerWeights) -> torch.Tensor | None:
+        fns = (self._mlp_dense, self._mlp_int8, self._mlp_skip)
+        if r.only is not None:
+            return fns[r.only](h, lw)
+        out = torch.zeros_like(h)
+        for p in range(3):
+            idx = r.idx[p]
+            if idx is None:
+                continue
+            y = fns[p](h.index_select(0, idx), lw)
+            if y is not None:
+                out.index_copy_(0, idx, y)
+        return out
+
+    # ---- attention ---------------------------------------------------------------------------
+    def _attend(self, q, k, v, li: int, slots: list[SeqSlot], cache: KVCache, decode: bool):
+        """q: (N, H, hd), k/v: (N, KVH, hd) already rotated; returns (N, H*hd)."""
+        s = self.spec
+        ck, cv = cache.k[li], cache.v[li]
+        if decode:
+            # one row per sequence; row i belongs to cache row slots[i].cache_row == i
+            bsz = len(slots)
+            pos = [sl.pos0 for sl in slots]
+            span = max(pos) + 1
+            if min(pos) == span - 1:  # every row at the same position: no mask needed
+                ck[:, :, span - 1] = k
+                cv[:, :, span - 1] = v
+                mask = None
+            else:
+                ar = torch.arange(bsz, device=q.device)
+                pt = torch.tensor(pos, device=q.device)
+                ck[ar, :, pt] = k
+                cv[ar, :, pt] = v
+                mask = torch.arange(span, device=q.device)[None, :] <= pt[:, None]  # (B, S)
+                mask = mask[:, None, None, :]
+            g = s.n_heads // s.n_kv_heads
+            q4 = q.view(bsz, s.n_kv_heads, g, s.head_dim)  # query heads grouped per KV head
+            o = F.scaled_dot_product_attention(
+                q4, ck[:, :, :span], cv[:, :, :span], attn_mask=mask
+            )  # (B, KVH, G, hd)
+            return o.reshape(bsz, s.q_dim)
+        out = torch.empty(q.shape[0], s.q_dim, dtype=q.dtype, device=q.device)
+        for sl in slots:
+            a, b = sl.row0, sl.row0 + sl.n
+            p0, p1 = sl.pos0, sl.pos0 + sl.n
+            ck[sl.cache_row, :, p0:p1] = k[a:b].transpose(0, 1)
+            cv[sl.cache_row, :, p0:p1] = v[a:b].transpose(0, 1)
+            qs = q[a:b].transpose(0, 1)[None]  # (1, H, n, hd)
+            o = F.scaled_dot_product_attention(
+                qs,
+                ck[sl.cache_row : sl.cache_row + 1, :, :p1],
+                cv[sl.cache_row : sl.cache_row + 1, :, :p1],
+                is_causal=p0 == 0,
+                enable_gqa=True,
+            )  # (1, H, n, hd)
+            out[a:b] = o[0].transpose(0, 1).reshape(sl.n, s.q_dim)
+        return out
+
+    # ---- one forward over a flat batch of tokens -----------------------------------------------
+    def forward(
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        slots: list[SeqSlot],
+        cache: KVCache,
+        decide: Decider,
+        decode: bool,
+        logits_rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """ids, positions: (N,). Returns logits (len(logits_rows), vocab) in fp32."""
+        s = self.spec
+        x = self.embed[ids]  # (N, d)
+        cos = self.rope_cos[positions][:, None, :]  # (N, 1, hd)
+        sin = self.rope_sin[positions][:, None, :]
+        n = ids.shape[0]
+        for li, lw in enumerate(self.layers):
+            h = rms_norm(x, lw.ln1, s.eps)  # (N, d) the controller's h(l, t)
+            paths, counts = decide(li, h)
+            r = Routing.of(paths, counts)
+            qkv = self._two_way(h, r, lw.wqkv, lw.bqkv, lw.qkv8)  # (N, q + 2kv)
+            q = qkv[:, : s.q_dim].view(n, s.n_heads, s.head_dim)
+            k = qkv[:, s.q_dim : s.q_dim + s.kv_dim].view(n, s.n_kv_heads, s.head_dim)
+            v = qkv[:, s.q_dim + s.kv_dim :].view(n, s.n_kv_heads, s.head_dim)
+            if lw.q_norm is not None:
+                q = rms_norm(q, lw.q_norm, s.eps)
+                k = rms_norm(k, lw.k_norm, s.eps)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            attn = self._attend(q, k, v, li, slots, cache, decode)  # (N, q_dim)
+            x = x + self._two_way(attn, r, lw.wo, None, lw.o8)
+            y = self._mlp(rms_norm(x, lw.ln2, s.eps), r, lw)
+            if y is not None:
+                x = x + y
+        if logits_rows is not None:
+            x = x.index_select(0, logits_rows)
+        x = rms_norm(x, self.norm, s.eps)
+        return F.linear(x, self.lm_head).float()  # (rows, vocab)
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        return KVCache(self.spec, batch, max_len, self.dtype, self.device)
+
+    def param_bytes(self) -> dict[str, int]:
+        """Bytes of weights read per token on each path (for the bandwidth floor)."""
+        dense = sum(
+            t.numel() * t.element_size()
+            for lw in self.layers
+            for t in (lw.wqkv, lw.wo, lw.wgu, lw.wdown)
+        )
+        i8 = sum(m.q.numel() for lw in self.layers for m in lw.int8_linears())
+        head = self.lm_head.numel() * self.lm_head.element_size()
+        return {"dense_16bit": dense, "int8": i8, "lm_head": head}

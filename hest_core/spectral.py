@@ -1,0 +1,93 @@
+"""The spectral adapter: W' = U diag(s * (1 + z)) V^T, merged in delta form W + U diag(s z) V^T.
+
+The SVD of every target weight is computed once per base model and cached under
+`$HEST_CACHE_DIR/svd/<fingerprint>.safetensors`. z = 0 is exact: nothing is merged.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from .loading import cache_dir
+from .model import TARGETS
+
+log = logging.getLogger("hest.spectral")
+
+
+def target_module(hf, li: int, target: str) -> torch.nn.Linear:
+    layer = hf.model.layers[li]
+    part = layer.self_attn if target in ("q_proj", "k_proj", "v_proj", "o_proj") else layer.mlp
+    return getattr(part, target)
+
+
+def spectrum_sizes(hf) -> dict[str, int]:
+    """Length of z per target: min(out, in) of each weight."""
+    return {t: min(target_module(hf, 0, t).weight.shape) for t in TARGETS}
+
+
+class SvdCache:
+    """U (out, r), S (r,), Vh (r, in) per (layer, target), fp32, computed lazily and cached."""
+
+    def __init__(self, hf, fingerprint: str, progress: bool = True):
+        self.hf, self.fp = hf, fingerprint
+        self.path = cache_dir() / "svd" / f"{fingerprint}.safetensors"
+        self._t: dict[str, torch.Tensor] | None = None
+        self.progress = progress
+
+    def _compute(self) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        n = len(self.hf.model.layers)
+        t0 = time.perf_counter()
+        if self.progress:
+            print(f"[hest] computing SVD of {n * len(TARGETS)} weights (cached after)", flush=True)
+        for li in range(n):
+            for t in TARGETS:
+                w = target_module(self.hf, li, t).weight.detach().float()
+                u, s, vh = torch.linalg.svd(w, full_matrices=False)
+                out[f"{li}.{t}.U"] = u.contiguous()
+                out[f"{li}.{t}.S"] = s.contiguous()
+                out[f"{li}.{t}.Vh"] = vh.contiguous()
+        log.info("SVD took %.1f s", time.perf_counter() - t0)
+        return out
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        if self._t is None:
+            from safetensors.torch import load_file, save_file
+
+            if self.path.is_file():
+                self._t = load_file(str(self.path))
+            else:
+                self._t = self._compute()
+                Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+                tmp = self.path.with_suffix(".tmp")
+                save_file(self._t, str(tmp))
+                tmp.replace(self.path)
+        return self._t
+
+    def factors(self, li: int, target: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        t = self.tensors()
+        return t[f"{li}.{target}.U"], t[f"{li}.{target}.S"], t[f"{li}.{target}.Vh"]
+
+
+def merge_delta(
+    u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, z: torch.Tensor
+) -> torch.Tensor:
+    """U diag(s z) V^T: (out, r) (r,) (r, in) (r,) -> (out, in)."""
+    return (u * (s * z)[None, :]) @ vh
+
+
+def make_weight_fn(z: dict[str, torch.Tensor], svd: SvdCache):
+    """weight_fn for `build_lean`: merges z[target][layer] into each weight where z != 0."""
+    nonzero = {t: [bool(row.abs().max() > 0) for row in zt] for t, zt in z.items()}
+
+    def fn(li: int, target: str, w: torch.Tensor) -> torch.Tensor:
+        if target not in z or not nonzero[target][li]:
+            return w
+        u, s, vh = svd.factors(li, target)
+        return w + merge_delta(u, s, vh, z[target][li].float())
+
+    return fn

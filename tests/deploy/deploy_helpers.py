@@ -6,16 +6,20 @@ installs them all; on a machine without them, deselect with `-m "not deploy_tool
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 CONTRACTS = ROOT / "docs" / "contracts.md"
+DASHBOARD = DEPLOY / "grafana" / "dashboards" / "hest.json"
+ALERTS = DEPLOY / "prometheus" / "alerts.yml"
 
 INSTALL = {
     "promtool": "apt-get update && apt-get install -y --no-install-recommends prometheus",
@@ -75,3 +79,17 @@ def contract_metrics() -> set[str]:
 
 def metric_names(expr: str) -> set[str]:
     return set(re.findall(r"\b(hest_[a-z0-9_]+)", expr))
+
+
+def dashboard() -> dict:
+    return json.loads(DASHBOARD.read_text())
+
+
+def dashboard_exprs() -> list[tuple[str, str]]:
+    return [(p["title"], t["expr"]) for p in dashboard()["panels"] for t in p["targets"]]
+
+
+def alert_rules() -> list[dict]:
+    return [
+        rule for group in yaml.safe_load(ALERTS.read_text())["groups"] for rule in group["rules"]
+    ]

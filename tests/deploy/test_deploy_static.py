@@ -12,10 +12,15 @@ import subprocess
 import pytest
 import yaml
 from deploy_helpers import (
+    ALERTS,
+    DASHBOARD,
     DEPLOY,
     ROOT,
+    alert_rules,
     compose_binary,
     contract_metrics,
+    dashboard,
+    dashboard_exprs,
     find_tool,
     metric_names,
     require_module,
@@ -23,8 +28,6 @@ from deploy_helpers import (
 
 pytestmark = pytest.mark.deploy_tools
 
-DASHBOARD = DEPLOY / "grafana" / "dashboards" / "hest.json"
-ALERTS = DEPLOY / "prometheus" / "alerts.yml"
 K8S = DEPLOY / "k8s"
 
 
@@ -32,20 +35,6 @@ def _run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, **kwargs)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}"
     return proc
-
-
-def _dashboard() -> dict:
-    return json.loads(DASHBOARD.read_text())
-
-
-def dashboard_exprs() -> list[tuple[str, str]]:
-    return [(p["title"], t["expr"]) for p in _dashboard()["panels"] for t in p["targets"]]
-
-
-def alert_rules() -> list[dict]:
-    return [
-        rule for group in yaml.safe_load(ALERTS.read_text())["groups"] for rule in group["rules"]
-    ]
 
 
 def test_promtool_check_config() -> None:
@@ -89,7 +78,7 @@ def test_dashboard_is_generated_and_structurally_sound() -> None:
     builder = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(builder)
     assert DASHBOARD.read_text() == builder.render(), "run python deploy/grafana/build_dashboard.py"
-    board = _dashboard()
+    board = dashboard()
     assert board["uid"] and board["title"] and isinstance(board["schemaVersion"], int)
     datasource = yaml.safe_load(
         (DEPLOY / "grafana/provisioning/datasources/prometheus.yml").read_text()

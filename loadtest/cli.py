@@ -73,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
 def _targets(args: argparse.Namespace) -> list[Target]:
     urls = list(args.compare) if args.compare else [args.url]
     apis = [args.api, args.api_b or args.api][: len(urls)]
+    labels = args.labels or urls
+    if len(labels) != len(urls):
+        raise LoadtestError(f"--labels: give {len(urls)} names, one per target")
     for url in urls:
         if not url.startswith(("http://", "https://")):
             raise LoadtestError(f"{url!r}: give a full URL such as http://127.0.0.1:8000")
@@ -86,8 +89,9 @@ def _targets(args: argparse.Namespace) -> list[Target]:
             max_new_tokens=args.max_new_tokens,
             model=args.model,
             path=args.endpoint,
+            label=label,
         )
-        for url, api in zip(urls, apis, strict=True)
+        for url, api, label in zip(urls, apis, labels, strict=True)
     ]
 
 
@@ -148,9 +152,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         targets = _targets(args)
         configs = _configs(args)
-        labels = args.labels or [t.url for t in targets]
-        if len(labels) != len(targets):
-            raise LoadtestError(f"--labels: give {len(targets)} names, one per target")
         results = asyncio.run(_run_all(targets, configs, args))
     except LoadtestError as err:
         print(f"loadtest: error: {err}", file=sys.stderr)
@@ -158,8 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("loadtest: interrupted", file=sys.stderr)
         return 130
-    by_url = dict(zip([t.url for t in targets], labels, strict=True))
-    summaries = [summarize_run(r, slo_s=args.slo, label=by_url[r.target.url]) for r in results]
+    summaries = [summarize_run(r, slo_s=args.slo, label=r.target.label) for r in results]
     comparisons = _comparisons(summaries) if len(targets) == 2 else []
     text = [render_text(table_rows(summaries))]
     for comp in comparisons:

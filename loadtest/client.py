@@ -73,6 +73,7 @@ class Target:
     max_new_tokens: int = 64
     model: str = "default"  # OpenAI `model` field
     path: str | None = None  # override the endpoint path
+    label: str = ""  # name in tables and plots (default: the URL)
 
     @property
     def endpoint(self) -> str:

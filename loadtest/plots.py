@@ -83,15 +83,17 @@ def joules_vs_budget(results: list[RunResult], summaries: list[dict[str, Any]], 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     top = 0.0
+    by_label: dict[str, list[tuple[float, float]]] = {}
     for result, summary in zip(results, summaries, strict=True):
-        pts = [
+        by_label.setdefault(summary["label"], []).extend(
             (r.budget_j, r.modelled_j)
             for r in result.records
             if r.ok and r.budget_j is not None and r.modelled_j is not None
-        ]
+        )
+    for label, pts in by_label.items():  # all rates of one target in one colour
         if pts:
             xs, ys = zip(*pts, strict=True)
-            ax.scatter(xs, ys, s=14, alpha=0.7, label=_name(summary))
+            ax.scatter(xs, ys, s=14, alpha=0.6, label=label)
             top = max(top, *xs, *ys)
     if top:
         ax.plot([0, top], [0, top], color="grey", linestyle="--", linewidth=1, label="budget")

@@ -117,6 +117,7 @@ def test_cli_compare_writes_json_markdown_and_plots(fake_server, tmp_path, capsy
     assert "B/A" in printed and "latency p99 s" in printed
     report = json.loads((out / "report.json").read_text())
     assert len(report["runs"]) == 4 and len(report["comparisons"]) == 2
+    assert [run["summary"]["label"] for run in report["runs"]] == ["A", "B", "A", "B"]
     assert all(len(run["requests"]) == 6 for run in report["runs"])
     assert "| metric |" in (out / "report.md").read_text()
     for name in ("latency_cdf.png", "p99_vs_rate.png", "joules_vs_budget.png"):

@@ -72,8 +72,7 @@ def server_url(tmp_path_factory) -> Iterator[str]:
         pytest.fail("server/__main__.py does not exist yet: `python -m server` cannot start")
     port = free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HEST_")}
-    env |= {"HEST_HOST": "127.0.0.1", "HEST_PORT": str(port)}
+    env = os.environ | {"HEST_HOST": "127.0.0.1", "HEST_PORT": str(port)}
     with log.open("w") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "server"],

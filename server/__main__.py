@@ -1,0 +1,67 @@
+"""`python -m server`: serve the configured model (default: SmolLM2-135M + default adapter).
+
+Settings come from `HEST_*` env vars (see server/settings.py, docs/server.md). On SIGTERM/SIGINT
+the server refuses new requests with 503, uvicorn stops accepting connections and waits for the
+in-flight requests (up to HEST_DRAIN_TIMEOUT_S), then the lifespan drains the queue and exits.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import uvicorn
+
+from .app import create_app
+from .serving import Serving
+from .settings import Settings
+
+
+class DrainingServer(uvicorn.Server):
+    """A uvicorn server that tells the serving layer to refuse new work as soon as a signal
+    arrives, before uvicorn's own graceful shutdown waits for open requests."""
+
+    def __init__(self, config: uvicorn.Config, serving: Serving):
+        super().__init__(config)
+        self.serving = serving
+
+    def handle_exit(self, sig: int, frame) -> None:  # noqa: ANN001 - signal handler signature
+        if not self.serving.draining:
+            logging.getLogger("hest.server").info("signal %s: draining in-flight requests", sig)
+        self.serving.begin_drain()
+        super().handle_exit(sig, frame)
+
+
+def main() -> int:
+    settings = Settings()
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("hest.server").info(
+        "starting on http://%s:%d (model=%s adapter=%s device=%s policy=%s)",
+        settings.host,
+        settings.port,
+        settings.model,
+        settings.adapter,
+        settings.device,
+        settings.policy,
+    )
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=settings.access_log,
+        timeout_graceful_shutdown=int(settings.drain_timeout_s),
+        lifespan="on",
+    )
+    server = DrainingServer(config, app.state.serving)
+    server.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,380 @@
+"""HTTP routes: native summarize (+ SSE), OpenAI chat completions, metrics, health, info.
+
+`create_app(settings, engine=None)` builds one app with its own metrics registry. Without an
+engine the lifespan loads one from the settings in the background, so /healthz answers at once and
+/readyz turns 200 only once the model is loaded and warmed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from functools import partial
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from hest_core import Engine, GenerationRequest, GenerationResult, HestError, InvalidInputError
+
+from . import formats
+from .metrics import Metrics
+from .protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ErrorResponse,
+    HealthResponse,
+    InfoResponse,
+    SummarizeRequest,
+    SummarizeResponse,
+    error_responses,
+    sse_response,
+)
+from .serving import Job, NotReadyError, ServerError, Serving, ShuttingDownError
+from .settings import Settings
+
+log = logging.getLogger("hest.server")
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+_CHAT_PARAMS = {"text": "messages", "max_new_tokens": "max_tokens"}
+
+
+def load_engine(settings: Settings) -> Engine:
+    return Engine.from_pretrained(
+        settings.model, adapter=settings.adapter_arg, device=settings.device, policy=settings.policy
+    )
+
+
+def error_response(
+    status: int,
+    type_: str,
+    message: str,
+    param: str | None,
+    code: str | None,
+    retry_after: int | None = None,
+) -> JSONResponse:
+    body = ErrorResponse.model_validate(
+        {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    )
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+    return JSONResponse(body.model_dump(mode="json"), status_code=status, headers=headers)
+
+
+def _server_error(err: ServerError) -> JSONResponse:
+    return error_response(err.status, err.type, err.message, None, err.code, err.retry_after)
+
+
+def _validation_message(errors: list[dict]) -> tuple[str, str | None, str | None]:
+    parts, param, code = [], None, None
+    for e in errors[:3]:
+        loc = [str(x) for x in e.get("loc", ()) if x != "body"]
+        if e.get("type") == "json_invalid":
+            err = (e.get("ctx") or {}).get("error", "")
+            return (
+                f"request body is not valid JSON ({err}); send a JSON object",
+                None,
+                "invalid_json",
+            )
+        where = ".".join(loc) or "body"
+        shown = repr(e.get("input"))
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        parts.append(f"{where}: {e.get('msg')} (got {shown})")
+        if param is None:
+            param, code = (".".join(loc) or None), e.get("type")
+    return "; ".join(parts), param, code
+
+
+def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
+    settings = settings or Settings()
+    metrics = Metrics()
+    serving = Serving(settings, metrics)
+    state: dict[str, str | None] = {"load_error": None}
+
+    async def _load() -> None:
+        try:
+            await serving.load(engine or partial(load_engine, settings), settings.warmup)
+        except Exception as err:
+            state["load_error"] = f"{type(err).__name__}: {err}"
+            log.exception("model load failed; /healthz reports it")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if engine is not None:
+            await _load()  # a preloaded engine: ready before the first request
+            loader = None
+        else:
+            loader = asyncio.create_task(_load(), name="hest-load")
+        yield
+        serving.begin_drain()
+        if loader is not None and not loader.done():
+            loader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await loader
+        await serving.drain(settings.drain_timeout_s)
+
+    app = FastAPI(
+        title="HEST serving",
+        version="0.1.0",
+        summary="Summaries under a per-request energy budget (HEST: per-token fp16/int8/skip)",
+        lifespan=lifespan,
+    )
+    app.state.serving, app.state.metrics, app.state.settings = serving, metrics, settings
+
+    # ---- errors: one shape for everything -------------------------------------------------------
+    @app.exception_handler(RequestValidationError)
+    async def _on_validation(request: Request, err: RequestValidationError) -> JSONResponse:
+        metrics.requests.labels("invalid").inc()
+        message, param, code = _validation_message(list(err.errors()))
+        return error_response(422, "invalid_request_error", message, param, code)
+
+    @app.exception_handler(HestError)
+    async def _on_hest(request: Request, err: HestError) -> JSONResponse:
+        if isinstance(err, ServerError):
+            return _server_error(err)
+        if isinstance(err, InvalidInputError):
+            metrics.requests.labels("invalid").inc()
+            param = err.param
+            if request.url.path.endswith("/chat/completions"):
+                param = _CHAT_PARAMS.get(param or "", param)
+            return error_response(422, "invalid_request_error", err.message, param, err.code)
+        log.error("runtime error: %s", err)
+        return error_response(500, "server_error", err.message, err.param, err.code)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _on_http(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        return error_response(
+            err.status_code,
+            "invalid_request_error",
+            str(err.detail),
+            None,
+            f"http_{err.status_code}",
+        )
+
+    @app.exception_handler(Exception)
+    async def _on_crash(request: Request, err: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return error_response(
+            500, "server_error", f"internal error: {type(err).__name__}", None, "internal_error"
+        )
+
+    # ---- helpers --------------------------------------------------------------------------------
+    async def wait_or_disconnect(job: Job, request: Request) -> GenerationResult | None:
+        """The job's result, or None if the client disconnected first (the job is cancelled)."""
+
+        async def disconnected() -> None:
+            while (await request.receive())["type"] != "http.disconnect":
+                pass
+
+        waiter = asyncio.ensure_future(job.wait())
+        watcher = asyncio.ensure_future(disconnected())
+        try:
+            await asyncio.wait({waiter, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watcher.cancel()
+        if waiter.done():
+            return waiter.result()  # raises the job's ServerError, if any
+        job.cancel()
+        waiter.cancel()
+        return None
+
+    def observe_answer(endpoint: str, t0: float) -> None:
+        metrics.duration.labels(endpoint).observe(time.perf_counter() - t0)
+
+    async def stream_end(job: Job) -> tuple[GenerationResult | None, str | None]:
+        try:
+            return await job.wait(), None
+        except ServerError as err:
+            body = ErrorResponse.model_validate(
+                {"error": {"message": err.message, "type": err.type, "code": err.code}}
+            )
+            return None, formats.sse(body.model_dump(mode="json"))
+
+    # ---- native API -----------------------------------------------------------------------------
+    async def summarize(body: SummarizeRequest, request: Request) -> Response:
+        t0 = time.perf_counter()
+        job = await serving.submit(
+            GenerationRequest(
+                text=body.text,
+                energy_budget_j=body.energy_budget_j,
+                energy_budget_ratio=body.energy_budget_ratio,
+                max_new_tokens=body.max_new_tokens,
+            ),
+            stream=body.stream,
+        )
+        if body.stream:
+            return StreamingResponse(
+                summarize_events(job, t0), media_type="text/event-stream", headers=SSE_HEADERS
+            )
+        result = await wait_or_disconnect(job, request)
+        if result is None:
+            return Response(status_code=499)  # nobody is listening any more
+        observe_answer("summarize", t0)
+        return JSONResponse(formats.summarize_response(job, result).model_dump(mode="json"))
+
+    async def summarize_events(job: Job, t0: float) -> AsyncIterator[str]:
+        try:
+            async for delta in job.deltas():
+                yield formats.sse({"delta": delta})
+            result, error = await stream_end(job)
+            if result is not None:
+                observe_answer("summarize", t0)
+                body = formats.summarize_response(job, result).model_dump(mode="json")
+                yield formats.sse(body | {"done": True})
+            else:
+                yield error or ""
+            yield formats.sse("[DONE]")
+        finally:
+            if not job.done.is_set():
+                job.cancel()  # the client went away mid-stream
+
+    routes = {
+        **sse_response(SummarizeResponse),
+        **error_responses(422, 429, 500, 503),
+    }
+    app.post(
+        "/v1/summarize",
+        response_model=SummarizeResponse,
+        responses=routes,
+        summary="Summarise a text under an energy budget",
+    )(summarize)
+    app.post(
+        "/summarize", response_model=SummarizeResponse, responses=routes, include_in_schema=False
+    )(summarize)
+
+    # ---- OpenAI chat completions ----------------------------------------------------------------
+    @app.post(
+        "/v1/chat/completions",
+        response_model=ChatCompletionResponse,
+        responses={**sse_response(ChatCompletionResponse), **error_responses(422, 429, 500, 503)},
+        summary="OpenAI-compatible chat completions (the last user message is the article)",
+    )
+    async def chat(body: ChatCompletionRequest, request: Request) -> Response:
+        t0 = time.perf_counter()
+        job = await serving.submit(
+            GenerationRequest(
+                text=formats.chat_text(body.messages),
+                energy_budget_j=body.energy_budget_j,
+                energy_budget_ratio=body.energy_budget_ratio,
+                max_new_tokens=body.max_completion_tokens or body.max_tokens,
+            ),
+            stream=body.stream,
+        )
+        model = str(serving.engine.info().get("model")) if serving.engine else body.model
+        if body.stream:
+            usage_chunk = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(
+                chat_events(job, model, usage_chunk, t0),
+                media_type="text/event-stream",
+                headers=SSE_HEADERS,
+            )
+        result = await wait_or_disconnect(job, request)
+        if result is None:
+            return Response(status_code=499)
+        observe_answer("chat", t0)
+        return JSONResponse(formats.chat_response(job, result, model).model_dump(mode="json"))
+
+    async def chat_events(job: Job, model: str, usage_chunk: bool, t0: float) -> AsyncIterator[str]:
+        chunk = partial(formats.chat_chunk, job, model)
+        try:
+            yield formats.sse(chunk(role=True, content=""))
+            async for delta in job.deltas():
+                yield formats.sse(chunk(content=delta))
+            result, error = await stream_end(job)
+            if result is not None:
+                observe_answer("chat", t0)
+                finish = formats.openai_finish(result.finish_reason)
+                usage = formats.chat_usage(job, result)
+                if usage_chunk:  # OpenAI: a last chunk with no choices carries the usage
+                    yield formats.sse(chunk(finish=finish))
+                    yield formats.sse(chunk(usage=usage, choices=False))
+                else:
+                    yield formats.sse(chunk(finish=finish, usage=usage))
+            else:
+                yield error or ""
+            yield formats.sse("[DONE]")
+        finally:
+            if not job.done.is_set():
+                job.cancel()
+
+    # ---- operations -----------------------------------------------------------------------------
+    @app.get(
+        "/metrics",
+        response_class=Response,
+        summary="Prometheus metrics",
+        responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
+    )
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.render(), media_type=metrics.content_type)
+
+    @app.get(
+        "/healthz",
+        response_model=HealthResponse,
+        responses=error_responses(500),
+        summary="Liveness: the process is up (and the model did not fail to load)",
+    )
+    async def healthz() -> Response:
+        if state["load_error"]:
+            return error_response(
+                500,
+                "server_error",
+                f"model load failed: {state['load_error']}",
+                None,
+                "model_load_failed",
+            )
+        return JSONResponse({"status": "ok"})
+
+    @app.get(
+        "/readyz",
+        response_model=HealthResponse,
+        responses=error_responses(503),
+        summary="Readiness: the model is loaded and warmed, and the server is not draining",
+    )
+    async def readyz() -> Response:
+        if serving.draining:
+            return _server_error(
+                ShuttingDownError("draining for shutdown", retry_after=settings.retry_after_s)
+            )
+        if not serving.ready:
+            return _server_error(
+                NotReadyError(
+                    "the model is loading or warming up", retry_after=settings.retry_after_s
+                )
+            )
+        return JSONResponse({"status": "ready"})
+
+    @app.get(
+        "/v1/info",
+        response_model=InfoResponse,
+        responses=error_responses(503),
+        summary="What is served: model, adapter, device, meter, calibration, server limits",
+    )
+    async def info() -> Response:
+        if serving.engine is None:
+            return _server_error(
+                NotReadyError("the model is still loading", retry_after=settings.retry_after_s)
+            )
+        eng = serving.engine
+        server = settings.model_dump(
+            include={
+                "queue_size",
+                "max_batch_size",
+                "max_wait_ms",
+                "default_budget_ratio",
+                "slo_s",
+                "brownout_floor_ratio",
+                "max_new_tokens",
+            }
+        )
+        server |= {
+            "max_new_tokens_limit": eng.max_new_tokens_limit,
+            "max_input_chars": eng.max_input_chars,
+            "ready": serving.ready,
+        }
+        body = InfoResponse.model_validate(eng.info() | {"server": server})
+        return JSONResponse(body.model_dump(mode="json"))
+
+    return app

@@ -1,0 +1,65 @@
+"""Server settings from `HEST_*` environment variables (pydantic-settings)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every field reads the env var `HEST_<FIELD>` (case-insensitive), e.g. `HEST_PORT=8080`."""
+
+    model_config = SettingsConfigDict(env_prefix="HEST_", extra="ignore", frozen=True)
+
+    host: str = Field("127.0.0.1", description="interface to bind")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port")
+    model: str = Field("default", description="'default', a local dir, a hub id or 'tiny:llama'")
+    adapter: str = Field("default", description="'default', a path, or 'none' (pure fp16 policy)")
+    device: str = Field("cpu", description="'cpu', 'cuda' or 'cuda:N'")
+    policy: Literal["hest", "fp16", "int8"] = Field("hest", description="path policy")
+    queue_size: int = Field(64, ge=1, description="requests that may wait; more get 429")
+    max_batch_size: int = Field(8, ge=1, description="requests per engine batch")
+    max_wait_ms: float = Field(10.0, ge=0, description="how long a batch waits to fill up")
+    default_budget_ratio: float = Field(
+        0.6, gt=0, description="budget ratio of requests that give no budget"
+    )
+    slo_s: float = Field(
+        30.0, gt=0, description="latency SLO; brownout starts at half the predicted latency"
+    )
+    brownout_floor_ratio: float = Field(
+        0.3, gt=0, description="the budget ratio brownout tightens towards (never below)"
+    )
+    brownout_start: float = Field(
+        0.5, gt=0, lt=1, description="fraction of the SLO where brownout starts"
+    )
+    max_new_tokens: int = Field(128, ge=1, description="default max_new_tokens of a request")
+    warmup: bool = Field(True, description="run a short generation before turning ready")
+    drain_timeout_s: float = Field(
+        120.0, gt=0, description="SIGTERM: how long in-flight requests may take to finish"
+    )
+    retry_after_s: int = Field(
+        2, ge=1, description="minimum Retry-After seconds on 429/503 responses"
+    )
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    access_log: bool = Field(True, description="uvicorn access log")
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower(cls, v: object) -> object:
+        return v.lower() if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.brownout_floor_ratio > self.default_budget_ratio:
+            raise ValueError(
+                f"HEST_BROWNOUT_FLOOR_RATIO={self.brownout_floor_ratio} is above "
+                f"HEST_DEFAULT_BUDGET_RATIO={self.default_budget_ratio}; set the floor lower"
+            )
+        return self
+
+    @property
+    def adapter_arg(self) -> str | None:
+        """The `adapter` argument of `Engine.from_pretrained` ('none' -> None)."""
+        return None if self.adapter.lower() in ("none", "") else self.adapter

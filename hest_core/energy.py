@@ -103,14 +103,16 @@ class EnergyModel:
         # per phase: (L, 3) costs, and the cost of a whole token per path summed over layers
         self.unit = {k: [tuple(r) for r in v.unit] for k, v in self.ph.items()}
         self.unit_sum = {k: [sum(r[p] for r in v) for p in range(3)] for k, v in self.unit.items()}
-        # suffix sums of the skip cost: reserve to finish a token after layer l
-        self.skip_after = {}
+        # the cheapest path of each unit (skip on real devices; tiny models can differ)
+        self.min_sum = {k: sum(min(r) for r in v) for k, v in self.unit.items()}
+        # suffix sums of the cheapest cost: reserve to finish a token after layer l
+        self.min_after = {}
         for k, rows in self.unit.items():
             acc, out = 0.0, [0.0] * (self.L + 1)
             for li in range(self.L - 1, -1, -1):
-                acc += rows[li][2]
+                acc += min(rows[li])
                 out[li] = acc
-            self.skip_after[k] = out  # out[l] = sum of skip costs of layers l..L-1
+            self.min_after[k] = out  # out[l] = cheapest cost of layers l..L-1
 
     def prefill_fixed(self, p: int) -> float:
         c = self.ph["prefill"]
@@ -124,25 +126,23 @@ class EnergyModel:
         c = self.ph["decode"]
         return steps * (c.token_fixed + c.head) + c.attn_ctx * (steps * p + steps * (steps + 1) / 2)
 
-    def request_cost(self, p: int, max_new: int, path: int) -> float:
-        """Cost of a prompt of p tokens + max_new generated tokens with every unit on `path`."""
+    def request_cost(self, p: int, max_new: int, path: int | None) -> float:
+        """Cost of a prompt of p tokens + max_new generated tokens with every unit on `path`
+        (None: every unit on its cheapest path)."""
         steps = max(0, max_new - 1)
-        return (
-            self.prefill_fixed(p)
-            + p * self.unit_sum["prefill"][path]
-            + self._decode_fixed_sum(p, steps)
-            + steps * self.unit_sum["decode"][path]
-        )
+        pre = self.min_sum["prefill"] if path is None else self.unit_sum["prefill"][path]
+        dec = self.min_sum["decode"] if path is None else self.unit_sum["decode"][path]
+        return self.prefill_fixed(p) + p * pre + self._decode_fixed_sum(p, steps) + steps * dec
 
     def fp16_cost(self, p: int, max_new: int) -> float:
         return self.request_cost(p, max_new, 0)
 
     def min_decode_step(self, ctx: int) -> float:
-        return self.decode_fixed(ctx) + self.unit_sum["decode"][2]
+        return self.decode_fixed(ctx) + self.min_sum["decode"]
 
     def min_feasible(self, p: int, max_new: int) -> float:
-        """Prompt with every unit skipped, plus one generated token (a decode step)."""
-        cost = self.prefill_fixed(p) + p * self.unit_sum["prefill"][2]
+        """Prompt with every unit on its cheapest path (skip), plus one generated token."""
+        cost = self.prefill_fixed(p) + p * self.min_sum["prefill"]
         if max_new >= 2:
             cost += self.min_decode_step(p + 1)
         return cost

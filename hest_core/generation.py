@@ -60,7 +60,7 @@ class BatchRunner:
     def _decider(self, groups: list[tuple[int, int, RequestState]]):
         """groups: (row0, n, state) covering the flat rows of this forward call."""
         e = self.e
-        fixed = {"fp16": 0, "int8": 1}.get(e.policy)
+        fixed = {"fp16": 0, "int8": 1, "skip": 2}.get(e.policy)
         n_rows = sum(g[1] for g in groups)
         if fixed is not None:
             paths = torch.full((n_rows,), fixed, dtype=torch.long, device=e.device)

@@ -21,6 +21,7 @@ import torch
 from .energy import EnergyModel
 
 MODES = ("paced", "hard", "off")
+SAFETY = 1e-9  # relative slack kept against float rounding; the quoted minimum includes it
 
 
 class BudgetGuard:
@@ -31,7 +32,7 @@ class BudgetGuard:
         self.demotions = 0
         self.phase = "prefill"
         self.rem_fp16 = em.request_cost(prompt_len, max_new, 0)  # not-yet-charged work, all fp16
-        self.rem_min = em.request_cost(prompt_len, max_new, 2)  # ... and all skip
+        self.rem_min = em.request_cost(prompt_len, max_new, None)  # ... and all cheapest
 
     # ---- fixed (ungated) work --------------------------------------------------------------------
     def _charge_fixed(self, cost: float) -> None:
@@ -47,7 +48,9 @@ class BudgetGuard:
         """Charge a decode step's fixed work if its cheapest form fits; else False (stop)."""
         self.phase = "decode"
         fixed = self.em.decode_fixed(ctx)
-        if self.mode != "off" and self.spent + fixed + self.em.unit_sum["decode"][2] > self.budget:
+        if self.mode != "off" and self.spent + fixed + self.em.min_sum["decode"] > self.budget * (
+            1 - SAFETY
+        ):
             return False
         self._charge_fixed(fixed)
         return True
@@ -57,15 +60,15 @@ class BudgetGuard:
         if self.mode == "off":
             return math.inf
         ph = self.phase
-        reserve = n * self.em.skip_after[ph][li + 1]
+        reserve = n * self.em.min_after[ph][li + 1]
         if ph == "prefill" and self.max_new >= 2:
             reserve += self.em.min_decode_step(self.P + 1)
         left = self.budget - self.spent
-        hard = left - reserve
+        hard = left - reserve - SAFETY * self.budget  # float rounding must never cross the budget
         if self.mode == "hard" or left >= self.rem_fp16 * (1 - 1e-9):
             return hard
         c = self.em.unit[ph][li]
-        step_fp, step_min = n * c[0], n * c[2]
+        step_fp, step_min = n * c[0], n * min(c)
         span = self.rem_fp16 - self.rem_min
         phi = min(1.0, max(0.0, (left - self.rem_min) / span)) if span > 0 else 1.0
         return min(hard, step_min + phi * (step_fp - step_min))
@@ -76,7 +79,7 @@ class BudgetGuard:
         n = counts[0] + counts[1] + counts[2]
         self.spent += cost
         self.rem_fp16 -= n * c[0]
-        self.rem_min -= n * c[2]
+        self.rem_min -= n * min(c)
         return cost
 
     def fit(
@@ -104,14 +107,15 @@ def demote(
     """Move the smallest-margin units one path cheaper until sum(cost) <= lim (or all skip)."""
     paths = paths.clone()
     counts = list(counts)
-    # fp16 -> int8 -> skip; where int8 is not cheaper on this device, fp16 goes straight to skip
-    steps = ((0, 1), (1, 2)) if c[1] < c[0] else ((0, 2), (1, 2))
+    # fp16 -> int8 -> skip as designed; in general, along the paths ordered by cost on this device
+    order = sorted(range(3), key=lambda p: (-c[p], p))
+    steps = ((order[0], order[1]), (order[1], order[2]), (order[0], order[2]))
     for hi, lo in steps:
         cost = counts[0] * c[0] + counts[1] * c[1] + counts[2] * c[2]
-        if cost <= lim or counts[hi] == 0:
+        if cost <= lim or counts[hi] == 0 or c[lo] >= c[hi]:
             continue
         save = c[hi] - c[lo]
-        need = counts[hi] if save <= 0 else min(counts[hi], math.ceil((cost - lim) / save))
+        need = min(counts[hi], math.ceil((cost - lim) / save))
         while need < counts[hi] and (cost - need * save) > lim:  # float rounding
             need += 1
         idx = (paths == hi).nonzero().squeeze(1)

@@ -1,0 +1,265 @@
+"""Runtime benchmark: every ratio measured in one run on the default model (medians of repeats).
+
+    python -m hest_core.bench --json results/bench_core.json [--repeats 5] [--new-tokens 64]
+
+Prints a table of ratios against their targets and writes them (with the raw timings) as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .engine import Engine, GenerationRequest
+from .model import LeanModel, SeqSlot
+from .quant import quantize_rows
+
+MIX = (0.2, 0.4, 0.4)  # fp16, int8, skip shares of the gated units
+
+
+def _median_time(fn, repeats: int, inner: int = 1) -> float:
+    fn()
+    ts = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        ts.append((time.perf_counter() - t0) / inner)
+    return statistics.median(ts)
+
+
+class MixController(torch.nn.Module):
+    """Draws each unit's path at random with fixed shares (a stand-in policy for timing only)."""
+
+    def __init__(self, shares=MIX, seed: int = 0):
+        super().__init__()
+        self.p = torch.tensor(shares)
+        self.g = torch.Generator().manual_seed(seed)
+
+    def forward(self, h, layer, beta):
+        n = h.shape[0]
+        paths = torch.multinomial(self.p, n, replacement=True, generator=self.g)
+        return F.one_hot(paths, 3).float()  # (n, 3) logits whose argmax is the drawn path
+
+
+def _const(path):
+    def decide(li, h):
+        n = h.shape[0]
+        return torch.full((n,), path, dtype=torch.long), [n if p == path else 0 for p in range(3)]
+
+    return decide
+
+
+def _mix_decider(seed: int = 0):
+    ctl = MixController(seed=seed)
+
+    def decide(li, h):
+        paths = ctl(h, li, None).argmax(-1)
+        return paths, torch.bincount(paths, minlength=3).tolist()
+
+    return decide
+
+
+def kernels(lean: LeanModel, repeats: int) -> dict:
+    lw, dt, T = lean.layers[0], lean.dtype, 128
+    h = torch.randn(T, lean.spec.hidden, dtype=dt)
+    r = {}
+    with torch.inference_mode():
+        r["mlp_fp16_t128_s"] = _median_time(lambda: LeanModel._mlp_dense(h, lw), repeats, 20)
+        r["mlp_int8_t128_s"] = _median_time(lambda: LeanModel._mlp_int8(h, lw), repeats, 20)
+        r["mlp_skip_t128_s"] = _median_time(lambda: LeanModel._mlp_skip(h, lw), repeats, 20)
+        hq, _ = quantize_rows(h)
+        mid = torch.randn(T, lean.spec.intermediate, dtype=dt)
+        mq, _ = quantize_rows(mid)
+        r["matmul_16bit_t128_s"] = _median_time(
+            lambda: (F.linear(h, lw.wgu), F.linear(mid, lw.wdown)), repeats, 20
+        )
+        r["matmul_int_mm_t128_s"] = _median_time(
+            lambda: (torch._int_mm(hq, lw.gu8.q.t()), torch._int_mm(mq, lw.down8.q.t())),
+            repeats,
+            20,
+        )
+    return r
+
+
+def prefill(lean: LeanModel, ids: torch.Tensor, repeats: int) -> dict:
+    n = ids.shape[0]
+    pos = torch.arange(n)
+    slots = [SeqSlot(0, n, 0, 0)]
+    last = torch.tensor([n - 1])
+    cache = lean.new_cache(1, n + 1)
+    r = {}
+    with torch.inference_mode():
+        for name, dec in (("fp16", _const(0)), ("int8", _const(1)), ("skip", _const(2))):
+            r[f"prefill_{name}_s"] = _median_time(
+                lambda dec=dec: lean.forward(ids, pos, slots, cache, dec, False, last), repeats
+            )
+        r["prefill_mix_s"] = _median_time(
+            lambda: lean.forward(ids, pos, slots, cache, _mix_decider(), False, last), repeats
+        )
+        from .controller import Controller
+
+        ctl = Controller(lean.spec.hidden, lean.spec.n_layers)
+        h = torch.randn(n, lean.spec.hidden, dtype=lean.dtype)
+        beta = torch.zeros(n)
+        r["controller_prefill_s"] = _median_time(
+            lambda: [ctl(h, li, beta).argmax(-1) for li in range(lean.spec.n_layers)], repeats
+        )
+    r["prefill_ideal_mix_s"] = sum(
+        s * r[f"prefill_{p}_s"] for s, p in zip(MIX, ("fp16", "int8", "skip"), strict=True)
+    )
+    return r
+
+
+def decode(
+    eng_by_policy: dict[str, Engine], text: str, new_tokens: int, batch: int, repeats: int
+) -> dict:
+    """ms/token of the decode phase through the real engine (controller + guard included)."""
+    r = {}
+    for name, eng in eng_by_policy.items():
+        saved = eng.eos_ids
+        eng.eos_ids = set()  # fixed token count
+        reqs = [
+            GenerationRequest(
+                text, energy_budget_ratio=1e6 if name == "mix" else 1.0, max_new_tokens=new_tokens
+            )
+        ] * batch
+        try:
+            vals = []
+            for _ in range(repeats):
+                st = eng.generate(reqs)[0].stats
+                vals.append(st.decode_s / (st.completion_tokens - 1))
+        finally:
+            eng.eos_ids = saved
+        r[f"decode_{name}_b{batch}_ms"] = statistics.median(vals) * 1e3
+    return r
+
+
+def hf_generate(text_ids: list[int], new_tokens: int, repeats: int) -> dict:
+    from .loading import load_hf_model
+
+    hf = load_hf_model("default", progress=False).to(torch.bfloat16)
+    ids = torch.tensor([text_ids])
+    kw = dict(do_sample=False, pad_token_id=2, eos_token_id=None)
+
+    def gen(n):
+        with torch.inference_mode():
+            hf.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
+
+    t_full = _median_time(lambda: gen(new_tokens), repeats)
+    t_one = _median_time(lambda: gen(1), repeats)
+    return {
+        "hf_generate_decode_ms": (t_full - t_one) / (new_tokens - 1) * 1e3,
+        "hf_generate_prefill_s": t_one,
+    }
+
+
+def bandwidth(repeats: int) -> float:
+    """Read-only bandwidth in bytes/s: a sum over 1 GiB."""
+    x = torch.ones(2**28, dtype=torch.float32)  # 1 GiB
+    t = _median_time(lambda: x.sum(), repeats)
+    return x.numel() * 4 / t
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(
+        prog="python -m hest_core.bench", description=__doc__.split("\n\n")[0]
+    )
+    ap.add_argument("--json", default="results/bench_core.json")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument(
+        "--article",
+        default="../shared/data/cnndm/test.jsonl",
+        help="JSONL; the first article is the prompt",
+    )
+    args = ap.parse_args(argv)
+    t_start = time.perf_counter()
+    text = json.loads(Path(args.article).read_text().splitlines()[0])["article"]
+    print("[bench] loading engines (fp16, int8, skip and a fixed-mix policy)", flush=True)
+    engines = {
+        "fp16": Engine.from_pretrained("default", adapter=None, policy="fp16", progress=False),
+        "int8": Engine.from_pretrained("default", adapter=None, policy="int8", progress=False),
+        "skip": Engine.from_pretrained("default", adapter=None, policy="skip", progress=False),
+    }
+    mix = Engine.from_pretrained("default", adapter=None, policy="hest", progress=False)
+    mix.controller = MixController()
+    engines["mix"] = mix
+    lean = engines["fp16"].lean
+    prompt = engines["fp16"].check(GenerationRequest(text, max_new_tokens=args.new_tokens)).ids
+    r: dict = {
+        "device": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "prompt_tokens": len(prompt),
+        "new_tokens": args.new_tokens,
+        "repeats": args.repeats,
+    }
+    print("[bench] kernels at 128 tokens", flush=True)
+    r.update(kernels(lean, args.repeats))
+    print("[bench] 512-token prefill per path", flush=True)
+    r.update(prefill(lean, torch.tensor(prompt[:512]), args.repeats))
+    for b in (1, 8):
+        print(f"[bench] decode at batch {b}", flush=True)
+        r.update(
+            decode(engines, text, args.new_tokens, b, max(1, args.repeats // (2 if b > 1 else 1)))
+        )
+    print("[bench] transformers generate (bf16)", flush=True)
+    r.update(hf_generate(prompt, args.new_tokens, max(2, args.repeats // 2)))
+    print("[bench] memory bandwidth", flush=True)
+    bw = bandwidth(args.repeats)
+    pb = lean.param_bytes()
+    bytes_fp16 = pb["dense_16bit"] + pb["lm_head"]
+    r["bandwidth_gb_s"] = bw / 1e9
+    r["fp16_bytes_per_token"] = bytes_fp16
+    r["bandwidth_floor_fp16_ms"] = bytes_fp16 / bw * 1e3
+    ideal_dec = sum(
+        s * r[f"decode_{p}_b1_ms"] for s, p in zip(MIX, ("fp16", "int8", "skip"), strict=True)
+    )
+    r["decode_ideal_mix_b1_ms"] = ideal_dec
+    ratios = {
+        "int8_vs_fp16_mlp_t128": (r["mlp_int8_t128_s"] / r["mlp_fp16_t128_s"], "<= 0.6"),
+        "int8_kernel_floor_t128": (r["matmul_int_mm_t128_s"] / r["matmul_16bit_t128_s"], "(floor)"),
+        "skip_vs_fp16_mlp_t128": (r["mlp_skip_t128_s"] / r["mlp_fp16_t128_s"], "<= 0.05"),
+        "mixed_vs_fp16_prefill": (r["prefill_mix_s"] / r["prefill_fp16_s"], "(report)"),
+        "mixed_vs_ideal_prefill": (r["prefill_mix_s"] / r["prefill_ideal_mix_s"], "<= 1.10"),
+        "controller_overhead": (r["controller_prefill_s"] / r["prefill_fp16_s"], "<= 0.05"),
+        "int8_vs_fp16_decode_b1": (r["decode_int8_b1_ms"] / r["decode_fp16_b1_ms"], "<= 0.75"),
+        "fp16_engine_vs_hf_generate_decode": (
+            r["decode_fp16_b1_ms"] / r["hf_generate_decode_ms"],
+            "<= 0.35",
+        ),
+        "decode_vs_bandwidth_floor": (
+            r["decode_fp16_b1_ms"] / r["bandwidth_floor_fp16_ms"],
+            "<= 1.8",
+        ),
+    }
+    ratios["mixed_vs_ideal_decode_b1"] = (r["decode_mix_b1_ms"] / ideal_dec, "<= 1.15")
+    r["ratios"] = {k: v for k, (v, _) in ratios.items()}
+    r["targets"] = {k: t for k, (_, t) in ratios.items()}
+    r["bench_s"] = time.perf_counter() - t_start
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(r, indent=1))
+    print(f"\n{'ratio':36s} {'value':>8s}  target")
+    for k, (v, t) in ratios.items():
+        print(f"{k:36s} {v:8.3f}  {t}")
+    print()
+    for k in sorted(r):
+        if k.startswith("decode_") and k.endswith("_ms"):
+            print(f"{k:36s} {r[k]:8.2f} ms/token")
+    print(f"{'hf_generate_decode_ms':36s} {r['hf_generate_decode_ms']:8.2f} ms/token")
+    print(
+        f"{'bandwidth_floor_fp16_ms':36s} {r['bandwidth_floor_fp16_ms']:8.2f} ms/token ({r['bandwidth_gb_s']:.1f} GB/s)"
+    )
+    print(f"\nwrote {out} in {r['bench_s']:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -204,15 +204,19 @@ def _fill_from_report(record: RequestRecord, api: str, report: dict[str, Any]) -
 def _fill_usage(record: RequestRecord, usage: dict[str, Any]) -> None:
     record.prompt_tokens = usage.get("prompt_tokens", record.prompt_tokens)
     record.completion_tokens = usage.get("completion_tokens", record.completion_tokens)
-    # OpenAI API: the energy report rides in `usage`, nested or flat
-    energy = usage.get("energy")
-    if isinstance(energy, dict):
-        _fill_energy(record, energy)
-    elif any(k in usage for k in _ENERGY_KEYS):
-        _fill_energy(record, usage)
+    # OpenAI API: the energy report rides in `usage`, nested (`usage.energy`) or flat; it may
+    # carry the true finish_reason (OpenAI's own field only knows stop|length), paths, timings
+    energy = usage.get("energy") if isinstance(usage.get("energy"), dict) else usage
+    if energy is usage and not any(k in usage for k in _ENERGY_KEYS):
+        return
+    _fill_energy(record, energy)
+    if isinstance(energy.get("finish_reason"), str):
+        record.finish_reason = energy["finish_reason"]
+    if isinstance(energy.get("paths"), dict):
+        record.paths = {k: int(v) for k, v in energy["paths"].items()}
     for key in ("ttft_s", "queue_s", "total_s"):
-        if isinstance(usage.get(key), int | float):
-            record.server_timings[key] = float(usage[key])
+        if isinstance(energy.get(key), int | float):
+            record.server_timings[key] = float(energy[key])
 
 
 def _fill_energy(record: RequestRecord, energy: dict[str, Any]) -> None:

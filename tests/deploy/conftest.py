@@ -1,8 +1,14 @@
-"""Markers for the deploy tests (helpers live in deploy_helpers.py)."""
+"""Markers for the deploy tests; makes deploy_helpers.py importable under any import mode."""
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
+
+if str(Path(__file__).parent) not in sys.path:  # --import-mode=importlib adds no test dirs
+    sys.path.insert(0, str(Path(__file__).parent))
 
 
 def pytest_configure(config: pytest.Config) -> None:

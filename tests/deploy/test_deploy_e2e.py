@@ -137,10 +137,10 @@ def load_report(server_url, prometheus_url, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("load")
     prompts = ["--prompts", str(CNNDM), "--prompt-limit", "8"] if CNNDM.is_file() else []
     args = [
-        *("--url", server_url, "--mode", "poisson", "--rate", "1", "--duration", "6"),
-        *("--max-requests", "6", "--max-new-tokens", "16", "--max-chars", "1200"),
-        *("--budget-ratio", "0.3,0.6,1.0", "--slo", "30", "--request-timeout", "90"),
-        *("--drain", "90", "--json", str(out / "report.json"), "--no-progress", *prompts),
+        *("--url", server_url, "--mode", "poisson", "--rate", "1", "--duration", "5"),
+        *("--max-requests", "4", "--max-new-tokens", "8", "--max-chars", "800"),
+        *("--budget-ratio", "0.3,0.6,1.0", "--slo", "30", "--request-timeout", "180"),
+        *("--drain", "180", "--json", str(out / "report.json"), "--no-progress", *prompts),
     ]
     assert loadtest_main(args) == 0
     time.sleep(4)  # a few 1 s scrapes and rule evaluations after the last request

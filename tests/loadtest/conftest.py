@@ -93,8 +93,8 @@ def make_app() -> FastAPI:
         async def events():
             for _ in range(n):
                 await asyncio.sleep(TOKEN_DELAY_S)
-                yield f"data: {json.dumps({'text': 'word '})}\n\n"
-            yield f"data: {json.dumps(report)}\n\n"
+                yield f"data: {json.dumps({'delta': 'word '})}\n\n"
+            yield f"data: {json.dumps(report | {'done': True})}\n\n"
             yield "data: [DONE]\n\n"
 
         return StreamingResponse(events(), media_type="text/event-stream")
@@ -106,7 +106,11 @@ def make_app() -> FastAPI:
         n = int(body.get("max_tokens", 16))
         native = dict(body, max_new_tokens=n)
         report = _report(text, native, n)
-        usage = report["usage"] | {"total_tokens": n, "energy": report["energy"]}
+        # like the real server: the true finish_reason, paths and timings ride in usage.energy
+        extra = {"finish_reason": report["finish_reason"], "paths": report["paths"]}
+        energy = report["energy"] | extra | report["timings"]
+        usage = report["usage"] | {"total_tokens": n, "energy": energy}
+        report["finish_reason"] = "stop" if report["finish_reason"] == "stop" else "length"
         if not body.get("stream"):
             await asyncio.sleep(TOKEN_DELAY_S * n)
             message = {"role": "assistant", "content": report["summary"]}

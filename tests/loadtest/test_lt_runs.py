@@ -28,7 +28,7 @@ def _run(target: Target, **kwargs) -> dict:
         ("native", True, "stream"),
         ("native", False, "server"),
         ("openai", True, "stream"),
-        ("openai", False, None),
+        ("openai", False, "server"),
     ],
 )
 def test_run_reports_every_field(fake_server, api, stream, ttft_source) -> None:

@@ -60,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     budget = src.add_mutually_exclusive_group()
     budget.add_argument("--budget-ratio", help="0.6 | 0.4,0.6,1.0 | uniform:0.4,1.0")
     budget.add_argument("--budget-j", help="joules, same forms as --budget-ratio")
+    src.add_argument(
+        "--budget-ratio-b",
+        help="budget ratios for URL_B in --compare (e.g. 1.0 for an fp16 baseline; none: send none)",
+    )
     out = p.add_argument_group("output")
     out.add_argument("--slo", type=float, default=5.0, help="latency SLO in s for goodput")
     out.add_argument("--out", help="directory for report.json, report.md and PNG plots")
@@ -76,6 +80,12 @@ def _targets(args: argparse.Namespace) -> list[Target]:
     labels = args.labels or urls
     if len(labels) != len(urls):
         raise LoadtestError(f"--labels: give {len(urls)} names, one per target")
+    budgets: list[BudgetSpec | None] = [None, None]
+    if args.budget_ratio_b is not None:
+        if len(urls) != 2:
+            raise LoadtestError("--budget-ratio-b applies to URL_B of --compare only")
+        text = None if args.budget_ratio_b.lower() == "none" else args.budget_ratio_b
+        budgets[1] = BudgetSpec.parse(text, kind="ratio")
     for url in urls:
         if not url.startswith(("http://", "https://")):
             raise LoadtestError(f"{url!r}: give a full URL such as http://127.0.0.1:8000")
@@ -90,8 +100,9 @@ def _targets(args: argparse.Namespace) -> list[Target]:
             model=args.model,
             path=args.endpoint,
             label=label,
+            budget=budget,
         )
-        for url, api, label in zip(urls, apis, labels, strict=True)
+        for url, api, label, budget in zip(urls, apis, labels, budgets[: len(urls)], strict=True)
     ]
 
 

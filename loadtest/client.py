@@ -18,6 +18,8 @@ from typing import Any
 
 import httpx
 
+from loadtest.spec import BudgetSpec
+
 SUMMARY_INSTRUCTION = "Summarize the following news article in 3 sentences.\n\n"
 APIS = ("native", "openai")
 DEFAULT_PATHS = {"native": "/v1/summarize", "openai": "/v1/chat/completions"}
@@ -74,6 +76,7 @@ class Target:
     model: str = "default"  # OpenAI `model` field
     path: str | None = None  # override the endpoint path
     label: str = ""  # name in tables and plots (default: the URL)
+    budget: BudgetSpec | None = None  # overrides the run's budgets for this target
 
     @property
     def endpoint(self) -> str:

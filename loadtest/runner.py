@@ -99,18 +99,22 @@ def schedule(config: RunConfig) -> list[float]:
     return times
 
 
-def make_records(config: RunConfig, count: int) -> list[RequestRecord]:
-    """The request list (budgets drawn with their own seeded generator: same for every target)."""
+def make_records(
+    config: RunConfig, count: int, budget: BudgetSpec | None = None
+) -> list[RequestRecord]:
+    """The request list (budgets drawn with their own seeded generator: same for every target).
+    `budget` overrides the run's budget spec (a baseline target that gets other budgets)."""
+    spec = budget or config.budget
     rng = random.Random(config.seed + 1)
     records = []
     for i in range(count):
-        budget = config.budget.draw(i, rng)
+        value = spec.draw(i, rng)
         records.append(
             RequestRecord(
                 index=i,
-                budget_field=config.budget.field,
-                budget_sent=budget,
-                budget_group=config.budget.group(budget),
+                budget_field=spec.field,
+                budget_sent=value,
+                budget_group=spec.group(value),
             )
         )
     return records
@@ -160,7 +164,7 @@ async def run_load(target: Target, config: RunConfig, *, progress: bool = True) 
 
     times = schedule(config) if config.mode != "closed" else []
     count = len(times) if config.mode != "closed" else config.max_requests
-    records = make_records(config, count)
+    records = make_records(config, count, target.budget)
     info = await fetch_info(target)
     pool = max(config.concurrency, 64) if config.mode == "closed" else max(64, count)
     started_at = datetime.now(UTC).isoformat(timespec="seconds")

@@ -109,7 +109,8 @@ def test_cli_compare_writes_json_markdown_and_plots(fake_server, tmp_path, capsy
             *("--compare", fake_server, fake_server + "/"),
             *("--labels", "A", "B", "--sweep", "20,40", "--max-requests", "6"),
             *("--duration", "5", "--generated-words", "30", "--max-new-tokens", "4"),
-            *("--budget-ratio", "uniform:0.4,1.0", "--out", str(out), "--no-progress"),
+            *("--budget-ratio", "uniform:0.4,1.0", "--budget-ratio-b", "1.0"),
+            *("--out", str(out), "--no-progress"),
         ]
     )
     assert code == 0
@@ -118,6 +119,9 @@ def test_cli_compare_writes_json_markdown_and_plots(fake_server, tmp_path, capsy
     report = json.loads((out / "report.json").read_text())
     assert len(report["runs"]) == 4 and len(report["comparisons"]) == 2
     assert [run["summary"]["label"] for run in report["runs"]] == ["A", "B", "A", "B"]
+    a_budgets = {r["budget_sent"] for r in report["runs"][0]["requests"]}
+    assert len(a_budgets) == 6 and all(0.4 <= b <= 1.0 for b in a_budgets)
+    assert {r["budget_sent"] for r in report["runs"][1]["requests"]} == {1.0}  # the baseline's
     assert all(len(run["requests"]) == 6 for run in report["runs"])
     assert "| metric |" in (out / "report.md").read_text()
     for name in ("latency_cdf.png", "p99_vs_rate.png", "joules_vs_budget.png"):
@@ -129,3 +133,5 @@ def test_cli_refuses_bad_options_with_a_clear_message(capsys) -> None:
     assert "give a full URL" in capsys.readouterr().err
     assert main(["--budget-ratio", "uniform:1"]) == 2
     assert main(["--mode", "closed", "--sweep", "1,2"]) == 2
+    assert main(["--budget-ratio-b", "1.0"]) == 2  # needs --compare
+    assert "URL_B" in capsys.readouterr().err

@@ -11,6 +11,7 @@ import logging
 import sys
 
 import uvicorn
+from fastapi import FastAPI
 
 from .app import create_app
 from .serving import Serving
@@ -21,14 +22,15 @@ class DrainingServer(uvicorn.Server):
     """A uvicorn server that tells the serving layer to refuse new work as soon as a signal
     arrives, before uvicorn's own graceful shutdown waits for open requests."""
 
-    def __init__(self, config: uvicorn.Config, serving: Serving):
+    def __init__(self, config: uvicorn.Config, app: FastAPI):
         super().__init__(config)
-        self.serving = serving
+        self.app = app
 
     def handle_exit(self, sig: int, frame) -> None:  # noqa: ANN001 - signal handler signature
-        if not self.serving.draining:
+        serving: Serving = self.app.state.serving
+        if not serving.draining:
             logging.getLogger("hest.server").info("signal %s: draining in-flight requests", sig)
-        self.serving.begin_drain()
+        serving.begin_drain()
         super().handle_exit(sig, frame)
 
 
@@ -58,7 +60,7 @@ def main() -> int:
         timeout_graceful_shutdown=int(settings.drain_timeout_s),
         lifespan="on",
     )
-    server = DrainingServer(config, app.state.serving)
+    server = DrainingServer(config, app)
     server.run()
     return 0
 

@@ -14,6 +14,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from functools import partial
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -88,26 +89,32 @@ def _validation_message(errors: list[dict]) -> tuple[str, str | None, str | None
     return "; ".join(parts), param, code
 
 
-def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None, engine: Engine | None = None, *, background_load: bool = True
+) -> FastAPI:
+    """One app. `engine`: a loaded engine (else one is built from `settings`).
+    `background_load=False` loads before the lifespan startup completes (tests, fuzzing)."""
     settings = settings or Settings()
     metrics = Metrics()
-    serving = Serving(settings, metrics)
-    state: dict[str, str | None] = {"load_error": None}
+    # the engine outlives a lifespan: a restarted lifespan (schemathesis does that) reuses it
+    state: dict[str, Any] = {"load_error": None, "engine": engine, "warm": not settings.warmup}
 
-    async def _load() -> None:
+    async def _load(serving: Serving) -> None:
         try:
-            await serving.load(engine or partial(load_engine, settings), settings.warmup)
+            await serving.load(state["engine"] or partial(load_engine, settings), not state["warm"])
+            state["engine"], state["warm"] = serving.engine, True
         except Exception as err:
             state["load_error"] = f"{type(err).__name__}: {err}"
             log.exception("model load failed; /healthz reports it")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if engine is not None:
-            await _load()  # a preloaded engine: ready before the first request
-            loader = None
+        serving = app.state.serving = Serving(settings, metrics)
+        loader = None
+        if state["engine"] is not None or not background_load:
+            await _load(serving)  # ready before the first request
         else:
-            loader = asyncio.create_task(_load(), name="hest-load")
+            loader = asyncio.create_task(_load(serving), name="hest-load")
         yield
         serving.begin_drain()
         if loader is not None and not loader.done():
@@ -122,7 +129,11 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         summary="Summaries under a per-request energy budget (HEST: per-token fp16/int8/skip)",
         lifespan=lifespan,
     )
-    app.state.serving, app.state.metrics, app.state.settings = serving, metrics, settings
+    app.state.serving = Serving(settings, metrics)  # replaced by each lifespan; not ready before
+    app.state.metrics, app.state.settings = metrics, settings
+
+    def current() -> Serving:
+        return app.state.serving
 
     # ---- errors: one shape for everything -------------------------------------------------------
     @app.exception_handler(RequestValidationError)
@@ -146,6 +157,10 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
 
     @app.exception_handler(StarletteHTTPException)
     async def _on_http(request: Request, err: StarletteHTTPException) -> JSONResponse:
+        if err.status_code == 400:  # FastAPI could not decode the body (e.g. not UTF-8)
+            metrics.requests.labels("invalid").inc()
+            message = f"request body could not be parsed ({err.detail}); send UTF-8 JSON"
+            return error_response(422, "invalid_request_error", message, None, "invalid_json")
         return error_response(
             err.status_code,
             "invalid_request_error",
@@ -196,7 +211,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     # ---- native API -----------------------------------------------------------------------------
     async def summarize(body: SummarizeRequest, request: Request) -> Response:
         t0 = time.perf_counter()
-        job = await serving.submit(
+        job = await current().submit(
             GenerationRequest(
                 text=body.text,
                 energy_budget_j=body.energy_budget_j,
@@ -254,7 +269,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     )
     async def chat(body: ChatCompletionRequest, request: Request) -> Response:
         t0 = time.perf_counter()
-        job = await serving.submit(
+        job = await current().submit(
             GenerationRequest(
                 text=formats.chat_text(body.messages),
                 energy_budget_j=body.energy_budget_j,
@@ -263,7 +278,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
             ),
             stream=body.stream,
         )
-        model = str(serving.engine.info().get("model")) if serving.engine else body.model
+        engine = current().engine
+        model = str(engine.info().get("model")) if engine else body.model
         if body.stream:
             usage_chunk = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(
@@ -334,6 +350,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         summary="Readiness: the model is loaded and warmed, and the server is not draining",
     )
     async def readyz() -> Response:
+        serving = current()
         if serving.draining:
             return _server_error(
                 ShuttingDownError("draining for shutdown", retry_after=settings.retry_after_s)
@@ -353,6 +370,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
         summary="What is served: model, adapter, device, meter, calibration, server limits",
     )
     async def info() -> Response:
+        serving = current()
         if serving.engine is None:
             return _server_error(
                 NotReadyError("the model is still loading", retry_after=settings.retry_after_s)

@@ -7,8 +7,8 @@ back from that thread through `loop.call_soon_threadsafe` into each request's ow
 A request whose client went away has its `cancelled` Event set: dropped if still queued, stopped
 at the next token if running.
 
-Brownout: the scheduler keeps an exponential average of batch wall time; from it and the queue
-depth it predicts a new request's latency. Past `brownout_start` x SLO the brownout level rises
+Brownout: the scheduler keeps an exponential average of batch wall time per request (the inverse
+of throughput); from it and the queue depth it predicts a new request's latency. Past `brownout_start` x SLO the brownout level rises
 linearly to 1 at the SLO, and each new budget ratio r becomes r - level x (r - floor): lower
 budgets mean more int8 units and earlier stops, i.e. shorter batches. Only when the queue is full
 is a request refused (429).
@@ -114,7 +114,7 @@ class Serving:
         self._scheduler: asyncio.Task | None = None
         self._running: list[Job] = []
         self._busy_since = 0.0
-        self._batch_s: float | None = None  # exponential average of batch wall time
+        self._per_request_s: float | None = None  # average batch wall time / batch size
         self._guarded = True  # False for fixed policies: the budget guard is off, no brownout
 
     # ---- lifecycle ------------------------------------------------------------------------------
@@ -229,14 +229,15 @@ class Serving:
 
     # ---- brownout -------------------------------------------------------------------------------
     def predicted_latency_s(self) -> float:
-        """Queue wait + own batch for a request arriving now (0 before the first batch)."""
-        if self._batch_s is None:
+        """Latency of a request arriving now: what is left of the running batch, then the queue
+        (and this request) at the measured throughput. 0 before the first batch."""
+        if self._per_request_s is None:
             return 0.0
         left = 0.0
         if self._running:
-            left = max(0.0, self._batch_s - (time.perf_counter() - self._busy_since))
-        ahead = self._queue.qsize() // self.settings.max_batch_size
-        return left + (ahead + 1) * self._batch_s
+            batch_s = self._per_request_s * len(self._running)
+            left = max(0.0, batch_s - (time.perf_counter() - self._busy_since))
+        return left + (self._queue.qsize() + 1) * self._per_request_s
 
     def brownout_level(self) -> float:
         s = self.settings
@@ -333,10 +334,10 @@ class Serving:
                 job._finish(result, None)
             self.metrics.observe_batch([r.stats for r in results])
         finally:
-            elapsed = time.perf_counter() - start
-            self._batch_s = (
-                elapsed if self._batch_s is None else 0.7 * self._batch_s + 0.3 * elapsed
-            )
+            per_request = (time.perf_counter() - start) / len(jobs)
+            old = self._per_request_s
+            self._per_request_s = per_request if old is None else 0.7 * old + 0.3 * per_request
+            log.debug("batch of %d in %.2f s", len(jobs), per_request * len(jobs))
             self._running = []
             self.metrics.inflight.set(0)
             self.metrics.brownout_level.set(self.brownout_level())

@@ -158,7 +158,9 @@ class ServerProcess:
 def real_server(tmp_path_factory) -> Iterator[ServerProcess]:
     """One `python -m server` with the REAL default model and adapter for the whole session."""
     log = tmp_path_factory.mktemp("real_server") / "server.log"
-    server = ServerProcess({"HEST_MODEL": "default", "HEST_MAX_WAIT_MS": "50"}, log)
+    # a lax SLO: these tests check budgets as sent; brownout has its own test
+    env = {"HEST_MODEL": "default", "HEST_MAX_WAIT_MS": "50", "HEST_SLO_S": "900"}
+    server = ServerProcess(env, log)
     try:
         server.wait_ready()
         yield server
@@ -166,7 +168,7 @@ def real_server(tmp_path_factory) -> Iterator[ServerProcess]:
         server.stop()
 
 
-def articles(n: int, max_chars: int = 700) -> list[str]:
+def articles(n: int, max_chars: int = 400) -> list[str]:
     """`n` short texts: CNN/DM test articles where the shared data exists, else a fixed one."""
     import json
 

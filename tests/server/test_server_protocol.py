@@ -22,6 +22,7 @@ CHAT = {"model": "hest", "messages": [{"role": "user", "content": ARTICLE}], "ma
 # (case id, path, raw body or dict, status, error code, error param)
 ERROR_CASES = [
     ("invalid-json", "/v1/summarize", b'{"text": "a', 422, "invalid_json", None),
+    ("not-utf8", "/v1/summarize", b'{"text": "\xff\xfe"}', 422, "invalid_json", None),
     ("not-an-object", "/v1/summarize", b"[1, 2]", 422, "model_attributes_type", None),
     ("null-body", "/v1/summarize", b"null", 422, "model_attributes_type", None),
     ("empty-body", "/v1/summarize", b"", 422, "missing", None),

@@ -63,6 +63,13 @@ class LayerWeights:
     gu8: Int8Linear | None = None
     down8: Int8Linear | None = None
     shortcut: tuple[torch.Tensor, torch.Tensor] | None = None  # (R, d), (d, R)
+    packed: dict[str, torch.Tensor] = field(default_factory=dict)  # oneDNN-prepacked 16-bit weights
+
+    def pack(self) -> None:
+        """Prepack the dense 16-bit weights for oneDNN (CPU): same results as F.linear, bit for
+        bit, without re-laying the weight out on every call."""
+        for name in ("wqkv", "wo", "wgu", "wdown"):
+            self.packed[name] = torch.ops.mkldnn._reorder_linear_weight(getattr(self, name), 1)
 
     def build_int8(self, act_dtype: torch.dtype) -> None:
         self.qkv8 = Int8Linear.from_weight(self.wqkv, self.bqkv, act_dtype)
@@ -72,6 +79,18 @@ class LayerWeights:
 
     def int8_linears(self) -> list[Int8Linear]:
         return [m for m in (self.qkv8, self.o8, self.gu8, self.down8) if m is not None]
+
+
+def linear16(
+    x: torch.Tensor, w: torch.Tensor, packed: torch.Tensor | None, bias=None
+) -> torch.Tensor:
+    if packed is not None:
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    return F.linear(x, w, bias)
+
+
+def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
+    return device.type == "cpu" and dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -157,26 +176,32 @@ class LeanModel:
         self.embed, self.norm, self.lm_head = embed, norm, lm_head
         self.rope_cos, self.rope_sin = rope_cos, rope_sin  # (max_pos, hd) in dtype
         self.dtype, self.device = dtype, device
+        self.lm_head_packed: torch.Tensor | None = None
+        if can_pack(device, dtype):
+            for lw in layers:
+                lw.pack()
+            self.lm_head_packed = torch.ops.mkldnn._reorder_linear_weight(lm_head, 1)
 
     # ---- projections, per path -------------------------------------------------------------
     @staticmethod
-    def _two_way(h, r: Routing, dense: torch.Tensor, bias, q8: Int8Linear) -> torch.Tensor:
+    def _two_way(h, r: Routing, dense: torch.Tensor, packed, bias, q8: Int8Linear) -> torch.Tensor:
         """Attention projections: fp16 rows dense, int8 and skip rows int8."""
         if r.only is not None:
-            return F.linear(h, dense, bias) if r.only == FP16 else q8(h)
+            return linear16(h, dense, packed, bias) if r.only == FP16 else q8(h)
         out = torch.empty(h.shape[0], dense.shape[0], dtype=h.dtype, device=h.device)
         i_hi = r.idx[FP16]
         i_lo = torch.cat([i for i in (r.idx[INT8], r.idx[SKIP]) if i is not None])
         if i_hi is not None:
-            out.index_copy_(0, i_hi, F.linear(h.index_select(0, i_hi), dense, bias))
+            out.index_copy_(0, i_hi, linear16(h.index_select(0, i_hi), dense, packed, bias))
         out.index_copy_(0, i_lo, q8(h.index_select(0, i_lo)))
         return out
 
     @staticmethod
     def _mlp_dense(h: torch.Tensor, lw: LayerWeights) -> torch.Tensor:
-        gu = F.linear(h, lw.wgu)  # (n, 2I)
+        pk = lw.packed
+        gu = linear16(h, lw.wgu, pk.get("wgu"))  # (n, 2I)
         g, u = gu.chunk(2, dim=-1)
-        return F.linear(F.silu(g) * u, lw.wdown)
+        return linear16(F.silu(g) * u, lw.wdown, pk.get("wdown"))
 
     @staticmethod
     def _mlp_int8(h: torch.Tensor, lw: LayerWeights) -> torch.Tensor:
@@ -270,7 +295,9 @@ class LeanModel:
             h = rms_norm(x, lw.ln1, s.eps)  # (N, d) the controller's h(l, t)
             paths, counts = decide(li, h)
             r = Routing.of(paths, counts)
-            qkv = self._two_way(h, r, lw.wqkv, lw.bqkv, lw.qkv8)  # (N, q + 2kv)
+            qkv = self._two_way(
+                h, r, lw.wqkv, lw.packed.get("wqkv"), lw.bqkv, lw.qkv8
+            )  # (N, q+2kv)
             q = qkv[:, : s.q_dim].view(n, s.n_heads, s.head_dim)
             k = qkv[:, s.q_dim : s.q_dim + s.kv_dim].view(n, s.n_kv_heads, s.head_dim)
             v = qkv[:, s.q_dim + s.kv_dim :].view(n, s.n_kv_heads, s.head_dim)
@@ -279,14 +306,14 @@ class LeanModel:
                 k = rms_norm(k, lw.k_norm, s.eps)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
             attn = self._attend(q, k, v, li, slots, cache, decode)  # (N, q_dim)
-            x = x + self._two_way(attn, r, lw.wo, None, lw.o8)
+            x = x + self._two_way(attn, r, lw.wo, lw.packed.get("wo"), None, lw.o8)
             y = self._mlp(rms_norm(x, lw.ln2, s.eps), r, lw)
             if y is not None:
                 x = x + y
         if logits_rows is not None:
             x = x.index_select(0, logits_rows)
         x = rms_norm(x, self.norm, s.eps)
-        return F.linear(x, self.lm_head).float()  # (rows, vocab)
+        return linear16(x, self.lm_head, self.lm_head_packed).float()  # (rows, vocab)
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         return KVCache(self.spec, batch, max_len, self.dtype, self.device)

@@ -1,0 +1,182 @@
+"""Energy model arithmetic, calibration tables and meters."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from hest_core.energy import CalibrationTable, EnergyModel, PhaseCosts
+from hest_core.errors import CalibrationError
+from hest_core.meters import EstimateMeter, RaplMeter, pick_meter
+
+
+def table(L=4) -> CalibrationTable:
+    return CalibrationTable(
+        model="m",
+        model_fingerprint="f",
+        n_layers=L,
+        device="cpu-test",
+        method="estimate: test",
+        meter="estimate",
+        date="2026-01-01T00:00:00Z",
+        dtype="bf16",
+        threads=2,
+        prefill=PhaseCosts([[3.0, 2.0, 1.0]] * L, token_fixed=0.5, attn_ctx=0.01, head=7.0),
+        decode=PhaseCosts([[30.0, 20.0, 10.0]] * L, token_fixed=5.0, attn_ctx=0.1, head=70.0),
+    )
+
+
+@pytest.mark.parametrize("p, max_new", [(1, 1), (10, 1), (10, 2), (37, 15), (500, 128)])
+def test_closed_forms_equal_explicit_sums(p, max_new):
+    em = EnergyModel(table())
+    t = em.table
+    pre = (
+        sum(t.prefill.token_fixed + t.prefill.attn_ctx * (i + 1) + 4 * 3.0 for i in range(p))
+        + t.prefill.head
+    )
+    dec = sum(
+        t.decode.token_fixed + t.decode.attn_ctx * (p + i) + t.decode.head + 4 * 30.0
+        for i in range(1, max_new)
+    )
+    assert em.fp16_cost(p, max_new) == pytest.approx(pre + dec, rel=1e-12)
+    pre_min = pre - p * 4 * 2.0
+    first_dec = (
+        (t.decode.token_fixed + t.decode.attn_ctx * (p + 1) + t.decode.head + 4 * 10.0)
+        if max_new >= 2
+        else 0
+    )
+    assert em.min_feasible(p, max_new) == pytest.approx(pre_min + first_dec, rel=1e-12)
+    assert em.min_feasible(p, max_new) < em.fp16_cost(p, max_new)
+
+
+def test_table_round_trip(tmp_path):
+    t = table()
+    t.save(tmp_path / "t.json")
+    back = CalibrationTable.load(tmp_path / "t.json")
+    assert back.to_json() == t.to_json() and back.source == str(tmp_path / "t.json")
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda d: d.update(version=99), "version"),
+        (lambda d: d["prefill"].update(unit=[[1.0, 1.0]] * 4), "3 costs"),
+        (lambda d: d["decode"].update(head=-1.0), "negative"),
+        (lambda d: d.pop("decode"), "cannot read"),
+    ],
+)
+def test_bad_tables_are_refused(tmp_path, edit, match):
+    d = table().to_json()
+    edit(d)
+    (tmp_path / "t.json").write_text(json.dumps(d))
+    with pytest.raises(CalibrationError, match=match):
+        CalibrationTable.load(tmp_path / "t.json")
+
+
+def test_estimate_meter_is_time_times_watts():
+    m = EstimateMeter(watts=40.0)
+    w = m.begin()
+    sum(range(200_000))
+    r = m.end(w)
+    assert r.meter == "estimate" and not r.measured
+    assert r.energy_j == pytest.approx(r.elapsed_s * 40.0)
+
+
+def test_rapl_meter_reads_powercap_counters_with_wrap(tmp_path):
+    zone = tmp_path / "intel-rapl:0"
+    zone.mkdir()
+    (zone / "energy_uj").write_text("1000000\n")
+    (zone / "max_energy_range_uj").write_text("2000000\n")
+    sub = tmp_path / "intel-rapl:0:0"  # a sub-zone: counted inside its package, not again
+    sub.mkdir()
+    (sub / "energy_uj").write_text("5\n")
+    m = RaplMeter(str(tmp_path))
+    w = m.begin()
+    (zone / "energy_uj").write_text("1500000\n")
+    assert m.end(w).energy_j == pytest.approx(0.5)
+    w = m.begin()
+    (zone / "energy_uj").write_text("100000\n")  # wrapped past 2 J
+    assert m.end(w).energy_j == pytest.approx(0.6)
+
+
+def test_missing_hardware_falls_back_to_estimate(monkeypatch):
+    monkeypatch.delenv("HEST_METER", raising=False)
+    assert pick_meter("cuda", "nvml").name in ("nvml", "estimate")  # no GPU here: estimate
+    assert pick_meter("cpu", "estimate").name == "estimate"
+
+
+def test_calibrate_command_writes_a_loadable_table(tmp_path):
+    out = tmp_path / "cal.json"
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hest_core.calibrate",
+            "--model",
+            "tiny:llama",
+            "--out",
+            str(out),
+            "--watts",
+            "25",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    t = CalibrationTable.load(out)
+    assert t.n_layers == 3 and "25 W" in t.method and t.meter == "estimate"
+    em = EnergyModel(t)
+    assert 0 < em.min_feasible(50, 8) < em.fp16_cost(50, 8)
+    assert "wrote" in r.stdout
+
+
+def test_cli_summarize_json(tmp_path):
+    art = tmp_path / "a.txt"
+    art.write_text("The council voted to expand the bus network after record ridership. " * 5)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hest_core",
+            "summarize",
+            str(art),
+            "--model",
+            "tiny:llama",
+            "--adapter",
+            "none",
+            "--energy-budget-ratio",
+            "0.8",
+            "--max-new-tokens",
+            "6",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["stats"]["modelled_j"] <= d["stats"]["budget_j"] and d["stats"]["meter"] == "estimate"
+    bad = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hest_core",
+            "summarize",
+            str(art),
+            "--model",
+            "tiny:llama",
+            "--adapter",
+            "none",
+            "--energy-budget-ratio",
+            "-1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert bad.returncode == 2 and "energy_budget_ratio" in bad.stderr

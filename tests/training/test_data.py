@@ -1,0 +1,61 @@
+"""The data loader: local JSONL, the hub path's error when offline, clear messages."""
+
+from __future__ import annotations
+
+import pytest
+
+from hest_core.loading import load_tokenizer
+from training import data
+from training.data import DataError, load_pairs, target_text, tokenize
+
+
+def test_jsonl_loads_and_limits(pairs_file):
+    assert [p.id for p in load_pairs(pairs_file)] == ["a", "b", "c"]
+    assert len(load_pairs(pairs_file, limit=2)) == 2
+
+
+@pytest.mark.parametrize(
+    ("content", "needle"),
+    [
+        ("{not json\n", "not valid JSON"),
+        ('{"id": "x", "article": "text"}\n', "highlights"),
+        ("[1, 2]\n", "JSON object"),
+        ("\n", "no examples"),
+    ],
+)
+def test_bad_jsonl_is_a_clear_error(tmp_path, content, needle):
+    p = tmp_path / "bad.jsonl"
+    p.write_text(content)
+    with pytest.raises(DataError, match=needle):
+        load_pairs(p)
+
+
+def test_missing_file_names_the_fix(tmp_path):
+    with pytest.raises(DataError, match="does not exist.*hub:abisee/cnn_dailymail"):
+        load_pairs(tmp_path / "nope.jsonl")
+
+
+def test_hub_offline_is_a_clear_error(monkeypatch):
+    import datasets
+
+    def offline(*a, **k):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(DataError, match="cannot load abisee/cnn_dailymail.*3.0.0.*test.*network"):
+        load_pairs("hub:abisee/cnn_dailymail:test")
+    with pytest.raises(DataError, match="not supported"):
+        load_pairs("hub:someone/else:train")
+    assert data.HUB_CONFIG == "3.0.0"
+
+
+def test_tokenize_uses_the_shared_prompt(pairs_file):
+    from hest_core.prompt import build_prompt
+
+    tok = load_tokenizer("tiny:llama", progress=False)
+    pair = load_pairs(pairs_file)[0]
+    ex = tokenize(tok, pair, max_article_tokens=8, max_summary_tokens=5)
+    assert ex.prompt == build_prompt(tok, pair.article, 8)[0]
+    assert ex.truncated and len(ex.summary) == 5
+    assert ex.summary[-1] == data.eos_id(tok)
+    assert target_text("A b .\nC d .") == "A b. C d."

@@ -1,0 +1,139 @@
+"""CNN/DailyMail pairs from a local JSONL file or the hub, and tokenised training examples.
+
+One loader for both sources:
+* a local JSONL path: one object per line with `id`, `article`, `highlights`;
+* ``"hub:abisee/cnn_dailymail:<split>"`` (config 3.0.0) through `datasets` (needs network).
+Prompts always come from `hest_core.prompt.build_prompt`, the one format shared with the server.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from hest_core.errors import HestError
+from hest_core.prompt import build_prompt
+
+HUB_PREFIX = "hub:"
+HUB_DATASET = "abisee/cnn_dailymail"
+HUB_CONFIG = "3.0.0"
+FIELDS = ("id", "article", "highlights")
+
+
+class DataError(HestError):
+    """A data source that cannot be read as CNN/DM pairs."""
+
+    code = "data_error"
+
+
+@dataclass(frozen=True)
+class Pair:
+    id: str
+    article: str
+    highlights: str  # reference summary, one sentence per line
+
+
+@dataclass(frozen=True)
+class Example:
+    """A tokenised teacher-forcing example: prompt ids then summary ids (EOS last)."""
+
+    id: str
+    prompt: list[int]
+    summary: list[int]
+    truncated: bool
+
+
+def _check(row: object, where: str) -> Pair:
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a JSON object with fields {FIELDS}, got {row!r:.80}")
+    missing = [f for f in ("article", "highlights") if not isinstance(row.get(f), str)]
+    if missing:
+        raise DataError(
+            f"{where}: missing or non-string field(s) {missing}; each line needs {FIELDS}",
+            param="data",
+        )
+    return Pair(str(row.get("id", where)), row["article"], row["highlights"])
+
+
+def load_jsonl(path: str | Path, limit: int | None = None) -> list[Pair]:
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(
+            f"data file {str(p)!r} does not exist; give a JSONL path with fields {FIELDS} "
+            f"or '{HUB_PREFIX}{HUB_DATASET}:<train|validation|test>'",
+            param="data",
+        )
+    out: list[Pair] = []
+    with p.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{p}:{n}: not valid JSON ({err.msg})", param="data") from err
+            out.append(_check(row, f"{p}:{n}"))
+            if limit is not None and len(out) >= limit:
+                break
+    if not out:
+        raise DataError(f"{p} holds no examples", param="data")
+    return out
+
+
+def load_hub(split: str, limit: int | None = None) -> list[Pair]:
+    """abisee/cnn_dailymail 3.0.0 through `datasets` (downloads on first use)."""
+    try:
+        import datasets
+    except ImportError as err:
+        raise DataError("the hub source needs `pip install datasets`", param="data") from err
+    try:
+        ds = datasets.load_dataset(HUB_DATASET, HUB_CONFIG, split=split)
+    except Exception as err:
+        raise DataError(
+            f"cannot load {HUB_DATASET} ({HUB_CONFIG}, split {split!r}) from the hub: "
+            f"{type(err).__name__}: {err}. Check the network (or HF_HUB_OFFLINE / HF_DATASETS_OFFLINE),"
+            " or use a local JSONL file instead",
+            param="data",
+        ) from err
+    if limit is not None:
+        ds = ds.select(range(min(limit, len(ds))))
+    return [_check(dict(r), f"{HUB_DATASET}[{split}][{i}]") for i, r in enumerate(ds)]
+
+
+def load_pairs(source: str | Path, limit: int | None = None) -> list[Pair]:
+    """A local JSONL path, or 'hub:abisee/cnn_dailymail:<split>' (split defaults to train)."""
+    s = str(source)
+    if s.startswith(HUB_PREFIX):
+        rest = s[len(HUB_PREFIX) :]
+        name, _, split = rest.partition(":")
+        if name != HUB_DATASET:
+            raise DataError(
+                f"hub source {name!r} is not supported; use '{HUB_PREFIX}{HUB_DATASET}:<split>'",
+                param="data",
+            )
+        return load_hub(split or "train", limit)
+    return load_jsonl(s, limit)
+
+
+def eos_id(tokenizer) -> int:
+    """The token that ends an assistant turn (what the engine stops on)."""
+    for name in ("<|im_end|>", "<|eot_id|>"):
+        tid = tokenizer.convert_tokens_to_ids(name)
+        if isinstance(tid, int) and tid != tokenizer.unk_token_id:
+            return tid
+    return int(tokenizer.eos_token_id)
+
+
+def target_text(highlights: str) -> str:
+    """The reference as prose: CNN/DM highlights are one sentence per line with ' .' spacing."""
+    lines = [re.sub(r"\s+([.,!?;:'])", r"\1", ln.strip()) for ln in highlights.split("\n")]
+    return " ".join(ln for ln in lines if ln)
+
+
+def tokenize(tokenizer, pair: Pair, max_article_tokens: int, max_summary_tokens: int) -> Example:
+    prompt, truncated = build_prompt(tokenizer, pair.article, max_article_tokens)
+    summ = tokenizer.encode(target_text(pair.highlights), add_special_tokens=False)
+    summ = summ[: max_summary_tokens - 1] + [eos_id(tokenizer)]
+    return Example(pair.id, prompt, summ, truncated)

@@ -1,0 +1,302 @@
+"""Evaluate policies on CNN/DM test pairs with the protocol of DESIGN.md.
+
+    python -m training.evaluate --policies lead-3,fp16,int8,hest --data ../shared/data/cnndm/test.jsonl \
+        --limit 50 --budget-ratios 0.6 --json results/eval.json
+
+Rows: `lead-3` (extractive reference), `fp16` / `int8` (Engine fixed policies, no adapter),
+`hest` and the budget-conditioned methods (`hest-*`, `bhsp`; one row per budget ratio, an
+artifact from `--adapters name=DIR`, `hest` defaults to the committed adapter), `tabs` (one row,
+guard off: it has no budget mechanism, so its overshoot is what it would spend), `lora-r8`
+(a merged model directory from `--adapters lora-r8=DIR`, fp16 policy, base calibration).
+Per-sample results go to `<json stem>.samples.jsonl` as they are produced; a rerun skips done
+(row, sample) pairs. Samples are interleaved across rows so machine noise hits every row alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+from .data import load_pairs
+from .metrics import KEYS, lead3, mean, percentile, rouge
+
+BUDGETED = ("hest", "hest-fp16only", "hest-no-dual", "hest-unfactorised", "bhsp")
+KNOWN = ("lead-3", "fp16", "int8", "tabs", "lora-r8", *BUDGETED)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        prog="python -m training.evaluate", description=__doc__.split("\n")[0]
+    )
+    ap.add_argument("--policies", default="lead-3,fp16,int8,hest")
+    ap.add_argument("--data", default="../shared/data/cnndm/test.jsonl")
+    ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument(
+        "--json", required=True, help="summary JSON path (.md, .png, .samples.jsonl beside it)"
+    )
+    ap.add_argument("--budget-ratios", default="0.4,0.6,0.8,1.0")
+    ap.add_argument(
+        "--primary-ratio", type=float, default=0.6, help="tabs' budget, the table's focus"
+    )
+    ap.add_argument(
+        "--adapters", default="", help="name=DIR,... (hest defaults to the committed one)"
+    )
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--max-new-tokens", type=int, default=96)
+    ap.add_argument("--max-article-tokens", type=int, default=512)
+    ap.add_argument("--calibration", default=None)
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--no-progress", action="store_true")
+    return ap.parse_args(argv)
+
+
+def row_names(args) -> list[tuple[str, str, float | None]]:
+    """(row name, policy, budget ratio) for every row."""
+    ratios = [float(r) for r in args.budget_ratios.split(",") if r]
+    rows = []
+    for p in [p.strip() for p in args.policies.split(",") if p.strip()]:
+        if p not in KNOWN:
+            raise SystemExit(f"unknown policy {p!r}; known: {', '.join(KNOWN)}")
+        if p in BUDGETED:
+            rows += [(f"{p}@{r:g}", p, r) for r in ratios]
+        elif p == "tabs":
+            rows.append((f"tabs@{args.primary_ratio:g}", p, args.primary_ratio))
+        elif p == "lead-3":
+            rows.append((p, p, None))
+        else:
+            rows.append((p, p, 1.0))
+    return rows
+
+
+class Engines:
+    """One Engine per policy, loaded on first use."""
+
+    def __init__(self, args):
+        self.args = args
+        self.paths = dict(kv.split("=", 1) for kv in args.adapters.split(",") if "=" in kv)
+        self.e: dict[str, object] = {}
+        self.calibration = args.calibration
+
+    def get(self, policy: str):
+        if policy in self.e:
+            return self.e[policy]
+        from hest_core import Engine
+
+        a = self.args
+        kw = dict(
+            calibration=self.calibration, progress=not a.no_progress, threads=a.threads or None
+        )
+        if policy in ("fp16", "int8"):
+            eng = Engine.from_pretrained(a.model, adapter=None, policy=policy, **kw)
+        elif policy == "lora-r8":
+            if "lora-r8" not in self.paths:
+                raise SystemExit("lora-r8 needs --adapters lora-r8=RUN/merged")
+            kw["calibration"] = self.calibration or self.get("fp16").info()["calibration"]["source"]
+            eng = Engine.from_pretrained(self.paths["lora-r8"], adapter=None, policy="fp16", **kw)
+        else:
+            ad = self.paths.get(policy, "default" if policy == "hest" else None)
+            if ad is None:
+                raise SystemExit(f"{policy} needs --adapters {policy}=RUN/adapter")
+            guard = "off" if policy == "tabs" else "paced"
+            eng = Engine.from_pretrained(a.model, adapter=ad, policy="hest", guard=guard, **kw)
+        eng.max_article_tokens = a.max_article_tokens
+        if self.calibration is None:
+            self.calibration = eng.info()["calibration"]["source"]
+        self.e[policy] = eng
+        return eng
+
+
+def run_one(engines: Engines, policy: str, ratio: float | None, pair, args) -> dict:
+    if policy == "lead-3":
+        text = lead3(pair.article)
+        return {"text": text, "rouge": rouge(text, pair.highlights)}
+    from hest_core import GenerationRequest
+
+    eng = engines.get(policy)
+    t0 = time.perf_counter()
+    res = eng.generate(
+        [
+            GenerationRequest(
+                pair.article, energy_budget_ratio=ratio, max_new_tokens=args.max_new_tokens
+            )
+        ]
+    )[0]
+    wall = time.perf_counter() - t0
+    st = res.stats
+    return {
+        "text": res.text,
+        "finish_reason": res.finish_reason,
+        "rouge": rouge(res.text, pair.highlights),
+        "wall_s": wall,
+        "total_s": st.total_s,
+        "ttft_s": st.ttft_s,
+        "budget_j": st.budget_j,
+        "fp16_cost_j": st.fp16_cost_j,
+        "modelled_j": st.modelled_j,
+        "measured_j": st.measured_j,
+        "estimated_j": st.estimated_j,
+        "meter": st.meter,
+        "prompt_tokens": st.prompt_tokens,
+        "completion_tokens": st.completion_tokens,
+        "paths": st.paths,
+        "paths_per_layer": st.paths_per_layer,
+        "demotions": st.demotions,
+        "controller_params": eng.info().get("controller_params", 0),
+    }
+
+
+def lora_params(engines: Engines) -> int:
+    """Trainable parameters of LoRA r=8 on the seven targets: r (in + out) per target and layer."""
+    s = engines.get("fp16").lean.spec
+    dims = [
+        (s.hidden, s.q_dim),
+        (s.hidden, s.kv_dim),
+        (s.hidden, s.kv_dim),
+        (s.q_dim, s.hidden),
+        (s.hidden, s.intermediate),
+        (s.hidden, s.intermediate),
+        (s.intermediate, s.hidden),
+    ]
+    return s.n_layers * sum(8 * (i + o) for i, o in dims)
+
+
+def summarise(name: str, policy: str, recs: list[dict], longest: set[str]) -> dict:
+    out = {"row": name, "policy": policy, "n": len(recs)}
+    for k in KEYS:
+        out[k] = mean([r["rouge"][k] for r in recs])
+    if policy == "lead-3" or not recs:
+        return out
+    lat = [r["total_s"] for r in recs]
+    measured = [r["measured_j"] for r in recs if r["measured_j"] is not None]
+    over = [r["modelled_j"] / r["budget_j"] for r in recs if r["id"] in longest]
+    paths = {p: sum(r["paths"][p] for r in recs) for p in ("fp16", "int8", "skip")}
+    tot = sum(paths.values()) or 1
+    n_layers = len(recs[0]["paths_per_layer"])
+    grid = []
+    for li in range(n_layers):
+        c = [sum(r["paths_per_layer"][li][p] for r in recs) for p in ("fp16", "int8", "skip")]
+        grid.append([x / (sum(c) or 1) for x in c])
+    out.update(
+        modelled_j=mean([r["modelled_j"] for r in recs]),
+        fp16_cost_j=mean([r["fp16_cost_j"] for r in recs]),
+        measured_j=mean(measured) if measured else None,
+        meter=recs[0]["meter"],
+        wall_s=mean([r["wall_s"] for r in recs]),
+        p50_s=percentile(lat, 50),
+        p99_s=percentile(lat, 99),
+        completion_tokens=mean([r["completion_tokens"] for r in recs]),
+        budget_violations=sum(r["modelled_j"] > r["budget_j"] * (1 + 1e-9) for r in recs),
+        energy_budget_stops=sum(r["finish_reason"] == "energy_budget" for r in recs),
+        overshoot_longest_max=max(over) if over else None,
+        overshoot_longest_mean=mean(over) if over else None,
+        controller_params=recs[0]["controller_params"],
+        path_shares={p: v / tot for p, v in paths.items()},
+        path_shares_per_layer=grid,
+    )
+    return out
+
+
+def markdown(rows: list[dict], n: int) -> str:
+    def f(v, d=1):
+        return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{d}f}"
+
+    head = (
+        "| row | n | R-1 | R-2 | R-L | R-Lsum | modelled J/sample | measured J | wall s/sample | "
+        "p50 s | p99 s | violations | budget stops | overshoot longest 10% (max) | "
+        "paths fp16/int8/skip | ctrl params |"
+    )
+    lines = [head, "|" + " --- |" * 16]
+    for r in rows:
+        sh = r.get("path_shares")
+        shares = "/".join(f"{sh[p]:.2f}" for p in ("fp16", "int8", "skip")) if sh else "-"
+        meas = (
+            "no meter"
+            if "modelled_j" in r and r.get("measured_j") is None
+            else f(r.get("measured_j"), 2)
+        )
+        lines.append(
+            f"| {r['row']} | {r['n']} | {f(r['rouge1'])} | {f(r['rouge2'])} | {f(r['rougeL'])} | "
+            f"{f(r['rougeLsum'])} | {f(r.get('modelled_j'), 2)} | {meas if 'modelled_j' in r else '-'} | "
+            f"{f(r.get('wall_s'), 2)} | {f(r.get('p50_s'), 2)} | {f(r.get('p99_s'), 2)} | "
+            f"{r.get('budget_violations', '-')} | {r.get('energy_budget_stops', '-')} | "
+            f"{f(r.get('overshoot_longest_max'), 3)} | {shares} | {r.get('controller_params', '-')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def evaluate(args: argparse.Namespace) -> dict:
+    from tqdm import tqdm
+
+    from .plots import plot_heatmaps, plot_pareto
+
+    pairs = load_pairs(args.data, args.limit)
+    rows = row_names(args)
+    js = Path(args.json)
+    js.parent.mkdir(parents=True, exist_ok=True)
+    samples = js.with_suffix(".samples.jsonl")
+    done: dict[tuple[str, str], dict] = {}
+    if samples.is_file():
+        for ln in samples.read_text().splitlines():
+            if ln.strip():
+                r = json.loads(ln)
+                done[(r["row"], r["id"])] = r
+    engines = Engines(args)
+    todo = [(p, row) for p in pairs for row in rows if (row[0], p.id) not in done]
+    bar = tqdm(todo, disable=args.no_progress, desc="evaluate", dynamic_ncols=True)
+    with samples.open("a") as f:
+        for pair, (name, policy, ratio) in bar:
+            bar.set_postfix(row=name)
+            rec = {"row": name, "id": pair.id, **run_one(engines, policy, ratio, pair, args)}
+            done[(name, pair.id)] = rec
+            f.write(json.dumps(rec) + "\n")
+            f.flush()
+    ids = [p.id for p in pairs]
+    plen = {
+        i: done[(n, i)].get("prompt_tokens", 0)
+        for n, pol, _ in rows
+        if pol != "lead-3"
+        for i in ids
+    }
+    k = max(1, math.ceil(len(ids) / 10))
+    longest = set(sorted(ids, key=lambda i: -plen.get(i, 0))[:k])
+    summary = [summarise(n, pol, [done[(n, i)] for i in ids], longest) for n, pol, _ in rows]
+    for s in summary:
+        if s["policy"] == "lora-r8":
+            s["controller_params"] = lora_params(engines)
+    md = markdown(summary, len(ids))
+    out = {
+        "data": str(args.data),
+        "n": len(ids),
+        "max_new_tokens": args.max_new_tokens,
+        "max_article_tokens": args.max_article_tokens,
+        "calibration": engines.calibration,
+        "engines": {p: e.info() for p, e in engines.e.items()},
+        "rows": summary,
+    }
+    js.write_text(json.dumps(out, indent=1, default=str))
+    js.with_suffix(".md").write_text(md)
+    plot_heatmaps(
+        {s["row"]: s["path_shares_per_layer"] for s in summary if "path_shares_per_layer" in s},
+        js.with_name(js.stem + "_paths.png"),
+    )
+    plot_pareto(
+        [
+            {"name": s["row"], "joules": s["modelled_j"], "rouge_l": s["rougeL"]}
+            for s in summary
+            if "modelled_j" in s
+        ],
+        js.with_name(js.stem + "_pareto.png"),
+    )
+    print(md)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    evaluate(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,236 @@
+"""A differentiable twin of `hest_core.model.LeanModel` for training (teacher forcing).
+
+One sequence at a time (no padding), every (layer, token) gated by a straight-through Gumbel
+sample over the three paths. Instead of running fp16/int8/skip separately for each token, each
+layer computes the two kinds of linear work for every row and mixes them with the gate:
+* attention projections: fp16 rows dense, int8 and skip rows fake-quantised (runtime semantics);
+* MLP: fp16 dense, int8 fake-quantised, skip = nothing (R=0 passthrough, the runtime default).
+With hard one-hot gates in the forward pass the result equals the runtime's mixed execution
+(up to fake-quant vs. int32 arithmetic); the gate's gradient reaches the controller through the
+straight-through estimator. The spectral adapter adds x V diag(s z) U^T (top `z_rank`
+directions of each target) to both paths, which is W' = W + U diag(s z) V^T without forming W'.
+Approximation: the int8 path fake-quantises W, not the merged W' (z stays small).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hest_core.loading import check_layout, spec_of
+from hest_core.model import TARGETS, ModelSpec, apply_rope, rms_norm
+from hest_core.quant import fake_quant_rows, fake_quant_weight
+from hest_core.spectral import target_module
+
+NEG = -1e4  # logit of a path a method may not use
+
+
+@dataclass
+class TrainLayer:
+    ln1: torch.Tensor  # (d,)
+    ln2: torch.Tensor
+    wqkv: torch.Tensor  # (q + 2kv, d)
+    bqkv: torch.Tensor | None
+    wo: torch.Tensor  # (d, q)
+    wgu: torch.Tensor  # (2I, d)
+    wdown: torch.Tensor  # (d, I)
+    fq_qkv: torch.Tensor  # fake-quantised copies (per output channel), same shapes
+    fq_o: torch.Tensor
+    fq_gu: torch.Tensor
+    fq_down: torch.Tensor
+    q_norm: torch.Tensor | None = None
+    k_norm: torch.Tensor | None = None
+
+
+class SpectralZ(nn.Module):
+    """Trainable z over the top-R singular directions of each target; U, s, Vh are buffers."""
+
+    def __init__(self, svd, n_layers: int, sizes: dict[str, int], rank: int, dtype):
+        super().__init__()
+        self.rank = {t: min(rank, sizes[t]) for t in TARGETS}
+        self.full = dict(sizes)
+        self.z = nn.ParameterDict(
+            {t: nn.Parameter(torch.zeros(n_layers, self.rank[t])) for t in TARGETS}
+        )
+        self.f: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
+        for t in TARGETS:
+            r, rows = self.rank[t], []
+            for li in range(n_layers):
+                u, s, vh = svd.factors(li, t)
+                rows.append((u[:, :r].to(dtype), s[:r].float(), vh[:r].to(dtype)))
+            self.f[t] = rows  # (out, R), (R,), (R, in)
+
+    def delta(self, x: torch.Tensor, li: int, target: str) -> torch.Tensor:
+        """x (T, in) -> x V diag(s z) U^T (T, out)."""
+        u, s, vh = self.f[target][li]
+        scale = (s * self.z[target][li]).to(x.dtype)  # (R,)
+        return F.linear(F.linear(x, vh) * scale, u)
+
+    def full_z(self) -> dict[str, torch.Tensor]:
+        """z padded to the full spectrum, as the artifact stores it: target -> (L, r_full)."""
+        out = {}
+        for t, zt in self.z.items():
+            full = torch.zeros(zt.shape[0], self.full[t])
+            full[:, : zt.shape[1]] = zt.detach().float()
+            out[t] = full
+        return out
+
+
+class TrainModel:
+    """Frozen base weights + the forward the trainer differentiates."""
+
+    def __init__(self, hf, dtype: torch.dtype):
+        check_layout(hf)
+        self.spec: ModelSpec = spec_of(hf)
+        self.dtype = dtype
+
+        def get(li: int, t: str) -> torch.Tensor:
+            return target_module(hf, li, t).weight.detach().float()
+
+        def cast(t):
+            return None if t is None else t.detach().to(dtype).contiguous()
+
+        def fq(w):
+            return cast(fake_quant_weight(w))
+
+        self.layers: list[TrainLayer] = []
+        for li, layer in enumerate(hf.model.layers):
+            at = layer.self_attn
+            wqkv = torch.cat([get(li, "q_proj"), get(li, "k_proj"), get(li, "v_proj")])
+            wgu = torch.cat([get(li, "gate_proj"), get(li, "up_proj")])
+            wo, wd = get(li, "o_proj"), get(li, "down_proj")
+            b = [getattr(at, n).bias for n in ("q_proj", "k_proj", "v_proj")]
+            bqkv = None if b[0] is None else torch.cat([x.detach().float() for x in b])
+            qn = getattr(at, "q_norm", None)
+            kn = getattr(at, "k_norm", None)
+            self.layers.append(
+                TrainLayer(
+                    ln1=cast(layer.input_layernorm.weight),
+                    ln2=cast(layer.post_attention_layernorm.weight),
+                    wqkv=cast(wqkv),
+                    bqkv=cast(bqkv),
+                    wo=cast(wo),
+                    wgu=cast(wgu),
+                    wdown=cast(wd),
+                    fq_qkv=fq(wqkv),
+                    fq_o=fq(wo),
+                    fq_gu=fq(wgu),
+                    fq_down=fq(wd),
+                    q_norm=cast(qn.weight) if qn is not None else None,
+                    k_norm=cast(kn.weight) if kn is not None else None,
+                )
+            )
+        self.embed = cast(hf.model.embed_tokens.weight)
+        self.lm_head = cast(hf.lm_head.weight)
+        self.norm = cast(hf.model.norm.weight)
+        self.rotary = hf.model.rotary_emb
+
+    def rope(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        pos = torch.arange(n)[None, :]
+        with torch.no_grad():
+            cos, sin = self.rotary(torch.zeros(1, 1), pos)  # (1, T, hd)
+        return cos[0, :, None, :].to(self.dtype), sin[0, :, None, :].to(self.dtype)  # (T,1,hd)
+
+
+def st_gumbel(logits: torch.Tensor, tau: float, gen: torch.Generator | None) -> torch.Tensor:
+    """Straight-through Gumbel-softmax: one-hot forward, soft gradient. (N, 3) -> (N, 3)."""
+    u = torch.rand(logits.shape, generator=gen).clamp_(1e-9, 1 - 1e-9)
+    soft = torch.softmax((logits - torch.log(-torch.log(u))) / tau, dim=-1)
+    hard = F.one_hot(soft.argmax(-1), logits.shape[-1]).to(soft.dtype)
+    return hard - soft.detach() + soft
+
+
+@dataclass
+class ForwardOut:
+    ce: torch.Tensor  # scalar, mean over summary tokens
+    e_bar: torch.Tensor  # scalar, expected joules of the gated units + fixed costs
+    fp16_share: torch.Tensor  # scalar, expected share of units on fp16 (the TABS FLOP term)
+    counts: torch.Tensor  # (L, 3) hard path counts (all tokens)
+
+
+def forward(
+    tm: TrainModel,
+    ctl: nn.Module,
+    zmod: SpectralZ | None,
+    prompt: list[int],
+    summary: list[int],
+    beta: float,
+    tau: float,
+    mask: torch.Tensor,
+    unit_cost: tuple[torch.Tensor, torch.Tensor],
+    fixed_j: float,
+    gen: torch.Generator | None,
+) -> ForwardOut:
+    """Teacher-forced pass over prompt + summary[:-1]; CE on the summary tokens.
+
+    mask: (3,) additive logits (0 or NEG); unit_cost: (L, 3) prefill and decode J per unit.
+    """
+    s, dt = tm.spec, tm.dtype
+    ids = torch.tensor(prompt + summary[:-1])
+    P, T = len(prompt), len(prompt) + len(summary) - 1
+    cos, sin = tm.rope(T)
+    x = tm.embed[ids]  # (T, d)
+    betas = torch.full((T,), beta)
+    decode = torch.zeros(T, 1)
+    decode[P:] = 1.0  # (T, 1): rows after the prompt are decode steps
+    e_bar = torch.zeros(())
+    fp16 = torch.zeros(())
+    counts = torch.zeros(s.n_layers, 3)
+
+    def lin(h: torch.Tensor, li: int, targets: tuple[str, ...]) -> torch.Tensor | float:
+        if zmod is None:
+            return 0.0
+        return torch.cat([zmod.delta(h, li, t) for t in targets], dim=-1)
+
+    for li, lw in enumerate(tm.layers):
+        h = rms_norm(x, lw.ln1, s.eps)  # (T, d) the controller's h(l, t)
+        logits = ctl(h, li, betas) + mask  # (T, 3) fp32
+        probs = torch.softmax(logits, dim=-1)
+        gate = st_gumbel(logits, tau, gen)  # (T, 3)
+        counts[li] = gate.detach().sum(0)
+        cost = probs * (unit_cost[0][li] * (1 - decode) + unit_cost[1][li] * decode)
+        e_bar = e_bar + cost.sum()
+        fp16 = fp16 + probs[:, 0].mean()
+        g_hi = gate[:, :1].to(dt)  # (T, 1)
+        g_lo = (gate[:, 1:2] + gate[:, 2:3]).to(dt)
+        g_int8 = gate[:, 1:2].to(dt)
+
+        d_qkv = lin(h, li, ("q_proj", "k_proj", "v_proj"))
+        qkv = g_hi * F.linear(h, lw.wqkv, lw.bqkv) + g_lo * F.linear(
+            fake_quant_rows(h), lw.fq_qkv, lw.bqkv
+        )
+        qkv = qkv + d_qkv  # (T, q + 2kv)
+        q = qkv[:, : s.q_dim].view(T, s.n_heads, s.head_dim)
+        k = qkv[:, s.q_dim : s.q_dim + s.kv_dim].view(T, s.n_kv_heads, s.head_dim)
+        v = qkv[:, s.q_dim + s.kv_dim :].view(T, s.n_kv_heads, s.head_dim)
+        if lw.q_norm is not None:
+            q, k = rms_norm(q, lw.q_norm, s.eps), rms_norm(k, lw.k_norm, s.eps)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        a = F.scaled_dot_product_attention(
+            q.transpose(0, 1)[None],
+            k.transpose(0, 1)[None],
+            v.transpose(0, 1)[None],
+            is_causal=True,
+            enable_gqa=True,
+        )  # (1, H, T, hd)
+        a = a[0].transpose(0, 1).reshape(T, s.q_dim)
+        o = g_hi * F.linear(a, lw.wo) + g_lo * F.linear(fake_quant_rows(a), lw.fq_o)
+        x = x + o + lin(a, li, ("o_proj",))
+
+        m = rms_norm(x, lw.ln2, s.eps)  # (T, d)
+        d_gu = lin(m, li, ("gate_proj", "up_proj"))
+        gu_hi = F.linear(m, lw.wgu) + d_gu  # (T, 2I)
+        gu_lo = F.linear(fake_quant_rows(m), lw.fq_gu) + d_gu
+        act_hi = F.silu(gu_hi[:, : s.intermediate]) * gu_hi[:, s.intermediate :]  # (T, I)
+        act_lo = F.silu(gu_lo[:, : s.intermediate]) * gu_lo[:, s.intermediate :]
+        y_hi = F.linear(act_hi, lw.wdown) + lin(act_hi, li, ("down_proj",))
+        y_lo = F.linear(fake_quant_rows(act_lo), lw.fq_down) + lin(act_lo, li, ("down_proj",))
+        x = x + g_hi * y_hi + g_int8 * y_lo  # skip rows: residual unchanged
+
+    xs = rms_norm(x[P - 1 :], tm.norm, s.eps)  # (S, d) rows that predict the summary
+    logits = F.linear(xs, tm.lm_head).float()  # (S, V)
+    ce = F.cross_entropy(logits, torch.tensor(summary))
+    return ForwardOut(ce, e_bar + fixed_j, fp16 / s.n_layers, counts)

@@ -1,0 +1,108 @@
+"""PNG figures: training curves, path-share heat-maps, the ROUGE-L vs joules Pareto plot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _smooth(v: list[float], w: int = 10) -> list[float]:
+    out, acc = [], 0.0
+    for i, x in enumerate(v):
+        acc += x
+        if i >= w:
+            acc -= v[i - w]
+        out.append(acc / min(i + 1, w))
+    return out
+
+
+def plot_curves(log: str | Path, png: str | Path) -> None:
+    rows = [json.loads(ln) for ln in Path(log).read_text().splitlines() if ln]
+    if not rows:
+        return
+    plt = _plt()
+    steps = [r["step"] for r in rows]
+    fig, ax = plt.subplots(2, 2, figsize=(11, 7))
+    ax[0, 0].plot(steps, _smooth([r["ce"] for r in rows]), label="CE (10-step mean)")
+    ax[0, 0].plot(steps, _smooth([r["loss"] for r in rows]), label="loss", alpha=0.7)
+    ax[0, 0].set_title("loss")
+    ax[0, 0].legend()
+    by_r: dict[float, list[tuple[int, float]]] = {}
+    for r in rows:
+        by_r.setdefault(r["r"], []).append((r["step"], r["e_ratio"]))
+    for b, pts in sorted(by_r.items()):
+        ax[0, 1].plot([p[0] for p in pts], [p[1] for p in pts], ".", ms=3, label=f"r={b:g}")
+        ax[0, 1].axhline(1.0, color="k", lw=0.5)
+    ax[0, 1].set_title("E_bar / E_max per budget bucket")
+    ax[0, 1].legend()
+    for key in rows[-1]["lambdas"]:
+        ax[1, 0].plot(steps, [r["lambdas"].get(key, 0.0) for r in rows], label=f"lambda r={key}")
+    ax[1, 0].set_title("dual variables")
+    ax[1, 0].legend()
+    for p in ("fp16", "int8", "skip"):
+        ax[1, 1].plot(steps, _smooth([r[f"share_{p}"] for r in rows]), label=p)
+    ax[1, 1].set_title("path shares (hard gates, 10-step mean)")
+    ax[1, 1].legend()
+    for a in ax.flat:
+        a.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+def plot_heatmaps(shares: dict[str, list[list[float]]], png: str | Path) -> None:
+    """shares: policy -> (L, 3) fraction of units per path per layer."""
+    if not shares:
+        return
+    plt = _plt()
+    n = len(shares)
+    fig, axes = plt.subplots(1, n, figsize=(2.2 * n + 1, 6), squeeze=False)
+    for ax, (name, grid) in zip(axes[0], shares.items(), strict=True):
+        im = ax.imshow(grid, aspect="auto", vmin=0, vmax=1, cmap="viridis")
+        ax.set_xticks([0, 1, 2], ["fp16", "int8", "skip"])
+        ax.set_ylabel("layer")
+        ax.set_title(name, fontsize=8)
+    fig.colorbar(im, ax=axes[0].tolist(), label="share of units")
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+def plot_pareto(points: list[dict], png: str | Path) -> None:
+    """points: {name, joules, rouge_l}; HEST budget sweeps joined by a line."""
+    if not points:
+        return
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 5))
+    hest = sorted((p for p in points if p["name"].startswith("hest@")), key=lambda p: p["joules"])
+    if hest:
+        ax.plot(
+            [p["joules"] for p in hest],
+            [p["rouge_l"] for p in hest],
+            "-o",
+            label="hest (one adapter)",
+        )
+    for p in points:
+        ax.annotate(
+            p["name"],
+            (p["joules"], p["rouge_l"]),
+            fontsize=7,
+            xytext=(3, 3),
+            textcoords="offset points",
+        )
+        if not p["name"].startswith("hest@"):
+            ax.plot(p["joules"], p["rouge_l"], "s")
+    ax.set_xlabel("modelled J / sample (estimate meter)")
+    ax.set_ylabel("ROUGE-L")
+    ax.set_title("ROUGE-L vs modelled energy")
+    ax.grid(alpha=0.3)
+    fig.savefig(png, dpi=100)
+    plt.close(fig)

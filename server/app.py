@@ -247,7 +247,11 @@ def create_app(
                 job.cancel()  # the client went away mid-stream
 
     routes = {
-        **sse_response(SummarizeResponse),
+        **sse_response(
+            SummarizeResponse,
+            '`{"delta": "..."}` per text piece, then the full response with `"done": true`, '
+            "then `[DONE]`",
+        ),
         **error_responses(422, 429, 500, 503),
     }
     app.post(
@@ -264,7 +268,15 @@ def create_app(
     @app.post(
         "/v1/chat/completions",
         response_model=ChatCompletionResponse,
-        responses={**sse_response(ChatCompletionResponse), **error_responses(422, 429, 500, 503)},
+        responses={
+            **sse_response(
+                ChatCompletionResponse,
+                "chat.completion.chunk objects, the usage (with `energy`) on the last one or, "
+                "with stream_options.include_usage, on an extra chunk with no choices; then "
+                "`[DONE]`",
+            ),
+            **error_responses(422, 429, 500, 503),
+        },
         summary="OpenAI-compatible chat completions (the last user message is the article)",
     )
     async def chat(body: ChatCompletionRequest, request: Request) -> Response:

@@ -11,7 +11,12 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-Budget = Annotated[float, Field(strict=True, gt=0, allow_inf_nan=False)]
+# Caps far above any real request keep budget arithmetic finite (ratio x fp16 cost overflows
+# to inf for ratios near 1e308); a ratio above 1 already means "no constraint".
+MAX_BUDGET_J = 1e9
+MAX_BUDGET_RATIO = 1e3
+BudgetJ = Annotated[float, Field(strict=True, gt=0, le=MAX_BUDGET_J, allow_inf_nan=False)]
+BudgetRatio = Annotated[float, Field(strict=True, gt=0, le=MAX_BUDGET_RATIO, allow_inf_nan=False)]
 PositiveInt = Annotated[int, Field(strict=True, ge=1)]
 
 
@@ -40,10 +45,10 @@ class SummarizeRequest(_Request):
     text: Annotated[str, Field(strict=True, min_length=1)] = Field(
         description="the article to summarise (the server's /v1/info gives max_input_chars)"
     )
-    energy_budget_j: Budget | None = Field(
+    energy_budget_j: BudgetJ | None = Field(
         None, description="budget in (modelled) joules; give this or energy_budget_ratio"
     )
-    energy_budget_ratio: Budget | None = Field(
+    energy_budget_ratio: BudgetRatio | None = Field(
         None,
         description="budget as a fraction of the modelled all-fp16 cost of this request; "
         "the server's default ratio applies when neither budget field is given",
@@ -126,8 +131,8 @@ class ChatCompletionRequest(_Request):
     n: Annotated[int, Field(strict=True, ge=1, le=1)] = 1
     stream: Annotated[bool, Field(strict=True)] = False
     stream_options: StreamOptions | None = None
-    energy_budget_j: Budget | None = Field(None, description="HEST extension: joules")
-    energy_budget_ratio: Budget | None = Field(None, description="HEST extension: ratio")
+    energy_budget_j: BudgetJ | None = Field(None, description="HEST extension: joules")
+    energy_budget_ratio: BudgetRatio | None = Field(None, description="HEST extension: ratio")
 
 
 class ChatEnergyUsage(EnergyReport):
@@ -215,12 +220,28 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {c: {"model": ErrorResponse, "description": text.get(c, "error")} for c in codes}
 
 
-def sse_response(model: type[BaseModel]) -> dict[str, Any]:
+SSE_EVENT_SCHEMA = {  # one event (OpenAPI < 3.2: `schema` of text/event-stream describes an event)
+    "type": "object",
+    "properties": {
+        "data": {
+            "type": "string",
+            "description": "a JSON object (a text delta, the final response with done=true, or "
+            "{error: ...}), or the end marker [DONE]",
+        },
+        "event": {"type": "string"},
+        "id": {"type": "string"},
+        "retry": {"type": "integer"},
+    },
+    "required": ["data"],
+}
+
+
+def sse_response(model: type[BaseModel], events: str) -> dict[int | str, dict[str, Any]]:
     """A 200 entry with JSON and, for `stream: true`, text/event-stream."""
     return {
         200: {
             "model": model,
-            "description": "JSON, or server-sent events when `stream` is true",
-            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            "description": f"JSON, or server-sent events when `stream` is true: {events}",
+            "content": {"text/event-stream": {"schema": SSE_EVENT_SCHEMA}},
         }
     }

@@ -27,7 +27,14 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 
-from hest_core import Engine, GenerationRequest, GenerationResult, HestError, PreparedRequest
+from hest_core import (
+    Engine,
+    GenerationRequest,
+    GenerationResult,
+    HestError,
+    InvalidInputError,
+    PreparedRequest,
+)
 
 from .metrics import Metrics
 from .settings import Settings
@@ -202,6 +209,14 @@ class Serving:
             req = replace(req, max_new_tokens=self.settings.max_new_tokens)
         req.cancelled = threading.Event()
         prepared = await self._check(req)
+        if not (math.isfinite(prepared.budget_j) and math.isfinite(prepared.budget_ratio)):
+            param = "energy_budget_j" if req.energy_budget_j is not None else "energy_budget_ratio"
+            raise InvalidInputError(
+                f"the budget works out at {prepared.budget_j} J, not a finite number; "
+                "send a smaller energy_budget_j / energy_budget_ratio",
+                param=param,
+                code="invalid_budget",
+            )
         self._refuse_if_closed()
         if self._queue.full():
             self.metrics.requests.labels("rejected").inc()

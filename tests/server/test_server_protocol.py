@@ -97,6 +97,22 @@ ERROR_CASES = [
         "energy_budget_j",
     ),
     (
+        "ratio-overflows",
+        "/v1/summarize",
+        {"text": "a", "energy_budget_ratio": 3.35e307},
+        422,
+        "less_than_equal",
+        "energy_budget_ratio",
+    ),
+    (
+        "budget-j-huge",
+        "/v1/summarize",
+        {"text": "a", "energy_budget_j": 1e300},
+        422,
+        "less_than_equal",
+        "energy_budget_j",
+    ),
+    (
         "budget-nan-string",
         "/v1/summarize",
         {"text": "a", "energy_budget_ratio": "NaN"},

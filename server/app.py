@@ -17,13 +17,12 @@ from functools import partial
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from hest_core import Engine, GenerationRequest, GenerationResult, HestError, InvalidInputError
+from hest_core import Engine, GenerationRequest, GenerationResult
 
 from . import formats
+from .errors import error_response, install_error_handlers, server_error
 from .metrics import Metrics
 from .protocol import (
     ChatCompletionRequest,
@@ -41,52 +40,12 @@ from .settings import Settings
 
 log = logging.getLogger("hest.server")
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-_CHAT_PARAMS = {"text": "messages", "max_new_tokens": "max_tokens"}
 
 
 def load_engine(settings: Settings) -> Engine:
     return Engine.from_pretrained(
         settings.model, adapter=settings.adapter_arg, device=settings.device, policy=settings.policy
     )
-
-
-def error_response(
-    status: int,
-    type_: str,
-    message: str,
-    param: str | None,
-    code: str | None,
-    retry_after: int | None = None,
-) -> JSONResponse:
-    body = ErrorResponse.model_validate(
-        {"error": {"message": message, "type": type_, "param": param, "code": code}}
-    )
-    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
-    return JSONResponse(body.model_dump(mode="json"), status_code=status, headers=headers)
-
-
-def _server_error(err: ServerError) -> JSONResponse:
-    return error_response(err.status, err.type, err.message, None, err.code, err.retry_after)
-
-
-def _validation_message(errors: list[dict]) -> tuple[str, str | None, str | None]:
-    parts, param, code = [], None, None
-    for e in errors[:3]:
-        loc = [str(x) for x in e.get("loc", ()) if x != "body"]
-        if e.get("type") == "json_invalid":
-            err = (e.get("ctx") or {}).get("error", "")
-            return (
-                f"request body is not valid JSON ({err}); send a JSON object",
-                None,
-                "invalid_json",
-            )
-        where = ".".join(loc) or "body"
-        shown = repr(e.get("input"))
-        shown = shown if len(shown) <= 60 else shown[:57] + "..."
-        parts.append(f"{where}: {e.get('msg')} (got {shown})")
-        if param is None:
-            param, code = (".".join(loc) or None), e.get("type")
-    return "; ".join(parts), param, code
 
 
 def create_app(
@@ -135,46 +94,7 @@ def create_app(
     def current() -> Serving:
         return app.state.serving
 
-    # ---- errors: one shape for everything -------------------------------------------------------
-    @app.exception_handler(RequestValidationError)
-    async def _on_validation(request: Request, err: RequestValidationError) -> JSONResponse:
-        metrics.requests.labels("invalid").inc()
-        message, param, code = _validation_message(list(err.errors()))
-        return error_response(422, "invalid_request_error", message, param, code)
-
-    @app.exception_handler(HestError)
-    async def _on_hest(request: Request, err: HestError) -> JSONResponse:
-        if isinstance(err, ServerError):
-            return _server_error(err)
-        if isinstance(err, InvalidInputError):
-            metrics.requests.labels("invalid").inc()
-            param = err.param
-            if request.url.path.endswith("/chat/completions"):
-                param = _CHAT_PARAMS.get(param or "", param)
-            return error_response(422, "invalid_request_error", err.message, param, err.code)
-        log.error("runtime error: %s", err)
-        return error_response(500, "server_error", err.message, err.param, err.code)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _on_http(request: Request, err: StarletteHTTPException) -> JSONResponse:
-        if err.status_code == 400:  # FastAPI could not decode the body (e.g. not UTF-8)
-            metrics.requests.labels("invalid").inc()
-            message = f"request body could not be parsed ({err.detail}); send UTF-8 JSON"
-            return error_response(422, "invalid_request_error", message, None, "invalid_json")
-        return error_response(
-            err.status_code,
-            "invalid_request_error",
-            str(err.detail),
-            None,
-            f"http_{err.status_code}",
-        )
-
-    @app.exception_handler(Exception)
-    async def _on_crash(request: Request, err: Exception) -> JSONResponse:
-        log.exception("unhandled error")
-        return error_response(
-            500, "server_error", f"internal error: {type(err).__name__}", None, "internal_error"
-        )
+    install_error_handlers(app, metrics)
 
     # ---- helpers --------------------------------------------------------------------------------
     async def wait_or_disconnect(job: Job, request: Request) -> GenerationResult | None:
@@ -336,6 +256,7 @@ def create_app(
         responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}},
     )
     async def prometheus_metrics() -> Response:
+        metrics.queue_depth.set(current().queue_depth)
         return Response(metrics.render(), media_type=metrics.content_type)
 
     @app.get(
@@ -345,6 +266,10 @@ def create_app(
         summary="Liveness: the process is up (and the model did not fail to load)",
     )
     async def healthz() -> Response:
+        if not current().alive:
+            return error_response(
+                500, "server_error", "the batching scheduler stopped", None, "scheduler_dead"
+            )
         if state["load_error"]:
             return error_response(
                 500,
@@ -364,11 +289,11 @@ def create_app(
     async def readyz() -> Response:
         serving = current()
         if serving.draining:
-            return _server_error(
+            return server_error(
                 ShuttingDownError("draining for shutdown", retry_after=settings.retry_after_s)
             )
         if not serving.ready:
-            return _server_error(
+            return server_error(
                 NotReadyError(
                     "the model is loading or warming up", retry_after=settings.retry_after_s
                 )
@@ -384,7 +309,7 @@ def create_app(
     async def info() -> Response:
         serving = current()
         if serving.engine is None:
-            return _server_error(
+            return server_error(
                 NotReadyError("the model is still loading", retry_after=settings.retry_after_s)
             )
         eng = serving.engine

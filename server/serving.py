@@ -293,6 +293,15 @@ class Serving:
         self.metrics.queue_depth.set(self._queue.qsize())
         return batch
 
+    @property
+    def queue_depth(self) -> int:
+        return self._queue.qsize()
+
+    @property
+    def alive(self) -> bool:
+        """False once the scheduler task has died (a bug); /healthz then fails."""
+        return self._scheduler is None or not self._scheduler.done() or self.draining
+
     async def _schedule(self) -> None:
         while True:
             batch = await self._next_batch()
@@ -303,8 +312,14 @@ class Serving:
                     job._finish(None, EngineFailedError("cancelled before it ran"))
                 else:
                     live.append(job)
-            if live:
-                await self._run_batch(live)
+            try:
+                if live:
+                    await self._run_batch(live)
+            except Exception:  # a bug in the bookkeeping must not stop the scheduler
+                log.exception("scheduler error on a batch of %d", len(live))
+                for job in live:
+                    if not job.done.is_set():
+                        job._finish(None, EngineFailedError("internal error in the scheduler"))
 
     def _generate(self, prepared: list[PreparedRequest], on_token) -> list[GenerationResult]:
         assert self.engine is not None

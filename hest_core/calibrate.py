@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import statistics
 import time
 from pathlib import Path
 
@@ -77,7 +76,7 @@ def measure(
         r = meter.end(w)
         secs.append(r.elapsed_s / n)
         joules.append(r.energy_j / n)
-    return statistics.median(secs), statistics.median(joules)
+    return min(secs), min(joules)
 
 
 def _kernel_choice(lean: LeanModel, meter: Meter) -> dict:

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import torch
 
-from . import calibrate as calib
 from .artifact import HestAdapter, load_adapter
 from .controller import Controller
 from .dtypes import dtype_name, resolve_device, resolve_dtype
@@ -138,6 +137,10 @@ class Engine:
                 lw.shortcut = (a[li].to(dev, dt), b[li].to(dev, dt))
         ctl = ad.controller if ad is not None else Controller(lean.spec.hidden, lean.spec.n_layers)
         ctl = ctl.to(dev).eval()
+        from . import (
+            calibrate as calib,  # lazy: `python -m hest_core.calibrate` runs it as __main__
+        )
+
         m = pick_meter(dev.type, meter)
         table = calib.resolve(lean, fp, calibration, m, progress)
         calib.apply_kernel_choices(lean, table)

@@ -166,9 +166,13 @@ ROWS: list[tuple[str, tuple[str, ...], str]] = [
     ("measured J/request", ("energy", "measured_j_per_request", "mean"), ".3f"),
     ("estimated J/request (estimate)", ("energy", "estimated_j_per_request", "mean"), ".3f"),
     ("budget J/request", ("energy", "budget_j_per_request", "mean"), ".3f"),
+    ("budget ratio (applied)", ("energy", "budget_ratio", "mean"), ".3f"),
+    ("fp16 cost J/request", ("energy", "fp16_cost_j_per_request", "mean"), ".3f"),
     ("meter", ("energy", "meters"), "dict"),
     ("budget exhaustions", ("budget_exhaustions",), "d"),
     ("budget violations", ("budget_violations",), "d"),
+    ("brownout-tightened requests", ("brownout_requests",), "d"),
+    ("completion tokens", ("completion_tokens",), "d"),
 ]
 # rows whose ratio B/A is meaningful in a comparison
 RATIO_ROWS = {title for title, _, fmt in ROWS if fmt not in ("dict", "sent_ok", "d")}

@@ -103,6 +103,7 @@ class Engines:
             guard = "off" if policy == "tabs" else "paced"
             eng = Engine.from_pretrained(a.model, adapter=ad, policy="hest", guard=guard, **kw)
         eng.max_article_tokens = a.max_article_tokens
+        eng.warmup()  # first-call costs stay out of the per-sample timings
         if self.calibration is None:
             self.calibration = eng.info()["calibration"]["source"]
         self.e[policy] = eng
@@ -144,7 +145,7 @@ def run_one(engines: Engines, policy: str, ratio: float | None, pair, args) -> d
         "paths": st.paths,
         "paths_per_layer": st.paths_per_layer,
         "demotions": st.demotions,
-        "controller_params": eng.info().get("controller_params", 0),
+        "controller_params": eng.info().get("controller_params", 0) if eng.policy == "hest" else 0,
     }
 
 
@@ -171,7 +172,8 @@ def summarise(name: str, policy: str, recs: list[dict], longest: set[str]) -> di
         return out
     lat = [r["total_s"] for r in recs]
     measured = [r["measured_j"] for r in recs if r["measured_j"] is not None]
-    over = [r["modelled_j"] / r["budget_j"] for r in recs if r["id"] in longest]
+    budgeted = policy in BUDGETED or policy == "tabs"
+    over = [r["modelled_j"] / r["budget_j"] for r in recs if r["id"] in longest and budgeted]
     paths = {p: sum(r["paths"][p] for r in recs) for p in ("fp16", "int8", "skip")}
     tot = sum(paths.values()) or 1
     n_layers = len(recs[0]["paths_per_layer"])

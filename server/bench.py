@@ -58,7 +58,7 @@ def free_port() -> int:
 class Server:
     """A `python -m server` subprocess."""
 
-    def __init__(self, model: str, batch: int, log_dir: Path):
+    def __init__(self, model: str, batch: int, log_dir: Path, threads: int | None):
         self.url = f"http://127.0.0.1:{free_port()}"
         env = {k: v for k, v in os.environ.items() if not k.startswith("HEST_")}
         env |= {
@@ -71,6 +71,8 @@ class Server:
             "HEST_ACCESS_LOG": "false",
             "HEST_LOG_LEVEL": "warning",
         }
+        if threads:
+            env["HEST_THREADS"] = str(threads)
         self.log = log_dir / f"server-batch{batch}.log"
         with self.log.open("w") as out:
             self.proc = subprocess.Popen(
@@ -192,17 +194,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--overhead-prompts", type=int, default=3)
     ap.add_argument("--requests", type=int, default=16, help="requests per batching round")
     ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument(
+        "--threads", type=int, default=None, help="torch threads of every engine (default: torch's)"
+    )
     args = ap.parse_args(argv)
     command = "python -m server.bench " + shlex.join(argv if argv is not None else sys.argv[1:])
     t_start = time.time()
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="hest-bench-") as tmp:
         say("starting two servers (max batch 8 and 1) and loading the engine in-process")
-        batched, single = Server(args.model, 8, Path(tmp)), Server(args.model, 1, Path(tmp))
+        batched = Server(args.model, 8, Path(tmp), args.threads)
+        single = Server(args.model, 1, Path(tmp), args.threads)
         try:
             from hest_core import Engine
 
-            engine = Engine.from_pretrained(args.model)
+            engine = Engine.from_pretrained(args.model, threads=args.threads)
             engine.warmup()
             batched.wait_ready()
             single.wait_ready()
@@ -222,6 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         "duration_s": round(time.time() - t_start, 1),
         "machine": {
             "cpus": os.cpu_count(),
+            "torch_threads": args.threads or "default",
             "platform": platform.platform(),
             "loadavg_before": load_before,
             "loadavg_after": os.getloadavg(),

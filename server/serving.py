@@ -23,6 +23,7 @@ import math
 import threading
 import time
 import uuid
+import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -120,6 +121,7 @@ class Serving:
         self._checker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hest-check")
         self._scheduler: asyncio.Task | None = None
         self._running: list[Job] = []
+        self._jobs: weakref.WeakSet[Job] = weakref.WeakSet()  # every accepted, referenced job
         self._busy_since = 0.0
         self._per_request_s: float | None = None  # average batch wall time / batch size
         self._guarded = True  # False for fixed policies: the budget guard is off, no brownout
@@ -156,20 +158,22 @@ class Serving:
         """Finish queued and running requests (at most `timeout_s`), then stop the scheduler."""
         self.draining = True
         deadline = time.monotonic() + timeout_s
-        while (self._queue.qsize() or self._running) and time.monotonic() < deadline:
+        while self._unfinished() and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         if self._scheduler is not None:
             self._scheduler.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._scheduler
-        while not self._queue.empty():  # only after a drain timeout
-            job = self._queue.get_nowait()
-            job._finish(None, ShuttingDownError("the server shut down before this request ran"))
-        for job in self._running:  # still running after the timeout: stop them
+        for job in self._unfinished():  # only after a drain timeout: stop them, answer 503
             job.cancel()
+            job._finish(None, ShuttingDownError("the server shut down before this request ended"))
         self._worker.shutdown(wait=False, cancel_futures=True)
         self._checker.shutdown(wait=False, cancel_futures=True)
         self.ready = False
+
+    def _unfinished(self) -> list[Job]:
+        """Accepted jobs not finished yet: queued, being batched, or running."""
+        return [job for job in self._jobs if not job.done.is_set()]
 
     # ---- admission ------------------------------------------------------------------------------
     def _refuse_if_closed(self) -> None:
@@ -239,6 +243,7 @@ class Serving:
             asyncio.Queue() if stream else None,
         )
         self._queue.put_nowait(job)
+        self._jobs.add(job)
         self.metrics.queue_depth.set(self._queue.qsize())
         return job
 

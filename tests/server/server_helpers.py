@@ -26,6 +26,9 @@ from server import Settings, create_app
 ROOT = Path(__file__).resolve().parents[2]
 CNNDM = ROOT.parent / "shared" / "data" / "cnndm" / "test.jsonl"
 SERVER_START_S = float(os.environ.get("HEST_TEST_SERVER_START_S", "420"))
+# torch threads of the test servers. One: on a shared 2-core machine two OpenMP threads per process
+# oversubscribe the cores and made the default model ~10x slower (2.2 s vs 24 s a request).
+TEST_THREADS = os.environ.get("HEST_TEST_THREADS", "1")
 ARTICLE = (
     "The city council voted on Tuesday to expand the bus network after a year of delays. "
     "Officials said the new routes would serve twelve neighbourhoods and cut average commute "
@@ -160,6 +163,7 @@ def real_server(tmp_path_factory) -> Iterator[ServerProcess]:
     log = tmp_path_factory.mktemp("real_server") / "server.log"
     # a lax SLO: these tests check budgets as sent; brownout has its own test
     env = {"HEST_MODEL": "default", "HEST_MAX_WAIT_MS": "50", "HEST_SLO_S": "900"}
+    env["HEST_THREADS"] = TEST_THREADS
     server = ServerProcess(env, log)
     try:
         server.wait_ready()

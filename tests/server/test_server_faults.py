@@ -13,6 +13,7 @@ import httpx
 import pytest
 from server_helpers import (
     ARTICLE,
+    TEST_THREADS,
     ServerProcess,
     in_process,
     metric,
@@ -134,6 +135,23 @@ async def test_draining_refuses_with_503(tiny_engine) -> None:
     assert metric(m, "hest_rejections_total", reason="shutting_down") == 1
 
 
+@pytest.mark.anyio
+async def test_lifespan_shutdown_drains_queued_and_running(tiny_engine, monkeypatch) -> None:
+    seen: list = []
+    monkeypatch.setattr(tiny_engine, "generate", slow_generate(tiny_engine, 0.01, seen))
+    app = create_app(tiny_settings(max_batch_size=1), engine=tiny_engine)
+    async with app.router.lifespan_context(app):
+        client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t")
+        tasks = [asyncio.create_task(client.post("/v1/summarize", json=LONG)) for _ in range(3)]
+        serving = app.state.serving
+        await _until(lambda: serving._running and serving._queue.qsize() == 2)
+    # the lifespan has ended: everything accepted before it was answered
+    answers = await asyncio.gather(*tasks)
+    await client.aclose()
+    assert [r.status_code for r in answers] == [200] * 3
+    assert len(seen) == 3
+
+
 @pytest.mark.parametrize("stream", [True, False], ids=["sse", "json"])
 def test_disconnect_mid_generation_stops_the_work(tiny_engine, monkeypatch, stream) -> None:
     seen: list = []
@@ -166,7 +184,12 @@ def test_disconnect_mid_generation_stops_the_work(tiny_engine, monkeypatch, stre
 
 def test_sigterm_during_a_request_completes_it(tmp_path) -> None:
     server = ServerProcess(
-        {"HEST_MODEL": "tiny:llama", "HEST_ADAPTER": "none", "HEST_WARMUP": "false"},
+        {
+            "HEST_MODEL": "tiny:llama",
+            "HEST_ADAPTER": "none",
+            "HEST_WARMUP": "false",
+            "HEST_THREADS": TEST_THREADS,
+        },
         tmp_path / "server.log",
     )
     try:

@@ -107,6 +107,7 @@ class Engine:
         calibration: str | Path | None = None,
         meter: str | None = None,
         threads: int | None = None,
+        compile: bool | None = None,
         progress: bool = True,
     ) -> Engine:
         if policy not in POLICIES:
@@ -131,6 +132,10 @@ class Engine:
             if any(float(z.abs().max()) > 0 for z in ad.z.values()):
                 weight_fn = make_weight_fn(ad.z, SvdCache(hf, fp, progress))
         lean = build_lean(hf, dt, dev, max_positions=4096, weight_fn=weight_fn)
+        if compile is None:
+            compile = os.environ.get("HEST_COMPILE", "0").lower() in ("1", "true", "yes")
+        if compile:
+            lean.enable_compile()  # graphs are built on first use: call warmup()
         if ad is not None and ad.shortcut is not None:
             a, b = ad.shortcut
             for li, lw in enumerate(lean.layers):
@@ -162,6 +167,7 @@ class Engine:
                 "date": table.date,
                 "source": table.source,
             },
+            "compiled_decode": bool(compile),
             "controller_params": sum(p.numel() for p in ctl.parameters()),
             "n_layers": lean.spec.n_layers,
             "load_s": round(time.perf_counter() - t0, 2),

@@ -177,6 +177,7 @@ class LeanModel:
         self.rope_cos, self.rope_sin = rope_cos, rope_sin  # (max_pos, hd) in dtype
         self.dtype, self.device = dtype, device
         self.lm_head_packed: torch.Tensor | None = None
+        self.compiled = None
         if can_pack(device, dtype):
             for lw in layers:
                 lw.pack()
@@ -290,30 +291,53 @@ class LeanModel:
         x = self.embed[ids]  # (N, d)
         cos = self.rope_cos[positions][:, None, :]  # (N, 1, hd)
         sin = self.rope_sin[positions][:, None, :]
-        n = ids.shape[0]
+        fast = self.compiled if decode and self.compiled is not None else None
+        h = None  # the next layer's normalised input, when the compiled path already made it
         for li, lw in enumerate(self.layers):
-            h = rms_norm(x, lw.ln1, s.eps)  # (N, d) the controller's h(l, t)
+            if h is None:
+                h = rms_norm(x, lw.ln1, s.eps)  # (N, d) the controller's h(l, t)
             paths, counts = decide(li, h)
             r = Routing.of(paths, counts)
-            qkv = self._two_way(
-                h, r, lw.wqkv, lw.packed.get("wqkv"), lw.bqkv, lw.qkv8
-            )  # (N, q+2kv)
-            q = qkv[:, : s.q_dim].view(n, s.n_heads, s.head_dim)
-            k = qkv[:, s.q_dim : s.q_dim + s.kv_dim].view(n, s.n_kv_heads, s.head_dim)
-            v = qkv[:, s.q_dim + s.kv_dim :].view(n, s.n_kv_heads, s.head_dim)
-            if lw.q_norm is not None:
-                q = rms_norm(q, lw.q_norm, s.eps)
-                k = rms_norm(k, lw.k_norm, s.eps)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            ln_next = self.layers[li + 1].ln1 if li + 1 < len(self.layers) else self.norm
+            if fast is not None and r.only is not None and (r.only != SKIP or lw.shortcut is None):
+                q, k, v = fast.pre(r.only, lw, h, cos, sin)
+                attn = self._attend(q, k, v, li, slots, cache, decode)  # (N, q_dim)
+                x, h = fast.post(r.only, lw, x, attn, ln_next)
+                continue
+            q, k, v = self._pre(h, r, lw, cos, sin)
             attn = self._attend(q, k, v, li, slots, cache, decode)  # (N, q_dim)
-            x = x + self._two_way(attn, r, lw.wo, lw.packed.get("wo"), None, lw.o8)
-            y = self._mlp(rms_norm(x, lw.ln2, s.eps), r, lw)
-            if y is not None:
-                x = x + y
+            x = self._post(x, attn, r, lw)
+            h = None
         if logits_rows is not None:
             x = x.index_select(0, logits_rows)
-        x = rms_norm(x, self.norm, s.eps)
-        return linear16(x, self.lm_head, self.lm_head_packed).float()  # (rows, vocab)
+            h = None
+        if h is None:
+            h = rms_norm(x, self.norm, s.eps)
+        return linear16(h, self.lm_head, self.lm_head_packed).float()  # (rows, vocab)
+
+    def _pre(self, h, r: Routing, lw: LayerWeights, cos, sin):
+        """Attention projections of one layer, then q/k norms (Qwen3) and rope."""
+        s, n = self.spec, h.shape[0]
+        qkv = self._two_way(h, r, lw.wqkv, lw.packed.get("wqkv"), lw.bqkv, lw.qkv8)  # (N, q+2kv)
+        q = qkv[:, : s.q_dim].view(n, s.n_heads, s.head_dim)
+        k = qkv[:, s.q_dim : s.q_dim + s.kv_dim].view(n, s.n_kv_heads, s.head_dim)
+        v = qkv[:, s.q_dim + s.kv_dim :].view(n, s.n_kv_heads, s.head_dim)
+        if lw.q_norm is not None:
+            q = rms_norm(q, lw.q_norm, s.eps)
+            k = rms_norm(k, lw.k_norm, s.eps)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def _post(self, x, attn, r: Routing, lw: LayerWeights):
+        """Output projection, residual, MLP on each row's path, residual."""
+        x = x + self._two_way(attn, r, lw.wo, lw.packed.get("wo"), None, lw.o8)
+        y = self._mlp(rms_norm(x, lw.ln2, self.spec.eps), r, lw)
+        return x if y is None else x + y
+
+    def enable_compile(self) -> None:
+        """Compiled decode pieces (one graph per path shared by all layers); see compiled.py."""
+        from .compiled import CompiledDecode
+
+        self.compiled = CompiledDecode(self.spec)
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         return KVCache(self.spec, batch, max_len, self.dtype, self.device)

@@ -12,6 +12,7 @@ batched decode costs less, so the model stays conservative).
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import time
 from pathlib import Path
@@ -204,6 +205,32 @@ def _phase(lean: LeanModel, meter: Meter, m: int, ctx: int | None) -> PhaseCosts
     )
 
 
+def _load_avg() -> float:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return -1.0
+
+
+def _sanity(prefill: PhaseCosts, decode: PhaseCosts) -> list[str]:
+    """Physical orderings a calibration should show; a busy machine can break them."""
+    out = []
+    for name, c in (("prefill", prefill), ("decode", decode)):
+        f, i, s = c.unit[0]
+        if not f >= i >= s:
+            out.append(
+                f"{name} unit costs are not ordered fp16 >= int8 >= skip ({f:.3g}, {i:.3g}, {s:.3g} J): "
+                "int8 is not cheaper here, or the machine was busy; rerun `python -m hest_core.calibrate` "
+                "on a quiet machine"
+            )
+    load, cores = _load_avg(), os.cpu_count() or 1
+    if load > 0.75 * cores:
+        out.append(
+            f"load average {load:.1f} on {cores} cores while calibrating: timings are disturbed"
+        )
+    return out
+
+
 def calibrate(
     lean: LeanModel, fp: str, meter: Meter | None = None, progress: bool = True
 ) -> CalibrationTable:
@@ -219,6 +246,10 @@ def calibrate(
     apply_kernel_choices(lean, dummy)
     prefill = _phase(lean, meter, min(PREFILL_T, lean.rope_cos.shape[0]), None)
     decode = _phase(lean, meter, 1, DECODE_CTX)
+    kernels["load_avg_1m"] = round(_load_avg(), 2)
+    kernels["warnings"] = _sanity(prefill, decode)
+    for w in kernels["warnings"]:
+        print(f"[hest] warning: {w}", flush=True)
     method = meter.describe()
     if isinstance(meter, EstimateMeter):
         method = f"estimate: kernel time x nominal {meter.watts:g} W"

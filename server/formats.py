@@ -52,10 +52,10 @@ def energy_report(job: Job, result: GenerationResult) -> EnergyReport:
 
 
 def timings(job: Job, result: GenerationResult) -> Timings:
+    """From the request's arrival (before validation); queue_s is the time queued alone."""
     s = result.stats
-    return Timings(
-        queue_s=job.queue_s, ttft_s=job.queue_s + s.ttft_s, total_s=job.queue_s + s.total_s
-    )
+    before = job.check_s + job.queue_s
+    return Timings(queue_s=job.queue_s, ttft_s=before + s.ttft_s, total_s=before + s.total_s)
 
 
 def summarize_response(job: Job, result: GenerationResult) -> SummarizeResponse:

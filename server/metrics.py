@@ -166,8 +166,11 @@ class Metrics:
             for path in PATHS:
                 self.layer_units.labels(str(layer), path)
 
-    def observe_result(self, stats: RequestStats, finish_reason: str, queue_s: float) -> None:
-        """One request the engine ran (answered or cancelled)."""
+    def observe_result(
+        self, stats: RequestStats, finish_reason: str, queue_s: float, check_s: float = 0.0
+    ) -> None:
+        """One request the engine ran (answered or cancelled). TTFT counts from arrival:
+        validation (check_s) + queue + the engine's time to the first token."""
         sources = {"modelled": stats.modelled_j, "estimated": stats.estimated_j}
         if stats.measured_j is not None:
             sources["measured"] = stats.measured_j
@@ -178,7 +181,7 @@ class Metrics:
         self.budget_ratio.observe(stats.budget_ratio)
         self.queue_wait.observe(queue_s)
         if stats.completion_tokens:
-            self.ttft.observe(queue_s + stats.ttft_s)
+            self.ttft.observe(check_s + queue_s + stats.ttft_s)
         self.prompt_tokens.inc(stats.prompt_tokens)
         self.completion_tokens.inc(stats.completion_tokens)
         for path in PATHS:

@@ -77,11 +77,12 @@ class EngineFailedError(ServerError):
 class Job:
     prepared: PreparedRequest
     cancelled: threading.Event
-    arrived: float  # time.perf_counter() when the request arrived
+    arrived: float  # time.perf_counter() when it was queued
     brownout: bool
     stream: asyncio.Queue[str | None] | None
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
-    queue_s: float = 0.0
+    queue_s: float = 0.0  # queued until its batch started
+    check_s: float = 0.0  # validation + tokenisation before it was queued
     result: GenerationResult | None = None
     error: ServerError | None = None
     done: asyncio.Event = field(default_factory=asyncio.Event)
@@ -206,6 +207,7 @@ class Serving:
     async def submit(self, req: GenerationRequest, *, stream: bool = False) -> Job:
         """Validate, maybe brown out, and queue one request. Raises InvalidInputError (422),
         QueueFullError (429), ShuttingDownError / NotReadyError (503)."""
+        arrived = time.perf_counter()
         self._refuse_if_closed()
         if req.energy_budget_j is None and req.energy_budget_ratio is None:
             req = replace(req, energy_budget_ratio=self.settings.default_budget_ratio)
@@ -235,13 +237,9 @@ class Serving:
         prepared, browned = self._tighten(prepared, level)
         if browned:
             self.metrics.brownout_requests.inc()
-        job = Job(
-            prepared,
-            req.cancelled,
-            time.perf_counter(),
-            browned,
-            asyncio.Queue() if stream else None,
-        )
+        now = time.perf_counter()
+        job = Job(prepared, req.cancelled, now, browned, asyncio.Queue() if stream else None)
+        job.check_s = now - arrived
         self._queue.put_nowait(job)
         self._jobs.add(job)
         self.metrics.queue_depth.set(self._queue.qsize())
@@ -365,7 +363,9 @@ class Serving:
                 )
         else:
             for job, result in zip(jobs, results, strict=True):
-                self.metrics.observe_result(result.stats, result.finish_reason, job.queue_s)
+                self.metrics.observe_result(
+                    result.stats, result.finish_reason, job.queue_s, job.check_s
+                )
                 job._finish(result, None)
             self.metrics.observe_batch([r.stats for r in results])
         finally:

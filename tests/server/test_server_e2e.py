@@ -54,7 +54,11 @@ def prometheus(real_server: ServerProcess, tmp_path_factory) -> Iterator[str]:
         )
     try:
         deadline = time.monotonic() + 60
-        while not any(r["value"][1] == "1" for r in _query(url, 'up{job="hest-server"}', True)):
+        while not _ready(url):
+            assert proc.poll() is None, (work / "prometheus.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "Prometheus did not turn ready"
+            time.sleep(0.3)
+        while not any(r["value"][1] == "1" for r in _query(url, 'up{job="hest-server"}')):
             assert proc.poll() is None, (work / "prometheus.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "Prometheus never scraped the server"
             time.sleep(0.5)
@@ -64,13 +68,15 @@ def prometheus(real_server: ServerProcess, tmp_path_factory) -> Iterator[str]:
         proc.wait(timeout=30)
 
 
-def _query(url: str, expr: str, tolerate_down: bool = False) -> list[dict]:
+def _ready(url: str) -> bool:
     try:
-        r = httpx.get(f"{url}/api/v1/query", params={"query": expr}, timeout=10)
+        return httpx.get(f"{url}/-/ready", timeout=5).status_code == 200
     except httpx.TransportError:
-        if tolerate_down:
-            return []
-        raise
+        return False
+
+
+def _query(url: str, expr: str) -> list[dict]:
+    r = httpx.get(f"{url}/api/v1/query", params={"query": expr}, timeout=10)
     body = r.json()
     assert body.get("status") == "success", f"{expr}: {body}"
     return body["data"]["result"]

@@ -22,6 +22,9 @@ from .errors import CalibrationError
 
 CALIBRATION_VERSION = 1
 PHASES = ("prefill", "decode")
+PJ = (
+    10**12
+)  # the budget guard keeps its ledger in integer picojoules: exact sums, no rounding slack
 
 
 @dataclass
@@ -114,6 +117,47 @@ class EnergyModel:
                 out[li] = acc
             self.min_after[k] = out  # out[l] = cheapest cost of layers l..L-1
 
+        # integer picojoule ledger for the guard: every charge rounded up, budgets rounded down
+        self.unit_q = {
+            k: [tuple(math.ceil(c * PJ) for c in r) for r in v] for k, v in self.unit.items()
+        }
+        self.unit_sum_q = {
+            k: [sum(r[p] for r in v) for p in range(3)] for k, v in self.unit_q.items()
+        }
+        self.min_sum_q = {k: sum(min(r) for r in v) for k, v in self.unit_q.items()}
+        self.min_after_q = {}
+        for k, rows in self.unit_q.items():
+            acc, outq = 0, [0] * (self.L + 1)
+            for li in range(self.L - 1, -1, -1):
+                acc += min(rows[li])
+                outq[li] = acc
+            self.min_after_q[k] = outq
+
+    # ---- exact integer (picojoule) costs: what the guard charges ---------------------------------
+    def prefill_fixed_q(self, p: int) -> int:
+        return math.ceil(self.prefill_fixed(p) * PJ)
+
+    def decode_fixed_q(self, ctx: int) -> int:
+        return math.ceil(self.decode_fixed(ctx) * PJ)
+
+    def request_cost_q(self, p: int, max_new: int, path: int | None) -> int:
+        """Exactly what the guard charges for the whole request with every unit on `path`
+        (None: on its cheapest path), in picojoules."""
+        pre = self.min_sum_q["prefill"] if path is None else self.unit_sum_q["prefill"][path]
+        dec = self.min_sum_q["decode"] if path is None else self.unit_sum_q["decode"][path]
+        total = self.prefill_fixed_q(p) + p * pre
+        for i in range(1, max_new):  # decode step i attends p + i positions
+            total += self.decode_fixed_q(p + i) + dec
+        return total
+
+    def min_decode_step_q(self, ctx: int) -> int:
+        return self.decode_fixed_q(ctx) + self.min_sum_q["decode"]
+
+    def min_feasible_q(self, p: int, max_new: int) -> int:
+        q = self.prefill_fixed_q(p) + p * self.min_sum_q["prefill"]
+        return q + (self.min_decode_step_q(p + 1) if max_new >= 2 else 0)
+
+    # ---- float costs in joules (closed forms; training and reports) ------------------------------
     def prefill_fixed(self, p: int) -> float:
         c = self.ph["prefill"]
         return p * c.token_fixed + c.attn_ctx * p * (p + 1) / 2 + c.head

@@ -15,7 +15,7 @@ import torch
 from .artifact import HestAdapter, load_adapter
 from .controller import Controller
 from .dtypes import dtype_name, resolve_device, resolve_dtype
-from .energy import EnergyModel
+from .energy import PJ, EnergyModel
 from .errors import BudgetTooLowError, HestError, InvalidInputError
 from .generation import BatchRunner, PreparedRequest, RequestState
 from .guard import MODES, BudgetGuard
@@ -70,6 +70,19 @@ class GenerationResult:
     text: str
     finish_reason: str
     stats: RequestStats = field(repr=False)
+
+
+def budget_to_q(budget_j: float) -> int:
+    """A budget in joules -> the guard's integer picojoules, rounded down."""
+    return math.floor(budget_j * PJ)
+
+
+def q_to_min_j(min_q: int) -> float:
+    """The smallest float of joules whose budget_to_q() is >= min_q (so quoting it back works)."""
+    m = min_q / PJ
+    while budget_to_q(m) < min_q:
+        m = math.nextafter(m, math.inf)
+    return m
 
 
 class Engine:
@@ -233,7 +246,9 @@ class Engine:
                 code="conflicting_budget",
             )
         ids, truncated = build_prompt(self.tokenizer, r.text, self.max_article_tokens)
-        fp16 = self.energy.fp16_cost(len(ids), max_new)
+        em = self.energy
+        fp16_q = em.request_cost_q(len(ids), max_new, 0)
+        fp16 = fp16_q / PJ
         if r.energy_budget_j is not None:
             name, val = "energy_budget_j", r.energy_budget_j
         else:
@@ -252,21 +267,24 @@ class Engine:
             raise InvalidInputError(
                 f"{name}={val!r} must be a finite number > 0", param=name, code="invalid_budget"
             )
-        budget = float(val) if name == "energy_budget_j" else float(val) * fp16
-        min_j = self.energy.min_feasible(len(ids), max_new) * (1 + 1e-8)  # + the guard's slack
-        if self.guard_mode != "off" and budget < min_j:
+        budget_q = budget_to_q(val) if name == "energy_budget_j" else math.floor(val * fp16_q)
+        min_q = em.min_feasible_q(len(ids), max_new)
+        min_j = q_to_min_j(min_q)
+        if self.guard_mode != "off" and budget_q < min_q:
             raise BudgetTooLowError(
-                f"{name}={val:g} gives {budget:.4g} J, below the minimum of {min_j:.4g} J "
-                f"(ratio {min_j / fp16:.3f}) for this {len(ids)}-token prompt: every unit skipped "
+                f"{name}={val:g} gives {budget_q / PJ:.6g} J, below the minimum of {min_j:.6g} J "
+                f"(ratio {min_q / fp16_q:.3f}) for this {len(ids)}-token prompt: every unit skipped "
                 "plus one generated token. Raise the budget or shorten the text",
                 minimum_j=min_j,
                 param=name,
             )
+        budget = budget_q / PJ
         return PreparedRequest(
             ids=ids,
             max_new=max_new,
             budget_j=budget,
-            budget_ratio=budget / fp16,
+            budget_ratio=budget_q / fp16_q,
+            budget_q=budget_q,
             fp16_cost_j=fp16,
             min_j=min_j,
             truncated=truncated,
@@ -303,10 +321,21 @@ class Engine:
 
     def _run(self, prepared: list[PreparedRequest], on_token) -> list[GenerationResult]:
         L = self.lean.spec.n_layers
+        for p in prepared:  # a caller (e.g. a brownout) may have changed the budget since check()
+            if self.guard_mode != "off" and budget_to_q(p.budget_j) < self.energy.min_feasible_q(
+                len(p.ids), p.max_new
+            ):
+                raise BudgetTooLowError(
+                    f"budget {p.budget_j:.6g} J is below this request's minimum {p.min_j:.6g} J",
+                    minimum_j=p.min_j,
+                    param="energy_budget_j",
+                )
         states = [
             RequestState(
                 req=p,
-                guard=BudgetGuard(self.energy, p.budget_j, len(p.ids), p.max_new, self.guard_mode),
+                guard=BudgetGuard(
+                    self.energy, budget_to_q(p.budget_j), len(p.ids), p.max_new, self.guard_mode
+                ),
                 beta=math.log(p.budget_ratio),
                 layer_counts=[[0, 0, 0] for _ in range(L)],
             )
@@ -317,7 +346,7 @@ class Engine:
         BatchRunner(self, states, on_token).run(t0)
         reading = self.meter.end(window)
         total = time.perf_counter() - t0
-        modelled = [st.guard.spent for st in states]
+        modelled = [st.guard.spent_j for st in states]
         msum = sum(modelled) or 1.0
         out = []
         for st, mj in zip(states, modelled, strict=True):

@@ -7,6 +7,7 @@ the rows that chose it (`LeanModel.forward`).
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -28,6 +29,13 @@ class PreparedRequest:
     min_j: float
     truncated: bool
     cancelled: threading.Event | None = None
+    budget_q: int | None = None  # the exact budget in picojoules, when it came from check()
+
+    def ledger_budget(self) -> int:
+        """The guard's budget: the exact one from check() unless budget_j was changed since."""
+        if self.budget_q is not None and self.budget_q / 10**12 == self.budget_j:
+            return self.budget_q
+        return math.floor(self.budget_j * 10**12)
 
 
 @dataclass

@@ -1,11 +1,16 @@
 """The budget guard: modelled energy of executed work never exceeds the request's budget.
 
+The ledger is kept in integer picojoules (`EnergyModel.*_q`: every charge rounded up, the budget
+rounded down), so the invariant holds exactly, with no float slack: a budget of exactly the
+all-fp16 cost pays for every unit on fp16.
+
 Before each layer step it computes how much the request may spend on that layer's units:
 * hard limit: what is left after reserving the cheapest way to finish the current token
-  (remaining layers skipped) and, during prefill, the cheapest next generated token;
-* paced limit (mode "paced", default): the spend above the all-skip minimum is spread over the
-  rest of the request in proportion to its all-fp16 cost, so a request cannot run its budget dry
-  on the first tokens and then stop early.
+  (remaining layers on their cheapest path) and, during prefill, the cheapest next generated
+  token;
+* paced limit (mode "paced", default): the spend above the all-cheapest minimum is spread over
+  the rest of the request in proportion to its all-fp16 cost, so a request cannot run its budget
+  dry on the first tokens and then stop early.
 Where the controller's choice costs more than the limit, the guard demotes units whose margin
 (logit of the chosen path minus the next cheaper one) is smallest: fp16 -> int8, then -> skip.
 A decode step starts only if its cheapest form fits, else the request ends with
@@ -14,67 +19,67 @@ finish_reason="energy_budget".
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .energy import EnergyModel
 
 MODES = ("paced", "hard", "off")
-SAFETY = 1e-9  # relative slack kept against float rounding; the quoted minimum includes it
 
 
 class BudgetGuard:
-    def __init__(self, em: EnergyModel, budget_j: float, prompt_len: int, max_new: int, mode: str):
-        self.em, self.budget, self.mode = em, budget_j, mode
+    def __init__(self, em: EnergyModel, budget_q: int, prompt_len: int, max_new: int, mode: str):
+        self.em, self.budget, self.mode = em, budget_q, mode
         self.P, self.max_new = prompt_len, max_new
-        self.spent = 0.0
+        self.spent = 0  # picojoules
         self.demotions = 0
         self.phase = "prefill"
-        self.rem_fp16 = em.request_cost(prompt_len, max_new, 0)  # not-yet-charged work, all fp16
-        self.rem_min = em.request_cost(prompt_len, max_new, None)  # ... and all cheapest
+        self.rem_fp16 = em.request_cost_q(prompt_len, max_new, 0)  # not-yet-charged work, all fp16
+        self.rem_min = em.request_cost_q(prompt_len, max_new, None)  # ... and all cheapest
+
+    @property
+    def spent_j(self) -> float:
+        return self.spent / 1e12
 
     # ---- fixed (ungated) work --------------------------------------------------------------------
-    def _charge_fixed(self, cost: float) -> None:
+    def _charge_fixed(self, cost: int) -> None:
         self.spent += cost
         self.rem_fp16 -= cost
         self.rem_min -= cost
 
     def start_prefill(self) -> None:
         self.phase = "prefill"
-        self._charge_fixed(self.em.prefill_fixed(self.P))
+        self._charge_fixed(self.em.prefill_fixed_q(self.P))
 
     def try_start_decode(self, ctx: int) -> bool:
         """Charge a decode step's fixed work if its cheapest form fits; else False (stop)."""
         self.phase = "decode"
-        fixed = self.em.decode_fixed(ctx)
-        if self.mode != "off" and self.spent + fixed + self.em.min_sum["decode"] > self.budget * (
-            1 - SAFETY
-        ):
+        fixed = self.em.decode_fixed_q(ctx)
+        if self.mode != "off" and self.spent + fixed + self.em.min_sum_q["decode"] > self.budget:
             return False
         self._charge_fixed(fixed)
         return True
 
     # ---- gated work, one layer at a time ---------------------------------------------------------
-    def limit(self, li: int, n: int) -> float:
+    def limit(self, li: int, n: int) -> int | None:
+        """Most this request may spend on layer li's n units (None: no limit)."""
         if self.mode == "off":
-            return math.inf
+            return None
         ph = self.phase
-        reserve = n * self.em.min_after[ph][li + 1]
+        reserve = n * self.em.min_after_q[ph][li + 1]
         if ph == "prefill" and self.max_new >= 2:
-            reserve += self.em.min_decode_step(self.P + 1)
+            reserve += self.em.min_decode_step_q(self.P + 1)
         left = self.budget - self.spent
-        hard = left - reserve - SAFETY * self.budget  # float rounding must never cross the budget
-        if self.mode == "hard" or left >= self.rem_fp16 * (1 - 1e-9):
+        hard = left - reserve
+        if self.mode == "hard" or left >= self.rem_fp16:
             return hard
-        c = self.em.unit[ph][li]
+        c = self.em.unit_q[ph][li]
         step_fp, step_min = n * c[0], n * min(c)
         span = self.rem_fp16 - self.rem_min
         phi = min(1.0, max(0.0, (left - self.rem_min) / span)) if span > 0 else 1.0
-        return min(hard, step_min + phi * (step_fp - step_min))
+        return min(hard, step_min + int(phi * (step_fp - step_min)))
 
-    def commit(self, li: int, counts: list[int]) -> float:
-        c = self.em.unit[self.phase][li]
+    def commit(self, li: int, counts: list[int]) -> int:
+        c = self.em.unit_q[self.phase][li]
         cost = counts[0] * c[0] + counts[1] * c[1] + counts[2] * c[2]
         n = counts[0] + counts[1] + counts[2]
         self.spent += cost
@@ -86,11 +91,11 @@ class BudgetGuard:
         self, li: int, paths: torch.Tensor, logits: torch.Tensor | None, counts: list[int]
     ) -> tuple[torch.Tensor, list[int]]:
         """Demote units of this request's rows until their cost fits the limit."""
-        n = paths.shape[0]
-        lim = self.limit(li, n)
-        c = self.em.unit[self.phase][li]
-        cost = counts[0] * c[0] + counts[1] * c[1] + counts[2] * c[2]
-        if cost <= lim:
+        lim = self.limit(li, paths.shape[0])
+        if lim is None:
+            return paths, counts
+        c = self.em.unit_q[self.phase][li]
+        if counts[0] * c[0] + counts[1] * c[1] + counts[2] * c[2] <= lim:
             return paths, counts
         new_paths, new_counts = demote(paths, logits, counts, c, lim)
         self.demotions += int((new_paths != paths).sum())
@@ -101,23 +106,20 @@ def demote(
     paths: torch.Tensor,
     logits: torch.Tensor | None,
     counts: list[int],
-    c: tuple[float, float, float],
-    lim: float,
+    c: tuple[int, int, int],
+    lim: int,
 ) -> tuple[torch.Tensor, list[int]]:
-    """Move the smallest-margin units one path cheaper until sum(cost) <= lim (or all skip)."""
+    """Move the smallest-margin units one path cheaper until sum(cost) <= lim (or all cheapest)."""
     paths = paths.clone()
     counts = list(counts)
     # fp16 -> int8 -> skip as designed; in general, along the paths ordered by cost on this device
     order = sorted(range(3), key=lambda p: (-c[p], p))
-    steps = ((order[0], order[1]), (order[1], order[2]), (order[0], order[2]))
-    for hi, lo in steps:
+    for hi, lo in ((order[0], order[1]), (order[1], order[2]), (order[0], order[2])):
         cost = counts[0] * c[0] + counts[1] * c[1] + counts[2] * c[2]
         if cost <= lim or counts[hi] == 0 or c[lo] >= c[hi]:
             continue
         save = c[hi] - c[lo]
-        need = min(counts[hi], math.ceil((cost - lim) / save))
-        while need < counts[hi] and (cost - need * save) > lim:  # float rounding
-            need += 1
+        need = min(counts[hi], -(-(cost - lim) // save))  # exact ceiling division on integers
         idx = (paths == hi).nonzero().squeeze(1)
         if logits is not None and need < idx.numel():
             margin = logits[idx, hi] - logits[idx, lo]

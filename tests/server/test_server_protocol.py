@@ -250,7 +250,9 @@ async def test_budget_below_minimum_quotes_the_minimum(tiny_engine) -> None:
     async with in_process(tiny_engine) as client:
         r = await client.post("/v1/summarize", json={"text": ARTICLE, "energy_budget_j": 1e-6})
     assert r.status_code == 422
-    assert f"{info.value.minimum_j:.4g} J" in r.json()["error"]["message"]
+    quoted = re.search(r"minimum of ([0-9.eE+-]+) J", r.json()["error"]["message"])
+    assert quoted, r.json()
+    assert float(quoted.group(1)) == pytest.approx(info.value.minimum_j, rel=1e-3)
 
 
 async def test_wrong_method_and_get_on_post_route(tiny_engine) -> None:

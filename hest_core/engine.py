@@ -23,7 +23,7 @@ from .loading import DEFAULT_MODEL, build_lean, fingerprint, load_hf_model, load
 from .meters import pick_meter
 from .model import PATHS
 from .prompt import DEFAULT_MAX_ARTICLE_TOKENS, build_prompt
-from .spectral import SvdCache, make_weight_fn
+from .spectral import SvdCache, make_weight_fn, z_support
 
 log = logging.getLogger("hest.engine")
 
@@ -99,6 +99,7 @@ class Engine:
         self.max_input_chars = 200_000
         self.default_budget_ratio = 0.6
         self._lock = threading.Lock()
+        self.tokenizer_lock = threading.Lock()  # check() may run while generate() runs elsewhere
         eos = {tokenizer.eos_token_id}
         for name in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>"):
             tid = tokenizer.convert_tokens_to_ids(name)
@@ -143,7 +144,7 @@ class Engine:
 
             ad.check_compatible(spec_of(hf), fp)
             if any(float(z.abs().max()) > 0 for z in ad.z.values()):
-                weight_fn = make_weight_fn(ad.z, SvdCache(hf, fp, progress))
+                weight_fn = make_weight_fn(ad.z, SvdCache(hf, fp, progress, keep=z_support(ad.z)))
         lean = build_lean(hf, dt, dev, max_positions=4096, weight_fn=weight_fn)
         if compile is None:
             compile = os.environ.get("HEST_COMPILE", "0").lower() in ("1", "true", "yes")
@@ -245,7 +246,8 @@ class Engine:
                 param="energy_budget_j",
                 code="conflicting_budget",
             )
-        ids, truncated = build_prompt(self.tokenizer, r.text, self.max_article_tokens)
+        with self.tokenizer_lock:  # HF fast tokenizers are not safe across threads
+            ids, truncated = build_prompt(self.tokenizer, r.text, self.max_article_tokens)
         em = self.energy
         fp16_q = em.request_cost_q(len(ids), max_new, 0)
         fp16 = fp16_q / PJ
@@ -267,7 +269,15 @@ class Engine:
             raise InvalidInputError(
                 f"{name}={val!r} must be a finite number > 0", param=name, code="invalid_budget"
             )
-        budget_q = budget_to_q(val) if name == "energy_budget_j" else math.floor(val * fp16_q)
+        raw = val * PJ if name == "energy_budget_j" else val * fp16_q
+        if not math.isfinite(raw) or raw > 1e30:
+            raise InvalidInputError(
+                f"{name}={val!r} is too large to account for; budgets above 1e18 J mean no limit: "
+                "use energy_budget_ratio=1.0 for full quality",
+                param=name,
+                code="invalid_budget",
+            )
+        budget_q = math.floor(raw)
         min_q = em.min_feasible_q(len(ids), max_new)
         min_j = q_to_min_j(min_q)
         if self.guard_mode != "off" and budget_q < min_q:

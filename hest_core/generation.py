@@ -123,7 +123,8 @@ class BatchRunner:
             st.finish = "stop"
             return
         st.out_ids.append(tok)
-        text = e.tokenizer.decode(st.out_ids, skip_special_tokens=True)
+        with e.tokenizer_lock:
+            text = e.tokenizer.decode(st.out_ids, skip_special_tokens=True)
         if text.endswith("\ufffd"):
             return  # an unfinished multi-byte character: wait for the next token
         delta = text[len(st.text) :] if text.startswith(st.text) else text

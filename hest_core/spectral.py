@@ -32,9 +32,11 @@ def spectrum_sizes(hf) -> dict[str, int]:
 class SvdCache:
     """U (out, r), S (r,), Vh (r, in) per (layer, target), fp32, computed lazily and cached."""
 
-    def __init__(self, hf, fingerprint: str, progress: bool = True):
-        self.hf, self.fp = hf, fingerprint
-        self.path = cache_dir() / "svd" / f"{fingerprint}.safetensors"
+    def __init__(self, hf, fingerprint: str, progress: bool = True, keep: int | None = None):
+        """keep: store only the top `keep` singular directions (all when None)."""
+        self.hf, self.fp, self.keep = hf, fingerprint, keep
+        name = fingerprint if keep is None else f"{fingerprint}-top{keep}"
+        self.path = cache_dir() / "svd" / f"{name}.safetensors"
         self._t: dict[str, torch.Tensor] | None = None
         self.progress = progress
 
@@ -48,9 +50,10 @@ class SvdCache:
             for t in TARGETS:
                 w = target_module(self.hf, li, t).weight.detach().float()
                 u, s, vh = torch.linalg.svd(w, full_matrices=False)
-                out[f"{li}.{t}.U"] = u.contiguous()
-                out[f"{li}.{t}.S"] = s.contiguous()
-                out[f"{li}.{t}.Vh"] = vh.contiguous()
+                k = s.numel() if self.keep is None else min(self.keep, s.numel())
+                out[f"{li}.{t}.U"] = u[:, :k].contiguous()
+                out[f"{li}.{t}.S"] = s[:k].contiguous()
+                out[f"{li}.{t}.Vh"] = vh[:k].contiguous()
         log.info("SVD took %.1f s", time.perf_counter() - t0)
         return out
 
@@ -80,6 +83,16 @@ def merge_delta(
     return (u * (s * z)[None, :]) @ vh
 
 
+def z_support(z: dict[str, torch.Tensor]) -> int:
+    """How many leading singular directions any z touches (trailing zeros need no factors)."""
+    keep = 0
+    for zt in z.values():
+        cols = (zt != 0).any(0).nonzero()
+        if cols.numel():
+            keep = max(keep, int(cols.max()) + 1)
+    return keep
+
+
 def make_weight_fn(z: dict[str, torch.Tensor], svd: SvdCache):
     """weight_fn for `build_lean`: merges z[target][layer] into each weight where z != 0."""
     nonzero = {t: [bool(row.abs().max() > 0) for row in zt] for t, zt in z.items()}
@@ -88,6 +101,11 @@ def make_weight_fn(z: dict[str, torch.Tensor], svd: SvdCache):
         if target not in z or not nonzero[target][li]:
             return w
         u, s, vh = svd.factors(li, target)
-        return w + merge_delta(u, s, vh, z[target][li].float())
+        zt = z[target][li].float()
+        if zt[s.numel() :].abs().sum() > 0:
+            raise ValueError(
+                f"z of {target} reaches past the {s.numel()} cached singular directions"
+            )
+        return w + merge_delta(u, s, vh, zt[: s.numel()])
 
     return fn

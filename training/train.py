@@ -197,7 +197,13 @@ def train(args: argparse.Namespace) -> Path:
     tm = TrainModel(hf, resolve_dtype(args.dtype, torch.device("cpu")))
     zmod = None
     if method.train_z and args.z_rank > 0:
-        zmod = SpectralZ(SvdCache(hf, fp, progress), spec.n_layers, sizes, args.z_rank, tm.dtype)
+        zmod = SpectralZ(
+            SvdCache(hf, fp, progress, keep=args.z_rank),
+            spec.n_layers,
+            sizes,
+            args.z_rank,
+            tm.dtype,
+        )
     del hf
     ctl = build_controller(args.method, spec.hidden, spec.n_layers, args.k)
     ctl.init_for_training(args.seed)

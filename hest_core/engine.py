@@ -117,7 +117,7 @@ class Engine:
         device: str = "cpu",
         dtype: str = "auto",
         policy: str = "hest",
-        guard: str = "paced",
+        guard: str = "hard",
         calibration: str | Path | None = None,
         meter: str | None = None,
         threads: int | None = None,
@@ -182,7 +182,9 @@ class Engine:
                 "source": table.source,
             },
             "compiled_decode": bool(compile),
-            "controller_params": sum(p.numel() for p in ctl.parameters()),
+            "controller_params": sum(p.numel() for p in ctl.parameters())
+            if policy == "hest"
+            else 0,
             "n_layers": lean.spec.n_layers,
             "load_s": round(time.perf_counter() - t0, 2),
         }

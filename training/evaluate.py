@@ -100,7 +100,7 @@ class Engines:
             ad = self.paths.get(policy, "default" if policy == "hest" else None)
             if ad is None:
                 raise SystemExit(f"{policy} needs --adapters {policy}=RUN/adapter")
-            guard = "off" if policy == "tabs" else "paced"
+            guard = "off" if policy == "tabs" else "hard"  # the runtime's default guard
             eng = Engine.from_pretrained(a.model, adapter=ad, policy="hest", guard=guard, **kw)
         eng.max_article_tokens = a.max_article_tokens
         eng.warmup()  # first-call costs stay out of the per-sample timings

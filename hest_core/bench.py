@@ -121,7 +121,8 @@ def prefill(lean: LeanModel, ids: torch.Tensor, repeats: int) -> dict:
 def decode(
     eng_by_policy: dict[str, Engine], text: str, new_tokens: int, batch: int, repeats: int
 ) -> dict:
-    """ms/token of the decode phase through the real engine (controller + guard included)."""
+    """ms per generated token of the decode phase through the real engine (controller + guard
+    included); at batch B one step makes B tokens."""
     r = {}
     for name, eng in eng_by_policy.items():
         saved = eng.eos_ids
@@ -135,7 +136,7 @@ def decode(
             vals = []
             for _ in range(repeats):
                 st = eng.generate(reqs)[0].stats
-                vals.append(st.decode_s / (st.completion_tokens - 1))
+                vals.append(st.decode_s / (st.completion_tokens - 1) / batch)  # per token, not per step
         finally:
             eng.eos_ids = saved
         r[f"decode_{name}_b{batch}_ms"] = statistics.median(vals) * 1e3

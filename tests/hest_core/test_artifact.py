@@ -75,7 +75,7 @@ def test_trained_adapter_loads_and_changes_weights(tmp_path, tiny_hf):
     res = eng.generate(
         [
             GenerationRequest(
-                "A short article about a bus network.", energy_budget_ratio=0.7, max_new_tokens=4
+                "A short article about a bus network.", energy_budget_ratio=1.0, max_new_tokens=4
             )
         ]
     )[0]

@@ -79,7 +79,9 @@ def test_budget_below_minimum_quotes_it(tiny_engine: Engine):
 
 
 def test_long_text_is_truncated_and_flagged(tiny_engine: Engine):
-    res = tiny_engine.generate([GenerationRequest(ARTICLE * 20, max_new_tokens=2)])[0]
+    res = tiny_engine.generate(
+        [GenerationRequest(ARTICLE * 20, energy_budget_ratio=1.0, max_new_tokens=2)]
+    )[0]
     assert res.stats.truncated
     assert res.stats.prompt_tokens <= tiny_engine.max_article_tokens + 64
 
@@ -99,7 +101,9 @@ def test_fp16_energy_adds_up():
 def test_low_budget_demotes_then_stops(tiny_engine: Engine):
     tiny_engine.eos_ids, saved = set(), tiny_engine.eos_ids
     try:
-        p = tiny_engine.check(GenerationRequest(ARTICLE, max_new_tokens=40))
+        p = tiny_engine.check(
+            GenerationRequest(ARTICLE, energy_budget_ratio=1.0, max_new_tokens=40)
+        )
         res = tiny_engine.generate(
             [GenerationRequest(ARTICLE, energy_budget_j=p.min_j * 1.02, max_new_tokens=40)]
         )[0]
@@ -111,10 +115,12 @@ def test_low_budget_demotes_then_stops(tiny_engine: Engine):
 
 
 def test_batch_with_mixed_budgets(tiny_engine: Engine):
-    reqs = [
-        GenerationRequest(ARTICLE[: 100 + 50 * i], energy_budget_ratio=r, max_new_tokens=5 + i)
-        for i, r in enumerate([1.0, 0.7, 0.5, 0.9])
-    ]
+    reqs = []
+    for i, frac in enumerate([1.0, 0.7, 0.2, 0.9]):  # between the minimum and the fp16 cost
+        text, n = ARTICLE[: 100 + 50 * i], 5 + i
+        p = tiny_engine.check(GenerationRequest(text, energy_budget_ratio=1.0, max_new_tokens=n))
+        budget = p.min_j + frac * (p.fp16_cost_j - p.min_j)
+        reqs.append(GenerationRequest(text, energy_budget_j=budget, max_new_tokens=n))
     batch = tiny_engine.generate(reqs)
     for req, res in zip(reqs, batch, strict=True):
         assert res.stats.modelled_j <= res.stats.budget_j
@@ -127,8 +133,8 @@ def test_streaming_deltas_rebuild_the_text(tiny_engine: Engine):
     got: dict[int, str] = {}
     res = tiny_engine.generate(
         [
-            GenerationRequest(ARTICLE, max_new_tokens=12),
-            GenerationRequest(ARTICLE[:200], max_new_tokens=7),
+            GenerationRequest(ARTICLE, energy_budget_ratio=1.0, max_new_tokens=12),
+            GenerationRequest(ARTICLE[:200], energy_budget_ratio=1.0, max_new_tokens=7),
         ],
         on_token=lambda i, d: got.__setitem__(i, got.get(i, "") + d),
     )
@@ -148,7 +154,8 @@ def test_cancellation_stops_a_request(tiny_engine: Engine):
     tiny_engine.eos_ids, saved = set(), tiny_engine.eos_ids
     try:
         res = tiny_engine.generate(
-            [GenerationRequest(ARTICLE, max_new_tokens=50, cancelled=ev)], on_token=on_token
+            [GenerationRequest(ARTICLE, energy_budget_ratio=1.0, max_new_tokens=50, cancelled=ev)],
+            on_token=on_token,
         )[0]
     finally:
         tiny_engine.eos_ids = saved

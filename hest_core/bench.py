@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .engine import Engine, GenerationRequest
-from .model import LeanModel, SeqSlot
+from .model import LeanModel, SeqSlot, const_decider
 from .quant import quantize_rows
 
 MIX = (0.2, 0.4, 0.4)  # fp16, int8, skip shares of the gated units
@@ -47,14 +47,6 @@ class MixController(torch.nn.Module):
         n = h.shape[0]
         paths = torch.multinomial(self.p, n, replacement=True, generator=self.g)
         return F.one_hot(paths, 3).float()  # (n, 3) logits whose argmax is the drawn path
-
-
-def _const(path):
-    def decide(li, h):
-        n = h.shape[0]
-        return torch.full((n,), path, dtype=torch.long), [n if p == path else 0 for p in range(3)]
-
-    return decide
 
 
 def _mix_decider(seed: int = 0):
@@ -97,7 +89,11 @@ def prefill(lean: LeanModel, ids: torch.Tensor, repeats: int) -> dict:
     cache = lean.new_cache(1, n + 1)
     r = {}
     with torch.inference_mode():
-        for name, dec in (("fp16", _const(0)), ("int8", _const(1)), ("skip", _const(2))):
+        for name, dec in (
+            ("fp16", const_decider(0)),
+            ("int8", const_decider(1)),
+            ("skip", const_decider(2)),
+        ):
             r[f"prefill_{name}_s"] = _median_time(
                 lambda dec=dec: lean.forward(ids, pos, slots, cache, dec, False, last), repeats
             )
@@ -136,7 +132,9 @@ def decode(
             vals = []
             for _ in range(repeats):
                 st = eng.generate(reqs)[0].stats
-                vals.append(st.decode_s / (st.completion_tokens - 1) / batch)  # per token, not per step
+                vals.append(
+                    st.decode_s / (st.completion_tokens - 1) / batch
+                )  # per token, not per step
         finally:
             eng.eos_ids = saved
         r[f"decode_{name}_b{batch}_ms"] = statistics.median(vals) * 1e3

@@ -24,7 +24,7 @@ from .dtypes import dtype_name
 from .energy import CalibrationTable, PhaseCosts
 from .loading import cache_dir
 from .meters import EstimateMeter, Meter, pick_meter
-from .model import LeanModel, apply_rope, rms_norm
+from .model import LeanModel, apply_rope, const_decider, rms_norm
 
 PACKAGED = Path(__file__).parent / "calibration"
 PREFILL_T = 256
@@ -110,16 +110,6 @@ def apply_kernel_choices(lean: LeanModel, table: CalibrationTable) -> None:
             m.woq_max_rows = rows
 
 
-def _const_decider(path: int):
-    def decide(li: int, h: torch.Tensor):
-        n = h.shape[0]
-        return torch.full((n,), path, dtype=torch.long, device=h.device), [
-            n if p == path else 0 for p in range(3)
-        ]
-
-    return decide
-
-
 def _phase(lean: LeanModel, meter: Meter, m: int, ctx: int | None) -> PhaseCosts:
     """Fixed costs from their kernels; unit costs from whole forward passes with every unit on
     one path, minus the fixed part (so per-layer overhead lands in the unit costs it belongs to)."""
@@ -185,7 +175,7 @@ def _phase(lean: LeanModel, meter: Meter, m: int, ctx: int | None) -> PhaseCosts
         last = torch.tensor([m - 1], device=dev)
         u = []
         for p in range(3):
-            dec = _const_decider(p)
+            dec = const_decider(p)
             j = measure(
                 lambda dec=dec: lean.forward(tok, positions, slots, cache, dec, decode, last),
                 meter,

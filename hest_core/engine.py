@@ -327,14 +327,28 @@ class Engine:
         return self.generate(reqs)
 
     def warmup(self) -> None:
+        """One short generation; with compiled decode, also builds the int8 and skip graphs (at
+        batch 1 and 2, so the batch dimension is compiled dynamic) before the first request."""
         self.generate(
             [GenerationRequest("Warm-up article. " * 20, energy_budget_ratio=1.0, max_new_tokens=4)]
         )
+        if self.lean.compiled is None:
+            return
+        from .model import SeqSlot, const_decider
+
+        zeros = torch.zeros
+        for batch in (1, 2):
+            cache = self.lean.new_cache(batch, 8)
+            slots = [SeqSlot(row0=i, n=1, cache_row=i, pos0=0) for i in range(batch)]
+            ids = zeros(batch, dtype=torch.long, device=self.device)
+            for path in (1, 2):
+                with torch.inference_mode():
+                    self.lean.forward(ids, ids, slots, cache, const_decider(path), decode=True)
 
     def _run(self, prepared: list[PreparedRequest], on_token) -> list[GenerationResult]:
         L = self.lean.spec.n_layers
         for p in prepared:  # a caller (e.g. a brownout) may have changed the budget since check()
-            if self.guard_mode != "off" and budget_to_q(p.budget_j) < self.energy.min_feasible_q(
+            if self.guard_mode != "off" and p.ledger_budget() < self.energy.min_feasible_q(
                 len(p.ids), p.max_new
             ):
                 raise BudgetTooLowError(
@@ -346,7 +360,7 @@ class Engine:
             RequestState(
                 req=p,
                 guard=BudgetGuard(
-                    self.energy, budget_to_q(p.budget_j), len(p.ids), p.max_new, self.guard_mode
+                    self.energy, p.ledger_budget(), len(p.ids), p.max_new, self.guard_mode
                 ),
                 beta=math.log(p.budget_ratio),
                 layer_counts=[[0, 0, 0] for _ in range(L)],

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from . import native
 from .engine import Engine, GenerationRequest
 from .model import LeanModel, SeqSlot, const_decider
 from .quant import quantize_rows
@@ -141,6 +142,13 @@ def decode(
     return r
 
 
+def decode_pytorch_kernels(eng: Engine, text: str, new_tokens: int, repeats: int) -> dict:
+    """All-fp16 decode at batch 1 with the native kernels off (oneDNN): what they are worth."""
+    with native.disabled():
+        r = decode({"fp16": eng}, text, new_tokens, 1, repeats)
+    return {"decode_fp16_pytorch_kernels_b1_ms": r["decode_fp16_b1_ms"]}
+
+
 def hf_generate(text_ids: list[int], new_tokens: int, repeats: int) -> dict:
     from .loading import load_hf_model
 
@@ -196,6 +204,7 @@ def main(argv: list[str] | None = None) -> None:
     r: dict = {
         "device": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
+        "native_kernels": native.status(),
         "prompt_tokens": len(prompt),
         "new_tokens": args.new_tokens,
         "repeats": args.repeats,
@@ -209,6 +218,9 @@ def main(argv: list[str] | None = None) -> None:
         r.update(
             decode(engines, text, args.new_tokens, b, max(1, args.repeats // (2 if b > 1 else 1)))
         )
+    if native.get() is not None:
+        print("[bench] decode at batch 1 with PyTorch's kernels (native off)", flush=True)
+        r.update(decode_pytorch_kernels(engines["fp16"], text, args.new_tokens, args.repeats))
     print("[bench] transformers generate (bf16)", flush=True)
     r.update(hf_generate(prompt, args.new_tokens, max(2, args.repeats // 2)))
     print("[bench] memory bandwidth", flush=True)
@@ -240,6 +252,11 @@ def main(argv: list[str] | None = None) -> None:
         ),
     }
     ratios["mixed_vs_ideal_decode_b1"] = (r["decode_mix_b1_ms"] / ideal_dec, "<= 1.15")
+    if "decode_fp16_pytorch_kernels_b1_ms" in r:
+        ratios["native_vs_pytorch_kernels_decode_b1"] = (
+            r["decode_fp16_b1_ms"] / r["decode_fp16_pytorch_kernels_b1_ms"],
+            "(report)",
+        )
     r["ratios"] = {k: v for k, (v, _) in ratios.items()}
     r["targets"] = {k: t for k, (_, t) in ratios.items()}
     r["bench_s"] = time.perf_counter() - t_start

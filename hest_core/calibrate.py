@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from . import native
 from .dtypes import dtype_name
 from .energy import CalibrationTable, PhaseCosts
 from .loading import cache_dir
@@ -48,7 +49,9 @@ def device_key(device: torch.device) -> str:
 
 def table_name(fp: str, lean: LeanModel) -> str:
     threads = torch.get_num_threads() if lean.device.type == "cpu" else 0
-    return f"{fp}-{device_key(lean.device)}-{dtype_name(lean.dtype)}-{threads}t.json"
+    # the native decode kernels change the costs: tables with and without them are apart
+    nat = "-native" if lean.device.type == "cpu" and native.get() is not None else ""
+    return f"{fp}-{device_key(lean.device)}-{dtype_name(lean.dtype)}-{threads}t{nat}.json"
 
 
 def _sync(dev: torch.device) -> None:

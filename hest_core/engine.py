@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from . import native
 from .artifact import HestAdapter, load_adapter
 from .controller import Controller
 from .dtypes import dtype_name, resolve_device, resolve_dtype
@@ -182,6 +183,7 @@ class Engine:
                 "source": table.source,
             },
             "compiled_decode": bool(compile),
+            "native_kernels": native.status() if dev.type == "cpu" else "off (not a CPU device)",
             "controller_params": sum(p.numel() for p in ctl.parameters())
             if policy == "hest"
             else 0,

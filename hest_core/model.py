@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from . import native
 from .quant import Int8Linear
 
 FP16, INT8, SKIP = 0, 1, 2
@@ -84,6 +85,12 @@ class LayerWeights:
 def linear16(
     x: torch.Tensor, w: torch.Tensor, packed: torch.Tensor | None, bias=None
 ) -> torch.Tensor:
+    """x (M, K) @ w (N, K)^T in 16-bit: the native small-M kernel at decode where it is built,
+    oneDNN with prepacked weights on CPU otherwise, F.linear elsewhere."""
+    if x.device.type == "cpu" and native.fits(x, w.shape[0]):
+        nat = native.get()
+        if nat is not None:
+            return nat.gemv16(x, w, bias)
     if packed is not None:
         return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
     return F.linear(x, w, bias)

@@ -2,8 +2,9 @@
 
 * W8A8: activations quantised per token (one scale per row), int8 x int8 -> int32 with
   `torch._int_mm`, then rescaled. Compute-bound work (prefill) gains most.
-* weight-only: 16-bit activations against the int8 weights (`_weight_int8pack_mm` on CPU).
-  Memory-bound work (decode at small batch) can gain from it on some devices.
+* weight-only: 16-bit activations against the int8 weights: the native kernel (native.py;
+  activations widened to int16 per row, finer than bf16) where it is built, else
+  `_weight_int8pack_mm`. Memory-bound work (decode at small batch) gains from it.
 
 Which kernel runs for which row count is a measured choice stored in the calibration table
 (`Int8Linear.woq_max_rows`); 0 means W8A8 everywhere.
@@ -14,6 +15,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from . import native
 
 QMAX = 127.0
 
@@ -77,6 +80,9 @@ class Int8Linear:
         """x: (M, K) in the activation dtype -> (M, N) in the same dtype."""
         m = x.shape[0]
         if m <= self.woq_max_rows and x.device.type == "cpu":
+            nat = native.get() if native.fits(x, self.q.shape[0]) else None
+            if nat is not None:
+                return nat.gemv8(x, self.q, self.scale, self.bias)
             y = torch.ops.aten._weight_int8pack_mm(x, self.q, self.scale_half)
         else:
             y = w8a8_matmul(x, self.q, self.scale)

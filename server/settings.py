@@ -26,7 +26,13 @@ class Settings(BaseSettings):
         0.6, gt=0, description="budget ratio of requests that give no budget"
     )
     slo_s: float = Field(
-        30.0, gt=0, description="latency SLO; brownout starts at half the predicted latency"
+        5.0,
+        gt=0,
+        description=(
+            "end-to-end latency SLO in s; brownout starts when the predicted latency passes "
+            "HEST_BROWNOUT_START x this. The same 5 s as the p99 alert, the HPA target and "
+            "`loadtest --slo`: change them together"
+        ),
     )
     brownout_floor_ratio: float = Field(
         0.3, gt=0, description="the budget ratio brownout tightens towards (never below)"

@@ -1,0 +1,201 @@
+"""Native decode kernels (`kernels/gemv.c`): small-M matrix-vector products for x86-64 AVX-512.
+
+At decode a step reads every weight once and does two flops per weight, so it is bound by
+memory bandwidth; oneDNN's GEMM reaches ~12 GB/s on it here, and a loop that streams the
+weights with software prefetch reaches ~20 GB/s, the bandwidth a plain read of memory gets
+(docs/runtime.md has the measurements). The kernels are C, built once with the machine's `gcc`
+(`-O3 -march=native -fopenmp`) into the cache (`~/.cache/hest/kernels/`) and called through
+ctypes. They run for the rows of a forward that fit them (decode steps, `MAX_ROWS` rows or
+fewer); everything else stays with PyTorch.
+
+Off when: the CPU lacks AVX-512 (F, BW, VL), there is no C compiler, the build fails (a warning
+says why), or `HEST_NATIVE=0`. Nothing else changes then: the same paths run on oneDNN and
+`_weight_int8pack_mm`, slower at decode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+from .paths import cache_dir
+
+log = logging.getLogger("hest.native")
+
+SOURCE = Path(__file__).parent / "kernels" / "gemv.c"
+CFLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-fno-math-errno"]
+NEEDED_FLAGS = ("avx512f", "avx512bw", "avx512vl")
+# Rows up to which the native kernels beat oneDNN (measured at decode shapes, docs/runtime.md):
+# at 1-4 rows for the layer weights; the 49152-row lm_head only at 1 row.
+MAX_ROWS = 4
+MAX_ROWS_WIDE = 1
+WIDE_N = 16384
+
+_P, _I = ctypes.c_void_p, ctypes.c_int
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+class Native:
+    """The loaded library. Methods take and return torch tensors (CPU, contiguous bf16)."""
+
+    def __init__(self, path: Path, note: str):
+        lib = ctypes.CDLL(str(path))
+        lib.hest_gemv_bf16.argtypes = [_P, _P, _P, _P, _I, _I, _I, _I]
+        lib.hest_gemv_bf16.restype = None
+        lib.hest_gemv_i8.argtypes = [_P, _P, _P, _P, _P, _P, _I, _I, _I, _I]
+        lib.hest_gemv_i8.restype = None
+        self._lib, self.path, self.note = lib, path, note
+
+    def gemv16(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x (M, K) bf16, w (N, K) bf16 -> (M, N) bf16."""
+        x = x.contiguous()
+        m, k = x.shape
+        n = w.shape[0]
+        y = torch.empty(m, n, dtype=x.dtype)
+        self._lib.hest_gemv_bf16(
+            w.data_ptr(),
+            x.data_ptr(),
+            None if bias is None else bias.data_ptr(),
+            y.data_ptr(),
+            m,
+            n,
+            k,
+            torch.get_num_threads(),
+        )
+        return y
+
+    def gemv8(
+        self, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor:
+        """x (M, K) bf16, q (N, K) int8 with fp32 scales (N,) -> (M, N) bf16."""
+        x = x.contiguous()
+        m, k = x.shape
+        n = q.shape[0]
+        y = torch.empty(m, n, dtype=x.dtype)
+        scratch = torch.empty(m * (k + 2), dtype=torch.int16)  # int16 activations + fp32 scales
+        self._lib.hest_gemv_i8(
+            q.data_ptr(),
+            scale.data_ptr(),
+            x.data_ptr(),
+            None if bias is None else bias.data_ptr(),
+            y.data_ptr(),
+            scratch.data_ptr(),
+            m,
+            n,
+            k,
+            torch.get_num_threads(),
+        )
+        return y
+
+
+def _build() -> tuple[Native | None, str]:
+    if os.environ.get("HEST_NATIVE", "1") == "0":
+        return None, "off (HEST_NATIVE=0)"
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return None, f"off (no kernels for {platform.machine()})"
+    missing = [f for f in NEEDED_FLAGS if f not in _cpu_flags()]
+    if missing:
+        return None, f"off (CPU lacks {', '.join(missing)})"
+    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        return None, "off (no C compiler: install gcc for faster decode)"
+    try:
+        version = subprocess.run(
+            [cc, "--version"], capture_output=True, text=True, timeout=30
+        ).stdout.splitlines()[0]
+    except (OSError, subprocess.SubprocessError, IndexError) as e:
+        return None, f"off ({cc} --version failed: {e})"
+    flags = sorted(_cpu_flags())
+    key = hashlib.sha256(
+        "\n".join([SOURCE.read_text(), " ".join(CFLAGS), version, " ".join(flags)]).encode()
+    ).hexdigest()[:16]
+    out = cache_dir() / "kernels" / f"gemv-{key}.so"
+    if not out.is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+        os.close(fd)
+        try:
+            r = subprocess.run(
+                [cc, *CFLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=300
+            )
+            if r.returncode != 0:
+                log.warning(
+                    "native kernels failed to build, using PyTorch's:\n%s", r.stderr[-2000:]
+                )
+                return None, f"off (build failed: {r.stderr.strip().splitlines()[-1:]})"
+            os.replace(tmp, out)  # atomic: a concurrent build or reader sees a whole file
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    try:
+        return Native(out, f"avx512 gemv ({version.split()[0]}, {out.name})"), "on"
+    except OSError as e:
+        log.warning("native kernels failed to load (%s), using PyTorch's", e)
+        return None, f"off (load failed: {e})"
+
+
+_lock = threading.Lock()
+_state: tuple[Native | None, str] | None = None
+
+
+def get() -> Native | None:
+    """The kernels, built on first use; None where they are off (see `status()`)."""
+    global _state
+    if _state is None:
+        with _lock:
+            if _state is None:
+                _state = _build()
+    return _state[0]
+
+
+def status() -> str:
+    get()
+    assert _state is not None
+    lib, why = _state
+    return lib.note if lib is not None else why
+
+
+_off = threading.local()
+
+
+@contextlib.contextmanager
+def disabled():
+    """Run PyTorch's kernels instead in this thread (benchmarks and tests compare the two)."""
+    before = getattr(_off, "v", False)
+    _off.v = True
+    try:
+        yield
+    finally:
+        _off.v = before
+
+
+def fits(x: torch.Tensor, n_out: int) -> bool:
+    """Whether a product of x (M, K) with an (n_out, K) weight goes to the native kernels."""
+    rows = MAX_ROWS_WIDE if n_out >= WIDE_N else MAX_ROWS
+    return (
+        x.shape[0] <= rows
+        and x.dtype == torch.bfloat16
+        and x.device.type == "cpu"
+        and not getattr(_off, "v", False)
+    )

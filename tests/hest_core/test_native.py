@@ -1,0 +1,119 @@
+"""The native decode kernels (hest_core/kernels/gemv.c) against fp32 references."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from hest_core import native
+from hest_core.loading import TINY, build_lean, load_hf_model
+from hest_core.model import FP16, INT8, SeqSlot, const_decider
+from hest_core.quant import Int8Linear
+
+NAT = native.get()
+needs_native = pytest.mark.skipif(NAT is None, reason=f"native kernels {native.status()}")
+
+# (M, N, K): decode row counts; N not a multiple of the 4-row block; K with a tail under 32
+SHAPES = [(1, 960, 576), (2, 7, 40), (3, 33, 1536), (4, 5, 17), (1, 49153, 64), (4, 576, 576)]
+
+
+def _bf16_bound(ref: torch.Tensor) -> torch.Tensor:
+    # one bf16 rounding of the result (2^-8 relative) plus fp32 summation-order noise
+    return ref.abs() * 2**-8 + 1e-3
+
+
+@needs_native
+@pytest.mark.parametrize("m,n,k", SHAPES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_gemv16_matches_fp32(m, n, k, bias):
+    g = torch.Generator().manual_seed(m * 1000 + n + k)
+    x = torch.randn(m, k, generator=g).bfloat16()
+    w = (torch.randn(n, k, generator=g) / k**0.5).bfloat16()
+    b = torch.randn(n, generator=g).bfloat16() if bias else None
+    ref = x.float() @ w.float().t() + (0 if b is None else b.float())
+    y = NAT.gemv16(x, w, b)
+    assert y.dtype == torch.bfloat16 and y.shape == (m, n)
+    assert ((y.float() - ref).abs() <= _bf16_bound(ref)).all()
+
+
+@needs_native
+@pytest.mark.parametrize("m,n,k", SHAPES)
+@pytest.mark.parametrize("bias", [False, True])
+def test_gemv8_matches_dequantised_fp32(m, n, k, bias):
+    g = torch.Generator().manual_seed(m * 1000 + n + k + 1)
+    x = torch.randn(m, k, generator=g).bfloat16()
+    w = torch.randn(n, k, generator=g) / k**0.5
+    b = torch.randn(n, generator=g) if bias else None
+    lin = Int8Linear.from_weight(w, b, torch.bfloat16)
+    ref = x.float() @ lin.dequantized().t() + (0 if lin.bias is None else lin.bias.float())
+    y = NAT.gemv8(x, lin.q, lin.scale, lin.bias)
+    # the int16 activation step is 1/16383 of the row's max |x|: below bf16's own rounding
+    err = (y.float() - ref).abs()
+    assert (err <= _bf16_bound(ref) + x.float().abs().amax() / 16383 * w.abs().sum(1).max()).all()
+
+
+@needs_native
+def test_zero_and_extreme_rows():
+    w = torch.randn(8, 64).bfloat16()
+    x = torch.zeros(2, 64).bfloat16()
+    assert (NAT.gemv16(x, w, None) == 0).all()
+    lin = Int8Linear.from_weight(w.float(), None, torch.bfloat16)
+    assert (NAT.gemv8(x, lin.q, lin.scale, None) == 0).all()  # an all-zero row has no scale
+    big = torch.full((1, 64), 3e38).bfloat16()
+    assert torch.isinf(NAT.gemv16(big, torch.ones(1, 64).bfloat16(), None)).all()
+
+
+@needs_native
+@pytest.mark.parametrize("kind", TINY)
+def test_decode_steps_native_vs_pytorch_kernels(kind):
+    """Decode steps of each tiny family (q/k norms, qkv bias) on the fp16 and int8 paths: the
+    native kernels against PyTorch's (oneDNN, _weight_int8pack_mm) on the same cache."""
+    hf = load_hf_model(kind)
+    lean = build_lean(hf, torch.bfloat16, torch.device("cpu"), 64)
+    for lw in lean.layers:
+        for m in lw.int8_linears():
+            m.woq_max_rows = 4  # weight-only int8 at decode, as the calibration picks here
+    n, steps = 12, 4
+    ids = torch.arange(n + steps) + 5
+    for path in (FP16, INT8):
+        dec = const_decider(path)
+        logits = {}
+        for off in (False, True):
+            cache = lean.new_cache(1, n + steps)
+            slots = [SeqSlot(0, n, 0, 0)]
+            rows = []
+            with torch.inference_mode(), native.disabled() if off else contextlib.nullcontext():
+                lean.forward(ids[:n], torch.arange(n), slots, cache, dec, False)
+                for t in range(n, n + steps):
+                    rows.append(
+                        lean.forward(
+                            ids[t : t + 1],
+                            torch.tensor([t]),
+                            [SeqSlot(0, 1, 0, t)],
+                            cache,
+                            dec,
+                            True,
+                        )
+                    )
+            logits[off] = torch.cat(rows)
+        cos = torch.nn.functional.cosine_similarity(logits[False], logits[True])
+        assert (cos > 0.999).all(), (kind, path, cos)
+
+
+def test_env_switch_turns_them_off():
+    env = {**os.environ, "HEST_NATIVE": "0"}
+    out = subprocess.run(
+        [sys.executable, "-c", "from hest_core import native; print(native.status())"],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    ).stdout
+    assert out.strip() == "off (HEST_NATIVE=0)"
+    with native.disabled():
+        assert not native.fits(torch.zeros(1, 8, dtype=torch.bfloat16), 8)

@@ -72,6 +72,8 @@ class Native:
         x = x.contiguous()
         m, k = x.shape
         n = w.shape[0]
+        assert w.is_contiguous() and w.dtype == x.dtype and w.shape[1] == k, "gemv16 operands"
+        assert bias is None or (bias.dtype == x.dtype and bias.is_contiguous()), "gemv16 bias"
         y = torch.empty(m, n, dtype=x.dtype)
         self._lib.hest_gemv_bf16(
             w.data_ptr(),
@@ -92,6 +94,9 @@ class Native:
         x = x.contiguous()
         m, k = x.shape
         n = q.shape[0]
+        assert q.is_contiguous() and q.shape[1] == k and k < 32768, "gemv8 operands"
+        assert scale.dtype == torch.float32 and scale.is_contiguous(), "gemv8 scales"
+        assert bias is None or (bias.dtype == x.dtype and bias.is_contiguous()), "gemv8 bias"
         y = torch.empty(m, n, dtype=x.dtype)
         scratch = torch.empty(m * (k + 2), dtype=torch.int16)  # int16 activations + fp32 scales
         self._lib.hest_gemv_i8(

@@ -344,12 +344,14 @@ class LeanModel:
         """Attention projections of one layer, then q/k norms (Qwen3) and rope."""
         s, n = self.spec, h.shape[0]
         qkv = self._two_way(h, r, lw.wqkv, lw.packed.get("wqkv"), lw.bqkv, lw.qkv8)  # (N, q+2kv)
+        v = qkv[:, s.q_dim + s.kv_dim :].view(n, s.n_kv_heads, s.head_dim)
+        if lw.q_norm is None:
+            # q and k heads side by side: one rope over both (same maths, half the small ops)
+            qk = apply_rope(qkv[:, : s.q_dim + s.kv_dim].view(n, -1, s.head_dim), cos, sin)
+            return qk[:, : s.n_heads], qk[:, s.n_heads :], v
         q = qkv[:, : s.q_dim].view(n, s.n_heads, s.head_dim)
         k = qkv[:, s.q_dim : s.q_dim + s.kv_dim].view(n, s.n_kv_heads, s.head_dim)
-        v = qkv[:, s.q_dim + s.kv_dim :].view(n, s.n_kv_heads, s.head_dim)
-        if lw.q_norm is not None:
-            q = rms_norm(q, lw.q_norm, s.eps)
-            k = rms_norm(k, lw.k_norm, s.eps)
+        q, k = rms_norm(q, lw.q_norm, s.eps), rms_norm(k, lw.k_norm, s.eps)  # Qwen3
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def _post(self, x, attn, r: Routing, lw: LayerWeights):

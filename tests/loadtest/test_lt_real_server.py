@@ -47,6 +47,19 @@ def tiny_server(tmp_path_factory) -> Iterator[str]:
         server.stop()
 
 
+def _run(target: Target, mode: str, budgets: str, prompts: int, **load):
+    """One bounded run of generated 40-word prompts; (the raw result, its summary)."""
+    config = RunConfig(
+        mode=mode,
+        duration_s=20,
+        budget=BudgetSpec.parse(budgets, kind="ratio"),
+        prompts=PromptSource.generated(words=40, count=prompts),
+        **load,
+    )
+    result = asyncio.run(run_load(target, config, progress=False))
+    return result, summarize_run(result, slo_s=30.0)
+
+
 @pytest.mark.parametrize(
     ("api", "stream", "ttft_source"),
     [
@@ -58,16 +71,7 @@ def tiny_server(tmp_path_factory) -> Iterator[str]:
 )
 def test_real_server_run_reports_every_field(tiny_server, api, stream, ttft_source) -> None:
     target = Target(url=tiny_server, api=api, stream=stream, max_new_tokens=6)
-    config = RunConfig(
-        mode="poisson",
-        rate=20,
-        max_requests=8,
-        duration_s=20,
-        budget=BudgetSpec.parse("0.7,1.0", kind="ratio"),
-        prompts=PromptSource.generated(words=40, count=4),
-    )
-    result = asyncio.run(run_load(target, config, progress=False))
-    summary = summarize_run(result, slo_s=30.0)
+    result, summary = _run(target, "poisson", rate=20, max_requests=8, budgets="0.7,1.0", prompts=4)
     assert summary["requests"] == {"sent": 8, "ok": 8, "errors": 0}, summary["errors_by_status"]
     for path in SUMMARY_FIELDS:
         optional = path.startswith("energy.measured_j")  # null: no hardware meter here
@@ -87,16 +91,9 @@ def test_real_server_run_reports_every_field(tiny_server, api, stream, ttft_sour
 def test_real_server_refusals_are_counted_by_code(tiny_server) -> None:
     """A budget below the minimum is a real 422 `budget_below_minimum` from the server."""
     target = Target(url=tiny_server, max_new_tokens=4)
-    config = RunConfig(
-        mode="closed",
-        concurrency=1,
-        max_requests=3,
-        duration_s=20,
-        budget=BudgetSpec.parse("1e-9", kind="ratio"),
-        prompts=PromptSource.generated(words=40, count=2),
+    result, summary = _run(
+        target, "closed", concurrency=1, max_requests=3, budgets="1e-9", prompts=2
     )
-    result = asyncio.run(run_load(target, config, progress=False))
-    summary = summarize_run(result, slo_s=30.0)
     assert summary["requests"] == {"sent": 3, "ok": 0, "errors": 3}
     assert summary["errors_by_status"] == {"422": 3}
     assert {r.error for r in result.records} == {"budget_below_minimum"}

@@ -23,9 +23,9 @@ import torch.nn.functional as F
 from . import native
 from .dtypes import dtype_name
 from .energy import CalibrationTable, PhaseCosts
-from .loading import cache_dir
 from .meters import EstimateMeter, Meter, pick_meter
 from .model import LeanModel, apply_rope, const_decider, rms_norm
+from .paths import cache_dir
 
 PACKAGED = Path(__file__).parent / "calibration"
 PREFILL_T = 256

@@ -25,7 +25,7 @@ import torch
 
 from .errors import ModelLoadError
 from .model import LayerWeights, LeanModel, ModelSpec
-from .paths import cache_dir  # noqa: F401  (re-exported: loading.cache_dir)
+from .paths import cache_dir
 
 log = logging.getLogger("hest.loading")
 

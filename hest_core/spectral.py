@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from .loading import cache_dir
 from .model import TARGETS
+from .paths import cache_dir
 
 log = logging.getLogger("hest.spectral")
 

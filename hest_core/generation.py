@@ -16,7 +16,15 @@ from dataclasses import dataclass, field
 import torch
 
 from .guard import BudgetGuard
+from .fused import NativeController
 from .model import SeqSlot
+
+_PATH = [torch.tensor([p], dtype=torch.long) for p in range(3)]  # one row on path p (read-only)
+
+
+def h_native_ok(lean) -> bool:
+    """Whether decode-time normalised inputs are CPU bf16 (what the C controller reads)."""
+    return lean.device.type == "cpu" and lean.dtype == torch.bfloat16
 
 
 @dataclass
@@ -50,6 +58,7 @@ class RequestState:
     ttft_s: float = 0.0
     prefill_s: float = 0.0
     done_s: float = 0.0
+    native_ctl: object = None  # NativeController for batch-1 decode (False: not applicable)
 
 
 TokenCallback = Callable[[int, str], None]
@@ -82,6 +91,33 @@ class BatchRunner:
                 return paths, counts
 
             return decide_fixed
+
+        one = groups[0][2] if len(groups) == 1 and groups[0][1] == 1 else None
+        nctl = None
+        if one is not None and h_native_ok(e.lean):
+            if one.native_ctl is None:
+                one.native_ctl = NativeController.of(e.controller, one.beta) or False
+            nctl = one.native_ctl or None
+
+        if nctl is not None:
+            assert one is not None
+            st = one
+
+            def decide_native(li: int, h: torch.Tensor):
+                # batch-1 decode with the default controller: logits in C, the rest in Python
+                l0, l1, l2 = nctl.logits(li, h)
+                p = 0 if l0 >= l1 and l0 >= l2 else (1 if l1 >= l2 else 2)  # argmax, first max
+                c = [0, 0, 0]
+                c[p] = 1
+                # at one row the guard never needs the logits (nothing to rank)
+                paths, c = st.guard.fit(li, _PATH[p], None, c)
+                st.guard.commit(li, c)
+                lc = st.layer_counts[li]
+                for q in range(3):
+                    lc[q] += c[q]
+                return paths, c
+
+            return decide_native
 
         beta = torch.cat(
             [torch.full((n,), st.beta, dtype=torch.float32, device=e.device) for _, n, st in groups]

@@ -152,8 +152,10 @@ class KVCache:
 
     def __init__(self, spec: ModelSpec, batch: int, max_len: int, dtype, device):
         shape = (batch, spec.n_kv_heads, max_len, spec.head_dim)
-        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(spec.n_layers)]
-        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(spec.n_layers)]
+        # zeros, not empty: a batch row attends over the span of the longest row with its own
+        # tail masked, and masked garbage (NaN bit patterns) would still reach SDPA's P @ V
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(spec.n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(spec.n_layers)]
         self.max_len = max_len
 
     def keep_rows(self, rows: torch.Tensor) -> None:
@@ -196,6 +198,9 @@ class LeanModel:
         self.dtype, self.device = dtype, device
         self.lm_head_packed: torch.Tensor | None = None
         self.compiled = None
+        from .fused import FusedDecode
+
+        self.fused = FusedDecode(self)  # one native call per layer at decode, where it applies
         if can_pack(device, dtype):
             for lw in layers:
                 lw.pack()
@@ -307,6 +312,12 @@ class LeanModel:
         """ids, positions: (N,). Returns logits (len(logits_rows), vocab) in fp32."""
         s = self.spec
         x = self.embed[ids]  # (N, d)
+        if decode and self.fused.usable(ids, cache):
+            h = rms_norm(x, self.layers[0].ln1, s.eps)
+            self.fused.forward(x, h, positions, slots, cache, decide)  # x, h updated in place
+            if logits_rows is not None:
+                h = h.index_select(0, logits_rows)
+            return linear16(h, self.lm_head, self.lm_head_packed).float()
         cos = self.rope_cos[positions][:, None, :]  # (N, 1, hd)
         sin = self.rope_sin[positions][:, None, :]
         fast = self.compiled if decode and self.compiled is not None else None

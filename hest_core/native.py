@@ -56,6 +56,31 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
+class LayerArgs(ctypes.Structure):
+    """`hest_layer_t` in kernels/gemv.c: one decoder layer's weights (NULL where absent)."""
+
+    _fields_ = [
+        (name, _P)
+        for name in (
+            "ln1", "ln2", "wqkv", "bqkv", "wo", "wgu", "wdown", "q_norm", "k_norm",
+            "qkv8", "o8", "gu8", "down8", "qkv8_s", "o8_s", "gu8_s", "down8_s", "sc_a", "sc_b",
+        )
+    ] + [("R", _I)]
+
+
+class StepArgs(ctypes.Structure):
+    """`hest_step_t` in kernels/gemv.c: the shapes and per-step inputs of one decode step."""
+
+    _fields_ = [
+        *((name, _I) for name in ("d", "I", "H", "KVH", "hd", "max_len", "M", "threads")),
+        ("eps", ctypes.c_float),
+        ("pos", _P),
+        ("cos", _P),
+        ("sin", _P),
+        ("scratch", _P),
+    ]
+
+
 class Native:
     """The loaded library. Methods take and return torch tensors (CPU, contiguous bf16)."""
 
@@ -65,7 +90,25 @@ class Native:
         lib.hest_gemv_bf16.restype = None
         lib.hest_gemv_i8.argtypes = [_P, _P, _P, _P, _P, _P, _I, _I, _I, _I]
         lib.hest_gemv_i8.restype = None
+        lib.hest_decode_layer.argtypes = [_P] * 8
+        lib.hest_decode_layer.restype = None
+        lib.hest_decode_scratch_bytes.argtypes = [_I] * 9
+        lib.hest_decode_scratch_bytes.restype = ctypes.c_size_t
+        lib.hest_ctl_logits.argtypes = [_P, _P, _P, _P, _I, _I, _P, _P]
+        lib.hest_ctl_logits.restype = None
         self._lib, self.path, self.note = lib, path, note
+        self.ctl_logits = lib.hest_ctl_logits  # (w_tok, lay, A, a0, k, d, h, out)
+        self.decode_layer = lib.hest_decode_layer  # (layer*, step*, paths, x, h, ln_next, kc, vc)
+
+    def scratch_bytes(
+        self, d: int, inter: int, heads: int, kv_heads: int, hd: int, max_len: int, rows: int,
+        threads: int, rank: int,
+    ) -> int:
+        return int(
+            self._lib.hest_decode_scratch_bytes(
+                d, inter, heads, kv_heads, hd, max_len, rows, threads, rank
+            )
+        )
 
     def gemv16(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """x (M, K) bf16, w (N, K) bf16 -> (M, N) bf16."""

@@ -194,3 +194,436 @@ void hest_gemv_i8(const int8_t *W, const float *scale, const uint16_t *x, const 
         }
     }
 }
+
+/* ---------------------------------------------------------------------------------------- */
+/* One decoder layer of a decode step in one call (the `fused` decode loop, model.py).
+ *
+ * After the products, a PyTorch decode step spent ~5-8 ms of ~20 in the ~30 small operators
+ * per layer around them (norms, rope, cache writes, attention, residuals), each a dispatch of
+ * its own. Here a layer is one call and one OpenMP parallel region: the products split their
+ * output rows over the threads, attention splits its (row, head) pairs, and the small steps run
+ * on one thread between barriers. Each path of each row is chosen by the caller (the controller
+ * and the budget guard stay in Python, between layers).
+ *
+ * Numerics follow the PyTorch loop op for op: every elementwise step computes in fp32 and rounds
+ * to bf16 where PyTorch's bf16 operator would (norms, rope, residual adds, SiLU and its product).
+ * Attention keeps its probabilities in fp32 (SDPA's CPU kernel rounds them to bf16 before the
+ * product with V, so the two differ in the last bits). */
+#include <math.h>
+#include <omp.h>
+
+#define CMAX 8 /* most position chunks per (row, KV head) in decode attention */
+
+typedef struct {
+    const uint16_t *ln1, *ln2;                 /* (d) */
+    const uint16_t *wqkv, *bqkv;               /* (nqkv, d); bias (nqkv) or NULL */
+    const uint16_t *wo;                        /* (d, qd) */
+    const uint16_t *wgu;                       /* (2I, d): gate rows then up rows */
+    const uint16_t *wdown;                     /* (d, I) */
+    const uint16_t *q_norm, *k_norm;           /* (hd) or NULL */
+    const int8_t *qkv8, *o8, *gu8, *down8;     /* int8 copies, same shapes */
+    const float *qkv8_s, *o8_s, *gu8_s, *down8_s;
+    const uint16_t *sc_a, *sc_b;               /* skip shortcut (R, d), (d, R), or NULL */
+    int R;
+} hest_layer_t;
+
+typedef struct {
+    int d, I, H, KVH, hd, max_len, M, threads;
+    float eps;
+    const int64_t *pos;                        /* (M) position of each row */
+    const uint16_t *cos, *sin;                 /* rope tables (positions, hd) */
+    void *scratch;                             /* hest_decode_scratch_bytes(...) bytes, 64-aligned */
+} hest_step_t;
+
+static inline uint16_t mul_bf16(uint16_t a, uint16_t b) { return f32_to_bf16(bf16_to_f32(a) * bf16_to_f32(b)); }
+static inline uint16_t add_bf16(uint16_t a, uint16_t b) { return f32_to_bf16(bf16_to_f32(a) + bf16_to_f32(b)); }
+
+/* As the PyTorch rms_norm: statistics in fp32, the normalised value rounded, then scaled. */
+static void rms_norm_row(const uint16_t *x, const uint16_t *w, uint16_t *y, int n, float eps) {
+    float ss = 0.0f;
+    for (int i = 0; i < n; i++) {
+        float a = bf16_to_f32(x[i]);
+        ss += a * a;
+    }
+    float r = 1.0f / sqrtf(ss / (float)n + eps);
+    for (int i = 0; i < n; i++) y[i] = mul_bf16(w[i], f32_to_bf16(bf16_to_f32(x[i]) * r));
+}
+
+/* The products inside a parallel region: output rows split over the threads (orphaned `omp
+ * for`, with its barrier at the end). */
+static void gemv_bf16_for(const uint16_t *W, const uint16_t *x, const uint16_t *bias, uint16_t *y,
+                          int M, int N, int K) {
+    int blocks = (N + NB - 1) / NB;
+#pragma omp for schedule(static)
+    for (int b = 0; b < blocks; b++) {
+        for (int m0 = 0; m0 < M; m0 += 4) {
+            switch (M - m0 < 4 ? M - m0 : 4) {
+            case 1: blk_bf16_1(W, x, bias, y, N, K, b * NB, m0); break;
+            case 2: blk_bf16_2(W, x, bias, y, N, K, b * NB, m0); break;
+            case 3: blk_bf16_3(W, x, bias, y, N, K, b * NB, m0); break;
+            default: blk_bf16_4(W, x, bias, y, N, K, b * NB, m0); break;
+            }
+        }
+    }
+}
+
+static void quant_rows_i16(const uint16_t *x, int M, int K, int16_t *xq, float *xs) {
+    for (int m = 0; m < M; m++) {
+        float mx = 0.0f;
+        for (int k = 0; k < K; k++) {
+            float a = bf16_to_f32(x[(size_t)m * K + k]);
+            a = a < 0 ? -a : a;
+            mx = a > mx ? a : mx;
+        }
+        float s = mx > 0.0f ? mx / QX : 1.0f;
+        float inv = 1.0f / s;
+        for (int k = 0; k < K; k++)
+            xq[(size_t)m * K + k] = (int16_t)__builtin_lrintf(bf16_to_f32(x[(size_t)m * K + k]) * inv);
+        xs[m] = s;
+    }
+}
+
+static void gemv_i8_for(const int8_t *W, const float *scale, const int16_t *xq, const float *xs,
+                        const uint16_t *bias, uint16_t *y, int M, int N, int K) {
+    int blocks = (N + NB - 1) / NB;
+#pragma omp for schedule(static)
+    for (int b = 0; b < blocks; b++) {
+        for (int m0 = 0; m0 < M; m0 += 4) {
+            switch (M - m0 < 4 ? M - m0 : 4) {
+            case 1: blk_i8_1(W, scale, xq, xs, bias, y, N, K, b * NB, m0); break;
+            case 2: blk_i8_2(W, scale, xq, xs, bias, y, N, K, b * NB, m0); break;
+            case 3: blk_i8_3(W, scale, xq, xs, bias, y, N, K, b * NB, m0); break;
+            default: blk_i8_4(W, scale, xq, xs, bias, y, N, K, b * NB, m0); break;
+            }
+        }
+    }
+}
+
+typedef struct {
+    uint16_t *gx, *gy; /* gathered rows in and out (mixed paths) */
+    int16_t *xq;       /* int16 activations */
+    float *xs;         /* their scales */
+} proj_scratch_t;
+
+/* y[rows] = x[rows] @ W^T (+ bias) for the nr listed rows of x (M, K), in bf16 (W16) or int8
+ * (W8, scales). Called by every thread of the region. */
+static void proj_rows(const uint16_t *W16, const int8_t *W8, const float *s8, const uint16_t *bias,
+                      const uint16_t *x, uint16_t *y, int M, int N, int K, const int *rows, int nr,
+                      const proj_scratch_t *ps) {
+    if (nr == 0) return;
+    const uint16_t *src = x;
+    uint16_t *dst = y;
+    if (nr != M) {
+#pragma omp single
+        for (int r = 0; r < nr; r++)
+            memcpy(ps->gx + (size_t)r * K, x + (size_t)rows[r] * K, (size_t)K * 2);
+        src = ps->gx;
+        dst = ps->gy;
+    }
+    if (W8) {
+#pragma omp single
+        quant_rows_i16(src, nr, K, ps->xq, ps->xs);
+        gemv_i8_for(W8, s8, ps->xq, ps->xs, bias, dst, nr, N, K);
+    } else {
+        gemv_bf16_for(W16, src, bias, dst, nr, N, K);
+    }
+    if (nr != M) {
+#pragma omp single
+        for (int r = 0; r < nr; r++)
+            memcpy(y + (size_t)rows[r] * N, ps->gy + (size_t)r * N, (size_t)N * 2);
+    }
+}
+
+static void rope_head(uint16_t *v, const uint16_t *c, const uint16_t *s, int hd) {
+    uint16_t tmp[512];
+    int h2 = hd / 2;
+    for (int i = 0; i < hd; i++) {
+        uint16_t rot = i < h2 ? (uint16_t)(v[i + h2] ^ 0x8000u) : v[i - h2];
+        tmp[i] = add_bf16(mul_bf16(v[i], c[i]), mul_bf16(rot, s[i]));
+    }
+    memcpy(v, tmp, (size_t)hd * 2);
+}
+
+/* exp for x <= 0 (softmax): x = n ln2 + r, |r| <= ln2/2, e^r by its degree-6 Taylor polynomial
+ * (relative error < 2e-7), scaled by 2^n. Below -87 the result flushes to 0. */
+static inline __m512 exp_neg(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-6f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 720.0f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* One attention work item: positions t0..t1-1 of one KV head for its G query heads (q: G rows
+ * of hd, rotated, bf16; K, V: (positions, hd) bf16). Writes per head (max score, sum of
+ * exponentials, unnormalised output[hd]) to part[G][hd + 2]; sc: G * (t1 - t0 + 16) floats. */
+static void attend_chunk(const uint16_t *q, const uint16_t *K, const uint16_t *V, int t0, int t1,
+                         int G, int hd, float scale, float *sc, float *part) {
+    int n = t1 - t0, nv = (hd + 31) / 32, stride = n + 16;
+    if (n <= 0) {
+        for (int j = 0; j < G; j++) {
+            part[(size_t)j * (hd + 2)] = -INFINITY;
+            part[(size_t)j * (hd + 2) + 1] = 0.0f;
+        }
+        return;
+    }
+    __m512i qv[16][8]; /* G <= 16 query heads per KV head, hd <= 256 */
+    for (int j = 0; j < G; j++)
+        for (int v = 0; v < nv; v++) {
+            int left = hd - v * 32;
+            __mmask32 km = left >= 32 ? 0xffffffffu : ((1u << left) - 1u);
+            qv[j][v] = _mm512_maskz_loadu_epi16(km, q + (size_t)j * hd + v * 32);
+        }
+    for (int t = 0; t < n; t++) {
+        const uint16_t *kr = K + (size_t)(t0 + t) * hd;
+        __m512i kv[8];
+        for (int v = 0; v < nv; v++) {
+            int left = hd - v * 32;
+            __mmask32 km = left >= 32 ? 0xffffffffu : ((1u << left) - 1u);
+            kv[v] = _mm512_maskz_loadu_epi16(km, kr + v * 32);
+        }
+        for (int j = 0; j < G; j++) {
+            __m512 acc = _mm512_setzero_ps();
+            for (int v = 0; v < nv; v++) acc = DOT_BF16(acc, kv[v], qv[j][v]);
+            sc[(size_t)j * stride + t] = _mm512_reduce_add_ps(acc) * scale;
+        }
+    }
+    float *ob = part; /* reuse as the accumulators */
+    for (int j = 0; j < G; j++) {
+        float *s = sc + (size_t)j * stride;
+        float mx = -INFINITY;
+        for (int t = 0; t < n; t++) mx = s[t] > mx ? s[t] : mx;
+        __m512 vm = _mm512_set1_ps(mx), vsum = _mm512_setzero_ps();
+        for (int t = 0; t < n; t += 16) {
+            __mmask16 km = n - t >= 16 ? 0xffff : (__mmask16)((1u << (n - t)) - 1u);
+            __m512 e = exp_neg(_mm512_sub_ps(_mm512_maskz_loadu_ps(km, s + t), vm));
+            e = _mm512_maskz_mov_ps(km, e);
+            _mm512_mask_storeu_ps(s + t, km, e);
+            vsum = _mm512_add_ps(vsum, e);
+        }
+        ob[(size_t)j * (hd + 2)] = mx;
+        ob[(size_t)j * (hd + 2) + 1] = _mm512_reduce_add_ps(vsum);
+    }
+    int nf = (hd + 15) / 16;
+    __m512 o[16][16];
+    for (int j = 0; j < G; j++)
+        for (int f = 0; f < nf; f++) o[j][f] = _mm512_setzero_ps();
+    for (int t = 0; t < n; t++) {
+        const uint16_t *vr = V + (size_t)(t0 + t) * hd;
+        __m512 vf[16];
+        for (int f = 0; f < nf; f++) {
+            int left = hd - f * 16;
+            __mmask16 km = left >= 16 ? 0xffff : (__mmask16)((1u << left) - 1u);
+            vf[f] = widen_bf16(_mm256_maskz_loadu_epi16(km, vr + f * 16));
+        }
+        for (int j = 0; j < G; j++) {
+            __m512 w = _mm512_set1_ps(sc[(size_t)j * stride + t]);
+            for (int f = 0; f < nf; f++) o[j][f] = _mm512_fmadd_ps(w, vf[f], o[j][f]);
+        }
+    }
+    for (int j = 0; j < G; j++)
+        for (int f = 0; f < nf; f++) {
+            int left = hd - f * 16;
+            __mmask16 km = left >= 16 ? 0xffff : (__mmask16)((1u << left) - 1u);
+            _mm512_mask_storeu_ps(ob + (size_t)j * (hd + 2) + 2 + f * 16, km, o[j][f]);
+        }
+}
+
+static size_t align64(size_t n) { return (n + 63) & ~(size_t)63; }
+
+size_t hest_decode_scratch_bytes(int d, int I, int H, int KVH, int hd, int max_len, int M,
+                                 int threads, int R) {
+    int nqkv = (H + 2 * KVH) * hd, qd = H * hd;
+    int widest = 2 * I > nqkv ? 2 * I : nqkv;
+    int deepest = I > d ? I : d;
+    deepest = deepest > qd ? deepest : qd;
+    if (widest < d) widest = d;
+    (void)R;
+    size_t b = 0;
+    b += align64((size_t)M * nqkv * 2);            /* qkv */
+    b += align64((size_t)M * qd * 2);              /* attention output */
+    b += align64((size_t)M * d * 2);               /* o / mlp output */
+    b += align64((size_t)M * d * 2);               /* h2 */
+    b += align64((size_t)M * 2 * I * 2);           /* gate|up */
+    b += align64((size_t)M * I * 2);               /* act */
+    b += align64((size_t)M * d * 2);               /* shortcut rank buffer (R <= d) */
+    b += align64((size_t)M * deepest * 2);         /* gx */
+    b += align64((size_t)M * widest * 2);          /* gy */
+    b += align64((size_t)M * deepest * 2 + 64);    /* xq */
+    b += align64((size_t)M * 4 + 64);              /* xs */
+    b += align64((size_t)threads * H * (max_len + 16) * 4); /* attention scores per thread */
+    b += align64((size_t)M * H * CMAX * (hd + 2) * 4);      /* attention partials */
+    return b;
+}
+
+/* x (M, d): residual stream in and out. h (M, d): in, the normalised input of this layer (the
+ * controller saw it); out, the normalised input of the next layer (ln_next: the next layer's
+ * ln1, or the final norm). kc/vc: this layer's cache (M rows, KVH, max_len, hd). paths (M):
+ * 0 fp16, 1 int8, 2 skip. */
+void hest_decode_layer(const hest_layer_t *L, const hest_step_t *S, const int64_t *paths,
+                       uint16_t *x, uint16_t *h, const uint16_t *ln_next, uint16_t *kc,
+                       uint16_t *vc) {
+    const int d = S->d, I = S->I, H = S->H, KVH = S->KVH, hd = S->hd, M = S->M;
+    const int qd = H * hd, kvd = KVH * hd, nqkv = qd + 2 * kvd, G = H / KVH;
+    const int max_len = S->max_len;
+    int widest = 2 * I > nqkv ? 2 * I : nqkv;
+    int deepest = I > d ? I : d;
+    deepest = deepest > qd ? deepest : qd;
+    if (widest < d) widest = d;
+    char *p = (char *)S->scratch;
+    uint16_t *qkv = (uint16_t *)p; p += align64((size_t)M * nqkv * 2);
+    uint16_t *att = (uint16_t *)p; p += align64((size_t)M * qd * 2);
+    uint16_t *yo = (uint16_t *)p; p += align64((size_t)M * d * 2);
+    uint16_t *h2 = (uint16_t *)p; p += align64((size_t)M * d * 2);
+    uint16_t *gu = (uint16_t *)p; p += align64((size_t)M * 2 * I * 2);
+    uint16_t *act = (uint16_t *)p; p += align64((size_t)M * I * 2);
+    uint16_t *rk = (uint16_t *)p; p += align64((size_t)M * d * 2);
+    proj_scratch_t ps;
+    ps.gx = (uint16_t *)p; p += align64((size_t)M * deepest * 2);
+    ps.gy = (uint16_t *)p; p += align64((size_t)M * widest * 2);
+    ps.xq = (int16_t *)p; p += align64((size_t)M * deepest * 2 + 64);
+    ps.xs = (float *)p; p += align64((size_t)M * 4 + 64);
+    float *scores = (float *)p; p += align64((size_t)S->threads * H * (max_len + 16) * 4);
+    float *part = (float *)p;
+    /* position chunks per (row, KV head): enough items for every thread, chunks >= 32 long */
+    int C = (2 * S->threads + M * KVH - 1) / (M * KVH);
+    int shortest = max_len;
+    for (int m = 0; m < M; m++) shortest = (int)S->pos[m] + 1 < shortest ? (int)S->pos[m] + 1 : shortest;
+    while (C > 1 && shortest / C < 32) C--;
+    C = C < 1 ? 1 : (C > CMAX ? CMAX : C);
+
+    int r16[8], rlo[8], r8[8], rsk[8], n16 = 0, nlo = 0, n8 = 0, nsk = 0;
+    for (int m = 0; m < M; m++) {
+        if (paths[m] == 0) r16[n16++] = m;
+        else rlo[nlo++] = m;
+        if (paths[m] == 1) r8[n8++] = m;
+        if (paths[m] == 2) rsk[nsk++] = m;
+    }
+    const float scale = 1.0f / sqrtf((float)hd);
+
+#pragma omp parallel num_threads(S->threads)
+    {
+        /* attention projections: fp16 rows dense, int8 and skip rows int8 */
+        proj_rows(L->wqkv, NULL, NULL, L->bqkv, h, qkv, M, nqkv, d, r16, n16, &ps);
+        proj_rows(NULL, L->qkv8, L->qkv8_s, L->bqkv, h, qkv, M, nqkv, d, rlo, nlo, &ps);
+
+        /* q/k norms (Qwen3), rope, cache write */
+#pragma omp single
+        for (int m = 0; m < M; m++) {
+            uint16_t *row = qkv + (size_t)m * nqkv;
+            const uint16_t *c = S->cos + (size_t)S->pos[m] * hd, *s = S->sin + (size_t)S->pos[m] * hd;
+            for (int j = 0; j < H + KVH; j++) {
+                uint16_t *v = row + (size_t)j * hd;
+                if (L->q_norm) rms_norm_row(v, j < H ? L->q_norm : L->k_norm, v, hd, S->eps);
+                rope_head(v, c, s, hd);
+            }
+            for (int g = 0; g < KVH; g++) {
+                size_t at = (((size_t)m * KVH + g) * max_len + S->pos[m]) * hd;
+                memcpy(kc + at, row + qd + (size_t)g * hd, (size_t)hd * 2);
+                memcpy(vc + at, row + qd + kvd + (size_t)g * hd, (size_t)hd * 2);
+            }
+        }
+
+        /* attention, split like flash-decoding: (row, KV head, chunk of positions) items, each
+         * for the G query heads that share the KV head; then the chunks are merged */
+#pragma omp for schedule(static)
+        for (int it = 0; it < M * KVH * C; it++) {
+            int m = it / (KVH * C), g = (it / C) % KVH, c = it % C;
+            int span = (int)S->pos[m] + 1;
+            int t0 = (int)((long)span * c / C), t1 = (int)((long)span * (c + 1) / C);
+            attend_chunk(qkv + (size_t)m * nqkv + (size_t)g * G * hd,
+                         kc + ((size_t)m * KVH + g) * max_len * hd,
+                         vc + ((size_t)m * KVH + g) * max_len * hd, t0, t1, G, hd, scale,
+                         scores + (size_t)omp_get_thread_num() * H * (max_len + 16),
+                         part + (((size_t)m * KVH + g) * C + c) * G * (hd + 2));
+        }
+#pragma omp for schedule(static)
+        for (int it = 0; it < M * H; it++) {
+            int m = it / H, hh = it % H, g = hh / G, j = hh % G;
+            const float *pp = part + ((size_t)m * KVH + g) * C * G * (hd + 2);
+            float mx = -INFINITY, l = 0.0f, o[512];
+            for (int cc = 0; cc < C; cc++) {
+                float mc = pp[((size_t)cc * G + j) * (hd + 2)];
+                mx = mc > mx ? mc : mx;
+            }
+            for (int i = 0; i < hd; i++) o[i] = 0.0f;
+            for (int cc = 0; cc < C; cc++) {
+                const float *q = pp + ((size_t)cc * G + j) * (hd + 2);
+                if (q[1] == 0.0f) continue; /* an empty chunk */
+                float w = expf(q[0] - mx);
+                l += w * q[1];
+                for (int i = 0; i < hd; i++) o[i] += w * q[2 + i];
+            }
+            float inv = 1.0f / l;
+            uint16_t *out = att + (size_t)m * qd + (size_t)hh * hd;
+            for (int i = 0; i < hd; i++) out[i] = f32_to_bf16(o[i] * inv);
+        }
+
+        /* output projection, residual, post-attention norm */
+        proj_rows(L->wo, NULL, NULL, NULL, att, yo, M, d, qd, r16, n16, &ps);
+        proj_rows(NULL, L->o8, L->o8_s, NULL, att, yo, M, d, qd, rlo, nlo, &ps);
+#pragma omp single
+        for (int m = 0; m < M; m++) {
+            uint16_t *xr = x + (size_t)m * d, *yr = yo + (size_t)m * d;
+            for (int i = 0; i < d; i++) xr[i] = add_bf16(xr[i], yr[i]);
+            rms_norm_row(xr, L->ln2, h2 + (size_t)m * d, d, S->eps);
+        }
+
+        /* MLP on each row's path */
+        proj_rows(L->wgu, NULL, NULL, NULL, h2, gu, M, 2 * I, d, r16, n16, &ps);
+        proj_rows(NULL, L->gu8, L->gu8_s, NULL, h2, gu, M, 2 * I, d, r8, n8, &ps);
+#pragma omp single
+        for (int m = 0; m < M; m++) {
+            if (paths[m] == 2) continue;
+            const uint16_t *g = gu + (size_t)m * 2 * I, *u = g + I;
+            uint16_t *a = act + (size_t)m * I;
+            for (int i = 0; i < I; i++) {
+                float gf = bf16_to_f32(g[i]);
+                a[i] = mul_bf16(f32_to_bf16(gf / (1.0f + expf(-gf))), u[i]);
+            }
+        }
+        proj_rows(L->wdown, NULL, NULL, NULL, act, yo, M, d, I, r16, n16, &ps);
+        proj_rows(NULL, L->down8, L->down8_s, NULL, act, yo, M, d, I, r8, n8, &ps);
+        if (L->sc_a && nsk) {
+            proj_rows(L->sc_a, NULL, NULL, NULL, h2, rk, M, L->R, d, rsk, nsk, &ps);
+            proj_rows(L->sc_b, NULL, NULL, NULL, rk, yo, M, d, L->R, rsk, nsk, &ps);
+        }
+#pragma omp single
+        for (int m = 0; m < M; m++) {
+            uint16_t *xr = x + (size_t)m * d, *yr = yo + (size_t)m * d;
+            if (paths[m] != 2 || L->sc_a)
+                for (int i = 0; i < d; i++) xr[i] = add_bf16(xr[i], yr[i]);
+            rms_norm_row(xr, ln_next, h + (size_t)m * d, d, S->eps);
+        }
+    }
+}
+
+/* ---------------------------------------------------------------------------------------- */
+/* The factorised controller (controller.py) for one row at decode, in fp32:
+ *   logits = A (sigmoid(W_tok h) * lay) + a0,   lay = sigmoid(w_layer + u beta) (given).
+ * W_tok (k, d), A (3, k), a0 (3), lay (k) fp32; h (d) bf16; out (3). */
+void hest_ctl_logits(const float *wtok, const float *lay, const float *A, const float *a0, int k,
+                     int d, const uint16_t *h, float *out) {
+    float hf[4096], f[256];
+    for (int j = 0; j < d; j++) hf[j] = bf16_to_f32(h[j]);
+    for (int i = 0; i < k; i++) {
+        const float *w = wtok + (size_t)i * d;
+        float a = 0.0f;
+#pragma omp simd reduction(+ : a)
+        for (int j = 0; j < d; j++) a += w[j] * hf[j];
+        f[i] = lay[i] / (1.0f + expf(-a));
+    }
+    for (int p = 0; p < 3; p++) {
+        float a = a0[p];
+        for (int i = 0; i < k; i++) a += A[(size_t)p * k + i] * f[i];
+        out[p] = a;
+    }
+}

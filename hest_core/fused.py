@@ -1,0 +1,209 @@
+"""Decode steps with one native call per decoder layer (`hest_decode_layer`, kernels/gemv.c).
+
+The products of a decode step already run in the native kernels; what was left was ~30 small
+PyTorch operators per layer around them (norms, rope, cache writes, attention, residuals), each a
+dispatch of its own: 5-8 ms of a ~20 ms step on this machine. Here each layer is one ctypes call
+and one OpenMP region. Between layers Python still calls the decider (the controller and the
+budget guard), on the normalised input the previous call wrote.
+
+Used for decode steps of up to `native.MAX_ROWS` rows on CPU with bf16 weights when the kernels
+are built and every int8 copy runs weight-only at that row count (the calibration's choice, as
+the unfused loop would). Anything else, and `HEST_FUSED=0`, takes the PyTorch loop in model.py.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import weakref
+from typing import TYPE_CHECKING
+
+import torch
+
+from . import native
+
+if TYPE_CHECKING:
+    from .model import Decider, KVCache, LayerWeights, LeanModel, SeqSlot
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    if t is None:
+        return None
+    assert t.is_contiguous(), "fused decode wants contiguous tensors"
+    return t.data_ptr()
+
+
+class FusedDecode:
+    """The per-layer argument blocks of one LeanModel, built on first use and rebuilt when a
+    layer's weights or kernel choices change (an adapter's shortcut, a calibration)."""
+
+    def __init__(self, lean: LeanModel):
+        self.lean = lean
+        self.enabled = os.environ.get("HEST_FUSED", "1") != "0"
+        self._key: tuple | None = None
+        self._layers: list[native.LayerArgs] = []
+        self._addr: list[int] = []
+        self._ln_next: list[int] = []
+        self._scratch: torch.Tensor | None = None
+        self._scratch_key: tuple | None = None
+        self._step = native.StepArgs()
+        self._step_addr = ctypes.addressof(self._step)
+
+    # ---- when it applies ---------------------------------------------------------------------
+    def _layer_key(self, lw: LayerWeights) -> tuple:
+        return (
+            id(lw.wqkv),
+            id(lw.shortcut),
+            min((m.woq_max_rows for m in lw.int8_linears()), default=0),
+        )
+
+    def usable(self, ids: torch.Tensor, cache: KVCache) -> bool:
+        lean = self.lean
+        s = lean.spec
+        if not self.enabled or lean.compiled is not None or lean.dtype != torch.bfloat16:
+            return False
+        if lean.device.type != "cpu" or s.head_dim > 256 or s.head_dim % 2 or s.n_heads // s.n_kv_heads > 16:
+            return False
+        n = ids.shape[0]
+        if n > native.MAX_ROWS or cache.k[0].shape[0] != n:
+            return False
+        probe = lean.embed[:1]
+        if not native.fits(probe, s.hidden) or native.get() is None:
+            return False
+        self._sync()
+        return self._woq_rows >= n
+
+    def _sync(self) -> None:
+        key = tuple(self._layer_key(lw) for lw in self.lean.layers)
+        if key == self._key:
+            return
+        lean = self.lean
+        layers = []
+        for lw in lean.layers:
+            sc = lw.shortcut
+            la = native.LayerArgs(
+                ln1=_ptr(lw.ln1),
+                ln2=_ptr(lw.ln2),
+                wqkv=_ptr(lw.wqkv),
+                bqkv=_ptr(lw.bqkv),
+                wo=_ptr(lw.wo),
+                wgu=_ptr(lw.wgu),
+                wdown=_ptr(lw.wdown),
+                q_norm=_ptr(lw.q_norm),
+                k_norm=_ptr(lw.k_norm),
+                qkv8=_ptr(lw.qkv8.q),
+                o8=_ptr(lw.o8.q),
+                gu8=_ptr(lw.gu8.q),
+                down8=_ptr(lw.down8.q),
+                qkv8_s=_ptr(lw.qkv8.scale),
+                o8_s=_ptr(lw.o8.scale),
+                gu8_s=_ptr(lw.gu8.scale),
+                down8_s=_ptr(lw.down8.scale),
+                sc_a=None if sc is None else _ptr(sc[0]),
+                sc_b=None if sc is None else _ptr(sc[1]),
+                R=0 if sc is None else sc[0].shape[0],
+            )
+            layers.append(la)
+        self._layers = layers  # the blocks hold raw pointers: the tensors live in lean.layers
+        self._addr = [ctypes.addressof(la) for la in layers]
+        nxt = [lw.ln1 for lw in lean.layers[1:]] + [lean.norm]
+        self._ln_next = [_ptr(t) for t in nxt]
+        self._woq_rows = min(k[2] for k in key)
+        self._key = key
+
+    # ---- one decode step -------------------------------------------------------------------------
+    def forward(
+        self,
+        x: torch.Tensor,
+        h: torch.Tensor,
+        positions: torch.Tensor,
+        slots: list[SeqSlot],
+        cache: KVCache,
+        decide: Decider,
+    ) -> None:
+        """x (N, d) residual stream, h (N, d) the first layer's normalised input; both updated
+        in place: on return h is the final norm of x, ready for the lm_head."""
+        lean, s = self.lean, self.lean.spec
+        nat = native.get()
+        assert nat is not None
+        n = x.shape[0]
+        for i, sl in enumerate(slots):
+            assert sl.cache_row == i and sl.n == 1, "fused decode: one row per cache row"
+        threads = torch.get_num_threads()
+        rank = 0 if lean.layers[0].shortcut is None else lean.layers[0].shortcut[0].shape[0]
+        skey = (n, cache.max_len, threads, rank)
+        if skey != self._scratch_key:
+            nbytes = nat.scratch_bytes(
+                s.hidden, s.intermediate, s.n_heads, s.n_kv_heads, s.head_dim, cache.max_len, n,
+                threads, rank,
+            )
+            self._scratch = torch.empty(nbytes + 64, dtype=torch.uint8)
+            self._scratch_key = skey
+        assert self._scratch is not None
+        positions = positions.contiguous()
+        st = self._step
+        st.d, st.I, st.H, st.KVH = s.hidden, s.intermediate, s.n_heads, s.n_kv_heads
+        st.hd, st.max_len, st.M, st.threads, st.eps = s.head_dim, cache.max_len, n, threads, s.eps
+        st.pos = positions.data_ptr()
+        st.cos, st.sin = lean.rope_cos.data_ptr(), lean.rope_sin.data_ptr()
+        base = self._scratch.data_ptr()
+        st.scratch = base + (-base % 64)
+        xp, hp = x.data_ptr(), h.data_ptr()
+        call, step, addr, ln_next = nat.decode_layer, self._step_addr, self._addr, self._ln_next
+        ks, vs = cache.k, cache.v
+        for li in range(s.n_layers):
+            paths, _counts = decide(li, h)
+            if paths.dtype != torch.long or not paths.is_contiguous():
+                paths = paths.to(torch.long).contiguous()
+            call(
+                addr[li], step, paths.data_ptr(), xp, hp, ln_next[li],
+                ks[li].data_ptr(), vs[li].data_ptr(),
+            )
+
+
+class NativeController:
+    """The default factorised controller's logits for one row at decode, in C (hest_ctl_logits):
+    one call per layer instead of ~8 PyTorch operators. `lay` = sigmoid(w_layer + u beta) is
+    made once per request. Only the `Controller` class itself (not the baselines' classes)."""
+
+    _weights: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def __init__(self, ctl, beta: float):
+        w = self._weights.get(ctl)
+        if w is None:
+            with torch.no_grad():
+                w = tuple(
+                    t.detach().float().contiguous()
+                    for t in (ctl.hest_w_tok, ctl.hest_a, ctl.hest_a0)
+                )
+            self._weights[ctl] = w
+        self._keep = w
+        with torch.no_grad():
+            self.lay = torch.sigmoid(ctl.hest_w_layer + ctl.hest_u * beta).float().contiguous()
+        self.k, self.d = ctl.k, ctl.hidden
+        self.out = (ctypes.c_float * 3)()
+        self._args = (w[0].data_ptr(), w[1].data_ptr(), w[2].data_ptr())
+        self._lay0 = self.lay.data_ptr()
+        self._out = ctypes.addressof(self.out)
+        nat = native.get()
+        assert nat is not None
+        self._call = nat.ctl_logits
+
+    @classmethod
+    def of(cls, ctl, beta: float) -> NativeController | None:
+        from .controller import Controller
+
+        if type(ctl) is not Controller or native.get() is None or getattr(native._off, "v", False):
+            return None
+        if ctl.k > 256 or ctl.hidden > 4096 or ctl.hest_w_tok.device.type != "cpu":
+            return None
+        return cls(ctl, beta)
+
+    def logits(self, li: int, h: torch.Tensor) -> tuple[float, float, float]:
+        """h: (1, d) contiguous bf16 on CPU."""
+        if not h.is_contiguous():
+            h = h.contiguous()
+        w_tok, a, a0 = self._args
+        self._call(w_tok, self._lay0 + li * self.k * 4, a, a0, self.k, self.d, h.data_ptr(), self._out)
+        o = self.out
+        return o[0], o[1], o[2]

@@ -62,7 +62,12 @@ class FusedDecode:
         s = lean.spec
         if not self.enabled or lean.compiled is not None or lean.dtype != torch.bfloat16:
             return False
-        if lean.device.type != "cpu" or s.head_dim > 256 or s.head_dim % 2 or s.n_heads // s.n_kv_heads > 16:
+        if (
+            lean.device.type != "cpu"
+            or s.head_dim > 256
+            or s.head_dim % 2
+            or s.n_heads // s.n_kv_heads > 16
+        ):
             return False
         n = ids.shape[0]
         if n > native.MAX_ROWS or cache.k[0].shape[0] != n:
@@ -134,8 +139,15 @@ class FusedDecode:
         skey = (n, cache.max_len, threads, rank)
         if skey != self._scratch_key:
             nbytes = nat.scratch_bytes(
-                s.hidden, s.intermediate, s.n_heads, s.n_kv_heads, s.head_dim, cache.max_len, n,
-                threads, rank,
+                s.hidden,
+                s.intermediate,
+                s.n_heads,
+                s.n_kv_heads,
+                s.head_dim,
+                cache.max_len,
+                n,
+                threads,
+                rank,
             )
             self._scratch = torch.empty(nbytes + 64, dtype=torch.uint8)
             self._scratch_key = skey
@@ -156,8 +168,14 @@ class FusedDecode:
             if paths.dtype != torch.long or not paths.is_contiguous():
                 paths = paths.to(torch.long).contiguous()
             call(
-                addr[li], step, paths.data_ptr(), xp, hp, ln_next[li],
-                ks[li].data_ptr(), vs[li].data_ptr(),
+                addr[li],
+                step,
+                paths.data_ptr(),
+                xp,
+                hp,
+                ln_next[li],
+                ks[li].data_ptr(),
+                vs[li].data_ptr(),
             )
 
 
@@ -204,6 +222,8 @@ class NativeController:
         if not h.is_contiguous():
             h = h.contiguous()
         w_tok, a, a0 = self._args
-        self._call(w_tok, self._lay0 + li * self.k * 4, a, a0, self.k, self.d, h.data_ptr(), self._out)
+        self._call(
+            w_tok, self._lay0 + li * self.k * 4, a, a0, self.k, self.d, h.data_ptr(), self._out
+        )
         o = self.out
         return o[0], o[1], o[2]

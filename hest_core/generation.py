@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .guard import BudgetGuard
 from .fused import NativeController
+from .guard import BudgetGuard
 from .model import SeqSlot
 
 _PATH = [torch.tensor([p], dtype=torch.long) for p in range(3)]  # one row on path p (read-only)

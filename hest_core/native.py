@@ -62,8 +62,25 @@ class LayerArgs(ctypes.Structure):
     _fields_ = [
         (name, _P)
         for name in (
-            "ln1", "ln2", "wqkv", "bqkv", "wo", "wgu", "wdown", "q_norm", "k_norm",
-            "qkv8", "o8", "gu8", "down8", "qkv8_s", "o8_s", "gu8_s", "down8_s", "sc_a", "sc_b",
+            "ln1",
+            "ln2",
+            "wqkv",
+            "bqkv",
+            "wo",
+            "wgu",
+            "wdown",
+            "q_norm",
+            "k_norm",
+            "qkv8",
+            "o8",
+            "gu8",
+            "down8",
+            "qkv8_s",
+            "o8_s",
+            "gu8_s",
+            "down8_s",
+            "sc_a",
+            "sc_b",
         )
     ] + [("R", _I)]
 
@@ -101,8 +118,16 @@ class Native:
         self.decode_layer = lib.hest_decode_layer  # (layer*, step*, paths, x, h, ln_next, kc, vc)
 
     def scratch_bytes(
-        self, d: int, inter: int, heads: int, kv_heads: int, hd: int, max_len: int, rows: int,
-        threads: int, rank: int,
+        self,
+        d: int,
+        inter: int,
+        heads: int,
+        kv_heads: int,
+        hd: int,
+        max_len: int,
+        rows: int,
+        threads: int,
+        rank: int,
     ) -> int:
         return int(
             self._lib.hest_decode_scratch_bytes(

@@ -95,20 +95,13 @@ BF16_BLOCK(2)
 BF16_BLOCK(3)
 BF16_BLOCK(4)
 
+static void gemv_bf16_for(const uint16_t *W, const uint16_t *x, const uint16_t *bias, uint16_t *y,
+                          int M, int N, int K);
+
 void hest_gemv_bf16(const uint16_t *W, const uint16_t *x, const uint16_t *bias, uint16_t *y,
                     int M, int N, int K, int threads) {
-    int blocks = (N + NB - 1) / NB;
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int b = 0; b < blocks; b++) {
-        for (int m0 = 0; m0 < M; m0 += 4) {
-            switch (M - m0 < 4 ? M - m0 : 4) {
-            case 1: blk_bf16_1(W, x, bias, y, N, K, b * NB, m0); break;
-            case 2: blk_bf16_2(W, x, bias, y, N, K, b * NB, m0); break;
-            case 3: blk_bf16_3(W, x, bias, y, N, K, b * NB, m0); break;
-            default: blk_bf16_4(W, x, bias, y, N, K, b * NB, m0); break;
-            }
-        }
-    }
+#pragma omp parallel num_threads(threads)
+    gemv_bf16_for(W, x, bias, y, M, N, K);
 }
 
 /* ---------------------------------------------------------------------------------------- */
@@ -162,37 +155,19 @@ I8_BLOCK(2)
 I8_BLOCK(3)
 I8_BLOCK(4)
 
+static void quant_rows_i16(const uint16_t *x, int M, int K, int16_t *xq, float *xs);
+static void gemv_i8_for(const int8_t *W, const float *scale, const int16_t *xq, const float *xs,
+                        const uint16_t *bias, uint16_t *y, int M, int N, int K);
+
 /* scratch: at least M*K int16 + M floats, 4-byte aligned (the quantised activations, made once
  * per call, not once per weight row). */
 void hest_gemv_i8(const int8_t *W, const float *scale, const uint16_t *x, const uint16_t *bias,
                   uint16_t *y, void *scratch, int M, int N, int K, int threads) {
     float *xs = (float *)scratch;
     int16_t *xq = (int16_t *)(xs + M);
-    for (int m = 0; m < M; m++) {
-        float mx = 0.0f;
-        for (int k = 0; k < K; k++) {
-            float a = bf16_to_f32(x[(size_t)m * K + k]);
-            a = a < 0 ? -a : a;
-            mx = a > mx ? a : mx;
-        }
-        float s = mx > 0.0f ? mx / QX : 1.0f;
-        float inv = 1.0f / s;
-        for (int k = 0; k < K; k++)
-            xq[(size_t)m * K + k] = (int16_t)__builtin_lrintf(bf16_to_f32(x[(size_t)m * K + k]) * inv);
-        xs[m] = s;
-    }
-    int blocks = (N + NB - 1) / NB;
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int b = 0; b < blocks; b++) {
-        for (int m0 = 0; m0 < M; m0 += 4) {
-            switch (M - m0 < 4 ? M - m0 : 4) {
-            case 1: blk_i8_1(W, scale, xq, xs, bias, y, N, K, b * NB, m0); break;
-            case 2: blk_i8_2(W, scale, xq, xs, bias, y, N, K, b * NB, m0); break;
-            case 3: blk_i8_3(W, scale, xq, xs, bias, y, N, K, b * NB, m0); break;
-            default: blk_i8_4(W, scale, xq, xs, bias, y, N, K, b * NB, m0); break;
-            }
-        }
-    }
+    quant_rows_i16(x, M, K, xq, xs);
+#pragma omp parallel num_threads(threads)
+    gemv_i8_for(W, scale, xq, xs, bias, y, M, N, K);
 }
 
 /* ---------------------------------------------------------------------------------------- */

@@ -15,6 +15,8 @@
  *   hest_gemv_i8:   W int8 [N, K] with per-row fp32 scales; x bf16; y bf16. The activations
  *                   go to int16 per row (finer than bf16 itself, see below) and `vpdpwssd`
  *                   does 32 multiply-adds per instruction; both scales are applied to the sum.
+ *   hest_decode_layer: one whole decoder layer of a decode step (below), built on the same loops.
+ *   hest_ctl_logits:   the factorised controller's logits for one row.
  */
 #include <immintrin.h>
 #include <stdint.h>

@@ -246,16 +246,22 @@ static void gemv_bf16_for(const uint16_t *W, const uint16_t *x, const uint16_t *
 
 static void quant_rows_i16(const uint16_t *x, int M, int K, int16_t *xq, float *xs) {
     for (int m = 0; m < M; m++) {
-        float mx = 0.0f;
-        for (int k = 0; k < K; k++) {
-            float a = bf16_to_f32(x[(size_t)m * K + k]);
-            a = a < 0 ? -a : a;
-            mx = a > mx ? a : mx;
+        const uint16_t *xr = x + (size_t)m * K;
+        int16_t *qr = xq + (size_t)m * K;
+        __m512 vmax = _mm512_setzero_ps();
+        for (int k = 0; k < K; k += 16) {
+            __mmask16 km = K - k >= 16 ? 0xffff : (__mmask16)((1u << (K - k)) - 1u);
+            vmax = _mm512_max_ps(vmax, _mm512_abs_ps(widen_bf16(_mm256_maskz_loadu_epi16(km, xr + k))));
         }
+        float mx = _mm512_reduce_max_ps(vmax);
         float s = mx > 0.0f ? mx / QX : 1.0f;
-        float inv = 1.0f / s;
-        for (int k = 0; k < K; k++)
-            xq[(size_t)m * K + k] = (int16_t)__builtin_lrintf(bf16_to_f32(x[(size_t)m * K + k]) * inv);
+        __m512 inv = _mm512_set1_ps(1.0f / s);
+        for (int k = 0; k < K; k += 16) { /* round to nearest even, as lrintf */
+            __mmask16 km = K - k >= 16 ? 0xffff : (__mmask16)((1u << (K - k)) - 1u);
+            __m512 v = _mm512_mul_ps(widen_bf16(_mm256_maskz_loadu_epi16(km, xr + k)), inv);
+            __m512i q = _mm512_cvt_roundps_epi32(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            _mm256_mask_storeu_epi16(qr + k, km, _mm512_cvtsepi32_epi16(q));
+        }
         xs[m] = s;
     }
 }

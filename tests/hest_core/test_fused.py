@@ -54,8 +54,12 @@ def _decode(lean, prompts: list[list[int]], steps: int, decide, fused: bool):
         for i, p in enumerate(prompts):
             one = lean.new_cache(1, cache.max_len)
             lean.forward(
-                torch.tensor(p), torch.arange(len(p)), [SeqSlot(0, len(p), 0, 0)], one,
-                const_decider(FP16), False,
+                torch.tensor(p),
+                torch.arange(len(p)),
+                [SeqSlot(0, len(p), 0, 0)],
+                one,
+                const_decider(FP16),
+                False,
             )
             for li in range(lean.spec.n_layers):
                 cache.k[li][i] = one.k[li][0]

@@ -135,8 +135,7 @@ class FusedDecode:
         for i, sl in enumerate(slots):
             assert sl.cache_row == i and sl.n == 1, "fused decode: one row per cache row"
         threads = torch.get_num_threads()
-        rank = 0 if lean.layers[0].shortcut is None else lean.layers[0].shortcut[0].shape[0]
-        skey = (n, cache.max_len, threads, rank)
+        skey = (n, cache.max_len, threads)
         if skey != self._scratch_key:
             nbytes = nat.scratch_bytes(
                 s.hidden,
@@ -147,7 +146,6 @@ class FusedDecode:
                 cache.max_len,
                 n,
                 threads,
-                rank,
             )
             self._scratch = torch.empty(nbytes + 64, dtype=torch.uint8)
             self._scratch_key = skey

@@ -27,6 +27,18 @@ def h_native_ok(lean) -> bool:
     return lean.device.type == "cpu" and lean.dtype == torch.bfloat16
 
 
+def _one_row(st, li: int, p: int, paths: torch.Tensor, logits: torch.Tensor | None):
+    """A forward of one row that chose path p at layer li: the guard fits it, it is counted."""
+    c = [0, 0, 0]
+    c[p] = 1
+    paths, c = st.guard.fit(li, paths, logits, c)
+    st.guard.commit(li, c)
+    lc = st.layer_counts[li]
+    for q in range(3):
+        lc[q] += c[q]
+    return paths, c
+
+
 @dataclass
 class PreparedRequest:
     ids: list[int]
@@ -107,15 +119,8 @@ class BatchRunner:
                 # batch-1 decode with the default controller: logits in C, the rest in Python
                 l0, l1, l2 = nctl.logits(li, h)
                 p = 0 if l0 >= l1 and l0 >= l2 else (1 if l1 >= l2 else 2)  # argmax, first max
-                c = [0, 0, 0]
-                c[p] = 1
                 # at one row the guard never needs the logits (nothing to rank)
-                paths, c = st.guard.fit(li, _PATH[p], None, c)
-                st.guard.commit(li, c)
-                lc = st.layer_counts[li]
-                for q in range(3):
-                    lc[q] += c[q]
-                return paths, c
+                return _one_row(st, li, p, _PATH[p], None)
 
             return decide_native
 
@@ -128,15 +133,7 @@ class BatchRunner:
                 logits = e.controller(h, li, beta)  # (N, 3)
             paths = logits.argmax(-1)  # (N,)
             if len(groups) == 1 and groups[0][1] == 1:  # batch-1 decode: stay in Python
-                st = groups[0][2]
-                p = int(paths)
-                c = [0, 0, 0]
-                c[p] = 1
-                paths, c = st.guard.fit(li, paths, logits, c)
-                st.guard.commit(li, c)
-                for q in range(3):
-                    st.layer_counts[li][q] += c[q]
-                return paths, c
+                return _one_row(groups[0][2], li, int(paths), paths, logits)
             total = [0, 0, 0]
             parts = []
             for row0, n, st in groups:

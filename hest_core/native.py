@@ -109,7 +109,7 @@ class Native:
         lib.hest_gemv_i8.restype = None
         lib.hest_decode_layer.argtypes = [_P] * 8
         lib.hest_decode_layer.restype = None
-        lib.hest_decode_scratch_bytes.argtypes = [_I] * 9
+        lib.hest_decode_scratch_bytes.argtypes = [_I] * 8
         lib.hest_decode_scratch_bytes.restype = ctypes.c_size_t
         lib.hest_ctl_logits.argtypes = [_P, _P, _P, _P, _I, _I, _P, _P]
         lib.hest_ctl_logits.restype = None
@@ -127,11 +127,11 @@ class Native:
         max_len: int,
         rows: int,
         threads: int,
-        rank: int,
     ) -> int:
+        """Bytes of working memory one `decode_layer` call needs for these shapes."""
         return int(
             self._lib.hest_decode_scratch_bytes(
-                d, inter, heads, kv_heads, hd, max_len, rows, threads, rank
+                d, inter, heads, kv_heads, hd, max_len, rows, threads
             )
         )
 

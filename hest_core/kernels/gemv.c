@@ -45,6 +45,12 @@ static inline float bf16_to_f32(uint16_t b) {
     return f;
 }
 
+/* Lane masks for the last, partial vector of a row: `left` elements remain. */
+static inline __mmask32 tail32(int left) { return left >= 32 ? 0xffffffffu : ((1u << left) - 1u); }
+static inline __mmask16 tail16(int left) {
+    return left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1u);
+}
+
 static inline __m512 widen_bf16(__m256i v) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
 }
@@ -61,7 +67,7 @@ static inline __m512 widen_bf16(__m256i v) {
             _Pragma("GCC unroll 4") for (int j = 0; j < MR; j++) acc[i][j] = _mm512_setzero_ps(); \
         for (int k = 0; k < K; k += 32) {                                                         \
             int left = K - k;                                                                     \
-            __mmask32 km = left >= 32 ? 0xffffffffu : ((1u << left) - 1u);                        \
+            __mmask32 km = tail32(left);                                                          \
             __m512i xv[MR];                                                                       \
             _Pragma("GCC unroll 4") for (int j = 0; j < MR; j++) xv[j] =                          \
                 _mm512_maskz_loadu_epi16(km, x + (size_t)(m0 + j) * K + k);                       \
@@ -131,7 +137,7 @@ void hest_gemv_bf16(const uint16_t *W, const uint16_t *x, const uint16_t *bias, 
             _Pragma("GCC unroll 4") for (int j = 0; j < MR; j++) acc[i][j] = _mm512_setzero_si512(); \
         for (int k = 0; k < K; k += 32) {                                                         \
             int left = K - k;                                                                     \
-            __mmask32 km = left >= 32 ? 0xffffffffu : ((1u << left) - 1u);                        \
+            __mmask32 km = tail32(left);                                                          \
             __m512i xv[MR];                                                                       \
             _Pragma("GCC unroll 4") for (int j = 0; j < MR; j++) xv[j] =                          \
                 _mm512_maskz_loadu_epi16(km, xq + (size_t)(m0 + j) * K + k);                      \
@@ -250,14 +256,14 @@ static void quant_rows_i16(const uint16_t *x, int M, int K, int16_t *xq, float *
         int16_t *qr = xq + (size_t)m * K;
         __m512 vmax = _mm512_setzero_ps();
         for (int k = 0; k < K; k += 16) {
-            __mmask16 km = K - k >= 16 ? 0xffff : (__mmask16)((1u << (K - k)) - 1u);
+            __mmask16 km = tail16(K - k);
             vmax = _mm512_max_ps(vmax, _mm512_abs_ps(widen_bf16(_mm256_maskz_loadu_epi16(km, xr + k))));
         }
         float mx = _mm512_reduce_max_ps(vmax);
         float s = mx > 0.0f ? mx / QX : 1.0f;
         __m512 inv = _mm512_set1_ps(1.0f / s);
         for (int k = 0; k < K; k += 16) { /* round to nearest even, as lrintf */
-            __mmask16 km = K - k >= 16 ? 0xffff : (__mmask16)((1u << (K - k)) - 1u);
+            __mmask16 km = tail16(K - k);
             __m512 v = _mm512_mul_ps(widen_bf16(_mm256_maskz_loadu_epi16(km, xr + k)), inv);
             __m512i q = _mm512_cvt_roundps_epi32(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
             _mm256_mask_storeu_epi16(qr + k, km, _mm512_cvtsepi32_epi16(q));
@@ -381,7 +387,7 @@ static void attend_chunk(const uint16_t *q, const uint16_t *K, const uint16_t *V
     for (int j = 0; j < G; j++)
         for (int v = 0; v < nv; v++) {
             int left = hd - v * 32;
-            __mmask32 km = left >= 32 ? 0xffffffffu : ((1u << left) - 1u);
+            __mmask32 km = tail32(left);
             qv[j][v] = _mm512_maskz_loadu_epi16(km, q + (size_t)j * hd + v * 32);
         }
     const __m512 vscale = _mm512_set1_ps(scale);
@@ -394,7 +400,7 @@ static void attend_chunk(const uint16_t *q, const uint16_t *K, const uint16_t *V
                 __m512 a = _mm512_setzero_ps();
                 for (int v = 0; v < nv; v++) {
                     int left = hd - v * 32;
-                    __mmask32 km = left >= 32 ? 0xffffffffu : ((1u << left) - 1u);
+                    __mmask32 km = tail32(left);
                     a = DOT_BF16(a, _mm512_maskz_loadu_epi16(km, kr + v * 32), qv[j][v]);
                 }
                 acc[u] = a;
@@ -407,7 +413,7 @@ static void attend_chunk(const uint16_t *q, const uint16_t *K, const uint16_t *V
         __m512i kv[8];
         for (int v = 0; v < nv; v++) {
             int left = hd - v * 32;
-            __mmask32 km = left >= 32 ? 0xffffffffu : ((1u << left) - 1u);
+            __mmask32 km = tail32(left);
             kv[v] = _mm512_maskz_loadu_epi16(km, kr + v * 32);
         }
         for (int j = 0; j < G; j++) {
@@ -423,7 +429,7 @@ static void attend_chunk(const uint16_t *q, const uint16_t *K, const uint16_t *V
         for (int t = 0; t < n; t++) mx = s[t] > mx ? s[t] : mx;
         __m512 vm = _mm512_set1_ps(mx), vsum = _mm512_setzero_ps();
         for (int t = 0; t < n; t += 16) {
-            __mmask16 km = n - t >= 16 ? 0xffff : (__mmask16)((1u << (n - t)) - 1u);
+            __mmask16 km = tail16(n - t);
             __m512 e = exp_neg(_mm512_sub_ps(_mm512_maskz_loadu_ps(km, s + t), vm));
             e = _mm512_maskz_mov_ps(km, e);
             _mm512_mask_storeu_ps(s + t, km, e);
@@ -441,7 +447,7 @@ static void attend_chunk(const uint16_t *q, const uint16_t *K, const uint16_t *V
         __m512 vf[16];
         for (int f = 0; f < nf; f++) {
             int left = hd - f * 16;
-            __mmask16 km = left >= 16 ? 0xffff : (__mmask16)((1u << left) - 1u);
+            __mmask16 km = tail16(left);
             vf[f] = widen_bf16(_mm256_maskz_loadu_epi16(km, vr + f * 16));
         }
         for (int j = 0; j < G; j++) {
@@ -452,36 +458,54 @@ static void attend_chunk(const uint16_t *q, const uint16_t *K, const uint16_t *V
     for (int j = 0; j < G; j++)
         for (int f = 0; f < nf; f++) {
             int left = hd - f * 16;
-            __mmask16 km = left >= 16 ? 0xffff : (__mmask16)((1u << left) - 1u);
+            __mmask16 km = tail16(left);
             _mm512_mask_storeu_ps(ob + (size_t)j * (hd + 2) + 2 + f * 16, km, o[j][f]);
         }
 }
 
 static size_t align64(size_t n) { return (n + 63) & ~(size_t)63; }
 
-size_t hest_decode_scratch_bytes(int d, int I, int H, int KVH, int hd, int max_len, int M,
-                                 int threads, int R) {
+/* The working buffers of one decode-layer call, carved from one scratch block. */
+typedef struct {
+    uint16_t *qkv, *att, *yo, *h2, *gu, *act, *rk; /* rk: the shortcut's rank-R rows (R <= d) */
+    proj_scratch_t ps;
+    float *scores, *part; /* attention scores per thread; per-chunk partials */
+} layer_scratch_t;
+
+/* Lays the buffers out from base (NULL: only measures) and returns the bytes they take. */
+static size_t carve(char *base, int d, int I, int H, int KVH, int hd, int max_len, int M,
+                    int threads, layer_scratch_t *sp) {
     int nqkv = (H + 2 * KVH) * hd, qd = H * hd;
-    int widest = 2 * I > nqkv ? 2 * I : nqkv;
-    int deepest = I > d ? I : d;
-    deepest = deepest > qd ? deepest : qd;
+    int widest = 2 * I > nqkv ? 2 * I : nqkv; /* the most outputs of one product */
     if (widest < d) widest = d;
-    (void)R;
-    size_t b = 0;
-    b += align64((size_t)M * nqkv * 2);            /* qkv */
-    b += align64((size_t)M * qd * 2);              /* attention output */
-    b += align64((size_t)M * d * 2);               /* o / mlp output */
-    b += align64((size_t)M * d * 2);               /* h2 */
-    b += align64((size_t)M * 2 * I * 2);           /* gate|up */
-    b += align64((size_t)M * I * 2);               /* act */
-    b += align64((size_t)M * d * 2);               /* shortcut rank buffer (R <= d) */
-    b += align64((size_t)M * deepest * 2);         /* gx */
-    b += align64((size_t)M * widest * 2);          /* gy */
-    b += align64((size_t)M * deepest * 2 + 64);    /* xq */
-    b += align64((size_t)M * 4 + 64);              /* xs */
-    b += align64((size_t)threads * H * (max_len + 16) * 4); /* attention scores per thread */
-    b += align64((size_t)M * H * CMAX * (hd + 2) * 4);      /* attention partials */
-    return b;
+    int deepest = I > d ? I : d;              /* the most inputs of one product */
+    if (deepest < qd) deepest = qd;
+    size_t off = 0;
+#define TAKE(field, bytes)                                       \
+    do {                                                         \
+        if (base) sp->field = (void *)(base + off);              \
+        off += align64(bytes);                                   \
+    } while (0)
+    TAKE(qkv, (size_t)M * nqkv * 2);
+    TAKE(att, (size_t)M * qd * 2);
+    TAKE(yo, (size_t)M * d * 2);
+    TAKE(h2, (size_t)M * d * 2);
+    TAKE(gu, (size_t)M * 2 * I * 2);
+    TAKE(act, (size_t)M * I * 2);
+    TAKE(rk, (size_t)M * d * 2);
+    TAKE(ps.gx, (size_t)M * deepest * 2);
+    TAKE(ps.gy, (size_t)M * widest * 2);
+    TAKE(ps.xq, (size_t)M * deepest * 2 + 64);
+    TAKE(ps.xs, (size_t)M * 4 + 64);
+    TAKE(scores, (size_t)threads * H * (max_len + 16) * 4);
+    TAKE(part, (size_t)M * H * CMAX * (hd + 2) * 4);
+#undef TAKE
+    return off;
+}
+
+size_t hest_decode_scratch_bytes(int d, int I, int H, int KVH, int hd, int max_len, int M,
+                                 int threads) {
+    return carve(NULL, d, I, H, KVH, hd, max_len, M, threads, NULL);
 }
 
 /* x (M, d): residual stream in and out. h (M, d): in, the normalised input of this layer (the
@@ -494,25 +518,12 @@ void hest_decode_layer(const hest_layer_t *L, const hest_step_t *S, const int64_
     const int d = S->d, I = S->I, H = S->H, KVH = S->KVH, hd = S->hd, M = S->M;
     const int qd = H * hd, kvd = KVH * hd, nqkv = qd + 2 * kvd, G = H / KVH;
     const int max_len = S->max_len;
-    int widest = 2 * I > nqkv ? 2 * I : nqkv;
-    int deepest = I > d ? I : d;
-    deepest = deepest > qd ? deepest : qd;
-    if (widest < d) widest = d;
-    char *p = (char *)S->scratch;
-    uint16_t *qkv = (uint16_t *)p; p += align64((size_t)M * nqkv * 2);
-    uint16_t *att = (uint16_t *)p; p += align64((size_t)M * qd * 2);
-    uint16_t *yo = (uint16_t *)p; p += align64((size_t)M * d * 2);
-    uint16_t *h2 = (uint16_t *)p; p += align64((size_t)M * d * 2);
-    uint16_t *gu = (uint16_t *)p; p += align64((size_t)M * 2 * I * 2);
-    uint16_t *act = (uint16_t *)p; p += align64((size_t)M * I * 2);
-    uint16_t *rk = (uint16_t *)p; p += align64((size_t)M * d * 2);
-    proj_scratch_t ps;
-    ps.gx = (uint16_t *)p; p += align64((size_t)M * deepest * 2);
-    ps.gy = (uint16_t *)p; p += align64((size_t)M * widest * 2);
-    ps.xq = (int16_t *)p; p += align64((size_t)M * deepest * 2 + 64);
-    ps.xs = (float *)p; p += align64((size_t)M * 4 + 64);
-    float *scores = (float *)p; p += align64((size_t)S->threads * H * (max_len + 16) * 4);
-    float *part = (float *)p;
+    layer_scratch_t sb;
+    carve((char *)S->scratch, d, I, H, KVH, hd, max_len, M, S->threads, &sb);
+    uint16_t *qkv = sb.qkv, *att = sb.att, *yo = sb.yo, *h2 = sb.h2, *gu = sb.gu, *act = sb.act;
+    uint16_t *rk = sb.rk;
+    const proj_scratch_t ps = sb.ps;
+    float *scores = sb.scores, *part = sb.part;
     /* position chunks per (row, KV head): enough items for every thread, chunks >= 32 long */
     int C = (2 * S->threads + M * KVH - 1) / (M * KVH);
     int shortest = max_len;

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import time
 from pathlib import Path
 
@@ -50,7 +51,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--calibration", default=None)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--no-progress", action="store_true")
-    return ap.parse_args(argv)
+    ap.add_argument(
+        "--shard",
+        default=None,
+        metavar="I/N",
+        help="run only pairs I, I+N, I+2N, ... (0-based) into X.samples.shard-I-of-N.jsonl, so N "
+        "processes can share the work; run again without --shard to aggregate every shard",
+    )
+    args = ap.parse_args(argv)
+    if args.shard is not None:
+        m = re.fullmatch(r"(\d+)/(\d+)", args.shard)
+        if not m or not 0 <= int(m[1]) < int(m[2]):
+            ap.error(f"--shard wants I/N with 0 <= I < N, got {args.shard!r}")
+        args.shard = (int(m[1]), int(m[2]))
+    return args
 
 
 def row_names(args) -> list[tuple[str, str, float | None]]:
@@ -240,13 +254,19 @@ def evaluate(args: argparse.Namespace) -> dict:
     js.parent.mkdir(parents=True, exist_ok=True)
     samples = js.with_suffix(".samples.jsonl")
     done: dict[tuple[str, str], dict] = {}
-    if samples.is_file():
-        for ln in samples.read_text().splitlines():
-            if ln.strip():
-                r = json.loads(ln)
-                done[(r["row"], r["id"])] = r
+    for path in [samples, *sorted(js.parent.glob(js.stem + ".samples.shard-*.jsonl"))]:
+        if path.is_file():
+            for ln in path.read_text().splitlines():
+                if ln.strip():
+                    r = json.loads(ln)
+                    done[(r["row"], r["id"])] = r
     engines = Engines(args)
-    todo = [(p, row) for p in pairs for row in rows if (row[0], p.id) not in done]
+    mine = pairs
+    if args.shard is not None:
+        i, n = args.shard
+        mine = pairs[i::n]
+        samples = js.with_name(f"{js.stem}.samples.shard-{i}-of-{n}.jsonl")
+    todo = [(p, row) for p in mine for row in rows if (row[0], p.id) not in done]
     bar = tqdm(todo, disable=args.no_progress, desc="evaluate", dynamic_ncols=True)
     with samples.open("a") as f:
         for pair, (name, policy, ratio) in bar:
@@ -256,6 +276,15 @@ def evaluate(args: argparse.Namespace) -> dict:
             f.write(json.dumps(rec) + "\n")
             f.flush()
     ids = [p.id for p in pairs]
+    missing = sum((n, i) not in done for n, _, _ in rows for i in ids)
+    if missing:
+        print(
+            f"[evaluate] shard {args.shard[0]}/{args.shard[1]} done; {missing} (row, pair) samples "
+            "are still missing from other shards: run the other shards, then the same command "
+            "without --shard to aggregate",
+            flush=True,
+        )
+        return {"missing": missing}
     plen = {
         i: done[(n, i)].get("prompt_tokens", 0)
         for n, pol, _ in rows

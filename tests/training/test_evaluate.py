@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from training.evaluate import main
+from training.evaluate import evaluate, main, parse_args
 from training.metrics import lead3, percentile, rouge, split_sentences
 
 
@@ -54,3 +54,41 @@ def test_evaluate_end_to_end(pairs_file, trained, tmp_path):
     assert n == 2 * 5
     main(argv)  # resumable: nothing left to run, nothing appended
     assert len(out.with_suffix(".samples.jsonl").read_text().splitlines()) == n
+
+
+def test_evaluate_shards_then_aggregate(pairs_file, tmp_path):
+    base = [
+        "--policies",
+        "lead-3,fp16",
+        "--model",
+        "tiny:llama",
+        "--data",
+        str(pairs_file),
+        "--limit",
+        "3",
+        "--max-new-tokens",
+        "3",
+        "--no-progress",
+    ]
+    whole, split = tmp_path / "whole" / "e.json", tmp_path / "split" / "e.json"
+    main([*base, "--json", str(whole)])
+    res = evaluate(parse_args([*base, "--json", str(split), "--shard", "0/2"]))
+    assert res == {"missing": 2}  # pair b, for the fp16 and lead-3 rows
+    shard0 = split.with_name("e.samples.shard-0-of-2.jsonl")
+    assert {json.loads(ln)["id"] for ln in shard0.read_text().splitlines()} == {"a", "c"}
+    assert not split.is_file()  # nothing aggregated while shard 1 is missing
+    main([*base, "--json", str(split), "--shard", "1/2"])
+    main([*base, "--json", str(split)])  # aggregates; runs nothing
+    assert not split.with_suffix(".samples.jsonl").read_text().strip()
+    a, b = json.loads(whole.read_text()), json.loads(split.read_text())
+    for ra, rb in zip(a["rows"], b["rows"], strict=True):
+        assert (ra["row"], ra["n"], ra["rougeL"]) == (rb["row"], rb["n"], rb["rougeL"])
+
+
+def test_evaluate_rejects_bad_shard(tmp_path, capsys):
+    import pytest
+
+    for bad in ("2/2", "x", "1-2"):
+        with pytest.raises(SystemExit):
+            main(["--json", str(tmp_path / "e.json"), "--shard", bad])
+        assert "--shard wants I/N" in capsys.readouterr().err

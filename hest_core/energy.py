@@ -133,6 +133,25 @@ class EnergyModel:
                 outq[li] = acc
             self.min_after_q[k] = outq
 
+        # a path no cheaper than a better one is never worth running (fp16 > int8 > skip in
+        # quality): sub[phase][l][p] = the best path costing no more than p at layer l
+        self.sub = {
+            k: [tuple(min(q for q in range(p + 1) if r[q] <= r[p]) for p in range(3)) for r in v]
+            for k, v in self.unit_q.items()
+        }
+
+    def substitutions(self) -> dict[str, dict[str, str]]:
+        """Per phase, {chosen path: path run instead} where some layer substitutes (empty on a
+        device whose costs follow the quality order, e.g. every CPU table shipped here)."""
+        names = ("fp16", "int8", "skip")
+        out: dict[str, dict[str, str]] = {}
+        for ph, rows in self.sub.items():
+            for r in rows:
+                for p, q in enumerate(r):
+                    if q != p:
+                        out.setdefault(ph, {})[names[p]] = names[q]
+        return out
+
     # ---- exact integer (picojoule) costs: what the guard charges ---------------------------------
     def prefill_fixed_q(self, p: int) -> int:
         return math.ceil(self.prefill_fixed(p) * PJ)

@@ -90,10 +90,20 @@ class Engine:
     def __init__(self, *, tokenizer, lean, controller, energy, meter, policy, guard_mode, info):
         self.tokenizer, self.lean, self.controller = tokenizer, lean, controller
         self.energy: EnergyModel = energy
+        # where this device's costs break the quality order (int8 dearer than fp16 on a GPU at
+        # batch 1, say), the path the controller picks is replaced by the better one that costs
+        # no more; per phase: (per-layer tuples, the same as an (L, 3) index tensor)
+        self.path_sub = {
+            ph: (rows, torch.tensor(rows, dtype=torch.long, device=lean.device))
+            for ph, rows in energy.sub.items()
+            if any(r != (0, 1, 2) for r in rows)
+        }
         self.meter = meter
         self.policy, self.guard_mode = policy, guard_mode
         self.device = lean.device
         self._info = info
+        if policy == "hest" and energy.substitutions():
+            self._info["path_substitutions"] = energy.substitutions()
         self.max_article_tokens = DEFAULT_MAX_ARTICLE_TOKENS
         self.default_max_new_tokens = 128
         self.max_new_tokens_limit = 512

@@ -86,9 +86,10 @@ class BatchRunner:
         self.L = engine.lean.spec.n_layers
 
     # ---- path decisions ---------------------------------------------------------------------------
-    def _decider(self, groups: list[tuple[int, int, RequestState]]):
+    def _decider(self, groups: list[tuple[int, int, RequestState]], phase: str):
         """groups: (row0, n, state) covering the flat rows of this forward call."""
         e = self.e
+        sub_rows, sub_t = e.path_sub.get(phase, (None, None))
         fixed = {"fp16": 0, "int8": 1, "skip": 2}.get(e.policy)
         n_rows = sum(g[1] for g in groups)
         if fixed is not None:
@@ -119,6 +120,8 @@ class BatchRunner:
                 # batch-1 decode with the default controller: logits in C, the rest in Python
                 l0, l1, l2 = nctl.logits(li, h)
                 p = 0 if l0 >= l1 and l0 >= l2 else (1 if l1 >= l2 else 2)  # argmax, first max
+                if sub_rows is not None:
+                    p = sub_rows[li][p]
                 # at one row the guard never needs the logits (nothing to rank)
                 return _one_row(st, li, p, _PATH[p], None)
 
@@ -132,6 +135,8 @@ class BatchRunner:
             with torch.no_grad():
                 logits = e.controller(h, li, beta)  # (N, 3)
             paths = logits.argmax(-1)  # (N,)
+            if sub_t is not None:
+                paths = sub_t[li][paths]
             if len(groups) == 1 and groups[0][1] == 1:  # batch-1 decode: stay in Python
                 return _one_row(groups[0][2], li, int(paths), paths, logits)
             total = [0, 0, 0]
@@ -192,7 +197,7 @@ class BatchRunner:
                 torch.tensor(pos, device=dev),
                 slots,
                 cache,
-                self._decider(groups),
+                self._decider(groups, "prefill"),
                 decode=False,
                 logits_rows=torch.tensor(last, device=dev),
             )
@@ -240,7 +245,7 @@ class BatchRunner:
                     torch.tensor([s.pos0 for s in slots], device=dev),
                     slots,
                     cache,
-                    self._decider(groups),
+                    self._decider(groups, "decode"),
                     decode=True,
                 )
             nxt = logits.argmax(-1).tolist()

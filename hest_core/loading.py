@@ -216,6 +216,11 @@ def build_lean(
     (the spectral adapter's merge) before the 16-bit and int8 copies are made."""
     check_layout(hf)
     spec = spec_of(hf)
+    if device.type == "cuda":
+        # cuDNN's attention builds an execution graph per new shape: ~47 ms the first time each
+        # context length is seen, i.e. at every decode step of a fresh server (measured on an
+        # H100, docs/gpu.md); flash / memory-efficient attention have no such cost
+        torch.backends.cuda.enable_cudnn_sdp(False)
 
     def w(li: int, target: str, mod) -> torch.Tensor:
         t = mod.weight.detach().float()

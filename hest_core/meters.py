@@ -37,6 +37,9 @@ class Reading:
 
 class Meter:
     name = "none"
+    # shortest window whose reading means something (a counter that updates every few ms
+    # reads 0 or one whole step over a shorter one); calibration windows are at least this long
+    min_window_s = 0.0
 
     def _joules(self) -> float:
         raise NotImplementedError
@@ -81,12 +84,30 @@ class NvmlMeter(Meter):
         self._h = pynvml.nvmlDeviceGetHandleByIndex(index)
         self._nvml.nvmlDeviceGetTotalEnergyConsumption(self._h)  # raises where unsupported
         self.index = index
+        self.update_s = self._update_period()
+        self.min_window_s = min(0.5, max(0.05, 10 * self.update_s))
+
+    def _update_period(self, probe_s: float = 0.3) -> float:
+        """Median time between changes of the energy counter, polled for `probe_s` (the driver
+        refreshes it every few ms to ~100 ms depending on the GPU; idle power still moves it)."""
+        changes, last = [], self._joules()
+        t_end = time.perf_counter() + probe_s
+        while time.perf_counter() < t_end:
+            v = self._joules()
+            if v != last:
+                changes.append(time.perf_counter())
+                last = v
+        gaps = sorted(b - a for a, b in zip(changes, changes[1:], strict=False))
+        return gaps[len(gaps) // 2] if gaps else probe_s
 
     def _joules(self) -> float:
         return self._nvml.nvmlDeviceGetTotalEnergyConsumption(self._h) / 1000.0
 
     def describe(self) -> str:
-        return f"nvml (GPU {self.index} total-energy counter)"
+        return (
+            f"nvml (GPU {self.index} total-energy counter, updates every "
+            f"~{self.update_s * 1e3:.0f} ms)"
+        )
 
 
 class RaplMeter(Meter):

@@ -180,3 +180,15 @@ def test_cli_summarize_json(tmp_path):
         timeout=300,
     )
     assert bad.returncode == 2 and "energy_budget_ratio" in bad.stderr
+
+
+def test_dominated_paths_are_substituted_by_better_ones():
+    t = table(L=3)
+    assert EnergyModel(t).substitutions() == {}  # costs in quality order: nothing changes
+    assert EnergyModel(t).sub["decode"] == [(0, 1, 2)] * 3
+    # a GPU at batch 1: int8 dearer than fp16 everywhere, skip dearer than fp16 on layer 1
+    t.decode.unit = [[30.0, 90.0, 10.0], [30.0, 90.0, 40.0], [30.0, 30.0, 10.0]]
+    em = EnergyModel(t)
+    assert em.sub["decode"] == [(0, 0, 2), (0, 0, 0), (0, 0, 2)]  # a tie goes to the better path
+    assert em.sub["prefill"] == [(0, 1, 2)] * 3
+    assert em.substitutions() == {"decode": {"int8": "fp16", "skip": "fp16"}}

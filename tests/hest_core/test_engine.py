@@ -191,3 +191,41 @@ def test_ratio_one_pays_for_every_unit_on_fp16():
         assert res.finish_reason == "length" and st.completion_tokens == 16
         assert st.demotions == 0 and st.paths["int8"] == st.paths["skip"] == 0
         assert st.modelled_j == st.budget_j == st.fp16_cost_j
+
+
+def test_paths_dearer_than_fp16_on_this_device_run_as_fp16(tiny_engine: Engine, tmp_path):
+    """A GPU at batch 1 measured int8 dearer than fp16 (H100, docs/gpu.md): a controller that
+    picks int8 must then run fp16, which is better and cheaper, not spend the budget on int8 and
+    stop early."""
+    import torch
+
+    from hest_core.energy import CalibrationTable
+
+    t = CalibrationTable.load(tiny_engine.info()["calibration"]["source"])
+    f = t.decode.unit[0][0]
+    t.decode.unit = [[f, 3 * f, 1.2 * f] for _ in t.decode.unit]  # int8 and skip dearer
+    g = t.prefill.unit[0][0]
+    t.prefill.unit = [[g, 0.5 * g, 0.2 * g] for _ in t.prefill.unit]  # the usual order
+    path = tmp_path / "inverted.json"
+    t.save(path)
+    eng = Engine.from_pretrained(
+        "tiny:llama", adapter=None, policy="hest", calibration=path, progress=False
+    )
+    assert eng.info()["path_substitutions"] == {"decode": {"int8": "fp16", "skip": "fp16"}}
+    with torch.no_grad():
+        eng.controller.hest_a0.copy_(torch.tensor([0.0, 1.0, 0.0]))  # always picks int8
+    L = eng.lean.spec.n_layers
+
+    def run(batch: int):
+        reqs = [GenerationRequest(ARTICLE, energy_budget_ratio=1.0, max_new_tokens=12)] * batch
+        return eng.generate(reqs)
+
+    for batch in (1, 2):  # batch 1 decodes through the C controller, 2 through PyTorch's
+        for r in run(batch):
+            st = r.stats
+            assert st.paths["int8"] == st.prompt_tokens * L  # prefill: int8 is cheaper there
+            assert st.paths["fp16"] == (st.completion_tokens - 1) * L  # decode: substituted
+            assert r.finish_reason != "energy_budget"
+            assert st.modelled_j <= st.budget_j
+    eng.path_sub = {}  # without the substitution: int8 at 3x fp16 runs the budget dry
+    assert all(r.finish_reason == "energy_budget" for r in run(1))

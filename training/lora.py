@@ -103,6 +103,9 @@ def train_lora(args) -> Path:
                 ckpt, {"step": done, "lora": lora, "opt": opt.state_dict(), "wall_s": wall}
             )
     bar.close()
+    from .plots import plot_curves
+
+    plot_curves(log, out / "curves.png")
     merged = model.merge_and_unload()
     merged.config.name_or_path = f"{name}+lora-r8"
     dst = out / "merged"

@@ -47,7 +47,10 @@ def plot_curves(log: str | Path, png: str | Path) -> None:
     for key in rows[-1]["lambdas"]:
         ax[1, 0].plot(steps, [r["lambdas"].get(key, 0.0) for r in rows], label=f"lambda r={key}")
     ax[1, 0].set_title("dual variables")
-    ax[1, 0].legend()
+    if rows[-1]["lambdas"]:
+        ax[1, 0].legend()
+    else:  # lora-r8, tabs: no energy constraint, nothing to plot
+        ax[1, 0].text(0.5, 0.5, "none: this method has no dual variables", ha="center")
     for p in ("fp16", "int8", "skip"):
         ax[1, 1].plot(steps, _smooth([r[f"share_{p}"] for r in rows]), label=p)
     ax[1, 1].set_title("path shares (hard gates, 10-step mean)")

@@ -90,6 +90,7 @@ def test_lora_trains_merges_and_serves(pairs_file, tmp_path, tiny_engine):
     main(train_argv(pairs_file, tmp_path, 2, "lora-r8"))
     merged = tmp_path / "merged"
     assert (merged / "config.json").is_file()
+    assert (tmp_path / "curves.png").is_file() and (tmp_path / "log.jsonl").is_file()
     cal = tiny_engine.info()["calibration"]["source"]
     eng = Engine.from_pretrained(
         str(merged), adapter=None, policy="fp16", calibration=cal, progress=False

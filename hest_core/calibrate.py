@@ -121,10 +121,11 @@ def _phase(lean: LeanModel, meter: Meter, m: int, ctx: int | None) -> PhaseCosts
     """Fixed costs from their kernels; unit costs from whole forward passes with every unit on
     one path, minus the fixed part (so per-layer overhead lands in the unit costs it belongs to)."""
     from .controller import Controller
-    from .model import SeqSlot
 
     s, lw, dev, dt = lean.spec, lean.layers[0], lean.device, lean.dtype
     decode = ctx is not None
+    if decode and _fused_decode(lean, m):
+        return _phase_fused_decode(lean, meter, m, ctx)
     x = torch.randn(m, s.hidden, dtype=dt, device=dev)
     ctl = Controller(s.hidden, s.n_layers).to(dev)
     beta = torch.zeros(m, device=dev)
@@ -172,30 +173,84 @@ def _phase(lean: LeanModel, meter: Meter, m: int, ctx: int | None) -> PhaseCosts
             tok_fixed += max(0.0, js[0] - attn / s.n_layers * 64) * s.n_layers
             fixed_total = tok_fixed + attn * ctx + head
         # whole forward passes, one path everywhere
-        cache = lean.new_cache(1, (ctx or m) + 1)
-        for t in cache.k + cache.v:
-            t.normal_()
-        pos0 = ctx - 1 if decode else 0
-        slots = [SeqSlot(row0=0, n=m, cache_row=0, pos0=pos0)]
-        tok = torch.randint(0, s.vocab, (m,), device=dev)
-        positions = torch.arange(pos0, pos0 + m, device=dev)
-        last = torch.tensor([m - 1], device=dev)
-        u = []
-        for p in range(3):
-            dec = const_decider(p)
-            j = measure(
-                lambda dec=dec: lean.forward(tok, positions, slots, cache, dec, decode, last),
-                meter,
-                dev,
-                min_s=0.15,
-                reps=7,
+        u = [
+            max(_forward_j(lean, meter, m, ctx, p) - fixed_total, 0.0) / (m * s.n_layers)
+            for p in range(3)
+        ]
+    return _phase_costs(s.n_layers, u, tok_fixed, attn, head)
+
+
+def _fused_decode(lean: LeanModel, m: int) -> bool:
+    """Whether a decode step of m rows runs through the fused native layer here."""
+    fused = getattr(lean, "fused", None)
+    if fused is None:
+        return False
+    return fused.usable(torch.zeros(m, dtype=torch.long), lean.new_cache(m, 2))
+
+
+def _phase_fused_decode(lean: LeanModel, meter: Meter, m: int, ctx: int) -> PhaseCosts:
+    """Decode through the fused layer: norms, rope, attention and residuals run inside each
+    layer's one native call and cannot be timed apart from it. So attention per position is the
+    slope of whole fp16 steps between two contexts; the token's fixed part is the embedding plus
+    what the runtime runs beside the layers (the C controller at batch 1); the head is timed on
+    its own; the norms, rope and residuals land in the unit costs (every path pays them)."""
+    from .controller import Controller
+    from .fused import NativeController
+
+    s, dev, dt = lean.spec, lean.device, lean.dtype
+    with torch.inference_mode():
+        ids = torch.randint(0, s.vocab, (m,), device=dev)
+        tok_fixed = measure(lambda: lean.embed[ids], meter, dev)[1] / m
+        nctl = NativeController.of(Controller(s.hidden, s.n_layers), 0.0) if m == 1 else None
+        if nctl is not None:
+            h = torch.randn(1, s.hidden, dtype=dt)
+            tok_fixed += measure(
+                lambda: [nctl.logits(li, h) for li in range(s.n_layers)], meter, dev
             )[1]
-            u.append(max(j - fixed_total, 0.0) / (m * s.n_layers))
+        x1 = torch.randn(1, s.hidden, dtype=dt, device=dev)
+        head = measure(lambda: F.linear(rms_norm(x1, lean.norm, s.eps), lean.lm_head), meter, dev)[
+            1
+        ]
+    lo = 64
+    full = [_forward_j(lean, meter, m, ctx, p) for p in range(3)]
+    attn = max(0.0, (full[0] - _forward_j(lean, meter, m, lo, 0)) / (m * (ctx - lo)))
+    fixed_total = m * (tok_fixed + attn * ctx) + head
+    u = [max(j - fixed_total, 0.0) / (m * s.n_layers) for j in full]
+    return _phase_costs(s.n_layers, u, tok_fixed, attn, head)
+
+
+def _forward_j(lean: LeanModel, meter: Meter, m: int, ctx: int | None, path: int) -> float:
+    """Joules of one whole forward pass (embedding, every layer on `path`, the head): m prompt
+    rows from position 0, or (ctx given) one decode step of m rows at context ctx."""
+    from .model import SeqSlot
+
+    s, dev = lean.spec, lean.device
+    decode = ctx is not None
+    cache = lean.new_cache(1, (ctx or m) + 1)
+    for t in cache.k + cache.v:
+        t.normal_()
+    pos0 = ctx - 1 if decode else 0
+    slots = [SeqSlot(row0=0, n=m, cache_row=0, pos0=pos0)]
+    tok = torch.randint(0, s.vocab, (m,), device=dev)
+    positions = torch.arange(pos0, pos0 + m, device=dev)
+    last = torch.tensor([m - 1], device=dev)
+    dec = const_decider(path)
+    with torch.inference_mode():
+        return measure(
+            lambda: lean.forward(tok, positions, slots, cache, dec, decode, last),
+            meter,
+            dev,
+            min_s=0.15,
+            reps=7,
+        )[1]
+
+
+def _phase_costs(n_layers: int, u: list[float], tok_fixed: float, attn: float, head: float):
     u[2] = min(u[2], u[1])  # skip's work is a subset of int8's: timing noise must not invert them
-    floor = 1e-3 * max(u)
-    u = [max(v, floor) for v in u]  # a unit is never free
+    floor = max(1e-3 * max(u), 1e-9)
+    u = [max(v, floor) for v in u]  # a unit is never free (noise can eat a tiny model's units)
     return PhaseCosts(
-        unit=[list(u) for _ in range(s.n_layers)],
+        unit=[list(u) for _ in range(n_layers)],
         token_fixed=tok_fixed,
         attn_ctx=attn,
         head=head,

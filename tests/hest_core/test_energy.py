@@ -192,3 +192,31 @@ def test_dominated_paths_are_substituted_by_better_ones():
     assert em.sub["decode"] == [(0, 0, 2), (0, 0, 0), (0, 0, 2)]  # a tie goes to the better path
     assert em.sub["prefill"] == [(0, 1, 2)] * 3
     assert em.substitutions() == {"decode": {"int8": "fp16", "skip": "fp16"}}
+
+
+def test_decode_calibration_times_the_fused_layer_where_it_runs(monkeypatch):
+    """With the fused native layer, decode's norms/rope/attention cannot be timed apart: the
+    calibration then derives attention from whole steps at two contexts (not from PyTorch SDPA,
+    which decode no longer runs)."""
+    import torch
+
+    from hest_core import calibrate, native
+    from hest_core.loading import build_lean, load_hf_model
+
+    lean = build_lean(load_hf_model("tiny:llama"), torch.bfloat16, torch.device("cpu"), 256)
+    for lw in lean.layers:  # what calibrate() sets from its kernel choice on this CPU
+        for lin in lw.int8_linears():
+            lin.woq_max_rows = 4
+    fused_here = native.get() is not None
+    assert calibrate._fused_decode(lean, 1) == fused_here
+    seen = []
+    orig = calibrate._phase_fused_decode
+    monkeypatch.setattr(calibrate, "_phase_fused_decode", lambda *a: seen.append(a[2:]) or orig(*a))
+    d = calibrate._phase(lean, EstimateMeter(30), 1, 96)
+    assert seen == ([(1, 96)] if fused_here else [])
+    assert d.attn_ctx >= 0 and d.head > 0 and d.token_fixed > 0
+    assert all(v > 0 for v in d.unit[0]) and d.unit[0][2] <= d.unit[0][1]
+    lean.fused.enabled = False  # HEST_FUSED=0: the PyTorch loop, timed kernel by kernel
+    assert not calibrate._fused_decode(lean, 1)
+    calibrate._phase(lean, EstimateMeter(30), 1, 96)
+    assert len(seen) == (1 if fused_here else 0)

@@ -243,6 +243,30 @@ def markdown(rows: list[dict], n: int) -> str:
     return "\n".join(lines) + "\n"
 
 
+def read_samples(path: Path, repair: bool = True) -> dict[tuple[str, str], dict]:
+    """(row, pair id) -> sample. A run killed mid-write can leave its last line cut short: that
+    one sample is dropped (and rerun), with a warning, and with `repair` cut from the file (only
+    for the file this process appends to: another shard may be writing its own last line right
+    now); a bad line anywhere else is an error."""
+    lines = path.read_text().splitlines()
+    out = {}
+    for i, ln in enumerate(lines):
+        if not ln.strip():
+            continue
+        try:
+            r = json.loads(ln)
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                if repair:
+                    print(f"[evaluate] {path}: last line cut short; that sample reruns", flush=True)
+                    with path.open("w") as f:  # drop it, so appends start on a fresh line
+                        f.write("".join(x + "\n" for x in lines[:i]))
+                break
+            raise SystemExit(f"{path}:{i + 1}: not a JSON line; fix or remove it") from None
+        out[(r["row"], r["id"])] = r
+    return out
+
+
 def evaluate(args: argparse.Namespace) -> dict:
     from tqdm import tqdm
 
@@ -254,18 +278,16 @@ def evaluate(args: argparse.Namespace) -> dict:
     js.parent.mkdir(parents=True, exist_ok=True)
     samples = js.with_suffix(".samples.jsonl")
     done: dict[tuple[str, str], dict] = {}
-    for path in [samples, *sorted(js.parent.glob(js.stem + ".samples.shard-*.jsonl"))]:
-        if path.is_file():
-            for ln in path.read_text().splitlines():
-                if ln.strip():
-                    r = json.loads(ln)
-                    done[(r["row"], r["id"])] = r
-    engines = Engines(args)
     mine = pairs
     if args.shard is not None:
         i, n = args.shard
         mine = pairs[i::n]
         samples = js.with_name(f"{js.stem}.samples.shard-{i}-of-{n}.jsonl")
+    others = sorted(js.parent.glob(js.stem + ".samples*.jsonl"))
+    for path in [p for p in others if p != samples] + [samples]:
+        if path.is_file():
+            done.update(read_samples(path, repair=path == samples))
+    engines = Engines(args)
     todo = [(p, row) for p in mine for row in rows if (row[0], p.id) not in done]
     bar = tqdm(todo, disable=args.no_progress, desc="evaluate", dynamic_ncols=True)
     with samples.open("a") as f:

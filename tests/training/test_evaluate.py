@@ -92,3 +92,22 @@ def test_evaluate_rejects_bad_shard(tmp_path, capsys):
         with pytest.raises(SystemExit):
             main(["--json", str(tmp_path / "e.json"), "--shard", bad])
         assert "--shard wants I/N" in capsys.readouterr().err
+
+
+def test_a_cut_short_last_sample_line_reruns(tmp_path, capsys):
+    from training.evaluate import read_samples
+
+    p = tmp_path / "e.samples.jsonl"
+    good = json.dumps({"row": "fp16", "id": "a", "x": 1})
+    cut = good + "\n" + good.replace('"a"', '"b"')[:20]
+    p.write_text(cut)
+    assert set(read_samples(p, repair=False)) == {("fp16", "a")}  # another shard's file
+    assert p.read_text() == cut  # left alone: its writer may be mid-line
+    assert set(read_samples(p)) == {("fp16", "a")}
+    assert "cut short" in capsys.readouterr().out
+    assert p.read_text() == good + "\n"  # the next append starts on its own line
+    p.write_text("{oops\n" + good + "\n")
+    import pytest
+
+    with pytest.raises(SystemExit, match=":1: not a JSON line"):
+        read_samples(p)

@@ -24,7 +24,7 @@ from . import native
 from .dtypes import dtype_name
 from .energy import CalibrationTable, PhaseCosts
 from .meters import EstimateMeter, Meter, pick_meter
-from .model import LeanModel, apply_rope, const_decider, rms_norm
+from .model import LeanModel, apply_rope, const_decider, linear16, rms_norm
 from .paths import cache_dir
 
 PACKAGED = Path(__file__).parent / "calibration"
@@ -145,9 +145,7 @@ def _phase(lean: LeanModel, meter: Meter, m: int, ctx: int | None) -> PhaseCosts
         ids = torch.randint(0, s.vocab, (m,), device=dev)
         tok_fixed += measure(lambda: lean.embed[ids], meter, dev)[1] / m
         x1 = x[-1:]
-        head = measure(lambda: F.linear(rms_norm(x1, lean.norm, s.eps), lean.lm_head), meter, dev)[
-            1
-        ]
+        head = _head_j(lean, meter, x1)
         kvh, g = s.n_kv_heads, s.n_heads // s.n_kv_heads
         if not decode:  # causal attention over m tokens: m(m+1)/2 positions
             qq = torch.randn(1, s.n_heads, m, s.head_dim, dtype=dt, device=dev)
@@ -208,15 +206,28 @@ def _phase_fused_decode(lean: LeanModel, meter: Meter, m: int, ctx: int) -> Phas
                 lambda: [nctl.logits(li, h) for li in range(s.n_layers)], meter, dev
             )[1]
         x1 = torch.randn(1, s.hidden, dtype=dt, device=dev)
-        head = measure(lambda: F.linear(rms_norm(x1, lean.norm, s.eps), lean.lm_head), meter, dev)[
-            1
-        ]
-    lo = 64
+        head = _head_j(lean, meter, x1)
+    # attention per position: least-squares slope of skip steps over five contexts (skip
+    # steps are mostly attention, so the slope is the least disturbed by weight traffic)
+    cs = [64 + i * (ctx - 64) // 4 for i in range(5)]
+    js = [_forward_j(lean, meter, m, c, 2) for c in cs]
+    cm, jm = sum(cs) / 5, sum(js) / 5
+    slope = sum((c - cm) * (j - jm) for c, j in zip(cs, js, strict=True))
+    attn = max(0.0, slope / sum((c - cm) ** 2 for c in cs) / m)
     full = [_forward_j(lean, meter, m, ctx, p) for p in range(3)]
-    attn = max(0.0, (full[0] - _forward_j(lean, meter, m, lo, 0)) / (m * (ctx - lo)))
     fixed_total = m * (tok_fixed + attn * ctx) + head
     u = [max(j - fixed_total, 0.0) / (m * s.n_layers) for j in full]
     return _phase_costs(s.n_layers, u, tok_fixed, attn, head)
+
+
+def _head_j(lean: LeanModel, meter: Meter, x1: torch.Tensor) -> float:
+    """The final norm and lm_head for one row, through the same kernel the forward pass uses."""
+    s = lean.spec
+    return measure(
+        lambda: linear16(rms_norm(x1, lean.norm, s.eps), lean.lm_head, lean.lm_head_packed),
+        meter,
+        lean.device,
+    )[1]
 
 
 def _forward_j(lean: LeanModel, meter: Meter, m: int, ctx: int | None, path: int) -> float:

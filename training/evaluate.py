@@ -298,6 +298,10 @@ def evaluate(args: argparse.Namespace) -> dict:
             f.write(json.dumps(rec) + "\n")
             f.flush()
     ids = [p.id for p in pairs]
+    if args.shard is not None:  # the other shards may have finished while this one ran
+        for path in sorted(js.parent.glob(js.stem + ".samples*.jsonl")):
+            if path != samples:
+                done.update(read_samples(path, repair=False))
     missing = sum((n, i) not in done for n, _, _ in rows for i in ids)
     if missing:
         print(

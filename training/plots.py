@@ -93,14 +93,18 @@ def plot_pareto(points: list[dict], png: str | Path) -> None:
             "-o",
             label="hest (one adapter)",
         )
+    names: dict[tuple[float, float], list[str]] = {}  # identical points share one label
     for p in points:
+        names.setdefault((round(p["joules"], 6), round(p["rouge_l"], 6)), []).append(p["name"])
+    for (j, r), ns in names.items():
         ax.annotate(
-            p["name"],
-            (p["joules"], p["rouge_l"]),
+            " = ".join(ns),
+            (j, r),
             fontsize=7,
             xytext=(3, 3),
             textcoords="offset points",
         )
+    for p in points:
         if not p["name"].startswith("hest@"):
             ax.plot(p["joules"], p["rouge_l"], "s")
     ax.set_xlabel("modelled J / sample (estimate meter)")

@@ -77,8 +77,10 @@ def test_evaluate_shards_then_aggregate(pairs_file, tmp_path):
     shard0 = split.with_name("e.samples.shard-0-of-2.jsonl")
     assert {json.loads(ln)["id"] for ln in shard0.read_text().splitlines()} == {"a", "c"}
     assert not split.is_file()  # nothing aggregated while shard 1 is missing
-    main([*base, "--json", str(split), "--shard", "1/2"])
-    main([*base, "--json", str(split)])  # aggregates; runs nothing
+    main([*base, "--json", str(split), "--shard", "1/2"])  # the last shard to end aggregates
+    assert split.is_file()
+    split.unlink()
+    main([*base, "--json", str(split)])  # so does a run without --shard; it runs nothing
     assert not split.with_suffix(".samples.jsonl").read_text().strip()
     a, b = json.loads(whole.read_text()), json.loads(split.read_text())
     for ra, rb in zip(a["rows"], b["rows"], strict=True):

@@ -93,9 +93,9 @@ def plot_pareto(points: list[dict], png: str | Path) -> None:
             "-o",
             label="hest (one adapter)",
         )
-    names: dict[tuple[float, float], list[str]] = {}  # identical points share one label
+    names: dict[tuple[float, float], list[str]] = {}  # points that coincide share one label
     for p in points:
-        names.setdefault((round(p["joules"], 6), round(p["rouge_l"], 6)), []).append(p["name"])
+        names.setdefault((round(p["joules"], 1), round(p["rouge_l"], 2)), []).append(p["name"])
     for (j, r), ns in names.items():
         ax.annotate(
             " = ".join(ns),

@@ -189,7 +189,7 @@ def _fused_decode(lean: LeanModel, m: int) -> bool:
 def _phase_fused_decode(lean: LeanModel, meter: Meter, m: int, ctx: int) -> PhaseCosts:
     """Decode through the fused layer: norms, rope, attention and residuals run inside each
     layer's one native call and cannot be timed apart from it. So attention per position is the
-    slope of whole fp16 steps between two contexts; the token's fixed part is the embedding plus
+    slope of whole skip-path steps over five contexts; the token's fixed part is the embedding plus
     what the runtime runs beside the layers (the C controller at batch 1); the head is timed on
     its own; the norms, rope and residuals land in the unit costs (every path pays them)."""
     from .controller import Controller

@@ -93,17 +93,18 @@ class Engine:
         # where this device's costs break the quality order (int8 dearer than fp16 on a GPU at
         # batch 1, say), the path the controller picks is replaced by the better one that costs
         # no more; per phase: (per-layer tuples, the same as an (L, 3) index tensor)
+        subs = energy.substitutions()
         self.path_sub = {
             ph: (rows, torch.tensor(rows, dtype=torch.long, device=lean.device))
             for ph, rows in energy.sub.items()
-            if any(r != (0, 1, 2) for r in rows)
+            if ph in subs
         }
         self.meter = meter
         self.policy, self.guard_mode = policy, guard_mode
         self.device = lean.device
         self._info = info
-        if policy == "hest" and energy.substitutions():
-            self._info["path_substitutions"] = energy.substitutions()
+        if policy == "hest" and subs:
+            self._info["path_substitutions"] = subs
         self.max_article_tokens = DEFAULT_MAX_ARTICLE_TOKENS
         self.default_max_new_tokens = 128
         self.max_new_tokens_limit = 512

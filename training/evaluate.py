@@ -267,6 +267,15 @@ def read_samples(path: Path, repair: bool = True) -> dict[tuple[str, str], dict]
     return out
 
 
+def _other_samples(js: Path, own: Path) -> dict[tuple[str, str], dict]:
+    """Every samples file of this evaluation (unsharded and shards) but `own`, read as is."""
+    out: dict[tuple[str, str], dict] = {}
+    for path in sorted(js.parent.glob(js.stem + ".samples*.jsonl")):
+        if path != own:
+            out.update(read_samples(path, repair=False))
+    return out
+
+
 def evaluate(args: argparse.Namespace) -> dict:
     from tqdm import tqdm
 
@@ -283,10 +292,9 @@ def evaluate(args: argparse.Namespace) -> dict:
         i, n = args.shard
         mine = pairs[i::n]
         samples = js.with_name(f"{js.stem}.samples.shard-{i}-of-{n}.jsonl")
-    others = sorted(js.parent.glob(js.stem + ".samples*.jsonl"))
-    for path in [p for p in others if p != samples] + [samples]:
-        if path.is_file():
-            done.update(read_samples(path, repair=path == samples))
+    done.update(_other_samples(js, samples))
+    if samples.is_file():
+        done.update(read_samples(samples))  # its own file, repaired if a killed run cut it
     engines = Engines(args)
     todo = [(p, row) for p in mine for row in rows if (row[0], p.id) not in done]
     bar = tqdm(todo, disable=args.no_progress, desc="evaluate", dynamic_ncols=True)
@@ -299,9 +307,7 @@ def evaluate(args: argparse.Namespace) -> dict:
             f.flush()
     ids = [p.id for p in pairs]
     if args.shard is not None:  # the other shards may have finished while this one ran
-        for path in sorted(js.parent.glob(js.stem + ".samples*.jsonl")):
-            if path != samples:
-                done.update(read_samples(path, repair=False))
+        done.update(_other_samples(js, samples))
     missing = sum((n, i) not in done for n, _, _ in rows for i in ids)
     if missing:
         print(

@@ -13,6 +13,8 @@ What it does, in one process, and writes as JSON (and prints):
    time.
 
 Use training pairs (or any JSONL with `article`): this is a hardware check, not an evaluation.
+The JSON holds the generated summaries, which can quote the articles: keep it out of the
+repository (docs/results/gpu/ holds copies with the texts removed).
 """
 
 from __future__ import annotations

@@ -48,6 +48,7 @@ class FusedDecode:
         self._scratch_key: tuple | None = None
         self._step = native.StepArgs()
         self._step_addr = ctypes.addressof(self._step)
+        self._cache_ok: tuple | None = None
 
     # ---- when it applies ---------------------------------------------------------------------
     def _layer_key(self, lw: LayerWeights) -> tuple:
@@ -132,8 +133,9 @@ class FusedDecode:
         nat = native.get()
         assert nat is not None
         n = x.shape[0]
-        for i, sl in enumerate(slots):
-            assert sl.cache_row == i and sl.n == 1, "fused decode: one row per cache row"
+        self._check_step(x, h, positions, slots, cache)
+        if self._key is None:
+            self._sync()  # usable() syncs every step; a direct caller may not have called it
         threads = torch.get_num_threads()
         skey = (n, cache.max_len, threads)
         if skey != self._scratch_key:
@@ -150,14 +152,17 @@ class FusedDecode:
             self._scratch = torch.empty(nbytes + 64, dtype=torch.uint8)
             self._scratch_key = skey
         assert self._scratch is not None
-        positions = positions.contiguous()
+        positions = positions.to(torch.long).contiguous()
         st = self._step
         st.d, st.I, st.H, st.KVH = s.hidden, s.intermediate, s.n_heads, s.n_kv_heads
         st.hd, st.max_len, st.M, st.threads, st.eps = s.head_dim, cache.max_len, n, threads, s.eps
         st.pos = positions.data_ptr()
         st.cos, st.sin = lean.rope_cos.data_ptr(), lean.rope_sin.data_ptr()
+        st.rope_len = lean.rope_cos.shape[0]
+        st.cache_rows = cache.k[0].shape[0]
         base = self._scratch.data_ptr()
         st.scratch = base + (-base % 64)
+        st.scratch_bytes = self._scratch.numel() - (st.scratch - base)
         xp, hp = x.data_ptr(), h.data_ptr()
         call, step, addr, ln_next = nat.decode_layer, self._step_addr, self._addr, self._ln_next
         ks, vs = cache.k, cache.v
@@ -165,7 +170,9 @@ class FusedDecode:
             paths, _counts = decide(li, h)
             if paths.dtype != torch.long or not paths.is_contiguous():
                 paths = paths.to(torch.long).contiguous()
-            call(
+            if paths.numel() != n:
+                native.need(False, "decode_layer", f"{paths.numel()} path codes for {n} rows")
+            rc = call(
                 addr[li],
                 step,
                 paths.data_ptr(),
@@ -175,6 +182,30 @@ class FusedDecode:
                 ks[li].data_ptr(),
                 vs[li].data_ptr(),
             )
+            if rc:
+                native.check(rc, "decode_layer")
+
+    def _check_step(self, x, h, positions, slots, cache: KVCache) -> None:
+        """What the native layer cannot see for itself: that the tensors it is handed hold the
+        shapes the step describes (rows, hidden size, KV-cache layout, dtypes)."""
+        s, n, bf16 = self.lean.spec, x.shape[0], torch.bfloat16
+        need = native.need
+        for t, name in ((x, "x"), (h, "h")):
+            ok = t.shape == (n, s.hidden) and t.dtype == bf16 and t.is_contiguous()
+            need(ok, "decode_layer", f"{name} must be contiguous bf16 ({n}, {s.hidden})")
+        need(positions.numel() == n, "decode_layer", f"{positions.numel()} positions, {n} rows")
+        for i, sl in enumerate(slots):
+            ok = sl.cache_row == i and sl.n == 1
+            need(ok, "decode_layer", "fused decode takes one row per cache row, in order")
+        key = (id(cache.k), id(cache.v), n, cache.max_len)
+        if key == self._cache_ok:
+            return  # this cache's layers were checked at an earlier step
+        shape = (n, s.n_kv_heads, cache.max_len, s.head_dim)
+        need(len(cache.k) == len(cache.v) == s.n_layers, "decode_layer", "one cache per layer")
+        for t in (*cache.k, *cache.v):
+            ok = tuple(t.shape) == shape and t.dtype == bf16 and t.is_contiguous()
+            need(ok, "decode_layer", f"KV cache layers must be contiguous bf16 {shape}")
+        self._cache_ok = key
 
 
 class NativeController:
@@ -216,12 +247,17 @@ class NativeController:
         return cls(ctl, beta)
 
     def logits(self, li: int, h: torch.Tensor) -> tuple[float, float, float]:
-        """h: (1, d) contiguous bf16 on CPU."""
+        """h: (1, d) contiguous bf16 on CPU; li in 0..n_layers-1."""
         if not h.is_contiguous():
             h = h.contiguous()
+        ok = h.dtype == torch.bfloat16 and h.numel() == self.d and 0 <= li < self.lay.shape[0]
+        if not ok:
+            native.need(False, "ctl_logits", f"h must be bf16 of {self.d}, layer {li} known")
         w_tok, a, a0 = self._args
-        self._call(
+        rc = self._call(
             w_tok, self._lay0 + li * self.k * 4, a, a0, self.k, self.d, h.data_ptr(), self._out
         )
+        if rc:
+            native.check(rc, "ctl_logits")
         o = self.out
         return o[0], o[1], o[2]

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from . import native
+from .errors import CacheOverflowError
 from .quant import Int8Linear
 
 FP16, INT8, SKIP = 0, 1, 2
@@ -162,6 +163,22 @@ class KVCache:
         """Drop finished sequences: keep only these batch rows (in this order)."""
         self.k = [t.index_select(0, rows) for t in self.k]
         self.v = [t.index_select(0, rows) for t in self.v]
+
+
+def _check_slots(slots: list[SeqSlot], cache: KVCache, n_rows: int) -> None:
+    """Every slot writes inside the cache it was given; raises CacheOverflowError otherwise."""
+    rows = cache.k[0].shape[0]
+    covered = 0
+    for sl in slots:
+        if not (0 <= sl.cache_row < rows and sl.pos0 >= 0 and sl.pos0 + sl.n <= cache.max_len):
+            raise CacheOverflowError(
+                f"a sequence slot (cache row {sl.cache_row}, positions {sl.pos0}.."
+                f"{sl.pos0 + sl.n - 1}) is outside the KV cache ({rows} rows x {cache.max_len} "
+                "positions): generation ran past what was allocated for the request"
+            )
+        covered += sl.n
+    if covered != n_rows:
+        raise CacheOverflowError(f"slots cover {covered} tokens, the forward has {n_rows}")
 
 
 # decide(layer, h) -> (paths (N,) int64, counts [3]) ; h is the normalised attention input
@@ -311,6 +328,7 @@ class LeanModel:
     ) -> torch.Tensor:
         """ids, positions: (N,). Returns logits (len(logits_rows), vocab) in fp32."""
         s = self.spec
+        _check_slots(slots, cache, ids.shape[0])
         x = self.embed[ids]  # (N, d)
         if decode and self.fused.usable(ids, cache):
             h = rms_norm(x, self.layers[0].ln1, s.eps)

@@ -29,18 +29,35 @@ from pathlib import Path
 
 import torch
 
+from .errors import NativeArgumentError
 from .paths import cache_dir
 
 log = logging.getLogger("hest.native")
 
 SOURCE = Path(__file__).parent / "kernels" / "gemv.c"
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-fno-math-errno"]
+# HEST_NATIVE_SANITIZE=1 builds the kernels with AddressSanitizer and UBSan (tests: the process
+# must preload libasan, see tests/hest_core/test_native_sanitizer.py); never for serving.
+SANITIZE = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=all"]
 NEEDED_FLAGS = ("avx512f", "avx512bw", "avx512vl")
 # Rows up to which the native kernels beat oneDNN (measured at decode shapes, docs/runtime.md):
 # at 1-4 rows for the layer weights; the 49152-row lm_head only at 1 row.
 MAX_ROWS = 4
 MAX_ROWS_WIDE = 1
 WIDE_N = 16384
+# The most activation rows one native call accepts (HEST_MAX_ROWS in kernels/gemv.c).
+LIMIT_ROWS = 16
+# The error codes of kernels/gemv.c (HEST_E*): every exported function checks its arguments and
+# returns one of these instead of touching memory it was not given.
+ERRORS = {
+    -1: "a required pointer is NULL",
+    -2: f"the row count is outside 1..{LIMIT_ROWS}, or the KV cache holds fewer rows than the step",
+    -3: "a dimension is outside the supported range",
+    -4: "a position is outside the KV cache (0..max_len-1) or past the rope table",
+    -5: "a path code is not 0 (fp16), 1 (int8) or 2 (skip)",
+    -6: "the scratch block is smaller than the call needs (or not 64-byte aligned)",
+    -7: "threads < 1",
+}
 
 _P, _I = ctypes.c_void_p, ctypes.c_int
 
@@ -95,7 +112,31 @@ class StepArgs(ctypes.Structure):
         ("cos", _P),
         ("sin", _P),
         ("scratch", _P),
+        ("cache_rows", _I),
+        ("rope_len", _I),
+        ("scratch_bytes", ctypes.c_size_t),
     ]
+
+
+def need(ok: bool, entry: str, what: str) -> None:
+    """The Python side of an entry point's checks (what C cannot see: dtypes, tensor sizes)."""
+    if not ok:
+        raise NativeArgumentError(f"native {entry}: {what}", code="native_" + entry)
+
+
+def _bias_ok(bias: torch.Tensor | None, n: int) -> bool:
+    return bias is None or (
+        bias.dtype == torch.bfloat16 and bias.is_contiguous() and bias.numel() == n
+    )
+
+
+def check(rc: int, entry: str) -> None:
+    """Raise NativeArgumentError for a nonzero return code of native function `entry`."""
+    if rc:
+        why = ERRORS.get(rc, f"unknown error code {rc}")
+        raise NativeArgumentError(
+            f"native {entry} refused its arguments: {why}", code="native_" + entry
+        )
 
 
 class Native:
@@ -104,18 +145,19 @@ class Native:
     def __init__(self, path: Path, note: str):
         lib = ctypes.CDLL(str(path))
         lib.hest_gemv_bf16.argtypes = [_P, _P, _P, _P, _I, _I, _I, _I]
-        lib.hest_gemv_bf16.restype = None
+        lib.hest_gemv_bf16.restype = _I
         lib.hest_gemv_i8.argtypes = [_P, _P, _P, _P, _P, _P, _I, _I, _I, _I]
-        lib.hest_gemv_i8.restype = None
+        lib.hest_gemv_i8.restype = _I
         lib.hest_decode_layer.argtypes = [_P] * 8
-        lib.hest_decode_layer.restype = None
+        lib.hest_decode_layer.restype = _I
         lib.hest_decode_scratch_bytes.argtypes = [_I] * 8
         lib.hest_decode_scratch_bytes.restype = ctypes.c_size_t
         lib.hest_ctl_logits.argtypes = [_P, _P, _P, _P, _I, _I, _P, _P]
-        lib.hest_ctl_logits.restype = None
+        lib.hest_ctl_logits.restype = _I
         self._lib, self.path, self.note = lib, path, note
         self.ctl_logits = lib.hest_ctl_logits  # (w_tok, lay, A, a0, k, d, h, out)
-        self.decode_layer = lib.hest_decode_layer  # (layer*, step*, paths, x, h, ln_next, kc, vc)
+        # (layer*, step*, paths, x, h, ln_next, kc, vc) -> 0 or an error code: see check()
+        self.decode_layer = lib.hest_decode_layer
 
     def scratch_bytes(
         self,
@@ -128,22 +170,33 @@ class Native:
         rows: int,
         threads: int,
     ) -> int:
-        """Bytes of working memory one `decode_layer` call needs for these shapes."""
-        return int(
+        """Bytes of working memory one `decode_layer` call needs for these shapes. Raises
+        NativeArgumentError for shapes the layer cannot take (rows outside 1..LIMIT_ROWS, ...)."""
+        n = int(
             self._lib.hest_decode_scratch_bytes(
                 d, inter, heads, kv_heads, hd, max_len, rows, threads
             )
         )
+        need(
+            n > 0,
+            "decode_scratch_bytes",
+            f"no decode layer for rows={rows}, threads={threads}, "
+            f"d={d}, I={inter}, heads={heads}/{kv_heads}, head_dim={hd}, max_len={max_len}",
+        )
+        return n
 
     def gemv16(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """x (M, K) bf16, w (N, K) bf16 -> (M, N) bf16."""
         x = x.contiguous()
         m, k = x.shape
         n = w.shape[0]
-        assert w.is_contiguous() and w.dtype == x.dtype and w.shape[1] == k, "gemv16 operands"
-        assert bias is None or (bias.dtype == x.dtype and bias.is_contiguous()), "gemv16 bias"
+        bf16 = torch.bfloat16
+        need(x.dtype == bf16 and x.device.type == "cpu", "gemv_bf16", "x must be CPU bf16")
+        need(w.is_contiguous() and w.dtype == bf16 and w.dim() == 2, "gemv_bf16", "w (N, K) bf16")
+        need(w.shape[1] == k, "gemv_bf16", f"w has {w.shape[1]} columns, x has {k}")
+        need(_bias_ok(bias, n), "gemv_bf16", f"bias must be contiguous bf16 of {n}")
         y = torch.empty(m, n, dtype=x.dtype)
-        self._lib.hest_gemv_bf16(
+        rc = self._lib.hest_gemv_bf16(
             w.data_ptr(),
             x.data_ptr(),
             None if bias is None else bias.data_ptr(),
@@ -153,6 +206,7 @@ class Native:
             k,
             torch.get_num_threads(),
         )
+        check(rc, "gemv_bf16")
         return y
 
     def gemv8(
@@ -162,12 +216,17 @@ class Native:
         x = x.contiguous()
         m, k = x.shape
         n = q.shape[0]
-        assert q.is_contiguous() and q.shape[1] == k and k < 32768, "gemv8 operands"
-        assert scale.dtype == torch.float32 and scale.is_contiguous(), "gemv8 scales"
-        assert bias is None or (bias.dtype == x.dtype and bias.is_contiguous()), "gemv8 bias"
+        need(x.dtype == torch.bfloat16 and x.device.type == "cpu", "gemv_i8", "x must be CPU bf16")
+        need(
+            q.is_contiguous() and q.dtype == torch.int8 and q.dim() == 2, "gemv_i8", "q (N, K) int8"
+        )
+        need(q.shape[1] == k, "gemv_i8", f"q has {q.shape[1]} columns, x has {k}")
+        ok = scale.dtype == torch.float32 and scale.is_contiguous() and scale.numel() == n
+        need(ok, "gemv_i8", f"scale must be contiguous fp32 of {n}")
+        need(_bias_ok(bias, n), "gemv_i8", f"bias must be contiguous bf16 of {n}")
         y = torch.empty(m, n, dtype=x.dtype)
         scratch = torch.empty(m * (k + 2), dtype=torch.int16)  # int16 activations + fp32 scales
-        self._lib.hest_gemv_i8(
+        rc = self._lib.hest_gemv_i8(
             q.data_ptr(),
             scale.data_ptr(),
             x.data_ptr(),
@@ -179,6 +238,7 @@ class Native:
             k,
             torch.get_num_threads(),
         )
+        check(rc, "gemv_i8")
         return y
 
 
@@ -200,8 +260,9 @@ def _build() -> tuple[Native | None, str]:
     except (OSError, subprocess.SubprocessError, IndexError) as e:
         return None, f"off ({cc} --version failed: {e})"
     flags = sorted(_cpu_flags())
+    cflags = CFLAGS + (SANITIZE if os.environ.get("HEST_NATIVE_SANITIZE") == "1" else [])
     key = hashlib.sha256(
-        "\n".join([SOURCE.read_text(), " ".join(CFLAGS), version, " ".join(flags)]).encode()
+        "\n".join([SOURCE.read_text(), " ".join(cflags), version, " ".join(flags)]).encode()
     ).hexdigest()[:16]
     out = cache_dir() / "kernels" / f"gemv-{key}.so"
     if not out.is_file():
@@ -210,7 +271,7 @@ def _build() -> tuple[Native | None, str]:
         os.close(fd)
         try:
             r = subprocess.run(
-                [cc, *CFLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=300
+                [cc, *cflags, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=300
             )
             if r.returncode != 0:
                 log.warning(

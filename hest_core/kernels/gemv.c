@@ -17,12 +17,29 @@
  *                   does 32 multiply-adds per instruction; both scales are applied to the sum.
  *   hest_decode_layer: one whole decoder layer of a decode step (below), built on the same loops.
  *   hest_ctl_logits:   the factorised controller's logits for one row.
+ *
+ * Every exported function checks its arguments before it touches memory (row counts, shapes,
+ * positions against the cache it was given, path codes, scratch size) and returns 0, or one of
+ * the HEST_E* codes below without reading or writing anything; native.py turns a code into a
+ * Python error. What C cannot see (whether a pointer really holds that many bytes) the Python
+ * caller checks against the tensors it passes.
  */
 #include <immintrin.h>
 #include <stdint.h>
 #include <string.h>
 
 #define NB 4 /* output rows per block */
+#define HEST_MAX_ROWS 16 /* activation rows one call takes (decode steps of up to 16 requests) */
+
+/* Error codes of the exported functions (native.py: ERRORS). */
+#define HEST_OK 0
+#define HEST_ENULL -1    /* a required pointer is NULL */
+#define HEST_EROWS -2    /* row count M outside 1..HEST_MAX_ROWS (or the cache holds fewer rows) */
+#define HEST_ESHAPE -3   /* a dimension is out of the supported range */
+#define HEST_EPOS -4     /* a position outside 0..max_len-1 or past the rope table */
+#define HEST_EPATH -5    /* a path code that is not 0 (fp16), 1 (int8) or 2 (skip) */
+#define HEST_ESCRATCH -6 /* the scratch block is smaller than the call needs */
+#define HEST_ETHREADS -7 /* threads < 1 */
 #ifndef PD16
 #define PD16 2 /* prefetch distance in blocks, bf16 weights (measured: 1-4 equal, 8 worse) */
 #endif
@@ -106,10 +123,15 @@ BF16_BLOCK(4)
 static void gemv_bf16_for(const uint16_t *W, const uint16_t *x, const uint16_t *bias, uint16_t *y,
                           int M, int N, int K);
 
-void hest_gemv_bf16(const uint16_t *W, const uint16_t *x, const uint16_t *bias, uint16_t *y,
-                    int M, int N, int K, int threads) {
+int hest_gemv_bf16(const uint16_t *W, const uint16_t *x, const uint16_t *bias, uint16_t *y,
+                   int M, int N, int K, int threads) {
+    if (!W || !x || !y) return HEST_ENULL;
+    if (M < 1 || M > HEST_MAX_ROWS) return HEST_EROWS;
+    if (N < 1 || K < 1) return HEST_ESHAPE;
+    if (threads < 1) return HEST_ETHREADS;
 #pragma omp parallel num_threads(threads)
     gemv_bf16_for(W, x, bias, y, M, N, K);
+    return HEST_OK;
 }
 
 /* ---------------------------------------------------------------------------------------- */
@@ -169,13 +191,18 @@ static void gemv_i8_for(const int8_t *W, const float *scale, const int16_t *xq, 
 
 /* scratch: at least M*K int16 + M floats, 4-byte aligned (the quantised activations, made once
  * per call, not once per weight row). */
-void hest_gemv_i8(const int8_t *W, const float *scale, const uint16_t *x, const uint16_t *bias,
-                  uint16_t *y, void *scratch, int M, int N, int K, int threads) {
+int hest_gemv_i8(const int8_t *W, const float *scale, const uint16_t *x, const uint16_t *bias,
+                 uint16_t *y, void *scratch, int M, int N, int K, int threads) {
+    if (!W || !scale || !x || !y || !scratch) return HEST_ENULL;
+    if (M < 1 || M > HEST_MAX_ROWS) return HEST_EROWS;
+    if (N < 1 || K < 1 || K >= 32768) return HEST_ESHAPE; /* int32 sums: see above */
+    if (threads < 1) return HEST_ETHREADS;
     float *xs = (float *)scratch;
     int16_t *xq = (int16_t *)(xs + M);
     quant_rows_i16(x, M, K, xq, xs);
 #pragma omp parallel num_threads(threads)
     gemv_i8_for(W, scale, xq, xs, bias, y, M, N, K);
+    return HEST_OK;
 }
 
 /* ---------------------------------------------------------------------------------------- */
@@ -214,8 +241,11 @@ typedef struct {
     int d, I, H, KVH, hd, max_len, M, threads;
     float eps;
     const int64_t *pos;                        /* (M) position of each row */
-    const uint16_t *cos, *sin;                 /* rope tables (positions, hd) */
+    const uint16_t *cos, *sin;                 /* rope tables (rope_len positions, hd) */
     void *scratch;                             /* hest_decode_scratch_bytes(...) bytes, 64-aligned */
+    int cache_rows;                            /* rows the kc/vc caches hold (>= M) */
+    int rope_len;                              /* positions in the rope tables */
+    size_t scratch_bytes;                      /* bytes at scratch */
 } hest_step_t;
 
 static inline uint16_t mul_bf16(uint16_t a, uint16_t b) { return f32_to_bf16(bf16_to_f32(a) * bf16_to_f32(b)); }
@@ -503,18 +533,53 @@ static size_t carve(char *base, int d, int I, int H, int KVH, int hd, int max_le
     return off;
 }
 
+/* 0 for shapes a decode-layer call cannot take (the arrays below are sized for them). */
+static int shapes_ok(int d, int I, int H, int KVH, int hd, int max_len, int M, int threads) {
+    if (M < 1 || M > HEST_MAX_ROWS || threads < 1) return 0;
+    if (d < 1 || I < 1 || H < 1 || KVH < 1 || H % KVH || max_len < 1) return 0;
+    return hd >= 2 && hd <= 512 && hd % 2 == 0 && H / KVH <= 16;
+}
+
 size_t hest_decode_scratch_bytes(int d, int I, int H, int KVH, int hd, int max_len, int M,
                                  int threads) {
+    if (!shapes_ok(d, I, H, KVH, hd, max_len, M, threads)) return 0;
     return carve(NULL, d, I, H, KVH, hd, max_len, M, threads, NULL);
+}
+
+/* The checks of one decode-layer call, before any memory is touched. */
+static int check_layer_call(const hest_layer_t *L, const hest_step_t *S, const int64_t *paths,
+                            const uint16_t *x, const uint16_t *h, const uint16_t *ln_next,
+                            const uint16_t *kc, const uint16_t *vc) {
+    if (!L || !S || !paths || !x || !h || !ln_next || !kc || !vc) return HEST_ENULL;
+    if (!S->pos || !S->cos || !S->sin || !S->scratch) return HEST_ENULL;
+    if (!L->ln1 || !L->ln2 || !L->wqkv || !L->wo || !L->wgu || !L->wdown) return HEST_ENULL;
+    if (!L->qkv8 || !L->o8 || !L->gu8 || !L->down8) return HEST_ENULL;
+    if (!L->qkv8_s || !L->o8_s || !L->gu8_s || !L->down8_s) return HEST_ENULL;
+    if ((L->q_norm == NULL) != (L->k_norm == NULL)) return HEST_ENULL;
+    if (L->sc_a && (!L->sc_b || L->R < 1 || L->R > S->d)) return HEST_ESHAPE;
+    if (S->threads < 1) return HEST_ETHREADS;
+    if (S->M < 1 || S->M > HEST_MAX_ROWS || S->cache_rows < S->M) return HEST_EROWS;
+    if (!shapes_ok(S->d, S->I, S->H, S->KVH, S->hd, S->max_len, S->M, S->threads))
+        return HEST_ESHAPE;
+    for (int m = 0; m < S->M; m++) {
+        if (paths[m] < 0 || paths[m] > 2) return HEST_EPATH;
+        if (S->pos[m] < 0 || S->pos[m] >= S->max_len || S->pos[m] >= S->rope_len) return HEST_EPOS;
+    }
+    size_t need = carve(NULL, S->d, S->I, S->H, S->KVH, S->hd, S->max_len, S->M, S->threads, NULL);
+    if ((uintptr_t)S->scratch % 64 || S->scratch_bytes < need) return HEST_ESCRATCH;
+    return HEST_OK;
 }
 
 /* x (M, d): residual stream in and out. h (M, d): in, the normalised input of this layer (the
  * controller saw it); out, the normalised input of the next layer (ln_next: the next layer's
- * ln1, or the final norm). kc/vc: this layer's cache (M rows, KVH, max_len, hd). paths (M):
- * 0 fp16, 1 int8, 2 skip. */
-void hest_decode_layer(const hest_layer_t *L, const hest_step_t *S, const int64_t *paths,
-                       uint16_t *x, uint16_t *h, const uint16_t *ln_next, uint16_t *kc,
-                       uint16_t *vc) {
+ * ln1, or the final norm). kc/vc: this layer's cache (cache_rows >= M rows, KVH, max_len, hd);
+ * row m writes position pos[m] of cache row m. paths (M): 0 fp16, 1 int8, 2 skip. Returns 0, or
+ * an HEST_E* code without touching memory. */
+int hest_decode_layer(const hest_layer_t *L, const hest_step_t *S, const int64_t *paths,
+                      uint16_t *x, uint16_t *h, const uint16_t *ln_next, uint16_t *kc,
+                      uint16_t *vc) {
+    int rc = check_layer_call(L, S, paths, x, h, ln_next, kc, vc);
+    if (rc != HEST_OK) return rc;
     const int d = S->d, I = S->I, H = S->H, KVH = S->KVH, hd = S->hd, M = S->M;
     const int qd = H * hd, kvd = KVH * hd, nqkv = qd + 2 * kvd, G = H / KVH;
     const int max_len = S->max_len;
@@ -531,7 +596,7 @@ void hest_decode_layer(const hest_layer_t *L, const hest_step_t *S, const int64_
     while (C > 1 && shortest / C < 32) C--;
     C = C < 1 ? 1 : (C > CMAX ? CMAX : C);
 
-    int r16[8], rlo[8], r8[8], rsk[8], n16 = 0, nlo = 0, n8 = 0, nsk = 0;
+    int r16[HEST_MAX_ROWS], rlo[HEST_MAX_ROWS], r8[HEST_MAX_ROWS], rsk[HEST_MAX_ROWS], n16 = 0, nlo = 0, n8 = 0, nsk = 0;
     for (int m = 0; m < M; m++) {
         if (paths[m] == 0) r16[n16++] = m;
         else rlo[nlo++] = m;
@@ -635,14 +700,17 @@ void hest_decode_layer(const hest_layer_t *L, const hest_step_t *S, const int64_
             rms_norm_row(xr, ln_next, h + (size_t)m * d, d, S->eps);
         }
     }
+    return HEST_OK;
 }
 
 /* ---------------------------------------------------------------------------------------- */
 /* The factorised controller (controller.py) for one row at decode, in fp32:
  *   logits = A (sigmoid(W_tok h) * lay) + a0,   lay = sigmoid(w_layer + u beta) (given).
  * W_tok (k, d), A (3, k), a0 (3), lay (k) fp32; h (d) bf16; out (3). */
-void hest_ctl_logits(const float *wtok, const float *lay, const float *A, const float *a0, int k,
-                     int d, const uint16_t *h, float *out) {
+int hest_ctl_logits(const float *wtok, const float *lay, const float *A, const float *a0, int k,
+                    int d, const uint16_t *h, float *out) {
+    if (!wtok || !lay || !A || !a0 || !h || !out) return HEST_ENULL;
+    if (k < 1 || k > 256 || d < 1 || d > 4096) return HEST_ESHAPE;
     float hf[4096], f[256];
     for (int j = 0; j < d; j++) hf[j] = bf16_to_f32(h[j]);
     for (int i = 0; i < k; i++) {
@@ -657,4 +725,5 @@ void hest_ctl_logits(const float *wtok, const float *lay, const float *A, const 
         for (int i = 0; i < k; i++) a += A[(size_t)p * k + i] * f[i];
         out[p] = a;
     }
+    return HEST_OK;
 }

@@ -12,6 +12,7 @@ batched decode costs less, so the model stays conservative).
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import re
 import time
@@ -20,12 +21,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import native
+from . import calib_check, native
 from .dtypes import dtype_name
 from .energy import CalibrationTable, PhaseCosts
 from .meters import EstimateMeter, Meter, pick_meter
 from .model import LeanModel, apply_rope, const_decider, linear16, rms_norm
 from .paths import cache_dir
+
+log = logging.getLogger("hest.calibrate")
 
 PACKAGED = Path(__file__).parent / "calibration"
 PREFILL_T = 256
@@ -295,30 +298,58 @@ def _sanity(prefill: PhaseCosts, decode: PhaseCosts) -> list[str]:
 
 
 def calibrate(
-    lean: LeanModel, fp: str, meter: Meter | None = None, progress: bool = True
+    lean: LeanModel,
+    fp: str,
+    meter: Meter | None = None,
+    progress: bool = True,
+    repeats: int | None = None,
+    max_repeats: int | None = None,
 ) -> CalibrationTable:
+    """Measure this device's table in repeats until `repeats` consecutive ones pass
+    `calib_check.problems` and agree (`calib_check.disagreements`), at most `max_repeats`; returns
+    their median with `kernels["settled"] = True`. When they never settle: the median of every
+    repeat with `kernels["settled"] = False` and the reasons in `kernels["unsettled"]` (resolve()
+    then caches nothing). Each repeat takes ~6 s on the default model at 2 threads."""
     meter = meter or pick_meter(lean.device.type)
-    if progress:
-        print(
-            f"[hest] calibrating energy costs on {device_key(lean.device)} with {meter.describe()}",
-            flush=True,
-        )
+    repeats = calib_check.REPEATS if repeats is None else repeats
+    max_repeats = calib_check.MAX_REPEATS if max_repeats is None else max_repeats
+    say = (lambda msg: print(f"[hest] {msg}", flush=True)) if progress else (lambda msg: None)
+    say(f"calibrating energy costs on {device_key(lean.device)} with {meter.describe()}")
     t0 = time.perf_counter()
     kernels = _kernel_choice(lean, meter)
     dummy = CalibrationTable("", "", 0, "", "", "", "", "", 0, None, None, kernels)  # type: ignore[arg-type]
     apply_kernel_choices(lean, dummy)
+    tables: list[CalibrationTable] = []
+    settled = None
+    while settled is None and len(tables) < max(repeats, max_repeats):
+        tables.append(_measure_once(lean, fp, meter, kernels))
+        bad = calib_check.problems(tables[-1])
+        say(f"calibration repeat {len(tables)}: " + ("; ".join(bad) if bad else "ok"))
+        settled = calib_check.settle(tables, repeats)
+    table = settled or calib_check.median_table(tables)
+    k = table.kernels
+    k["settled"], k["repeats"] = settled is not None, len(tables)
+    if settled is None:
+        last = tables[-repeats:]
+        k["unsettled"] = [p for t in last for p in calib_check.problems(t)]
+        k["unsettled"] += calib_check.disagreements(last)
+    k["load_avg_1m"] = round(_load_avg(), 2)
+    k["warnings"] = _sanity(table.prefill, table.decode)
+    for w in k["warnings"]:
+        say(f"warning: {w}")
+    k["calibration_s"] = round(time.perf_counter() - t0, 2)
+    state = "settled" if settled is not None else "did NOT settle"
+    say(f"calibration {state} after {len(tables)} repeats in {k['calibration_s']} s")
+    return table
+
+
+def _measure_once(lean: LeanModel, fp: str, meter: Meter, kernels: dict) -> CalibrationTable:
+    """One measurement of every cost (no checks)."""
     prefill = _phase(lean, meter, min(PREFILL_T, lean.rope_cos.shape[0]), None)
-    decode = _phase(lean, meter, 1, DECODE_CTX)
-    kernels["load_avg_1m"] = round(_load_avg(), 2)
-    kernels["warnings"] = _sanity(prefill, decode)
-    for w in kernels["warnings"]:
-        print(f"[hest] warning: {w}", flush=True)
+    decode = _phase(lean, meter, 1, min(DECODE_CTX, lean.rope_cos.shape[0] - 1))
     method = meter.describe()
     if isinstance(meter, EstimateMeter):
         method = f"estimate: kernel time x nominal {meter.watts:g} W"
-    kernels["calibration_s"] = round(time.perf_counter() - t0, 2)
-    if progress:
-        print(f"[hest] calibrated in {kernels['calibration_s']} s", flush=True)
     return CalibrationTable(
         model=lean.spec.name,
         model_fingerprint=fp,
@@ -331,25 +362,80 @@ def calibrate(
         threads=torch.get_num_threads() if lean.device.type == "cpu" else 0,
         prefill=prefill,
         decode=decode,
-        kernels=kernels,
+        kernels=dict(kernels),
     )
 
 
 def resolve(
     lean: LeanModel, fp: str, path, meter: Meter, progress: bool = True
 ) -> CalibrationTable:
-    """An explicit table, else this device's cached or packaged one, else calibrate now and cache."""
-    if path is not None:
-        return CalibrationTable.load(path)
+    """The table this engine runs under, in this order:
+
+    1. `path` (or `$HEST_CALIBRATION`): a table file, or a directory searched for this device's
+       table name and then `<fingerprint>.json` (a table for this model from any device);
+    2. this device's cached table, unless it fails `calib_check.problems` (then it is set aside
+       as `*.rejected` and measured again);
+    3. the table packaged for this device;
+    4. measured now in repeats (`calibrate`) and cached only if the repeats settled; if they did
+       not, the packaged table of this CPU family where one exists, else the unsettled
+       measurement for this process only. Nothing unsettled is ever cached.
+
+    Raises CalibrationError for an explicit table file that cannot be read."""
     name = table_name(fp, lean)
-    for p in (cache_dir() / "calibration" / name, PACKAGED / name):
-        if p.is_file():
+    path = path or os.environ.get("HEST_CALIBRATION") or None
+    if path is not None:
+        p = Path(path)
+        if not p.is_dir():
             return CalibrationTable.load(p)
+        for cand in (p / name, p / f"{fp}.json"):
+            if cand.is_file():
+                return CalibrationTable.load(cand)
+    cached = cache_dir() / "calibration" / name
+    if cached.is_file():
+        table = CalibrationTable.load(cached)
+        bad = calib_check.problems(table)
+        if not bad:
+            return table
+        log.warning("cached calibration %s fails its checks (%s): measuring again", cached, bad)
+        cached.replace(cached.with_suffix(".rejected"))
+    if (PACKAGED / name).is_file():
+        return CalibrationTable.load(PACKAGED / name)
     table = calibrate(lean, fp, meter, progress)
-    out = cache_dir() / "calibration" / name
-    table.save(out)
-    table.source = str(out)
+    if table.kernels.get("settled"):
+        table.save(cached)
+        table.source = str(cached)
+        return table
+    why = "; ".join(table.kernels.get("unsettled", [])) or "repeats disagree"
+    family = packaged_family(fp, lean)
+    if family is not None:
+        log.warning(
+            "this machine's calibration did not settle (%s); using the packaged table for this "
+            "CPU family, %s, and caching nothing. Run `make calibrate` on a quiet machine",
+            why,
+            family.name,
+        )
+        return CalibrationTable.load(family)
+    log.warning(
+        "this machine's calibration did not settle (%s) and no packaged table fits this CPU "
+        "family: using the measurement for this process only, caching nothing. Run "
+        "`make calibrate` on a quiet machine",
+        why,
+    )
+    table.source = "measured at start (did not settle; not cached)"
     return table
+
+
+def packaged_family(fp: str, lean: LeanModel) -> Path | None:
+    """A packaged table for this model, dtype, threads and kernels from a CPU of the same vendor
+    (e.g. another Intel Xeon), or None."""
+    name = table_name(fp, lean)
+    dev = device_key(lean.device)
+    suffix = name[len(fp) + 1 + len(dev) :]
+    vendor = dev.split("-")[0]
+    for p in sorted(PACKAGED.glob(f"{fp}-{vendor}-*{suffix}")):
+        if p.name.endswith(suffix) and p.name[len(fp) + 1 : -len(suffix)].split("-")[0] == vendor:
+            return p
+    return None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -368,6 +454,21 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="write into hest_core/calibration/ (ships with the code)",
     )
+    ap.add_argument(
+        "--force", action="store_true", help="write the table even if its repeats did not settle"
+    )
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=calib_check.REPEATS,
+        help="consecutive repeats that must agree (default %(default)s)",
+    )
+    ap.add_argument(
+        "--max-repeats",
+        type=int,
+        default=calib_check.MAX_REPEATS,
+        help="repeats measured at most before giving up (default %(default)s)",
+    )
     args = ap.parse_args(argv)
     from .dtypes import resolve_device, resolve_dtype
     from .loading import build_lean, fingerprint, load_hf_model
@@ -381,13 +482,19 @@ def main(argv: list[str] | None = None) -> None:
         if args.meter == "estimate" or args.watts
         else pick_meter(dev.type, args.meter)
     )
-    table = calibrate(lean, fp, meter)
+    table = calibrate(lean, fp, meter, repeats=args.repeats, max_repeats=args.max_repeats)
     name = table_name(fp, lean)
     out = (
         Path(args.out)
         if args.out
         else (PACKAGED if args.package else cache_dir() / "calibration") / name
     )
+    if not table.kernels.get("settled") and not args.force:
+        raise SystemExit(
+            f"the calibration did not settle after {table.kernels['repeats']} repeats "
+            f"({'; '.join(table.kernels.get('unsettled', []))}): nothing written. Rerun on a "
+            "quiet machine, or pass --force to write it anyway"
+        )
     table.save(out)
     s = lean.spec
     for ph in ("prefill", "decode"):

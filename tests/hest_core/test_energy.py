@@ -9,8 +9,8 @@ import sys
 import pytest
 
 from hest_core.energy import CalibrationTable, EnergyModel, PhaseCosts
-from hest_core.errors import CalibrationError
-from hest_core.meters import EstimateMeter, RaplMeter, pick_meter
+from hest_core.errors import CalibrationError, MeterUnavailableError
+from hest_core.meters import EstimateMeter, NvmlMeter, RaplMeter, pick_meter
 
 
 def table(L=4) -> CalibrationTable:
@@ -102,10 +102,33 @@ def test_rapl_meter_reads_powercap_counters_with_wrap(tmp_path):
     assert m.end(w).energy_j == pytest.approx(0.6)
 
 
-def test_missing_hardware_falls_back_to_estimate(monkeypatch):
+def _readable(make) -> bool:
+    try:
+        make()
+        return True
+    except Exception:
+        return False
+
+
+def test_auto_falls_back_to_estimate_but_an_explicit_choice_does_not(monkeypatch):
+    """Issue 11, item 5: HEST_METER=nvml without NVML, or a misspelt name, was silently replaced
+    by the estimate meter."""
     monkeypatch.delenv("HEST_METER", raising=False)
-    assert pick_meter("cuda", "nvml").name in ("nvml", "estimate")  # no GPU here: estimate
     assert pick_meter("cpu", "estimate").name == "estimate"
+    assert pick_meter("cpu").name in ("rapl", "estimate")  # auto never raises
+    assert pick_meter("cuda", "auto").name in ("nvml", "estimate")
+    if not _readable(NvmlMeter):
+        with pytest.raises(MeterUnavailableError, match="nvidia-ml-py.*HEST_METER=auto"):
+            pick_meter("cuda", "nvml")
+        monkeypatch.setenv("HEST_METER", "nvml")
+        with pytest.raises(MeterUnavailableError, match="'nvml' was asked for"):
+            pick_meter("cpu")
+        monkeypatch.delenv("HEST_METER")
+    if not _readable(RaplMeter):
+        with pytest.raises(MeterUnavailableError, match="chmod a\\+r"):
+            pick_meter("cpu", "rapl")
+    with pytest.raises(MeterUnavailableError, match="'nvlm' is not one of auto, nvml, rapl"):
+        pick_meter("cpu", "nvlm")
 
 
 def test_calibrate_command_writes_a_loadable_table(tmp_path):
@@ -121,6 +144,11 @@ def test_calibrate_command_writes_a_loadable_table(tmp_path):
             str(out),
             "--watts",
             "25",
+            "--repeats",
+            "2",
+            "--max-repeats",
+            "2",
+            "--force",  # a busy machine may not settle: the table is written all the same
         ],
         capture_output=True,
         text=True,
@@ -132,6 +160,7 @@ def test_calibrate_command_writes_a_loadable_table(tmp_path):
     em = EnergyModel(t)
     assert 0 < em.min_feasible(50, 8) < em.fp16_cost(50, 8)
     assert "wrote" in r.stdout
+    assert "settled after 2 repeats" in r.stdout or "did NOT settle after 2 repeats" in r.stdout
 
 
 def test_cli_summarize_json(tmp_path):

@@ -121,7 +121,8 @@ class ServerProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
-        clean = {k: v for k, v in os.environ.items() if not k.startswith("HEST_")}
+        keep = ("HEST_CALIBRATION",)  # the fixed test tables (tests/conftest.py)
+        clean = {k: v for k, v in os.environ.items() if not k.startswith("HEST_") or k in keep}
         clean |= {"HEST_HOST": "127.0.0.1", "HEST_PORT": str(self.port)} | env
         with log.open("w") as out:
             self.proc = subprocess.Popen(

@@ -5,7 +5,8 @@
 * `EstimateMeter`: wall time x a configured nominal wattage. Always available; its figures are
   estimates and are labelled `meter="estimate"` everywhere.
 
-`pick_meter()` returns the best one that works here and never raises for missing hardware.
+`pick_meter()` returns the best one that works here ("auto" never raises for missing hardware);
+an explicit choice that cannot be read raises `MeterUnavailableError` with the fix.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import glob
 import os
 import time
 from dataclasses import dataclass
+
+from .errors import MeterUnavailableError
 
 DEFAULT_NOMINAL_WATTS = 30.0  # a 2-core slice of a server CPU; override with HEST_NOMINAL_WATTS
 
@@ -148,22 +151,44 @@ class RaplMeter(Meter):
         return f"rapl ({len(self.files)} package zone(s))"
 
 
+METERS = ("auto", "nvml", "rapl", "estimate")
+_FIX = {
+    "nvml": "NVML's energy counter needs an NVIDIA GPU (Volta or newer), its driver and the "
+    "`nvidia-ml-py` package",
+    "rapl": "RAPL needs Linux powercap counters that this user can read: run as root, or "
+    "`sudo chmod a+r /sys/class/powercap/intel-rapl:*/energy_uj`",
+}
+
+
 def pick_meter(device_type: str = "cpu", prefer: str | None = None) -> Meter:
-    """The best meter available for this device; `prefer` forces one ('nvml'|'rapl'|'estimate')."""
-    prefer = prefer or os.environ.get("HEST_METER") or "auto"
-    order = {
-        "auto": ["nvml", "estimate"] if device_type == "cuda" else ["rapl", "estimate"],
-        "nvml": ["nvml", "estimate"],
-        "rapl": ["rapl", "estimate"],
-        "estimate": ["estimate"],
-    }.get(prefer, ["estimate"])
-    for name in order:
+    """The meter to use. `prefer` (else `$HEST_METER`, else "auto") is one of METERS.
+
+    "auto" picks the best meter that works here (NVML on CUDA, RAPL on CPU) and falls back to
+    the estimate meter without raising. An explicit "nvml" or "rapl" that cannot be read raises
+    MeterUnavailableError naming the fix; it is never silently replaced by an estimate. An
+    unknown name raises MeterUnavailableError too."""
+    prefer = (prefer or os.environ.get("HEST_METER") or "auto").strip().lower()
+    if prefer not in METERS:
+        raise MeterUnavailableError(
+            f"meter {prefer!r} is not one of {', '.join(METERS)}: set HEST_METER (or --meter) to "
+            "one of them; 'auto' picks the best that works here",
+            param="meter",
+        )
+    if prefer == "estimate":
+        return EstimateMeter()
+    if prefer != "auto":
         try:
-            if name == "nvml":
-                return NvmlMeter()
-            if name == "rapl":
-                return RaplMeter()
-            return EstimateMeter()
-        except Exception:  # missing hardware or permissions: fall through to the next meter
+            return NvmlMeter() if prefer == "nvml" else RaplMeter()
+        except Exception as err:  # missing library, hardware or permission
+            raise MeterUnavailableError(
+                f"meter {prefer!r} was asked for but cannot be read here "
+                f"({type(err).__name__}: {err}). {_FIX[prefer]}; or set HEST_METER=auto to use "
+                "the best meter available (the estimate meter where none is)",
+                param="meter",
+            ) from err
+    for make in (NvmlMeter,) if device_type == "cuda" else (RaplMeter,):
+        try:
+            return make()
+        except Exception:  # auto: missing hardware or permissions fall back to the estimate
             continue
     return EstimateMeter()

@@ -12,6 +12,10 @@ import sys
 
 import uvicorn
 from fastapi import FastAPI
+from pydantic import ValidationError
+
+from hest_core import MeterUnavailableError
+from hest_core.meters import pick_meter
 
 from .app import create_app
 from .serving import Serving
@@ -35,7 +39,14 @@ class DrainingServer(uvicorn.Server):
 
 
 def main() -> int:
-    settings = Settings()
+    try:
+        settings = Settings()
+    except ValidationError as err:  # e.g. HEST_METER=nvlm: name the variable and the choices
+        for e in err.errors():
+            var = "HEST_" + "_".join(str(p) for p in e["loc"]).upper()
+            what = f"{var}={e['input']!r}: " if e["loc"] else ""
+            print(f"hest server: bad setting {what}{e['msg']}", file=sys.stderr)
+        return 2
     logging.basicConfig(
         level=settings.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
@@ -50,6 +61,11 @@ def main() -> int:
         settings.device,
         settings.policy,
     )
+    try:  # an explicitly chosen meter that cannot be read stops the server here, with the fix
+        pick_meter(settings.device.split(":")[0], settings.meter)
+    except MeterUnavailableError as err:
+        logging.getLogger("hest.server").error("%s", err)
+        return 2
     app = create_app(settings)
     config = uvicorn.Config(
         app,

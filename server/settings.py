@@ -19,6 +19,12 @@ class Settings(BaseSettings):
     adapter: str = Field("default", description="'default', a path, or 'none' (pure fp16 policy)")
     device: str = Field("cpu", description="'cpu', 'cuda' or 'cuda:N'")
     policy: Literal["hest", "fp16", "int8"] = Field("hest", description="path policy")
+    meter: Literal["auto", "nvml", "rapl", "estimate"] = Field(
+        "auto",
+        description="energy meter: 'auto' picks the best readable one (NVML on CUDA, RAPL on "
+        "CPU, else the estimate); an explicit 'nvml' or 'rapl' that cannot be read stops the "
+        "server at start with the fix",
+    )
     queue_size: int = Field(64, ge=1, description="requests that may wait; more get 429")
     max_batch_size: int = Field(8, ge=1, description="requests per engine batch")
     max_wait_ms: float = Field(10.0, ge=0, description="how long a batch waits to fill up")
@@ -51,7 +57,7 @@ class Settings(BaseSettings):
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     access_log: bool = Field(True, description="uvicorn access log")
 
-    @field_validator("log_level", mode="before")
+    @field_validator("log_level", "meter", mode="before")
     @classmethod
     def _lower(cls, v: object) -> object:
         return v.lower() if isinstance(v, str) else v

@@ -2,6 +2,7 @@
 
 from .artifact import HestAdapter, HestConfig, load_adapter
 from .controller import Controller
+from .decoding import TextDelta, TokenLogprob
 from .engine import Engine, GenerationRequest, GenerationResult, RequestStats
 from .errors import (
     AdapterMismatchError,
@@ -9,6 +10,7 @@ from .errors import (
     CalibrationError,
     HestError,
     InvalidInputError,
+    MeterUnavailableError,
     ModelLoadError,
 )
 from .generation import PreparedRequest
@@ -26,9 +28,12 @@ __all__ = [
     "HestConfig",
     "HestError",
     "InvalidInputError",
+    "MeterUnavailableError",
     "ModelLoadError",
     "PreparedRequest",
     "RequestStats",
+    "TextDelta",
+    "TokenLogprob",
     "build_prompt",
     "load_adapter",
 ]

@@ -15,7 +15,9 @@ import torch
 from . import native
 from .artifact import HestAdapter, load_adapter
 from .controller import Controller
+from .decoding import TokenLogprob, TokenTexts, check_options, check_system
 from .dtypes import dtype_name, resolve_device, resolve_dtype
+from .endings import EndingPlan
 from .energy import PJ, EnergyModel
 from .errors import BudgetTooLowError, HestError, InvalidInputError
 from .generation import BatchRunner, PreparedRequest, RequestState
@@ -39,6 +41,16 @@ class GenerationRequest:
     energy_budget_ratio: float | None = None
     max_new_tokens: int | None = None
     cancelled: threading.Event | None = None
+    # decoding (hest_core/decoding.py; docs/contracts.md): None/empty = greedy, no stop, no logprobs
+    stop: str | tuple[str, ...] = ()  # end the text before the first of these (at most 4)
+    logprobs: int | None = None  # return each token's log probability and this many alternatives
+    temperature: float | None = None  # 0 or None: greedy; else sample (0..2)
+    top_p: float | None = None  # nucleus of the sampling (0..1)
+    seed: int | None = None  # the sampling generator's seed
+    system: str | None = None  # a system instruction for the chat template (replaces its default)
+    # end on a sentence boundary, never mid-sentence because a limit ran out, and before a
+    # repeated sentence (hest_core/endings.py); on by default for summaries
+    clean_end: bool = True
 
 
 @dataclass
@@ -71,6 +83,13 @@ class GenerationResult:
     text: str
     finish_reason: str
     stats: RequestStats = field(repr=False)
+    logprobs: list[TokenLogprob] | None = field(default=None, repr=False)  # when asked
+    # this request failed on its own (finish_reason "error"); the rest of its batch was served
+    error: HestError | None = None
+    # how the clean-ending plan shaped the end: "planned" (ended at a boundary because the next
+    # sentence would not fit), "trimmed" (a limit struck mid-sentence: cut to the last boundary),
+    # "repetition" (ended before a repeated sentence); None when it did not
+    finish_detail: str | None = None
 
 
 def budget_to_q(budget_j: float) -> int:
@@ -112,12 +131,18 @@ class Engine:
         self.default_budget_ratio = 0.6
         self._lock = threading.Lock()
         self.tokenizer_lock = threading.Lock()  # check() may run while generate() runs elsewhere
+        self.token_texts = TokenTexts(tokenizer)  # token id -> text and bytes (logprobs)
         eos = {tokenizer.eos_token_id}
         for name in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>"):
             tid = tokenizer.convert_tokens_to_ids(name)
             if isinstance(tid, int) and tid != tokenizer.unk_token_id:
                 eos.add(tid)
         self.eos_ids = {t for t in eos if t is not None}
+        # tokens that end a sentence on their own (clean endings steer towards them, endings.py)
+        ends = (tokenizer.convert_tokens_to_ids(t) for t in (".", "!", "?"))
+        self.sentence_end_ids = [
+            t for t in ends if isinstance(t, int) and t != tokenizer.unk_token_id
+        ]
 
     # ---- construction -----------------------------------------------------------------------------
     @classmethod
@@ -145,6 +170,7 @@ class Engine:
             torch.set_num_threads(threads)
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
+        m = pick_meter(dev.type, meter)  # before the slow load: a bad explicit meter fails fast
         t0 = time.perf_counter()
         tok = load_tokenizer(model, progress)
         hf = load_hf_model(model, progress)
@@ -172,7 +198,6 @@ class Engine:
             calibrate as calib,  # lazy: `python -m hest_core.calibrate` runs it as __main__
         )
 
-        m = pick_meter(dev.type, meter)
         table = calib.resolve(lean, fp, calibration, m, progress)
         calib.apply_kernel_choices(lean, table)
         del hf
@@ -261,8 +286,19 @@ class Engine:
                 param="energy_budget_j",
                 code="conflicting_budget",
             )
+        options = check_options(r)
+        clean_end = r.clean_end
+        if not isinstance(clean_end, bool):
+            raise InvalidInputError(
+                f"clean_end={clean_end!r} must be true or false",
+                param="clean_end",
+                code="invalid_clean_end",
+            )
         with self.tokenizer_lock:  # HF fast tokenizers are not safe across threads
-            ids, truncated = build_prompt(self.tokenizer, r.text, self.max_article_tokens)
+            check_system(self.tokenizer, r.system)
+            ids, truncated = build_prompt(
+                self.tokenizer, r.text, self.max_article_tokens, system=r.system
+            )
         em = self.energy
         fp16_q = em.request_cost_q(len(ids), max_new, 0)
         fp16 = fp16_q / PJ
@@ -314,6 +350,8 @@ class Engine:
             min_j=min_j,
             truncated=truncated,
             cancelled=r.cancelled,
+            clean_end=clean_end,
+            **options,
         )
 
     # ---- generation -------------------------------------------------------------------------------
@@ -359,16 +397,29 @@ class Engine:
                     self.lean.forward(ids, ids, slots, cache, const_decider(path), decode=True)
 
     def _run(self, prepared: list[PreparedRequest], on_token) -> list[GenerationResult]:
+        """One batch. A request whose own input fails (a budget below its minimum after a
+        brownout, an error in its own per-token step) gets a result with `error` set and
+        finish_reason "error"; the others are served. A failure of the batched forward itself
+        raises (the whole batch fails)."""
         L = self.lean.spec.n_layers
-        for p in prepared:  # a caller (e.g. a brownout) may have changed the budget since check()
+        failed: dict[int, HestError] = {}
+        for k, p in enumerate(prepared):  # a caller (a brownout) may have changed the budget
             if self.guard_mode != "off" and p.ledger_budget() < self.energy.min_feasible_q(
                 len(p.ids), p.max_new
             ):
-                raise BudgetTooLowError(
+                failed[k] = BudgetTooLowError(
                     f"budget {p.budget_j:.6g} J is below this request's minimum {p.min_j:.6g} J",
                     minimum_j=p.min_j,
                     param="energy_budget_j",
                 )
+        run = [k for k in range(len(prepared)) if k not in failed]
+        if on_token is not None and failed:
+            outer = on_token
+
+            def on_token(i, delta):  # states index -> the caller's request index
+                outer(run[i], delta)
+
+        prepared_all, prepared = prepared, [prepared[k] for k in run]
         states = [
             RequestState(
                 req=p,
@@ -377,12 +428,14 @@ class Engine:
                 ),
                 beta=math.log(p.budget_ratio),
                 layer_counts=[[0, 0, 0] for _ in range(L)],
+                plan=EndingPlan(enabled=p.clean_end),
             )
             for p in prepared
         ]
         t0 = time.perf_counter()
         window = self.meter.begin()
-        BatchRunner(self, states, on_token).run(t0)
+        if states:
+            BatchRunner(self, states, on_token).run(t0)
         reading = self.meter.end(window)
         total = time.perf_counter() - t0
         modelled = [st.guard.spent_j for st in states]
@@ -412,8 +465,33 @@ class Engine:
                 decode_s=max(0.0, done - st.prefill_s),
                 total_s=done,
             )
-            out.append(GenerationResult(st.text, st.finish or "length", stats))
+            lps = st.dec.logprobs if st.req.logprobs is not None else None
+            res = GenerationResult(
+                st.text, st.finish or "length", stats, lps, st.error, st.plan.reason
+            )
+            out.append(res)
+        for k, err in failed.items():
+            out.insert(k, self._failed(prepared_all[k], err))
         return out
+
+    def _failed(self, p: PreparedRequest, err: HestError) -> GenerationResult:
+        """The result of a request that did not run: no text, no energy spent."""
+        stats = RequestStats(
+            budget_j=p.budget_j,
+            budget_ratio=p.budget_ratio,
+            fp16_cost_j=p.fp16_cost_j,
+            modelled_j=0.0,
+            measured_j=None,
+            estimated_j=0.0,
+            meter=self.meter.name,
+            prompt_tokens=len(p.ids),
+            completion_tokens=0,
+            paths=dict.fromkeys(PATHS, 0),
+            paths_per_layer=[dict.fromkeys(PATHS, 0) for _ in range(self.lean.spec.n_layers)],
+            demotions=0,
+            truncated=p.truncated,
+        )
+        return GenerationResult("", "error", stats, None, err)
 
     def _nominal_watts(self) -> float:
         return float(

@@ -7,6 +7,7 @@ the rows that chose it (`LeanModel.forward`).
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import time
@@ -15,6 +16,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .decoding import RowDecoding, TextDelta, TokenLogprob, choose, cut_at_stop
+from .endings import EndingPlan
+from .errors import HestError, RequestFailedError
 from .fused import NativeController
 from .guard import BudgetGuard
 from .model import SeqSlot
@@ -50,6 +54,13 @@ class PreparedRequest:
     truncated: bool
     cancelled: threading.Event | None = None
     budget_q: int | None = None  # the exact budget in picojoules, when it came from check()
+    # decoding (hest_core/decoding.py): stop strings, top-k log probabilities, sampling
+    stop: tuple[str, ...] = ()
+    logprobs: int | None = None
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    clean_end: bool = True  # end on a sentence boundary, not mid-sentence (endings.py)
 
     def ledger_budget(self) -> int:
         """The guard's budget: the exact one from check() unless budget_j was changed since."""
@@ -66,12 +77,23 @@ class RequestState:
     layer_counts: list[list[int]]
     out_ids: list[int] = field(default_factory=list)
     finish: str | None = None
-    text: str = ""
+    text: str = ""  # what was streamed
+    full: str = ""  # the text so far, stop-cut; past `text` while a possible stop is held back
+    dec: RowDecoding = field(default_factory=RowDecoding)
     ttft_s: float = 0.0
     prefill_s: float = 0.0
     done_s: float = 0.0
     native_ctl: object = None  # NativeController for batch-1 decode (False: not applicable)
+    error: HestError | None = None  # this request failed on its own; finish is "error"
+    plan: EndingPlan = field(default_factory=EndingPlan)  # clean endings (endings.py)
+    step_mark: int | None = None  # guard.spent before the current decode step (picojoules)
+    step_cost: int | None = None  # what the last decode step cost (picojoules)
+    allowance: int | None = None  # tokens it may still generate after its last one
+    whole_char: bool = True  # its text does not end inside a multi-byte character
+    forced_end: bool = False  # its next token was steered to end the sentence (its last)
 
+
+log = logging.getLogger("hest.generation")
 
 TokenCallback = Callable[[int, str], None]
 
@@ -154,23 +176,139 @@ class BatchRunner:
 
         return decide
 
+    # ---- per-request steps: an error stays with its request ------------------------------------
+    def _row(self, i: int, st: RequestState, fn, *args) -> None:
+        """Run one request's own step; an exception ends that request (finish "error", the error
+        kept for its result) and the rest of the batch goes on. What fails the batched forward
+        itself is not caught here: that fails the batch."""
+        if st.finish is not None:
+            return
+        try:
+            fn(*args)
+        except Exception as err:
+            log.exception("request %d of the batch failed in its own step", i)
+            st.error = (
+                err
+                if isinstance(err, HestError)
+                else RequestFailedError(
+                    f"this request failed in its own step ({type(err).__name__}: {err}); the rest "
+                    "of its batch was served: retry it"
+                )
+            )
+            st.finish = "error"
+
+    def _before_step(self, st: RequestState) -> None:
+        """Cancellation and the budget for the next token, before a decode step."""
+        if st.req.cancelled is not None and st.req.cancelled.is_set():
+            st.finish = "cancelled"
+        else:
+            st.step_mark = st.guard.spent
+            if not st.guard.try_start_decode(len(st.req.ids) + len(st.out_ids)):
+                st.finish = "energy_budget"
+
+    def _allowance(self, st: RequestState) -> tuple[int, bool]:
+        """(tokens this request can still generate after the current one, whether the budget
+        rather than max_new_tokens is what binds): the budget's share at the cost per token the
+        request is paying now (its last decode step; before one, the all-fp16 step scaled by its
+        budget ratio, never below the cheapest step)."""
+        left = st.req.max_new - len(st.out_ids)
+        g = st.guard
+        if g.mode == "off":
+            return left, False
+        if st.step_mark is not None:
+            st.step_cost = g.spent - st.step_mark
+        cost = st.step_cost
+        if not cost:
+            em, ctx = g.em, len(st.req.ids) + len(st.out_ids)
+            fp16 = em.decode_fixed_q(ctx) + em.unit_sum_q["decode"][0]
+            cost = max(em.min_decode_step_q(ctx), int(fp16 * min(1.0, st.req.budget_ratio)))
+        # one token of margin: the attention term makes each step a little dearer than the last
+        by_budget = max(0, max(0, g.budget - g.spent) // max(1, cost) - 1)
+        return min(left, by_budget), by_budget < left
+
     # ---- tokens out --------------------------------------------------------------------------------
-    def _emit(self, i: int, st: RequestState, tok: int) -> None:
+    def _choose(self, logits: torch.Tensor, states: list[RequestState]):
+        """Next tokens (greedy or sampled) and log-probability entries of the rows of `logits`."""
+        reqs = [st.req for st in states]
+        self._steer(logits, states)
+        return choose(logits, reqs, [st.dec for st in states], self.e.token_texts)
+
+    def _steer(self, logits: torch.Tensor, states: list[RequestState]) -> None:
+        """Clean endings: raise the sentence-ending tokens of rows whose current sentence cannot
+        be cut away and whose tokens are running out; at a row's last token only they remain
+        (`EndingPlan.steer`). logits (rows, vocab) fp32, edited in place."""
+        ends = self.e.sentence_end_ids
+        for j, st in enumerate(states):
+            if st.allowance is None or not ends:
+                continue
+            bonus = st.plan.steer(st.full, st.allowance - 1, st.whole_char)
+            if not bonus:
+                continue
+            st.forced_end = bonus == math.inf
+            with torch.inference_mode():  # the logits are inference tensors
+                if bonus == math.inf:
+                    kept = logits[j, ends].clone()
+                    logits[j] = -math.inf
+                    logits[j, ends] = kept
+                else:
+                    logits[j, ends] += bonus
+
+    def _emit(self, i: int, st: RequestState, tok: int, lp: TokenLogprob | None = None) -> None:
         e = self.e
         if tok in e.eos_ids:
             st.finish = "stop"
             return
         st.out_ids.append(tok)
-        with e.tokenizer_lock:
-            text = e.tokenizer.decode(st.out_ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):
-            return  # an unfinished multi-byte character: wait for the next token
-        delta = text[len(st.text) :] if text.startswith(st.text) else text
-        st.text = text
-        if delta and self.on_token is not None:
-            self.on_token(i, delta)
+        if lp is not None:
+            st.dec.logprobs.append(lp)
+        # the limit holds whatever the text looks like: a token that ends inside a multi-byte
+        # character still counts (it ran past the cache sized for the request otherwise)
         if len(st.out_ids) >= st.req.max_new:
             st.finish = "length"
+        with e.tokenizer_lock:
+            text = e.tokenizer.decode(st.out_ids, skip_special_tokens=True)
+        # an unfinished multi-byte character decodes as U+FFFD: hold it back until the next
+        # token completes it, and drop it if the request ends first (never stream a fragment)
+        st.whole_char = not text.endswith("\ufffd")
+        text = text.rstrip("\ufffd")
+        # a stop string ends the request before it; a suffix that may grow into one waits
+        st.full, safe, hit = cut_at_stop(text, st.req.stop)
+        if hit:
+            st.finish = "stop"
+        # clean endings: end at a sentence boundary when the next sentence would not fit, before
+        # a repeated sentence, and show only what a limit cannot cut (endings.py)
+        allowance, by_budget = self._allowance(st)
+        st.allowance = allowance
+        if not hit:
+            seen = st.plan.observe(st.full, len(st.out_ids))
+            if seen == "repeat":
+                st.finish = "stop"
+            elif seen == "boundary" and st.finish is None and st.plan.should_end(allowance):
+                st.finish = "energy_budget" if by_budget else "length"
+            elif st.forced_end and st.finish is None:  # the steered last token ended it
+                st.plan.reason = "steered"
+                st.finish = "energy_budget" if by_budget else "length"
+        self._send(i, st, st.plan.visible(st.full[:safe], allowance))
+
+    def _finish_text(self, i: int, st: RequestState) -> None:
+        """The request ended: stream and keep its final text (a held-back stop-string start that
+        never completed is shown; a fragment a limit cut mid-sentence is not)."""
+        by_limit = st.finish in ("length", "energy_budget") or st.plan.reason == "repetition"
+        final = st.plan.final(st.full, by_limit)
+        if not final.startswith(st.text):  # never take back what was streamed
+            final = st.full
+        self._send(i, st, final)
+
+    def _send(self, i: int, st: RequestState, shown: str) -> None:
+        """Stream what `shown` adds to the text streamed so far."""
+        if not shown.startswith(st.text):
+            return  # the held-back bytes changed an earlier character: keep what was streamed
+        delta = shown[len(st.text) :]
+        st.text = shown
+        if delta and self.on_token is not None:
+            d = st.dec
+            self.on_token(i, TextDelta.of(delta, d.logprobs[d.streamed :]))
+            d.streamed = len(d.logprobs)
 
     # ---- the batch ---------------------------------------------------------------------------------
     def run(self, t_start: float) -> None:
@@ -201,11 +339,11 @@ class BatchRunner:
                 decode=False,
                 logits_rows=torch.tensor(last, device=dev),
             )
-        nxt = logits.argmax(-1).tolist()
+        nxt, lps = self._choose(logits, states)
         now = time.perf_counter()
         for i, st in enumerate(states):
             st.ttft_s = st.prefill_s = now - t_start
-            self._emit(i, st, nxt[i])
+            self._row(i, st, self._emit, i, st, nxt[i], lps[i])
         active = list(range(len(states)))
         cur = {i: nxt[i] for i in active}
         rows = list(range(len(states)))  # cache row of each active request
@@ -213,12 +351,7 @@ class BatchRunner:
             keep = []
             for i in active:
                 st = states[i]
-                if st.finish is None and st.req.cancelled is not None and st.req.cancelled.is_set():
-                    st.finish = "cancelled"
-                if st.finish is None and not st.guard.try_start_decode(
-                    len(st.req.ids) + len(st.out_ids)
-                ):
-                    st.finish = "energy_budget"
+                self._row(i, st, self._before_step, st)
                 if st.finish is None:
                     keep.append(i)
                 elif not st.done_s:
@@ -248,7 +381,10 @@ class BatchRunner:
                     self._decider(groups, "decode"),
                     decode=True,
                 )
-            nxt = logits.argmax(-1).tolist()
+            nxt, lps = self._choose(logits, [states[i] for i in active])
             for j, i in enumerate(active):
                 cur[i] = nxt[j]
-                self._emit(i, states[i], nxt[j])
+                self._row(i, states[i], self._emit, i, states[i], nxt[j], lps[j])
+        for i, st in enumerate(states):
+            if st.finish != "error":
+                self._finish_text(i, st)

@@ -1,4 +1,5 @@
-"""HTTP routes: native summarize (+ SSE), OpenAI chat completions, metrics, health, info.
+"""HTTP routes: native summarize (+ SSE), metrics, health, info; the OpenAI routes (chat
+completions, models) come from openai_api.py.
 
 `create_app(settings, engine=None)` builds one app with its own metrics registry. Without an
 engine the lifespan loads one from the settings in the background, so /healthz answers at once and
@@ -19,15 +20,15 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from hest_core import Engine, GenerationRequest, GenerationResult
+from hest_core import Engine, GenerationRequest
 
 from . import formats
 from .errors import error_response, install_error_handlers, server_error
+from .jobs import SSE_HEADERS, stream_end, wait_or_disconnect
+from .media import JsonBodies
 from .metrics import Metrics
+from .openai_api import add_openai_routes
 from .protocol import (
-    ChatCompletionRequest,
-    ChatCompletionResponse,
-    ErrorResponse,
     HealthResponse,
     InfoResponse,
     SummarizeRequest,
@@ -35,16 +36,20 @@ from .protocol import (
     error_responses,
     sse_response,
 )
-from .serving import Job, NotReadyError, ServerError, Serving, ShuttingDownError
+from .serving import Job, NotReadyError, Serving, ShuttingDownError
 from .settings import Settings
 
 log = logging.getLogger("hest.server")
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+JSON_ROUTES = ("/v1/summarize", "/summarize", "/v1/chat/completions")
 
 
 def load_engine(settings: Settings) -> Engine:
     return Engine.from_pretrained(
-        settings.model, adapter=settings.adapter_arg, device=settings.device, policy=settings.policy
+        settings.model,
+        adapter=settings.adapter_arg,
+        device=settings.device,
+        policy=settings.policy,
+        meter=settings.meter,
     )
 
 
@@ -95,38 +100,10 @@ def create_app(
         return app.state.serving
 
     install_error_handlers(app, metrics)
-
-    # ---- helpers --------------------------------------------------------------------------------
-    async def wait_or_disconnect(job: Job, request: Request) -> GenerationResult | None:
-        """The job's result, or None if the client disconnected first (the job is cancelled)."""
-
-        async def disconnected() -> None:
-            while (await request.receive())["type"] != "http.disconnect":
-                pass
-
-        waiter = asyncio.ensure_future(job.wait())
-        watcher = asyncio.ensure_future(disconnected())
-        try:
-            await asyncio.wait({waiter, watcher}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            watcher.cancel()
-        if waiter.done():
-            return waiter.result()  # raises the job's ServerError, if any
-        job.cancel()
-        waiter.cancel()
-        return None
+    app.add_middleware(JsonBodies, metrics=metrics, paths=JSON_ROUTES)
 
     def observe_answer(endpoint: str, t0: float) -> None:
         metrics.duration.labels(endpoint).observe(time.perf_counter() - t0)
-
-    async def stream_end(job: Job) -> tuple[GenerationResult | None, str | None]:
-        try:
-            return await job.wait(), None
-        except ServerError as err:
-            body = ErrorResponse.model_validate(
-                {"error": {"message": err.message, "type": err.type, "code": err.code}}
-            )
-            return None, formats.sse(body.model_dump(mode="json"))
 
     # ---- native API -----------------------------------------------------------------------------
     async def summarize(body: SummarizeRequest, request: Request) -> Response:
@@ -137,6 +114,7 @@ def create_app(
                 energy_budget_j=body.energy_budget_j,
                 energy_budget_ratio=body.energy_budget_ratio,
                 max_new_tokens=body.max_new_tokens,
+                clean_end=body.clean_end,
             ),
             stream=body.stream,
         )
@@ -172,7 +150,7 @@ def create_app(
             '`{"delta": "..."}` per text piece, then the full response with `"done": true`, '
             "then `[DONE]`",
         ),
-        **error_responses(422, 429, 500, 503),
+        **error_responses(415, 422, 429, 500, 503),
     }
     app.post(
         "/v1/summarize",
@@ -184,69 +162,7 @@ def create_app(
         "/summarize", response_model=SummarizeResponse, responses=routes, include_in_schema=False
     )(summarize)
 
-    # ---- OpenAI chat completions ----------------------------------------------------------------
-    @app.post(
-        "/v1/chat/completions",
-        response_model=ChatCompletionResponse,
-        responses={
-            **sse_response(
-                ChatCompletionResponse,
-                "chat.completion.chunk objects, the usage (with `energy`) on the last one or, "
-                "with stream_options.include_usage, on an extra chunk with no choices; then "
-                "`[DONE]`",
-            ),
-            **error_responses(422, 429, 500, 503),
-        },
-        summary="OpenAI-compatible chat completions (the last user message is the article)",
-    )
-    async def chat(body: ChatCompletionRequest, request: Request) -> Response:
-        t0 = time.perf_counter()
-        job = await current().submit(
-            GenerationRequest(
-                text=formats.chat_text(body.messages),
-                energy_budget_j=body.energy_budget_j,
-                energy_budget_ratio=body.energy_budget_ratio,
-                max_new_tokens=body.max_completion_tokens or body.max_tokens,
-            ),
-            stream=body.stream,
-        )
-        engine = current().engine
-        model = str(engine.info().get("model")) if engine else body.model
-        if body.stream:
-            usage_chunk = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(
-                chat_events(job, model, usage_chunk, t0),
-                media_type="text/event-stream",
-                headers=SSE_HEADERS,
-            )
-        result = await wait_or_disconnect(job, request)
-        if result is None:
-            return Response(status_code=499)
-        observe_answer("chat", t0)
-        return JSONResponse(formats.chat_response(job, result, model).model_dump(mode="json"))
-
-    async def chat_events(job: Job, model: str, usage_chunk: bool, t0: float) -> AsyncIterator[str]:
-        chunk = partial(formats.chat_chunk, job, model)
-        try:
-            yield formats.sse(chunk(role=True, content=""))
-            async for delta in job.deltas():
-                yield formats.sse(chunk(content=delta))
-            result, error = await stream_end(job)
-            if result is not None:
-                observe_answer("chat", t0)
-                finish = formats.openai_finish(result.finish_reason)
-                usage = formats.chat_usage(job, result)
-                if usage_chunk:  # OpenAI: a last chunk with no choices carries the usage
-                    yield formats.sse(chunk(finish=finish))
-                    yield formats.sse(chunk(usage=usage, choices=False))
-                else:
-                    yield formats.sse(chunk(finish=finish, usage=usage))
-            else:
-                yield error or ""
-            yield formats.sse("[DONE]")
-        finally:
-            if not job.done.is_set():
-                job.cancel()
+    add_openai_routes(app, current, metrics)
 
     # ---- operations -----------------------------------------------------------------------------
     @app.get(

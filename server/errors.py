@@ -1,4 +1,5 @@
-"""One error shape for every non-2xx response, and the handlers that produce it."""
+"""One error shape for every non-2xx response, and the handlers that produce it. Bad input is a
+422 on the native API and a 400 on the OpenAI routes (as OpenAI answers)."""
 
 from __future__ import annotations
 
@@ -12,11 +13,21 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from hest_core import HestError, InvalidInputError
 
 from .metrics import Metrics
-from .protocol import ErrorResponse
+from .protocol import NON_BLANK, ErrorResponse
 from .serving import ServerError
 
 log = logging.getLogger("hest.server")
-_CHAT_PARAMS = {"text": "messages", "max_new_tokens": "max_tokens"}
+OPENAI_PREFIXES = ("/v1/chat/", "/v1/models")
+_TAGS = {"system", "developer", "user"}  # the message union's tags in an error location
+ROLE_RULE = (
+    "role must be 'user' (the text to summarise) or 'system'/'developer' (instructions); "
+    "earlier turns (assistant, tool, function) are not supported"
+)
+
+
+def invalid_status(path: str) -> int:
+    """400 on the OpenAI routes, 422 on the native API."""
+    return 400 if path.startswith(OPENAI_PREFIXES) else 422
 
 
 def error_response(
@@ -38,10 +49,41 @@ def server_error(err: ServerError) -> JSONResponse:
     return error_response(err.status, err.type, err.message, None, err.code, err.retry_after)
 
 
+def _where(loc: tuple) -> list[str]:
+    """A pydantic error location as field names: without "body", a message's union tag or a
+    union branch label (`str`, `constrained-str`, `list[TextPart]`)."""
+    out: list[str] = []
+    for i, x in enumerate(loc):
+        if x == "body" and i == 0:
+            continue
+        if isinstance(x, str) and (
+            "[" in x or "-" in x or x in ("str", "int", "float", "bool")
+            or (x in _TAGS and i >= 2 and isinstance(loc[i - 1], int) and loc[i - 2] == "messages")
+        ):  # fmt: skip
+            continue
+        out.append(str(x))
+    return out
+
+
+def _explain(e: dict, loc: list[str]) -> tuple[str, list[str], str | None]:
+    """(message, location, code) of one pydantic error, with clearer words for some."""
+    kind, msg = e.get("type"), str(e.get("msg"))
+    if kind in ("union_tag_invalid", "union_tag_not_found") and loc[:1] == ["messages"]:
+        return ROLE_RULE, [*loc, "role"], "invalid_role"
+    if kind == "extra_forbidden":
+        msg = "unknown field: not part of this API (docs/server.md lists the fields)"
+    if kind == "string_pattern_mismatch" and (e.get("ctx") or {}).get("pattern") == NON_BLANK:
+        msg = "is blank; send text"
+    return msg, loc, kind
+
+
 def validation_message(errors: list[dict]) -> tuple[str, str | None, str | None]:
-    parts, param, code = [], None, None
+    """(message, param, code) of a request's validation errors (the first three). The param is
+    the deepest location: of a union's branches, the one that got furthest (a list of content
+    parts with a bad part names the part, not `content`)."""
+    parts, param, code, depth = [], None, None, -1
     for e in errors[:3]:
-        loc = [str(x) for x in e.get("loc", ()) if x != "body"]
+        msg, loc, kind = _explain(e, _where(tuple(e.get("loc", ()))))
         if e.get("type") == "json_invalid":
             err = (e.get("ctx") or {}).get("error", "")
             return (
@@ -52,32 +94,33 @@ def validation_message(errors: list[dict]) -> tuple[str, str | None, str | None]
         where = ".".join(loc) or "body"
         shown = repr(e.get("input"))
         shown = shown if len(shown) <= 60 else shown[:57] + "..."
-        parts.append(f"{where}: {e.get('msg')} (got {shown})")
-        if param is None:
-            param, code = (".".join(loc) or None), e.get("type")
+        parts.append(f"{where}: {msg} (got {shown})")
+        if len(loc) > depth:
+            param, code, depth = (".".join(loc) or None), kind, len(loc)
     return "; ".join(parts), param, code
 
 
 def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
-    """422 for every kind of bad input (counted as outcome=invalid), the server's own errors with
-    their status and Retry-After, and a 500 in the same shape for anything unexpected."""
+    """422 (400 on the OpenAI routes) for every kind of bad input (counted as outcome=invalid),
+    the server's own errors with their status and Retry-After, a 405 with its Allow header, and a
+    500 in the same shape for anything unexpected."""
 
     @app.exception_handler(RequestValidationError)
     async def _on_validation(request: Request, err: RequestValidationError) -> JSONResponse:
         metrics.requests.labels("invalid").inc()
         message, param, code = validation_message(list(err.errors()))
-        return error_response(422, "invalid_request_error", message, param, code)
+        status = invalid_status(request.url.path)
+        return error_response(status, "invalid_request_error", message, param, code)
 
     @app.exception_handler(HestError)
     async def _on_hest(request: Request, err: HestError) -> JSONResponse:
         if isinstance(err, ServerError):
             return server_error(err)
-        if isinstance(err, InvalidInputError):
-            metrics.requests.labels("invalid").inc()
-            param = err.param
-            if request.url.path.endswith("/chat/completions"):
-                param = _CHAT_PARAMS.get(param or "", param)
-            return error_response(422, "invalid_request_error", err.message, param, err.code)
+        if isinstance(err, InvalidInputError):  # the route named the param in its own terms
+            if not getattr(err, "counted", False):  # a batch's per-request error is counted
+                metrics.requests.labels("invalid").inc()
+            status = invalid_status(request.url.path)
+            return error_response(status, "invalid_request_error", err.message, err.param, err.code)
         log.error("runtime error: %s", err)
         return error_response(500, "server_error", err.message, err.param, err.code)
 
@@ -86,14 +129,17 @@ def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
         if err.status_code == 400:  # FastAPI could not decode the body (e.g. not UTF-8)
             metrics.requests.labels("invalid").inc()
             message = f"request body could not be parsed ({err.detail}); send UTF-8 JSON"
-            return error_response(422, "invalid_request_error", message, None, "invalid_json")
-        return error_response(
+            status = invalid_status(request.url.path)
+            return error_response(status, "invalid_request_error", message, None, "invalid_json")
+        response = error_response(
             err.status_code,
             "invalid_request_error",
             str(err.detail),
             None,
             f"http_{err.status_code}",
         )
+        response.headers.update(err.headers or {})  # a 405's Allow (RFC 9110)
+        return response
 
     @app.exception_handler(Exception)
     async def _on_crash(request: Request, err: Exception) -> JSONResponse:

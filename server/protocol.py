@@ -1,15 +1,17 @@
-"""Pydantic models of the HTTP API: native summarize, OpenAI chat completions, errors, health.
+"""Pydantic models of the HTTP API: native summarize, errors, health (the OpenAI API's are in
+openai_protocol.py).
 
 Every field is strict (no "8" -> 8 coercion) so a wrong type is a 422, and budgets are finite and
 > 0 in the schema itself; the runtime's `engine.check` repeats the checks that depend on the model
-(text length, budget minimum, max_new_tokens limit) before a request is queued.
+(text length, budget minimum, max_new_tokens limit) before a request is queued. Integers accept
+integral floats (`8.0`), as JSON Schema's "integer" does.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 # Caps far above any real request keep budget arithmetic finite (ratio x fp16 cost overflows
 # to inf for ratios near 1e308); a ratio above 1 already means "no constraint".
@@ -17,11 +19,47 @@ MAX_BUDGET_J = 1e9
 MAX_BUDGET_RATIO = 1e3
 BudgetJ = Annotated[float, Field(strict=True, gt=0, le=MAX_BUDGET_J, allow_inf_nan=False)]
 BudgetRatio = Annotated[float, Field(strict=True, gt=0, le=MAX_BUDGET_RATIO, allow_inf_nan=False)]
-PositiveInt = Annotated[int, Field(strict=True, ge=1)]
+# the runtime's limits (Engine.max_new_tokens_limit, .max_input_chars), for the schema; a test
+# checks they agree
+MAX_NEW_TOKENS = 512
+MAX_INPUT_CHARS = 200_000
+
+
+# "not blank" as the runtime's str.strip() means it, stated the same for every regex engine: a
+# character outside Python's whitespace (JSON Schema's \S differs: it lets U+0085 and U+001C-1F
+# through and refuses U+FEFF)
+_SPACE = "\t\n\x0b\x0c\r\x1c-\x1f \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+NON_BLANK = f"[^{_SPACE}]"
+
+
+def _integral(v: Any) -> Any:
+    """8.0 -> 8: JSON Schema's "integer" includes integral floats; 8.5 stays and is refused."""
+    return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
+def strict_int(**constraints: Any) -> Any:
+    """A strict integer with Field constraints (ge, le, ...) that also takes integral floats."""
+    return Annotated[int, Field(strict=True, **constraints), BeforeValidator(_integral)]
+
+
+# the maximum is the runtime's (its error names the limit), stated in the schema
+MaxNewTokens = strict_int(ge=1, json_schema_extra={"maximum": MAX_NEW_TOKENS})
+
+
+# both budget fields as numbers: refused (conflicting_budget); the schema says so
+ONE_BUDGET = {
+    "not": {
+        "required": ["energy_budget_j", "energy_budget_ratio"],
+        "properties": {
+            "energy_budget_j": {"type": "number"},
+            "energy_budget_ratio": {"type": "number"},
+        },
+    }
+}
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", json_schema_extra=ONE_BUDGET)
 
 
 # ---- errors -------------------------------------------------------------------------------------
@@ -43,7 +81,8 @@ class ErrorResponse(BaseModel):
 # ---- native API -----------------------------------------------------------------------------------
 class SummarizeRequest(_Request):
     text: Annotated[str, Field(strict=True, min_length=1)] = Field(
-        description="the article to summarise (the server's /v1/info gives max_input_chars)"
+        description="the article to summarise (the server's /v1/info gives max_input_chars)",
+        json_schema_extra={"maxLength": MAX_INPUT_CHARS, "pattern": NON_BLANK},
     )
     energy_budget_j: BudgetJ | None = Field(
         None, description="budget in (modelled) joules; give this or energy_budget_ratio"
@@ -53,7 +92,12 @@ class SummarizeRequest(_Request):
         description="budget as a fraction of the modelled all-fp16 cost of this request; "
         "the server's default ratio applies when neither budget field is given",
     )
-    max_new_tokens: PositiveInt | None = Field(None, description="generated tokens at most")
+    max_new_tokens: MaxNewTokens | None = Field(None, description="generated tokens at most")
+    clean_end: Annotated[bool, Field(strict=True)] = Field(
+        True,
+        description="end on a sentence boundary, never mid-sentence because max_new_tokens or "
+        "the budget ran out, and before a repeated sentence",
+    )
     stream: Annotated[bool, Field(strict=True)] = Field(
         False, description="server-sent events: text deltas, then the full response"
     )
@@ -91,6 +135,12 @@ class SummarizeResponse(BaseModel):
     id: str
     summary: str
     finish_reason: Literal["stop", "length", "energy_budget", "cancelled"]
+    finish_detail: str | None = Field(
+        None,
+        description="how the clean-ending plan shaped the end: planned (stopped at a sentence "
+        "boundary because the next sentence would not fit), trimmed (a limit struck mid-sentence: "
+        "cut to the last boundary), repetition (ended before a repeated sentence), or null",
+    )
     energy: EnergyReport
     usage: Usage
     paths: Paths
@@ -102,92 +152,6 @@ class SummarizeStreamDone(SummarizeResponse):
     """The last JSON event of a stream (before `data: [DONE]`)."""
 
     done: Literal[True] = True
-
-
-# ---- OpenAI chat completions ----------------------------------------------------------------------
-class ContentPart(_Request):
-    type: str
-    text: str | None = None
-
-
-class ChatMessage(_Request):
-    role: Annotated[str, Field(strict=True)]
-    content: str | list[ContentPart] | None = None
-
-
-class StreamOptions(_Request):
-    include_usage: Annotated[bool, Field(strict=True)] = False
-
-
-class ChatCompletionRequest(_Request):
-    """OpenAI chat-completions request. The article is the last user message (a leading
-    'Summarize ...' instruction paragraph is dropped: the server adds its own). Sampling
-    fields (temperature, top_p, ...) are accepted and ignored: decoding is greedy."""
-
-    model: Annotated[str, Field(strict=True)] = Field("default", description="ignored: one model")
-    messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: PositiveInt | None = None
-    max_completion_tokens: PositiveInt | None = None
-    n: Annotated[int, Field(strict=True, ge=1, le=1)] = 1
-    stream: Annotated[bool, Field(strict=True)] = False
-    stream_options: StreamOptions | None = None
-    energy_budget_j: BudgetJ | None = Field(None, description="HEST extension: joules")
-    energy_budget_ratio: BudgetRatio | None = Field(None, description="HEST extension: ratio")
-
-
-class ChatEnergyUsage(EnergyReport):
-    finish_reason: str = Field(description="HEST finish reason (energy_budget, cancelled, ...)")
-    queue_s: float
-    ttft_s: float
-    total_s: float
-    paths: Paths
-
-
-class ChatUsage(BaseModel):
-    prompt_tokens: int
-    completion_tokens: int
-    total_tokens: int
-    energy: ChatEnergyUsage
-
-
-class AssistantMessage(BaseModel):
-    role: Literal["assistant"] = "assistant"
-    content: str
-
-
-class ChatChoice(BaseModel):
-    index: int
-    message: AssistantMessage
-    finish_reason: Literal["stop", "length"]
-
-
-class ChatCompletionResponse(BaseModel):
-    id: str
-    object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
-    choices: list[ChatChoice]
-    usage: ChatUsage
-
-
-class ChunkDelta(BaseModel):
-    role: Literal["assistant"] | None = None
-    content: str | None = None
-
-
-class ChunkChoice(BaseModel):
-    index: int
-    delta: ChunkDelta
-    finish_reason: Literal["stop", "length"] | None = None
-
-
-class ChatCompletionChunk(BaseModel):
-    id: str
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
-    choices: list[ChunkChoice]
-    usage: ChatUsage | None = None
 
 
 # ---- health / info --------------------------------------------------------------------------------
@@ -212,6 +176,9 @@ class InfoResponse(BaseModel):
 def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     """`responses=` entries that declare ErrorResponse for each status code."""
     text = {
+        400: "invalid input (the message says what and how to fix it; OpenAI's status)",
+        404: "no such model",
+        415: "the body's Content-Type is neither JSON nor one read as JSON (docs/server.md)",
         422: "invalid input (the message says what and how to fix it)",
         429: "queue full; retry after the Retry-After header's seconds",
         500: "the engine failed on this batch (never caused by user input)",

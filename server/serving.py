@@ -7,11 +7,15 @@ back from that thread through `loop.call_soon_threadsafe` into each request's ow
 A request whose client went away has its `cancelled` Event set: dropped if still queued, stopped
 at the next token if running.
 
-Brownout: the scheduler keeps an exponential average of batch wall time per request (the inverse
-of throughput); from it and the queue depth it predicts a new request's latency. Past `brownout_start` x SLO the brownout level rises
-linearly to 1 at the SLO, and each new budget ratio r becomes r - level x (r - floor): lower
-budgets mean more int8 units and earlier stops, i.e. shorter batches. Only when the queue is full
-is a request refused (429).
+Brownout answers overload, not slowness. The scheduler keeps the wall times of the last
+`BATCH_WINDOW` batches; their median is the typical batch time (one outlier, a stall or a long
+summary, does not move a median). A new request's *wait* is the time before its own batch can
+start: what is left of the running batch, plus a typical batch for every full batch queued ahead
+of it. On an idle server the wait is 0 and there is no brownout, however slow the last request
+was. The SLO leaves `slack = SLO - typical batch time` for waiting; past `brownout_start` x slack
+the level rises linearly to 1 at the whole slack, and each new budget ratio r becomes
+r - level x (r - floor): lower budgets mean more int8 units and earlier stops, i.e. shorter
+batches. Only when the queue is full is a request refused (429).
 """
 
 from __future__ import annotations
@@ -20,10 +24,12 @@ import asyncio
 import contextlib
 import logging
 import math
+import statistics
 import threading
 import time
 import uuid
 import weakref
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -43,6 +49,7 @@ from .settings import Settings
 log = logging.getLogger("hest.server")
 
 _DONE = None  # end-of-stream marker in a job's delta queue
+BATCH_WINDOW = 16  # recent batch wall times whose median is the typical batch time
 
 
 # ---- errors the server raises itself (runtime errors pass through as they are) -----------------
@@ -84,14 +91,14 @@ class Job:
     queue_s: float = 0.0  # queued until its batch started
     check_s: float = 0.0  # validation + tokenisation before it was queued
     result: GenerationResult | None = None
-    error: ServerError | None = None
+    error: HestError | None = None  # a ServerError, or the runtime's error for this request
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
     def cancel(self) -> None:
         """The client went away: stop spending energy on this request."""
         self.cancelled.set()
 
-    def _finish(self, result: GenerationResult | None, error: ServerError | None) -> None:
+    def _finish(self, result: GenerationResult | None, error: HestError | None) -> None:
         self.result, self.error = result, error
         self.done.set()
         if self.stream is not None:
@@ -124,7 +131,7 @@ class Serving:
         self._running: list[Job] = []
         self._jobs: weakref.WeakSet[Job] = weakref.WeakSet()  # every accepted, referenced job
         self._busy_since = 0.0
-        self._per_request_s: float | None = None  # average batch wall time / batch size
+        self._batch_s: deque[float] = deque(maxlen=BATCH_WINDOW)  # recent batch wall times
         self._guarded = True  # False for fixed policies: the budget guard is off, no brownout
 
     # ---- lifecycle ------------------------------------------------------------------------------
@@ -246,22 +253,41 @@ class Serving:
         return job
 
     # ---- brownout -------------------------------------------------------------------------------
-    def predicted_latency_s(self) -> float:
-        """Latency of a request arriving now: what is left of the running batch, then the queue
-        (and this request) at the measured throughput. 0 before the first batch."""
-        if self._per_request_s is None:
+    def typical_batch_s(self) -> float | None:
+        """Median wall time of the last BATCH_WINDOW batches (None before the first)."""
+        return statistics.median(self._batch_s) if self._batch_s else None
+
+    def predicted_wait_s(self) -> float:
+        """Seconds a request arriving now waits before its batch starts: the rest of the running
+        batch, then one typical batch per full batch queued ahead of it. 0 on an idle server."""
+        typical = self.typical_batch_s()
+        if typical is None or (not self._running and self._queue.empty()):
             return 0.0
         left = 0.0
         if self._running:
-            batch_s = self._per_request_s * len(self._running)
-            left = max(0.0, batch_s - (time.perf_counter() - self._busy_since))
-        return left + (self._queue.qsize() + 1) * self._per_request_s
+            left = max(0.0, typical - (time.perf_counter() - self._busy_since))
+        ahead = self._queue.qsize() // self.settings.max_batch_size  # full batches before ours
+        return left + ahead * typical
+
+    def predicted_latency_s(self) -> float:
+        """A request arriving now: its wait plus one typical batch (0 before the first batch)."""
+        typical = self.typical_batch_s()
+        return 0.0 if typical is None else self.predicted_wait_s() + typical
 
     def brownout_level(self) -> float:
+        """0..1: how far the predicted wait has eaten into the slack the SLO leaves for waiting
+        (SLO minus a typical batch). 0 whenever nothing would wait."""
+        if not self._guarded:
+            return 0.0
+        wait = self.predicted_wait_s()
+        if wait <= 0.0:
+            return 0.0
         s = self.settings
-        start = s.brownout_start * s.slo_s
-        level = (self.predicted_latency_s() - start) / (s.slo_s - start)
-        return min(1.0, max(0.0, level)) if self._guarded else 0.0
+        slack = s.slo_s - (self.typical_batch_s() or 0.0)
+        if slack <= 0.0:
+            return 1.0  # a batch alone takes the whole SLO: any wait breaks it
+        start = s.brownout_start * slack
+        return min(1.0, max(0.0, (wait - start) / (slack - start)))
 
     def _tighten(self, p: PreparedRequest, level: float) -> tuple[PreparedRequest, bool]:
         floor = self.settings.brownout_floor_ratio
@@ -328,6 +354,19 @@ class Serving:
         assert self.engine is not None
         return self.engine.generate(prepared, on_token=on_token)
 
+    def _fail_one(self, job: Job, err: HestError) -> None:
+        """One request of a batch failed on its own: its own input (a 4xx, e.g. a budget below
+        its minimum) or its own step (a 500); its batch mates were served."""
+        bad_input = isinstance(err, InvalidInputError)
+        self.metrics.requests.labels("invalid" if bad_input else "error").inc()
+        err.counted = True  # type: ignore[attr-defined]  # the error handler must not count it again
+        if not bad_input:
+            log.error("request %s failed in its batch: %s", job.id, err)
+            err = EngineFailedError(
+                f"the engine failed on this request ({err}); the server keeps serving, retry it"
+            )
+        job._finish(None, err)
+
     async def _run_batch(self, jobs: list[Job]) -> None:
         loop = asyncio.get_running_loop()
         start = time.perf_counter()
@@ -362,17 +401,22 @@ class Serving:
                     ),
                 )
         else:
+            served = []
             for job, result in zip(jobs, results, strict=True):
+                if result.error is not None:  # this request failed on its own; the rest ran
+                    self._fail_one(job, result.error)
+                    continue
                 self.metrics.observe_result(
                     result.stats, result.finish_reason, job.queue_s, job.check_s
                 )
                 job._finish(result, None)
-            self.metrics.observe_batch([r.stats for r in results])
+                served.append(result.stats)
+            if served:
+                self.metrics.observe_batch(served)
         finally:
-            per_request = (time.perf_counter() - start) / len(jobs)
-            old = self._per_request_s
-            self._per_request_s = per_request if old is None else 0.7 * old + 0.3 * per_request
-            log.debug("batch of %d in %.2f s", len(jobs), per_request * len(jobs))
+            batch_s = time.perf_counter() - start
+            self._batch_s.append(batch_s)
+            log.debug("batch of %d in %.2f s", len(jobs), batch_s)
             self._running = []
             self.metrics.inflight.set(0)
             self.metrics.brownout_level.set(self.brownout_level())

@@ -154,7 +154,15 @@ def test_cancellation_stops_a_request(tiny_engine: Engine):
     tiny_engine.eos_ids, saved = set(), tiny_engine.eos_ids
     try:
         res = tiny_engine.generate(
-            [GenerationRequest(ARTICLE, energy_budget_ratio=1.0, max_new_tokens=50, cancelled=ev)],
+            [
+                GenerationRequest(
+                    ARTICLE,
+                    energy_budget_ratio=1.0,
+                    max_new_tokens=50,
+                    cancelled=ev,
+                    clean_end=False,  # stream every token (the random model writes no sentences)
+                )
+            ],
             on_token=on_token,
         )[0]
     finally:

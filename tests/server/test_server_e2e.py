@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Iterator
+from functools import partial
 
 import httpx
 import openai
@@ -200,3 +201,34 @@ def test_openai_package_as_client(real_server) -> None:
     streamed_energy = last_usage.model_extra["energy"]
     assert streamed_energy["modelled_j"] <= streamed_energy["budget_j"]
     assert "".join(pieces) or last_usage.completion_tokens == 0
+
+
+def test_openai_client_models_stop_logprobs_seed(real_server) -> None:
+    """The real client on the real model: models.list(), stop strings, logprobs, seeded sampling,
+    and BadRequestError for a field this server does not serve (issue 11, item 6)."""
+    client = openai.OpenAI(base_url=f"{real_server.url}/v1", api_key="unused", timeout=600)
+    served = [m.id for m in client.models.list().data]
+    assert len(served) == 1 and client.models.retrieve(served[0]).id == served[0]
+    create = partial(
+        client.chat.completions.create,
+        model=served[0],
+        messages=[{"role": "user", "content": articles(1)[0]}],
+        max_tokens=MAX_NEW,
+        extra_body={"energy_budget_ratio": 1.0},
+    )
+    greedy = create(logprobs=True, top_logprobs=2)
+    text, content = greedy.choices[0].message.content, greedy.choices[0].logprobs.content
+    assert len(content) == greedy.usage.completion_tokens
+    assert b"".join(bytes(c.bytes) for c in content).decode(errors="replace").startswith(text)
+    assert all(c.token == c.top_logprobs[0].token for c in content)  # greedy: the top token
+    words = text.split()
+    assert len(words) >= 3, text  # the stop word is followed by more text
+    stopped = create(stop=[words[1]])
+    assert stopped.choices[0].message.content == text[: text.find(words[1])]
+    assert stopped.choices[0].finish_reason == "stop"
+    assert stopped.usage.completion_tokens < greedy.usage.completion_tokens
+    a, b = (create(temperature=1.0, seed=5).choices[0].message.content for _ in range(2))
+    assert a == b
+    with pytest.raises(openai.BadRequestError) as info:
+        create(n=2)
+    assert info.value.body["param"] == "n"

@@ -12,7 +12,8 @@ from server_helpers import ARTICLE, in_process, metric
 
 from hest_core import BudgetTooLowError, GenerationRequest
 from server import Settings
-from server.protocol import ChatCompletionResponse, ErrorResponse, SummarizeResponse
+from server.openai_protocol import ChatCompletionResponse
+from server.protocol import ErrorResponse, SummarizeResponse
 
 pytestmark = pytest.mark.anyio
 CONTRACTS = Path(__file__).resolve().parents[2] / "docs" / "contracts.md"
@@ -170,11 +171,12 @@ ERROR_CASES = [
     ),
     ("stream-string", "/v1/summarize", {"text": "a", "stream": "yes"}, 422, "bool_type", "stream"),
     ("alias-invalid", "/summarize", {"text": ""}, 422, "string_too_short", "text"),
+    # the OpenAI endpoint answers 400, as OpenAI does
     (
         "chat-no-messages",
         "/v1/chat/completions",
         {"model": "m", "messages": []},
-        422,
+        400,
         "too_short",
         "messages",
     ),
@@ -182,24 +184,32 @@ ERROR_CASES = [
         "chat-no-user",
         "/v1/chat/completions",
         {"messages": [{"role": "system", "content": "x"}]},
-        422,
-        "empty_text",
+        400,
+        "invalid_messages",
         "messages",
     ),
     (
         "chat-bad-content",
         "/v1/chat/completions",
         {"messages": [{"role": "user", "content": 3}]},
-        422,
+        400,
         "string_type",
-        "messages.0.content.str",
+        "messages.0.content",
     ),
-    ("chat-n-2", "/v1/chat/completions", CHAT | {"n": 2}, 422, "less_than_equal", "n"),
+    (
+        "chat-blank-content",
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": " \n "}]},
+        400,
+        "string_pattern_mismatch",
+        "messages.0.content",
+    ),
+    ("chat-n-2", "/v1/chat/completions", CHAT | {"n": 2}, 400, "less_than_equal", "n"),
     (
         "chat-budget-nan",
         "/v1/chat/completions",
         b'{"messages": [{"role": "user", "content": "a"}], "energy_budget_ratio": NaN}',
-        422,
+        400,
         "finite_number",
         "energy_budget_ratio",
     ),
@@ -207,7 +217,7 @@ ERROR_CASES = [
         "chat-both-budgets",
         "/v1/chat/completions",
         CHAT | {"energy_budget_j": 3.0, "energy_budget_ratio": 0.5},
-        422,
+        400,
         "conflicting_budget",
         "energy_budget_j",
     ),
@@ -215,10 +225,19 @@ ERROR_CASES = [
         "chat-max-tokens-over",
         "/v1/chat/completions",
         CHAT | {"max_tokens": 10**6},
-        422,
+        400,
         "invalid_max_new_tokens",
         "max_tokens",
     ),
+    (
+        "chat-max-completion-tokens-over",
+        "/v1/chat/completions",
+        CHAT | {"max_completion_tokens": 600},
+        400,
+        "invalid_max_new_tokens",
+        "max_completion_tokens",
+    ),
+    ("chat-invalid-json", "/v1/chat/completions", b'{"messages": [', 400, "invalid_json", None),
     ("unknown-path", "/v1/nothing", {}, 404, "http_404", None),
 ]
 
@@ -239,7 +258,7 @@ async def test_error_paths(tiny_engine, path, body, status, code, param) -> None
         assert error.code == code, r.text
         assert error.param == param, r.text
         assert error.message and error.type
-        if status == 422:
+        if status in (400, 422):
             m = (await client.get("/metrics")).text
             assert metric(m, "hest_requests_total", outcome="invalid") == 1
 
@@ -259,6 +278,7 @@ async def test_wrong_method_and_get_on_post_route(tiny_engine) -> None:
     async with in_process(tiny_engine) as client:
         r = await client.get("/v1/summarize")
     assert r.status_code == 405
+    assert r.headers["allow"] == "POST"  # RFC 9110
     ErrorResponse.model_validate(r.json())
 
 
@@ -333,7 +353,6 @@ async def test_chat_drops_the_instruction_paragraph(tiny_engine) -> None:
     plain = CHAT
     instructed = CHAT | {
         "messages": [
-            {"role": "system", "content": "You are helpful."},
             {
                 "role": "user",
                 "content": "Summarize the following news article in 3 sentences.\n\n" + ARTICLE,
@@ -381,7 +400,8 @@ async def test_every_contract_metric_is_exposed_with_help(tiny_engine) -> None:
     assert metric(text, "hest_info", model="tiny:llama", policy="hest") == 1
     assert metric(text, "hest_energy_joules_total", source="modelled", meter="estimate") > 0
     assert metric(text, "hest_budget_violations_total") == 0
-    assert metric(text, "hest_layer_units_total", layer="0", path="skip") == 0  # series exists
+    # every (layer, path) series exists from the first request on, whatever the guard chose
+    assert 'hest_layer_units_total{layer="0",path="skip"}' in text
 
 
 def test_settings_defaults_and_env(monkeypatch) -> None:

@@ -1,0 +1,162 @@
+"""The clean-ending plan (hest_core/endings.py) on its own: boundaries, the plan to stop before a
+sentence that would not fit, repeats, and what streaming may show."""
+
+from __future__ import annotations
+
+import pytest
+
+from hest_core.endings import FIRST_SENTENCE_TOKENS, EndingPlan, ends_sentence
+
+
+@pytest.mark.parametrize(
+    "text,ends",
+    [
+        ("The council voted.", True),
+        ("He asked why?", True),
+        ('She said "no."', True),
+        ("It rose (by 5%).", True),
+        ("It rose (by 5%.)", True),
+        ("Stop!  ", True),
+        ("The council voted", False),
+        ("Mr. Smith said", False),
+        ("", False),
+        ("The figure was 3.5", False),
+        ("\u201cWe won.\u201d", True),
+    ],
+)
+def test_sentence_boundary(text, ends):
+    assert ends_sentence(text) is ends
+
+
+def test_plan_ends_at_a_boundary_when_the_next_sentence_would_not_fit():
+    p = EndingPlan()
+    assert p.observe("The council voted.", 10) == "boundary"
+    assert p.expected_sentence() == 10
+    assert not p.should_end(allowance=10) and p.reason is None
+    assert p.should_end(allowance=9) and p.reason == "planned"
+
+
+def test_first_sentence_uses_the_default_expectation():
+    p = EndingPlan()
+    assert p.expected_sentence() == FIRST_SENTENCE_TOKENS
+    assert not p.should_end(3)  # no boundary yet: nothing clean to end on
+
+
+def test_repeat_ends_before_the_repeated_sentence():
+    s = "It is a great protector of the people living in the Boragaon landfill."
+    p = EndingPlan()
+    text = f"The landfill is large. {s}"
+    p.observe("The landfill is large.", 6)
+    assert p.observe(text, 20) == "boundary"
+    text2 = f"{text} {s.upper()}"
+    assert p.observe(text2, 34) == "repeat" and p.reason == "repetition"
+    assert p.final(text2, by_limit=True) == text
+
+
+def test_limit_inside_a_sentence_trims_to_the_last_boundary():
+    p = EndingPlan()
+    p.observe("One more.", 2)
+    assert p.final("One more. Two and thr", by_limit=True) == "One more."
+    assert p.reason == "trimmed"
+    q = EndingPlan()
+    q.observe("One more.", 2)
+    assert q.final("One more. Two and thr", by_limit=False) == "One more. Two and thr"
+    assert EndingPlan().final("no boundary at all", by_limit=True) == "no boundary at all"
+    assert EndingPlan(enabled=False).final("One more. Two", by_limit=True) == "One more. Two"
+
+
+@pytest.mark.parametrize(
+    "text,then,counts",
+    [
+        ("The U.S.", "The U.S. military", False),
+        ("They met Mr.", "They met Mr. Smith", False),
+        ("He lives in the U.S.", "He lives in the U.S. The", True),
+        ("The rate rose to 1.", "The rate rose to 1.4", False),
+        ("The rate rose to 1.", "The rate rose to 1. It", True),
+        ("Ok.", "Ok. Then", False),  # one word is no sentence
+    ],
+)
+def test_ambiguous_periods_count_only_when_the_next_token_confirms(text, then, counts):
+    p = EndingPlan()
+    assert p.observe(text, 4) is None
+    assert p.observe(then, 5) == ("boundary" if counts else None)
+    assert p.boundary == (len(text) if counts else 0)
+
+
+def test_steering_only_where_the_sentence_cannot_be_cut():
+    p = EndingPlan()
+    p.observe("The council voted on the plan.", 8)
+    held = "The council voted on the plan. Buses will"
+    assert p.visible(held, 10) == "The council voted on the plan."  # held back: it can be cut
+    assert p.steer(held, 3, True) == 0.0
+    assert p.visible(held, 100) == held  # streamed: it cannot be cut any more
+    assert p.steer(held, 20, True) == 0.0  # plenty of tokens left
+    assert 0 < p.steer(held, 3, True) < p.steer(held, 1, True)
+    assert p.steer(held, 0, True) == float("inf")  # the last token ends the sentence
+    assert p.steer(held, 0, False) == 0.0  # never inside a multi-byte character
+    assert p.steer("The council voted on the plan.", 0, True) == 0.0  # already at a boundary
+    first = EndingPlan()
+    assert first.steer("A first sentence of six words", 0, True) == float("inf")
+    assert first.steer("Too short", 0, True) == 0.0
+
+
+def test_streaming_holds_back_what_may_be_trimmed_or_repeated():
+    p = EndingPlan()
+    p.observe("The council voted on the plan.", 8)
+    # plenty of room, a new start: the partial sentence may be shown
+    assert p.visible("The council voted on the plan. Buses", 100) == (
+        "The council voted on the plan. Buses"
+    )
+    # little room: it might be trimmed, so it waits
+    assert p.visible("The council voted on the plan. Buses", 10) == "The council voted on the plan."
+    # it starts like an earlier sentence: it might be a repeat, so it waits
+    assert p.visible("The council voted on the plan. The council", 100) == (
+        "The council voted on the plan."
+    )
+    assert EndingPlan(enabled=False).visible("abc", 0) == "abc"
+
+
+def _train_articles(n: int) -> list[str]:
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[3] / "shared" / "data" / "cnndm" / "train.jsonl"
+    if not path.is_file():
+        pytest.skip("../shared/data/cnndm/train.jsonl is not here")
+    with path.open() as fh:
+        rows = [json.loads(line) for _, line in zip(range(1610 + n), fh, strict=False)]
+    return [r["article"] for r in rows[1610:]]  # the validation rows of train.jsonl
+
+
+@pytest.fixture(scope="module")
+def hest_engine():
+    """The real default model with its shipped adapter (what `make serve` runs)."""
+    from hest_core import Engine
+
+    return Engine.from_pretrained("default", adapter="default", progress=False)
+
+
+@pytest.mark.parametrize("ratio,limit", [(1.0, 40), (0.35, 96)])
+def test_real_model_ends_on_a_sentence_boundary_under_a_limit(hest_engine, ratio, limit):
+    """On the real model and adapter: a limit (max_new_tokens at r=1.0, the budget at r=0.35)
+    never leaves a summary mid-sentence, the streamed text is the response's, and without clean
+    endings the same requests do end mid-sentence (so the test can fail)."""
+    from hest_core import GenerationRequest
+
+    default_engine = hest_engine
+    arts = _train_articles(4)
+    raw_mid = 0
+    for art in arts:
+        pieces: list[str] = []
+        req = GenerationRequest(art, energy_budget_ratio=ratio, max_new_tokens=limit)
+        res = default_engine.generate([req], on_token=lambda i, d, p=pieces: p.append(d))[0]
+        assert "".join(pieces) == res.text
+        assert res.stats.modelled_j <= res.stats.budget_j
+        if res.finish_reason in ("length", "energy_budget"):
+            assert ends_sentence(res.text), (res.finish_reason, res.finish_detail, res.text[-80:])
+        raw = GenerationRequest(
+            art, energy_budget_ratio=ratio, max_new_tokens=limit, clean_end=False
+        )
+        out = default_engine.generate([raw])[0]
+        raw_mid += out.finish_reason in ("length", "energy_budget") and not ends_sentence(out.text)
+    assert raw_mid >= 1  # the limit does cut these summaries when nothing plans the end

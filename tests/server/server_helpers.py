@@ -13,6 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -63,11 +64,14 @@ async def in_process(engine: Engine, **overrides) -> AsyncIterator[httpx.AsyncCl
 
 
 def slow_generate(engine: Engine, delay_s: float, seen: list) -> Callable:
-    """Wrap the real engine.generate: remember each batch's requests, sleep per token."""
+    """Wrap the real engine.generate: remember each batch's requests, sleep per token. Clean
+    endings are turned off in the batch so every token is a streamed delta (the tiny random model
+    writes no sentences, and clean endings hold a sentence back until it ends)."""
     real = engine.generate
 
     def generate(requests, on_token=None):
         seen.append(list(requests))
+        requests = [replace(p, clean_end=False) for p in requests]
 
         def on_token_slow(index: int, delta: str) -> None:
             time.sleep(delay_s)

@@ -50,12 +50,27 @@ def test_hub_offline_is_a_clear_error(monkeypatch):
 
 
 def test_tokenize_uses_the_shared_prompt(pairs_file):
-    from hest_core.prompt import build_prompt
+    from hest_core.prompt import build_prompt, end_of_turn_id
 
     tok = load_tokenizer("tiny:llama", progress=False)
     pair = load_pairs(pairs_file)[0]
     ex = tokenize(tok, pair, max_article_tokens=8, max_summary_tokens=5)
     assert ex.prompt == build_prompt(tok, pair.article, 8)[0]
     assert ex.truncated and len(ex.summary) == 5
-    assert ex.summary[-1] == data.eos_id(tok)
+    assert ex.summary[-1] == end_of_turn_id(tok) == tok.convert_tokens_to_ids("<|im_end|>")
     assert target_text("A b .\nC d .") == "A b. C d."
+
+
+def test_targets_end_on_a_token_the_engine_stops_on(tiny_engine, pairs_file):
+    """One definition of the end of a turn (hest_core/prompt.py) for training and serving."""
+    from hest_core.prompt import end_of_turn_id, stop_token_ids
+
+    tok = tiny_engine.tokenizer
+    ex = tokenize(tok, load_pairs(pairs_file)[0], max_article_tokens=16, max_summary_tokens=64)
+    assert ex.summary[-1] == end_of_turn_id(tok)
+    assert tiny_engine.eos_ids == stop_token_ids(tok)
+    assert end_of_turn_id(tok) in tiny_engine.eos_ids
+    # the chat template closes an assistant turn with the same token
+    turn = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    text = tok.apply_chat_template(turn, tokenize=False)
+    assert text.rstrip().endswith(tok.convert_ids_to_tokens(end_of_turn_id(tok)))

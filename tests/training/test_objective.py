@@ -7,7 +7,8 @@ import torch
 
 from hest_core.quant import fake_quant_rows, fake_quant_weight
 from training.forward import st_gumbel
-from training.objective import METHODS, Duals, fixed_cost, path_mask, tau_at
+from training.methods import METHODS
+from training.objective import Duals, fixed_cost, path_mask, tau_at
 
 
 def test_st_gumbel_is_one_hot_forward_with_soft_gradient():

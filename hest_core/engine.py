@@ -25,7 +25,7 @@ from .guard import MODES, BudgetGuard
 from .loading import DEFAULT_MODEL, build_lean, fingerprint, load_hf_model, load_tokenizer
 from .meters import pick_meter
 from .model import PATHS
-from .prompt import DEFAULT_MAX_ARTICLE_TOKENS, build_prompt
+from .prompt import DEFAULT_MAX_ARTICLE_TOKENS, build_prompt, stop_token_ids
 from .spectral import SvdCache, make_weight_fn, z_support
 
 log = logging.getLogger("hest.engine")
@@ -132,12 +132,7 @@ class Engine:
         self._lock = threading.Lock()
         self.tokenizer_lock = threading.Lock()  # check() may run while generate() runs elsewhere
         self.token_texts = TokenTexts(tokenizer)  # token id -> text and bytes (logprobs)
-        eos = {tokenizer.eos_token_id}
-        for name in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>"):
-            tid = tokenizer.convert_tokens_to_ids(name)
-            if isinstance(tid, int) and tid != tokenizer.unk_token_id:
-                eos.add(tid)
-        self.eos_ids = {t for t in eos if t is not None}
+        self.eos_ids = stop_token_ids(tokenizer)  # training ends targets on one of them (prompt.py)
         # tokens that end a sentence on their own (clean endings steer towards them, endings.py)
         ends = (tokenizer.convert_tokens_to_ids(t) for t in (".", "!", "?"))
         self.sentence_end_ids = [

@@ -15,8 +15,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hest_core.energy import CalibrationTable, EnergyModel  # noqa: E402
+from hest_core.model import PATHS  # noqa: E402
+from training.methods import METHODS  # noqa: E402
 
-PATH = {"fp16": 0, "int8": 1, "lora-r8": 0}
+# rows that run one path everywhere (training/methods.py): fp16, int8, lora-r8
+PATH = {
+    n: PATHS.index(m.paths[0])
+    for n, m in METHODS.items()
+    if len(m.paths) == 1 and not m.evaluation.budgeted
+}
 
 
 def cost(em: EnergyModel, r: dict) -> float:

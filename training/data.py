@@ -3,7 +3,9 @@
 One loader for both sources:
 * a local JSONL path: one object per line with `id`, `article`, `highlights`;
 * ``"hub:abisee/cnn_dailymail:<split>"`` (config 3.0.0) through `datasets` (needs network).
-Prompts always come from `hest_core.prompt.build_prompt`, the one format shared with the server.
+Prompts always come from `hest_core.prompt.build_prompt`, the one format shared with the server,
+and every target summary ends on `hest_core.prompt.end_of_turn_id`, a token generation stops on.
+`Batches` is the deterministic example order every trainer uses.
 """
 
 from __future__ import annotations
@@ -13,8 +15,10 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from hest_core.errors import HestError
-from hest_core.prompt import build_prompt
+from hest_core.prompt import build_prompt, end_of_turn_id
 
 HUB_PREFIX = "hub:"
 HUB_DATASET = "abisee/cnn_dailymail"
@@ -37,7 +41,7 @@ class Pair:
 
 @dataclass(frozen=True)
 class Example:
-    """A tokenised teacher-forcing example: prompt ids then summary ids (EOS last)."""
+    """A tokenised teacher-forcing example: prompt ids then summary ids (end of turn last)."""
 
     id: str
     prompt: list[int]
@@ -117,15 +121,6 @@ def load_pairs(source: str | Path, limit: int | None = None) -> list[Pair]:
     return load_jsonl(s, limit)
 
 
-def eos_id(tokenizer) -> int:
-    """The token that ends an assistant turn (what the engine stops on)."""
-    for name in ("<|im_end|>", "<|eot_id|>"):
-        tid = tokenizer.convert_tokens_to_ids(name)
-        if isinstance(tid, int) and tid != tokenizer.unk_token_id:
-            return tid
-    return int(tokenizer.eos_token_id)
-
-
 def target_text(highlights: str) -> str:
     """The reference as prose: CNN/DM highlights are one sentence per line with ' .' spacing."""
     lines = [re.sub(r"\s+([.,!?;:'])", r"\1", ln.strip()) for ln in highlights.split("\n")]
@@ -135,5 +130,50 @@ def target_text(highlights: str) -> str:
 def tokenize(tokenizer, pair: Pair, max_article_tokens: int, max_summary_tokens: int) -> Example:
     prompt, truncated = build_prompt(tokenizer, pair.article, max_article_tokens)
     summ = tokenizer.encode(target_text(pair.highlights), add_special_tokens=False)
-    summ = summ[: max_summary_tokens - 1] + [eos_id(tokenizer)]
+    summ = summ[: max_summary_tokens - 1] + [end_of_turn_id(tokenizer)]
     return Example(pair.id, prompt, summ, truncated)
+
+
+class Batches:
+    """Deterministic example order: a seeded permutation per epoch, so the examples of a step are
+    a function of (seed, step) and a resumed run sees what the uninterrupted one saw. Examples
+    are tokenised on first use."""
+
+    def __init__(
+        self,
+        pairs: list[Pair],
+        tokenizer,
+        seed: int,
+        batch: int,
+        article_tokens: int,
+        summary_tokens: int,
+    ):
+        self.pairs, self.tok, self.seed, self.batch = pairs, tokenizer, seed, batch
+        self.limits = (article_tokens, summary_tokens)
+        self.cache: dict[int, Example] = {}
+        self.perms: dict[int, list[int]] = {}
+
+    @classmethod
+    def from_args(cls, args, tokenizer) -> Batches:
+        """The order `python -m training.train` uses (--data, --limit, --seed, --batch, limits)."""
+        pairs = load_pairs(args.data, args.limit)
+        a = args
+        return cls(pairs, tokenizer, a.seed, a.batch, a.max_article_tokens, a.max_summary_tokens)
+
+    def _index(self, flat: int) -> int:
+        n = len(self.pairs)
+        epoch, i = divmod(flat, n)
+        if epoch not in self.perms:
+            g = torch.Generator().manual_seed(self.seed * 7919 + epoch)
+            self.perms[epoch] = torch.randperm(n, generator=g).tolist()
+        return self.perms[epoch][i]
+
+    def get(self, step: int) -> list[Example]:
+        """The `batch` examples of one step."""
+        out = []
+        for j in range(self.batch):
+            i = self._index(step * self.batch + j)
+            if i not in self.cache:
+                self.cache[i] = tokenize(self.tok, self.pairs[i], *self.limits)
+            out.append(self.cache[i])
+        return out

@@ -3,11 +3,11 @@
     python -m training.evaluate --policies lead-3,fp16,int8,hest --data ../shared/data/cnndm/test.jsonl \
         --limit 50 --budget-ratios 0.6 --json results/eval.json
 
-Rows: `lead-3` (extractive reference), `fp16` / `int8` (Engine fixed policies, no adapter),
-`hest` and the budget-conditioned methods (`hest-*`, `bhsp`; one row per budget ratio, an
-artifact from `--adapters name=DIR`, `hest` defaults to the committed adapter), `tabs` (one row,
-guard off: it has no budget mechanism, so its overshoot is what it would spend), `lora-r8`
-(a merged model directory from `--adapters lora-r8=DIR`, fp16 policy, base calibration).
+Policies are the names of the registry (training/methods.py; `python -m training.methods` prints
+them), and each one's `Evaluation` says how it runs: no model (lead-3), an Engine fixed policy,
+an adapter artifact from `--adapters NAME=DIR` (one row per budget ratio, or one row at
+`--primary-ratio` with the guard off for a method without a budget input), or a merged model
+directory from `--adapters NAME=DIR` (fp16 policy, the base model's calibration).
 Per-sample results go to `<json stem>.samples.jsonl` as they are produced; a rerun skips done
 (row, sample) pairs. Samples are interleaved across rows so machine noise hits every row alike.
 """
@@ -21,11 +21,16 @@ import re
 import time
 from pathlib import Path
 
-from .data import load_pairs
-from .metrics import KEYS, lead3, mean, percentile, rouge
+from tqdm import tqdm
 
-BUDGETED = ("hest", "hest-fp16only", "hest-no-dual", "hest-unfactorised", "bhsp")
-KNOWN = ("lead-3", "fp16", "int8", "tabs", "lora-r8", *BUDGETED)
+from hest_core import Engine, GenerationRequest
+from hest_core.model import PATHS
+
+from .data import Pair, load_pairs
+from .lora import lora_params
+from .methods import METHODS
+from .metrics import KEYS, lead3, mean, percentile, rouge
+from .plots import plot_heatmaps, plot_pareto
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -72,16 +77,15 @@ def row_names(args) -> list[tuple[str, str, float | None]]:
     ratios = [float(r) for r in args.budget_ratios.split(",") if r]
     rows = []
     for p in [p.strip() for p in args.policies.split(",") if p.strip()]:
-        if p not in KNOWN:
-            raise SystemExit(f"unknown policy {p!r}; known: {', '.join(KNOWN)}")
-        if p in BUDGETED:
+        if p not in METHODS:
+            raise SystemExit(f"unknown policy {p!r}; known: {', '.join(METHODS)}")
+        ev = METHODS[p].evaluation
+        if ev.rows == "sweep":
             rows += [(f"{p}@{r:g}", p, r) for r in ratios]
-        elif p == "tabs":
-            rows.append((f"tabs@{args.primary_ratio:g}", p, args.primary_ratio))
-        elif p == "lead-3":
-            rows.append((p, p, None))
+        elif ev.rows == "primary":
+            rows.append((f"{p}@{args.primary_ratio:g}", p, args.primary_ratio))
         else:
-            rows.append((p, p, 1.0))
+            rows.append((p, p, None if ev.engine == "extractive" else 1.0))
     return rows
 
 
@@ -97,25 +101,22 @@ class Engines:
     def get(self, policy: str):
         if policy in self.e:
             return self.e[policy]
-        from hest_core import Engine
-
-        a = self.args
+        a, ev = self.args, METHODS[policy].evaluation
         kw = dict(
             calibration=self.calibration, progress=not a.no_progress, threads=a.threads or None
         )
-        if policy in ("fp16", "int8"):
+        if ev.engine == "policy":
             eng = Engine.from_pretrained(a.model, adapter=None, policy=policy, **kw)
-        elif policy == "lora-r8":
-            if "lora-r8" not in self.paths:
-                raise SystemExit("lora-r8 needs --adapters lora-r8=RUN/merged")
+        elif ev.engine == "merged":
+            if policy not in self.paths:
+                raise SystemExit(f"{policy} needs --adapters {policy}=RUN/merged")
             kw["calibration"] = self.calibration or self.get("fp16").info()["calibration"]["source"]
-            eng = Engine.from_pretrained(self.paths["lora-r8"], adapter=None, policy="fp16", **kw)
+            eng = Engine.from_pretrained(self.paths[policy], adapter=None, policy="fp16", **kw)
         else:
-            ad = self.paths.get(policy, "default" if policy == "hest" else None)
+            ad = self.paths.get(policy, ev.default_adapter)
             if ad is None:
                 raise SystemExit(f"{policy} needs --adapters {policy}=RUN/adapter")
-            guard = "off" if policy == "tabs" else "hard"  # the runtime's default guard
-            eng = Engine.from_pretrained(a.model, adapter=ad, policy="hest", guard=guard, **kw)
+            eng = Engine.from_pretrained(a.model, adapter=ad, policy="hest", guard=ev.guard, **kw)
         eng.max_article_tokens = a.max_article_tokens
         eng.warmup()  # first-call costs stay out of the per-sample timings
         if self.calibration is None:
@@ -124,12 +125,10 @@ class Engines:
         return eng
 
 
-def run_one(engines: Engines, policy: str, ratio: float | None, pair, args) -> dict:
-    if policy == "lead-3":
+def run_one(engines: Engines, policy: str, ratio: float | None, pair: Pair, args) -> dict:
+    if METHODS[policy].evaluation.engine == "extractive":
         text = lead3(pair.article)
         return {"text": text, "rouge": rouge(text, pair.highlights)}
-    from hest_core import GenerationRequest
-
     eng = engines.get(policy)
     t0 = time.perf_counter()
     res = eng.generate(
@@ -163,37 +162,22 @@ def run_one(engines: Engines, policy: str, ratio: float | None, pair, args) -> d
     }
 
 
-def lora_params(engines: Engines) -> int:
-    """Trainable parameters of LoRA r=8 on the seven targets: r (in + out) per target and layer."""
-    s = engines.get("fp16").lean.spec
-    dims = [
-        (s.hidden, s.q_dim),
-        (s.hidden, s.kv_dim),
-        (s.hidden, s.kv_dim),
-        (s.q_dim, s.hidden),
-        (s.hidden, s.intermediate),
-        (s.hidden, s.intermediate),
-        (s.intermediate, s.hidden),
-    ]
-    return s.n_layers * sum(8 * (i + o) for i, o in dims)
-
-
 def summarise(name: str, policy: str, recs: list[dict], longest: set[str]) -> dict:
     out = {"row": name, "policy": policy, "n": len(recs)}
     for k in KEYS:
         out[k] = mean([r["rouge"][k] for r in recs])
-    if policy == "lead-3" or not recs:
+    ev = METHODS[policy].evaluation
+    if ev.engine == "extractive" or not recs:
         return out
     lat = [r["total_s"] for r in recs]
     measured = [r["measured_j"] for r in recs if r["measured_j"] is not None]
-    budgeted = policy in BUDGETED or policy == "tabs"
-    over = [r["modelled_j"] / r["budget_j"] for r in recs if r["id"] in longest and budgeted]
-    paths = {p: sum(r["paths"][p] for r in recs) for p in ("fp16", "int8", "skip")}
+    over = [r["modelled_j"] / r["budget_j"] for r in recs if r["id"] in longest and ev.budgeted]
+    paths = {p: sum(r["paths"][p] for r in recs) for p in PATHS}
     tot = sum(paths.values()) or 1
     n_layers = len(recs[0]["paths_per_layer"])
     grid = []
     for li in range(n_layers):
-        c = [sum(r["paths_per_layer"][li][p] for r in recs) for p in ("fp16", "int8", "skip")]
+        c = [sum(r["paths_per_layer"][li][p] for r in recs) for p in PATHS]
         grid.append([x / (sum(c) or 1) for x in c])
     out.update(
         modelled_j=mean([r["modelled_j"] for r in recs]),
@@ -227,7 +211,7 @@ def markdown(rows: list[dict], n: int) -> str:
     lines = [head, "|" + " --- |" * 16]
     for r in rows:
         sh = r.get("path_shares")
-        shares = "/".join(f"{sh[p]:.2f}" for p in ("fp16", "int8", "skip")) if sh else "-"
+        shares = "/".join(f"{sh[p]:.2f}" for p in PATHS) if sh else "-"
         meas = (
             "no meter"
             if "modelled_j" in r and r.get("measured_j") is None
@@ -276,27 +260,17 @@ def _other_samples(js: Path, own: Path) -> dict[tuple[str, str], dict]:
     return out
 
 
-def evaluate(args: argparse.Namespace) -> dict:
-    from tqdm import tqdm
+def _samples_file(js: Path, shard: tuple[int, int] | None) -> Path:
+    """The samples file this process appends to (one per shard)."""
+    if shard is None:
+        return js.with_suffix(".samples.jsonl")
+    i, n = shard
+    return js.with_name(f"{js.stem}.samples.shard-{i}-of-{n}.jsonl")
 
-    from .plots import plot_heatmaps, plot_pareto
 
-    pairs = load_pairs(args.data, args.limit)
-    rows = row_names(args)
-    js = Path(args.json)
-    js.parent.mkdir(parents=True, exist_ok=True)
-    samples = js.with_suffix(".samples.jsonl")
-    done: dict[tuple[str, str], dict] = {}
-    mine = pairs
-    if args.shard is not None:
-        i, n = args.shard
-        mine = pairs[i::n]
-        samples = js.with_name(f"{js.stem}.samples.shard-{i}-of-{n}.jsonl")
-    done.update(_other_samples(js, samples))
-    if samples.is_file():
-        done.update(read_samples(samples))  # its own file, repaired if a killed run cut it
-    engines = Engines(args)
-    todo = [(p, row) for p in mine for row in rows if (row[0], p.id) not in done]
+def _run_samples(args, pairs: list[Pair], rows, samples: Path, done: dict, engines) -> None:
+    """Run every (pair, row) not in `done`, appending each sample to `samples` as it ends."""
+    todo = [(p, row) for p in pairs for row in rows if (row[0], p.id) not in done]
     bar = tqdm(todo, disable=args.no_progress, desc="evaluate", dynamic_ncols=True)
     with samples.open("a") as f:
         for pair, (name, policy, ratio) in bar:
@@ -305,40 +279,23 @@ def evaluate(args: argparse.Namespace) -> dict:
             done[(name, pair.id)] = rec
             f.write(json.dumps(rec) + "\n")
             f.flush()
-    ids = [p.id for p in pairs]
-    if args.shard is not None:  # the other shards may have finished while this one ran
-        done.update(_other_samples(js, samples))
-    missing = sum((n, i) not in done for n, _, _ in rows for i in ids)
-    if missing:
-        print(
-            f"[evaluate] shard {args.shard[0]}/{args.shard[1]} done; {missing} (row, pair) samples "
-            "are still missing from other shards: run the other shards, then the same command "
-            "without --shard to aggregate",
-            flush=True,
-        )
-        return {"missing": missing}
+
+
+def _longest(rows, ids: list[str], done: dict) -> set[str]:
+    """The longest 10% of prompts (by prompt tokens), where overshoot is reported."""
     plen = {
         i: done[(n, i)].get("prompt_tokens", 0)
         for n, pol, _ in rows
-        if pol != "lead-3"
+        if METHODS[pol].evaluation.engine != "extractive"
         for i in ids
     }
     k = max(1, math.ceil(len(ids) / 10))
-    longest = set(sorted(ids, key=lambda i: -plen.get(i, 0))[:k])
-    summary = [summarise(n, pol, [done[(n, i)] for i in ids], longest) for n, pol, _ in rows]
-    for s in summary:
-        if s["policy"] == "lora-r8":
-            s["controller_params"] = lora_params(engines)
-    md = markdown(summary, len(ids))
-    out = {
-        "data": str(args.data),
-        "n": len(ids),
-        "max_new_tokens": args.max_new_tokens,
-        "max_article_tokens": args.max_article_tokens,
-        "calibration": engines.calibration,
-        "engines": {p: e.info() for p, e in engines.e.items()},
-        "rows": summary,
-    }
+    return set(sorted(ids, key=lambda i: -plen.get(i, 0))[:k])
+
+
+def _write_outputs(js: Path, out: dict, md: str) -> None:
+    """X.json, X.md, X_paths.png, X_pareto.png."""
+    summary = out["rows"]
     js.write_text(json.dumps(out, indent=1, default=str))
     js.with_suffix(".md").write_text(md)
     plot_heatmaps(
@@ -353,6 +310,48 @@ def evaluate(args: argparse.Namespace) -> dict:
         ],
         js.with_name(js.stem + "_pareto.png"),
     )
+
+
+def evaluate(args: argparse.Namespace) -> dict:
+    pairs = load_pairs(args.data, args.limit)
+    rows = row_names(args)
+    js = Path(args.json)
+    js.parent.mkdir(parents=True, exist_ok=True)
+    samples = _samples_file(js, args.shard)
+    done = _other_samples(js, samples)
+    if samples.is_file():
+        done.update(read_samples(samples))  # its own file, repaired if a killed run cut it
+    engines = Engines(args)
+    mine = pairs if args.shard is None else pairs[args.shard[0] :: args.shard[1]]
+    _run_samples(args, mine, rows, samples, done, engines)
+    ids = [p.id for p in pairs]
+    if args.shard is not None:  # the other shards may have finished while this one ran
+        done.update(_other_samples(js, samples))
+    missing = sum((n, i) not in done for n, _, _ in rows for i in ids)
+    if missing:
+        print(
+            f"[evaluate] shard {args.shard[0]}/{args.shard[1]} done; {missing} (row, pair) samples "
+            "are still missing from other shards: run the other shards, then the same command "
+            "without --shard to aggregate",
+            flush=True,
+        )
+        return {"missing": missing}
+    longest = _longest(rows, ids, done)
+    summary = [summarise(n, pol, [done[(n, i)] for i in ids], longest) for n, pol, _ in rows]
+    for s in summary:
+        if METHODS[s["policy"]].evaluation.engine == "merged":  # LoRA's trainable parameters
+            s["controller_params"] = lora_params(engines.get("fp16").lean.spec)
+    md = markdown(summary, len(ids))
+    out = {
+        "data": str(args.data),
+        "n": len(ids),
+        "max_new_tokens": args.max_new_tokens,
+        "max_article_tokens": args.max_article_tokens,
+        "calibration": engines.calibration,
+        "engines": {p: e.info() for p, e in engines.e.items()},
+        "rows": summary,
+    }
+    _write_outputs(js, out, md)
     print(md)
     return out
 

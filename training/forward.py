@@ -151,6 +151,58 @@ class ForwardOut:
     counts: torch.Tensor  # (L, 3) hard path counts (all tokens)
 
 
+def _zdelta(zmod: SpectralZ | None, h: torch.Tensor, li: int, targets: tuple[str, ...]):
+    """The spectral adapter's x V diag(s z) U^T for `targets` side by side (0.0 without z)."""
+    if zmod is None:
+        return 0.0
+    return torch.cat([zmod.delta(h, li, t) for t in targets], dim=-1)
+
+
+def _attention(
+    tm: TrainModel, li: int, zmod, x, h, g_hi, g_lo, rope: tuple[torch.Tensor, torch.Tensor]
+) -> torch.Tensor:
+    """x + the attention block of layer li: projections dense for fp16 rows (g_hi), fake-quantised
+    for int8 and skip rows (g_lo); attention itself at 16-bit for every row. x, h: (T, d)."""
+    s, lw, (cos, sin) = tm.spec, tm.layers[li], rope
+    T = x.shape[0]
+    d_qkv = _zdelta(zmod, h, li, ("q_proj", "k_proj", "v_proj"))
+    qkv = g_hi * F.linear(h, lw.wqkv, lw.bqkv) + g_lo * F.linear(
+        fake_quant_rows(h), lw.fq_qkv, lw.bqkv
+    )
+    qkv = qkv + d_qkv  # (T, q + 2kv)
+    q = qkv[:, : s.q_dim].view(T, s.n_heads, s.head_dim)
+    k = qkv[:, s.q_dim : s.q_dim + s.kv_dim].view(T, s.n_kv_heads, s.head_dim)
+    v = qkv[:, s.q_dim + s.kv_dim :].view(T, s.n_kv_heads, s.head_dim)
+    if lw.q_norm is not None:
+        q, k = rms_norm(q, lw.q_norm, s.eps), rms_norm(k, lw.k_norm, s.eps)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    a = F.scaled_dot_product_attention(
+        q.transpose(0, 1)[None],
+        k.transpose(0, 1)[None],
+        v.transpose(0, 1)[None],
+        is_causal=True,
+        enable_gqa=True,
+    )  # (1, H, T, hd)
+    a = a[0].transpose(0, 1).reshape(T, s.q_dim)
+    o = g_hi * F.linear(a, lw.wo) + g_lo * F.linear(fake_quant_rows(a), lw.fq_o)
+    return x + o + _zdelta(zmod, a, li, ("o_proj",))
+
+
+def _mlp(tm: TrainModel, li: int, zmod, x, g_hi, g_int8) -> torch.Tensor:
+    """x + the MLP of layer li: dense for fp16 rows, fake-quantised for int8 rows, nothing for
+    skip rows (their residual passes unchanged). x: (T, d)."""
+    s, lw = tm.spec, tm.layers[li]
+    m = rms_norm(x, lw.ln2, s.eps)  # (T, d)
+    d_gu = _zdelta(zmod, m, li, ("gate_proj", "up_proj"))
+    gu_hi = F.linear(m, lw.wgu) + d_gu  # (T, 2I)
+    gu_lo = F.linear(fake_quant_rows(m), lw.fq_gu) + d_gu
+    act_hi = F.silu(gu_hi[:, : s.intermediate]) * gu_hi[:, s.intermediate :]  # (T, I)
+    act_lo = F.silu(gu_lo[:, : s.intermediate]) * gu_lo[:, s.intermediate :]
+    y_hi = F.linear(act_hi, lw.wdown) + _zdelta(zmod, act_hi, li, ("down_proj",))
+    y_lo = F.linear(fake_quant_rows(act_lo), lw.fq_down) + _zdelta(zmod, act_lo, li, ("down_proj",))
+    return x + g_hi * y_hi + g_int8 * y_lo
+
+
 def forward(
     tm: TrainModel,
     ctl: nn.Module,
@@ -171,7 +223,7 @@ def forward(
     s, dt = tm.spec, tm.dtype
     ids = torch.tensor(prompt + summary[:-1])
     P, T = len(prompt), len(prompt) + len(summary) - 1
-    cos, sin = tm.rope(T)
+    rope = tm.rope(T)
     x = tm.embed[ids]  # (T, d)
     betas = torch.full((T,), beta)
     decode = torch.zeros(T, 1)
@@ -179,12 +231,6 @@ def forward(
     e_bar = torch.zeros(())
     fp16 = torch.zeros(())
     counts = torch.zeros(s.n_layers, 3)
-
-    def lin(h: torch.Tensor, li: int, targets: tuple[str, ...]) -> torch.Tensor | float:
-        if zmod is None:
-            return 0.0
-        return torch.cat([zmod.delta(h, li, t) for t in targets], dim=-1)
-
     for li, lw in enumerate(tm.layers):
         h = rms_norm(x, lw.ln1, s.eps)  # (T, d) the controller's h(l, t)
         logits = ctl(h, li, betas) + mask  # (T, 3) fp32
@@ -197,38 +243,8 @@ def forward(
         g_hi = gate[:, :1].to(dt)  # (T, 1)
         g_lo = (gate[:, 1:2] + gate[:, 2:3]).to(dt)
         g_int8 = gate[:, 1:2].to(dt)
-
-        d_qkv = lin(h, li, ("q_proj", "k_proj", "v_proj"))
-        qkv = g_hi * F.linear(h, lw.wqkv, lw.bqkv) + g_lo * F.linear(
-            fake_quant_rows(h), lw.fq_qkv, lw.bqkv
-        )
-        qkv = qkv + d_qkv  # (T, q + 2kv)
-        q = qkv[:, : s.q_dim].view(T, s.n_heads, s.head_dim)
-        k = qkv[:, s.q_dim : s.q_dim + s.kv_dim].view(T, s.n_kv_heads, s.head_dim)
-        v = qkv[:, s.q_dim + s.kv_dim :].view(T, s.n_kv_heads, s.head_dim)
-        if lw.q_norm is not None:
-            q, k = rms_norm(q, lw.q_norm, s.eps), rms_norm(k, lw.k_norm, s.eps)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        a = F.scaled_dot_product_attention(
-            q.transpose(0, 1)[None],
-            k.transpose(0, 1)[None],
-            v.transpose(0, 1)[None],
-            is_causal=True,
-            enable_gqa=True,
-        )  # (1, H, T, hd)
-        a = a[0].transpose(0, 1).reshape(T, s.q_dim)
-        o = g_hi * F.linear(a, lw.wo) + g_lo * F.linear(fake_quant_rows(a), lw.fq_o)
-        x = x + o + lin(a, li, ("o_proj",))
-
-        m = rms_norm(x, lw.ln2, s.eps)  # (T, d)
-        d_gu = lin(m, li, ("gate_proj", "up_proj"))
-        gu_hi = F.linear(m, lw.wgu) + d_gu  # (T, 2I)
-        gu_lo = F.linear(fake_quant_rows(m), lw.fq_gu) + d_gu
-        act_hi = F.silu(gu_hi[:, : s.intermediate]) * gu_hi[:, s.intermediate :]  # (T, I)
-        act_lo = F.silu(gu_lo[:, : s.intermediate]) * gu_lo[:, s.intermediate :]
-        y_hi = F.linear(act_hi, lw.wdown) + lin(act_hi, li, ("down_proj",))
-        y_lo = F.linear(fake_quant_rows(act_lo), lw.fq_down) + lin(act_lo, li, ("down_proj",))
-        x = x + g_hi * y_hi + g_int8 * y_lo  # skip rows: residual unchanged
+        x = _attention(tm, li, zmod, x, h, g_hi, g_lo, rope)
+        x = _mlp(tm, li, zmod, x, g_hi, g_int8)
 
     xs = rms_norm(x[P - 1 :], tm.norm, s.eps)  # (S, d) rows that predict the summary
     logits = F.linear(xs, tm.lm_head).float()  # (S, V)

@@ -1,8 +1,10 @@
-"""Methods, energy terms and the dual variables of the HEST objective.
+"""What a method is, the energy terms and the dual variables of the HEST objective.
 
 loss = CE + lambda_b (E_bar / E_max - 1), E_max = r x the modelled all-fp16 cost of the same
 sequence, lambda_b <- max(0, lambda_b + alpha (mean E_bar/E_max - 1)) after every batch, one
 lambda per budget bucket b (the ratio r sampled for that batch).
+
+`Method` and `Evaluation` describe a method; the registry of methods is training/methods.py.
 """
 
 from __future__ import annotations
@@ -11,39 +13,79 @@ import math
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from hest_core.energy import EnergyModel
-from hest_core.model import FP16, INT8, SKIP
+from hest_core.model import FP16, PATHS
 
-NEG = -1e4
+from .forward import NEG
+
+PENALTIES = ("energy", "flops", "ce", "none")
+ENGINES = ("extractive", "policy", "adapter", "merged")
+ROWS = ("one", "sweep", "primary")
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """How `python -m training.evaluate` runs a method.
+
+    engine: "extractive" (no model), "policy" (the Engine's fixed policy of the method's name,
+    no adapter), "adapter" (a HEST artifact from `--adapters NAME=DIR`) or "merged" (a merged
+    Hugging Face model directory from `--adapters`, fp16 policy, the base model's calibration).
+    rows: "one" (one row, ratio 1.0), "sweep" (one row per `--budget-ratios`) or "primary" (one
+    row at `--primary-ratio`).
+    """
+
+    engine: str
+    rows: str = "one"
+    guard: str = "hard"  # the budget guard of adapter rows ("off": the method has no budget input)
+    default_adapter: str | None = None  # used when `--adapters` names none ("default": committed)
+
+    def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise ValueError(f"Evaluation.engine={self.engine!r}; use one of {ENGINES}")
+        if self.rows not in ROWS:
+            raise ValueError(f"Evaluation.rows={self.rows!r}; use one of {ROWS}")
+
+    @property
+    def budgeted(self) -> bool:
+        """Rows run under a budget below 1.0 (overshoot is reported for them)."""
+        return self.rows != "one"
 
 
 @dataclass(frozen=True)
 class Method:
+    """One entry of the registry (training/methods.py)."""
+
     name: str
-    paths: tuple[int, ...]  # paths the method may use
-    penalty: str  # "energy" (Lagrangian) | "flops" (TABS: fixed FLOP penalty)
-    dual: bool  # dual ascent on lambda (False: fixed lambda)
-    train_z: bool  # spectral z vectors trainable
+    about: str  # one line for the docs table and `--help`
+    paths: tuple[str, ...]  # path names (hest_core.model.PATHS) the method may use
+    evaluation: Evaluation
+    controller: type[nn.Module] | None = None  # hest_core.controller class of its artifacts
+    trainer: type | None = None  # takes (method, args); None: evaluated only, never trained
+    penalty: str = "none"  # "energy" (Lagrangian) | "flops" (TABS) | "ce" (CE only) | "none"
+    dual: bool = False  # dual ascent on lambda (False: fixed `--lambda-fixed`)
+    train_z: bool = False  # spectral z vectors trainable
+    bake_mask: bool = False  # write the path mask into the artifact's bias (factorised controller)
 
-
-METHODS: dict[str, Method] = {
-    "hest": Method("hest", (FP16, INT8, SKIP), "energy", True, True),
-    "hest-fp16only": Method("hest-fp16only", (FP16, SKIP), "energy", True, True),
-    "hest-no-dual": Method("hest-no-dual", (FP16, INT8, SKIP), "energy", False, True),
-    "hest-unfactorised": Method("hest-unfactorised", (FP16, INT8, SKIP), "energy", True, True),
-    "bhsp": Method("bhsp", (FP16, SKIP), "energy", True, False),
-    "tabs": Method("tabs", (FP16, SKIP), "flops", False, False),
-}
+    def __post_init__(self) -> None:
+        if unknown := [p for p in self.paths if p not in PATHS]:
+            raise ValueError(f"Method {self.name!r}: paths {unknown} are not in {PATHS}")
+        if self.penalty not in PENALTIES:
+            raise ValueError(f"Method {self.name!r}: penalty={self.penalty!r}; use {PENALTIES}")
+        if (self.trainer is None) != (self.penalty == "none"):
+            raise ValueError(f"Method {self.name!r}: a trainer needs a penalty and vice versa")
+        if self.evaluation.engine == "adapter" and self.controller is None:
+            raise ValueError(f"Method {self.name!r}: adapter evaluation needs a controller class")
 
 
 def path_mask(method: Method) -> torch.Tensor:
-    """(3,) additive logit mask: 0 for allowed paths, NEG for the others."""
-    return torch.tensor([0.0 if p in method.paths else NEG for p in range(3)])
+    """(P,) additive logit mask over PATHS: 0 for the method's paths, NEG for the others."""
+    return torch.tensor([0.0 if p in method.paths else NEG for p in PATHS])
 
 
 def unit_costs(em: EnergyModel) -> tuple[torch.Tensor, torch.Tensor]:
-    """(L, 3) joules per gated unit, prefill and decode."""
+    """(L, P) joules per gated unit, prefill and decode."""
     return (
         torch.tensor(em.unit["prefill"], dtype=torch.float32),
         torch.tensor(em.unit["decode"], dtype=torch.float32),

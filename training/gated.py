@@ -1,0 +1,231 @@
+"""The trainer of the gated methods (`hest`, its ablations, `bhsp`, `tabs`).
+
+A controller (the method's class) gates every (layer, token) of the differentiable twin
+(training/forward.py); `hest*` also train the spectral z vectors. One step: a budget ratio r and
+a temperature for the step, then per example a teacher-forced forward, the penalty of the
+method (energy Lagrangian with one lambda per budget bucket, or TABS's FLOP term) and a
+backward; then one Adam step, gradient clipping at 1.0, and the dual update. The base model is
+frozen. At every checkpoint the artifact `OUT/adapter/` is rewritten; `--adapter-out` gets a copy
+when the command ends.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from hest_core import calibrate
+from hest_core.artifact import HestAdapter, HestConfig
+from hest_core.dtypes import resolve_dtype
+from hest_core.energy import CalibrationTable, EnergyModel
+from hest_core.loading import build_lean, fingerprint, load_hf_model, load_tokenizer, spec_of
+from hest_core.meters import pick_meter
+from hest_core.model import PATHS
+from hest_core.spectral import SvdCache, spectrum_sizes
+
+from .data import Batches, Example
+from .forward import NEG, SpectralZ, TrainModel, forward
+from .objective import Duals, Method, fixed_cost, path_mask, tau_at, unit_costs
+
+CPU = torch.device("cpu")
+
+
+def energy_model(hf, fp: str, path: str | None) -> tuple[EnergyModel, CalibrationTable]:
+    """The real calibration table: an explicit file, else the Engine's resolution for this device."""
+    if path is not None:
+        table = CalibrationTable.load(path)
+    else:
+        lean = build_lean(hf, resolve_dtype("auto", CPU), CPU, 4096)
+        table = calibrate.resolve(lean, fp, None, pick_meter("cpu"), True)
+    return EnergyModel(table), table
+
+
+def budget_at(step: int, seed: int, budgets: list[float]) -> float:
+    """The budget ratio of a step: a function of (seed, step)."""
+    return random.Random(seed * 1_000_003 + step).choice(budgets)
+
+
+@dataclass
+class ExampleResult:
+    """One example's contribution to a step (the graph is gone: backward already ran)."""
+
+    ce: float
+    ratio: float  # E_bar / E_max
+    loss: float
+    counts: torch.Tensor  # (P,) hard-gate path counts over layers and tokens
+
+
+class GateTrainer:
+    """Controller (+ spectral z) training for one gated method; see the module docstring."""
+
+    def __init__(self, method: Method, args: argparse.Namespace):
+        self.method, self.args = method, args
+        self.budgets = [float(b) for b in args.budgets.split(",")]
+        progress = not args.no_progress
+        tok = load_tokenizer(args.model, progress)
+        hf = load_hf_model(args.model, progress, seed=args.seed)
+        self.spec, self.fp, self.sizes = spec_of(hf), fingerprint(hf), spectrum_sizes(hf)
+        self.em, self.table = energy_model(hf, self.fp, args.calibration)
+        self.tm = TrainModel(hf, resolve_dtype(args.dtype, CPU))
+        self.zmod = self._spectral_z(hf, progress)
+        del hf  # TrainModel holds what it needs
+        self.ctl = method.controller(self.spec.hidden, self.spec.n_layers, args.k)
+        self.ctl.init_for_training(args.seed)
+        groups = [{"params": list(self.ctl.parameters()), "lr": args.lr}]
+        if self.zmod is not None:
+            groups.append({"params": list(self.zmod.parameters()), "lr": args.z_lr})
+        self.params = [p for g in groups for p in g["params"]]
+        self.opt = torch.optim.Adam(groups)
+        lam0 = args.lambda_init if method.dual else args.lambda_fixed
+        self.duals = Duals(self.budgets, lam0, args.alpha, args.lambda_max, method.dual)
+        self.mask, self.costs = path_mask(method), unit_costs(self.em)
+        self.batches = Batches.from_args(args, tok)
+
+    def _spectral_z(self, hf, progress: bool) -> SpectralZ | None:
+        a = self.args
+        if not self.method.train_z or a.z_rank <= 0:
+            return None
+        svd = SvdCache(hf, self.fp, progress, keep=a.z_rank)
+        return SpectralZ(svd, self.spec.n_layers, self.sizes, a.z_rank, self.tm.dtype)
+
+    # ---- one step ---------------------------------------------------------------------------
+    def step(self, step: int) -> dict:
+        a = self.args
+        r = budget_at(step, a.seed, self.budgets)
+        tau = tau_at(step, a.steps, a.tau_start, a.tau_end)
+        gen = torch.Generator().manual_seed(a.seed * 1_000_003 + step)  # this step's Gumbel noise
+        lam = self.duals.get(r)
+        rec = {"r": r, "tau": round(tau, 4), "lambda": lam}
+        res = [self._backward(ex, r, tau, lam, gen) for ex in self.batches.get(step)]
+        gnorm = torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        mean_ratio = sum(x.ratio for x in res) / len(res)
+        self.duals.update(r, mean_ratio)
+        counts = torch.stack([x.counts for x in res]).sum(0)  # (P,)
+        shares = (counts / counts.sum()).tolist()
+        rec.update(
+            loss=sum(x.loss for x in res) / len(res),
+            ce=sum(x.ce for x in res) / len(res),
+            e_ratio=mean_ratio,
+            **{f"share_{p}": s for p, s in zip(PATHS, shares, strict=True)},
+            grad_norm=float(gnorm),
+            lambdas=dict(self.duals.lam),
+        )
+        return rec
+
+    def _backward(
+        self, ex: Example, r: float, tau: float, lam: float, gen: torch.Generator
+    ) -> ExampleResult:
+        """Forward one example, add its loss / batch to the gradients."""
+        p, s = len(ex.prompt), len(ex.summary)
+        e_max = r * self.em.fp16_cost(p, s)
+        beta = float(torch.log(torch.tensor(r)))
+        fixed = fixed_cost(self.em, p, s)
+        fo = forward(
+            self.tm,
+            self.ctl,
+            self.zmod,
+            ex.prompt,
+            ex.summary,
+            beta,
+            tau,
+            self.mask,
+            self.costs,
+            fixed,
+            gen,
+        )
+        ratio = fo.e_bar / e_max
+        if self.method.penalty == "flops":
+            loss = fo.ce + self.args.flop_mu * fo.fp16_share
+        else:
+            loss = fo.ce + lam * (ratio - 1.0)
+        (loss / self.args.batch).backward()
+        return ExampleResult(
+            float(fo.ce.detach()), float(ratio.detach()), float(loss.detach()), fo.counts.sum(0)
+        )
+
+    # ---- checkpoint and artifact --------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "ctl": self.ctl.state_dict(),
+            "z": self.zmod.state_dict() if self.zmod is not None else None,
+            "opt": self.opt.state_dict(),
+            "lam": dict(self.duals.lam),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.ctl.load_state_dict(state["ctl"])
+        if self.zmod is not None:
+            self.zmod.load_state_dict(state["z"])
+        self.opt.load_state_dict(state["opt"])
+        self.duals.lam = state["lam"]
+
+    def checkpoint(self, out: Path, done: int, wall_s: float) -> None:
+        self.adapter(done, wall_s).save(out / "adapter")
+
+    def finish(self, out: Path, done: int, wall_s: float) -> Path:
+        if self.args.adapter_out and (out / "adapter").is_dir():
+            dst = Path(self.args.adapter_out)
+            dst.mkdir(parents=True, exist_ok=True)
+            for f in (out / "adapter").iterdir():
+                shutil.copy2(f, dst / f.name)
+        return out / "adapter"
+
+    def adapter(self, done: int, wall_s: float) -> HestAdapter:
+        """The artifact the Engine loads: controller, z padded to the full spectrum, config."""
+        ctl = copy.deepcopy(self.ctl).float().eval()
+        if self.method.bake_mask:  # a masked path's logit stays NEG, so argmax never picks it
+            with torch.no_grad():
+                for i, p in enumerate(PATHS):
+                    if p not in self.method.paths:
+                        ctl.hest_a[i].zero_()
+                        ctl.hest_a0[i] = NEG
+        n_layers = self.spec.n_layers
+        z = (
+            self.zmod.full_z()
+            if self.zmod is not None
+            else {t: torch.zeros(n_layers, n) for t, n in self.sizes.items()}
+        )
+        cfg = HestConfig(
+            base_model=self.spec.name,
+            base_model_fingerprint=self.fp,
+            n_layers=n_layers,
+            hidden=self.spec.hidden,
+            k=self.args.k,
+            method=self.method.name,
+            created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            training=self.record(done, wall_s),
+        )
+        return HestAdapter(cfg, ctl, z)
+
+    def record(self, done: int, wall_s: float) -> dict:
+        """`training` in the artifact's config: the command, data settings, duals, calibration."""
+        a, t = self.args, self.table
+        return {
+            "command": "python -m training.train " + " ".join(sys.argv[1:]),
+            "steps": done,
+            "seed": a.seed,
+            "batch": a.batch,
+            "data": str(a.data),
+            "max_article_tokens": a.max_article_tokens,
+            "max_summary_tokens": a.max_summary_tokens,
+            "z_rank": a.z_rank,
+            "budgets": self.budgets,
+            "lambdas": dict(self.duals.lam),
+            "wall_s": round(wall_s, 1),
+            "calibration": {
+                "source": t.source,
+                "device": t.device,
+                "method": t.method,
+                "date": t.date,
+            },
+        }

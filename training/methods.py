@@ -1,0 +1,160 @@
+"""The registry of methods: every name `python -m training.train --method` and
+`python -m training.evaluate --policies` accept, with its controller class, allowed paths,
+penalty, trainer and how it is evaluated. The CLIs' choices, the trainers, the evaluation rows,
+the tests and the methods table of docs/training.md all read it:
+
+    python -m training.methods        # prints that table (a test checks the docs hold it)
+
+Adding a method: one `Method(...)` here (and, for a new controller class, its entry in
+`hest_core.controller.CONTROLLERS`, which loads its artifacts; a test checks they agree).
+"""
+
+from __future__ import annotations
+
+from hest_core.controller import BhspController, Controller, TabsController, UnfactorisedController
+
+from .gated import GateTrainer
+from .lora import LoraTrainer
+from .objective import Evaluation, Method
+
+ALL = ("fp16", "int8", "skip")
+SWEEP = Evaluation("adapter", rows="sweep")  # one artifact, one row per budget ratio
+
+METHODS: dict[str, Method] = {
+    m.name: m
+    for m in (
+        Method(
+            "hest",
+            "HEST: factorised budget-conditioned controller (k = `--k`) and spectral z",
+            ALL,
+            Evaluation("adapter", rows="sweep", default_adapter="default"),
+            controller=Controller,
+            trainer=GateTrainer,
+            penalty="energy",
+            dual=True,
+            train_z=True,
+        ),
+        Method(
+            "hest-fp16only",
+            "ablation: int8 masked, the mask baked into the artifact's bias",
+            ("fp16", "skip"),
+            SWEEP,
+            controller=Controller,
+            trainer=GateTrainer,
+            penalty="energy",
+            dual=True,
+            train_z=True,
+            bake_mask=True,
+        ),
+        Method(
+            "hest-no-dual",
+            "ablation: lambda fixed at `--lambda-fixed`",
+            ALL,
+            SWEEP,
+            controller=Controller,
+            trainer=GateTrainer,
+            penalty="energy",
+            train_z=True,
+        ),
+        Method(
+            "hest-unfactorised",
+            "ablation: a d x k feature map per layer",
+            ALL,
+            SWEEP,
+            controller=UnfactorisedController,
+            trainer=GateTrainer,
+            penalty="energy",
+            dual=True,
+            train_z=True,
+        ),
+        Method(
+            "bhsp",
+            "baseline, our re-implementation: one {fp16, skip} state per layer, shifted by beta",
+            ("fp16", "skip"),
+            SWEEP,
+            controller=BhspController,
+            trainer=GateTrainer,
+            penalty="energy",
+            dual=True,
+        ),
+        Method(
+            "tabs",
+            "baseline, our re-implementation: token-wise d x k router per layer, no budget input",
+            ("fp16", "skip"),
+            Evaluation("adapter", rows="primary", guard="off"),
+            controller=TabsController,
+            trainer=GateTrainer,
+            penalty="flops",
+        ),
+        Method(
+            "lora-r8",
+            "baseline: PEFT LoRA r=8, alpha 16, on the 7 targets, merged after training",
+            ("fp16",),
+            Evaluation("merged"),
+            trainer=LoraTrainer,
+            penalty="ce",
+        ),
+        Method("fp16", "every unit fp16, no adapter", ("fp16",), Evaluation("policy")),
+        Method("int8", "every unit int8, no adapter", ("int8",), Evaluation("policy")),
+        Method(
+            "lead-3",
+            "extractive reference: the first three sentences",
+            (),
+            Evaluation("extractive"),
+        ),
+    )
+}
+
+
+def trainable() -> list[str]:
+    """Names `python -m training.train --method` accepts."""
+    return [n for n, m in METHODS.items() if m.trainer is not None]
+
+
+def _penalty(m: Method) -> str:
+    if m.penalty == "energy":
+        return "energy, dual ascent" if m.dual else "energy, fixed lambda"
+    return {
+        "flops": "FLOPs: `--flop-mu` x expected fp16 share, no dual",
+        "ce": "CE only",
+    }.get(m.penalty, "-")
+
+
+def _evaluated(m: Method) -> str:
+    ev = m.evaluation
+    if ev.engine == "extractive":
+        return "no model"
+    if ev.engine == "policy":
+        return f"Engine policy `{m.name}`"
+    if ev.engine == "merged":
+        return f"`--adapters {m.name}=OUT/merged`, policy fp16, base calibration"
+    rows = "a row per `--budget-ratios`" if ev.rows == "sweep" else "a row at `--primary-ratio`"
+    given = f"`--adapters {m.name}=OUT/adapter`"
+    if ev.default_adapter == "default":
+        given += " (default: the committed adapter)"
+    return f"{given}, {rows}, guard {ev.guard}"
+
+
+def markdown_table() -> str:
+    """The methods table of docs/training.md."""
+    head = "| `--method` / policy | what | controller | paths | penalty | z | trainer | evaluated |"
+    lines = [head, "|" + " --- |" * 8]
+    for m in METHODS.values():
+        ctl = f"`{m.controller.__name__}`" if m.controller is not None else "-"
+        trainer = f"`{m.trainer.__module__}`" if m.trainer is not None else "not trained"
+        cells = [
+            f"`{m.name}`",
+            m.about,
+            ctl,
+            ", ".join(m.paths) or "-",
+            _penalty(m),
+            "yes" if m.train_z else "no",
+            trainer,
+            _evaluated(m),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    print(markdown_table(), end="")

@@ -108,14 +108,6 @@ class EnergyModel:
         self.unit_sum = {k: [sum(r[p] for r in v) for p in range(3)] for k, v in self.unit.items()}
         # the cheapest path of each unit (skip on real devices; tiny models can differ)
         self.min_sum = {k: sum(min(r) for r in v) for k, v in self.unit.items()}
-        # suffix sums of the cheapest cost: reserve to finish a token after layer l
-        self.min_after = {}
-        for k, rows in self.unit.items():
-            acc, out = 0.0, [0.0] * (self.L + 1)
-            for li in range(self.L - 1, -1, -1):
-                acc += min(rows[li])
-                out[li] = acc
-            self.min_after[k] = out  # out[l] = cheapest cost of layers l..L-1
 
         # integer picojoule ledger for the guard: every charge rounded up, budgets rounded down
         self.unit_q = {

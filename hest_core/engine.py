@@ -23,7 +23,7 @@ from .errors import BudgetTooLowError, HestError, InvalidInputError
 from .generation import BatchRunner, PreparedRequest, RequestState
 from .guard import MODES, BudgetGuard
 from .loading import DEFAULT_MODEL, build_lean, fingerprint, load_hf_model, load_tokenizer
-from .meters import pick_meter
+from .meters import DEFAULT_NOMINAL_WATTS, pick_meter
 from .model import PATHS
 from .prompt import DEFAULT_MAX_ARTICLE_TOKENS, build_prompt, stop_token_ids
 from .spectral import SvdCache, make_weight_fn, z_support
@@ -31,7 +31,10 @@ from .spectral import SvdCache, make_weight_fn, z_support
 log = logging.getLogger("hest.engine")
 
 DEFAULT_ADAPTER_DIR = Path(__file__).parent / "adapters" / "smollm2-135m-instruct"
-POLICIES = ("hest", "fp16", "int8", "skip")  # "skip": every unit skipped (benchmarks only)
+POLICIES = ("hest", "fp16", "int8", "skip")
+# the one owner of each request default (the server's settings default to these)
+DEFAULT_BUDGET_RATIO = 0.6
+DEFAULT_MAX_NEW_TOKENS = 128  # "skip": every unit skipped (benchmarks only)
 
 
 @dataclass
@@ -68,7 +71,6 @@ class RequestStats:
     paths_per_layer: list[dict[str, int]]
     demotions: int
     truncated: bool
-    queue_s: float = 0.0
     ttft_s: float = 0.0
     prefill_s: float = 0.0
     decode_s: float = 0.0
@@ -125,10 +127,10 @@ class Engine:
         if policy == "hest" and subs:
             self._info["path_substitutions"] = subs
         self.max_article_tokens = DEFAULT_MAX_ARTICLE_TOKENS
-        self.default_max_new_tokens = 128
+        self.default_max_new_tokens = DEFAULT_MAX_NEW_TOKENS
         self.max_new_tokens_limit = 512
         self.max_input_chars = 200_000
-        self.default_budget_ratio = 0.6
+        self.default_budget_ratio = DEFAULT_BUDGET_RATIO
         self._lock = threading.Lock()
         self.tokenizer_lock = threading.Lock()  # check() may run while generate() runs elsewhere
         self.token_texts = TokenTexts(tokenizer)  # token id -> text and bytes (logprobs)
@@ -490,5 +492,6 @@ class Engine:
 
     def _nominal_watts(self) -> float:
         return float(
-            getattr(self.meter, "watts", None) or os.environ.get("HEST_NOMINAL_WATTS", 30.0)
+            getattr(self.meter, "watts", None)
+            or os.environ.get("HEST_NOMINAL_WATTS", DEFAULT_NOMINAL_WATTS)
         )

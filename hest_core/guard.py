@@ -8,7 +8,8 @@ Before each layer step it computes how much the request may spend on that layer'
 * hard limit: what is left after reserving the cheapest way to finish the current token
   (remaining layers on their cheapest path) and, during prefill, the cheapest next generated
   token;
-* paced limit (mode "paced", default): the spend above the all-cheapest minimum is spread over
+* paced limit (mode "paced"; the engine's default is "hard"): the spend above the all-cheapest
+  minimum is spread over
   the rest of the request in proportion to its all-fp16 cost, so a request cannot run its budget
   dry on the first tokens and then stop early.
 Where the controller's choice costs more than the limit, the guard demotes units whose margin

@@ -192,7 +192,7 @@ def batching(batched: Server, single: Server, prompts: list[str], args) -> dict:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m server.bench", description=__doc__.split("\n")[0])
     ap.add_argument("--json", type=Path, help="write the results here")
     ap.add_argument("--model", default="default")
@@ -206,10 +206,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--threads", type=int, default=None, help="torch threads of every engine (default: torch's)"
     )
-    args = ap.parse_args(argv)
-    command = "python -m server.bench " + shlex.join(argv if argv is not None else sys.argv[1:])
-    t_start = time.time()
-    load_before = os.getloadavg()
+    return ap.parse_args(argv)
+
+
+def measure(args: argparse.Namespace) -> tuple[dict, dict, dict]:
+    """(the server's /v1/info, the HTTP overhead, the batching gain): two servers (max batch 8
+    and 1) and an engine in this process for the direct calls."""
     with tempfile.TemporaryDirectory(prefix="hest-bench-") as tmp:
         say("starting two servers (max batch 8 and 1) and loading the engine in-process")
         batched = Server(args.model, 8, Path(tmp), args.threads)
@@ -231,6 +233,29 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             batched.stop()
             single.stop()
+    return info, over, gain
+
+
+def table(over: dict, gain: dict, concurrency: int) -> str:
+    """The results as a markdown table."""
+    return (
+        f"| measure | server | baseline | ratio | target |\n| --- | --- | --- | --- | --- |\n"
+        f"| HTTP overhead, median latency (s), concurrency 1 | {over['http_median_s']:.3f} | "
+        f"{over['direct_median_s']:.3f} (direct engine call) | {over['ratio']:.3f} | <= 1.05 |\n"
+        f"| same, paired: client latency / engine time of that request | "
+        f"+{over['paired_overhead_ms_median']:.1f} ms | | {over['paired_ratio_median']:.3f} | |\n"
+        f"| batching gain, requests/s at concurrency {concurrency} | "
+        f"{gain['batched_rps_median']:.3f} (max batch 8) | {gain['batch1_rps_median']:.3f} "
+        f"(max batch 1) | {gain['gain']:.2f} | >= 1.5 |"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    command = "python -m server.bench " + shlex.join(argv if argv is not None else sys.argv[1:])
+    t_start = time.time()
+    load_before = os.getloadavg()
+    info, over, gain = measure(args)
     result = {
         "command": command,
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t_start)),
@@ -254,16 +279,7 @@ def main(argv: list[str] | None = None) -> int:
         "http_overhead": over,
         "batching_gain": gain,
     }
-    print(
-        f"| measure | server | baseline | ratio | target |\n| --- | --- | --- | --- | --- |\n"
-        f"| HTTP overhead, median latency (s), concurrency 1 | {over['http_median_s']:.3f} | "
-        f"{over['direct_median_s']:.3f} (direct engine call) | {over['ratio']:.3f} | <= 1.05 |\n"
-        f"| same, paired: client latency / engine time of that request | "
-        f"+{over['paired_overhead_ms_median']:.1f} ms | | {over['paired_ratio_median']:.3f} | |\n"
-        f"| batching gain, requests/s at concurrency {args.concurrency} | "
-        f"{gain['batched_rps_median']:.3f} (max batch 8) | {gain['batch1_rps_median']:.3f} "
-        f"(max batch 1) | {gain['gain']:.2f} | >= 1.5 |"
-    )
+    print(table(over, gain, args.concurrency))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n")

@@ -12,9 +12,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hest_core import HestError, InvalidInputError
 
+from .exceptions import ServerError
 from .metrics import Metrics
 from .protocol import NON_BLANK, ErrorResponse
-from .serving import ServerError
 
 log = logging.getLogger("hest.server")
 OPENAI_PREFIXES = ("/v1/chat/", "/v1/models")

@@ -1,5 +1,6 @@
-"""Turn a finished job into the native response and its parts (the OpenAI objects are built in
-openai_api.py from these). Pure functions: no I/O, no engine."""
+"""Turn a finished job into the native response and its parts (openai_formats.py builds the
+OpenAI objects from these), and the server-sent event framing. Pure functions: no I/O, no
+engine."""
 
 from __future__ import annotations
 
@@ -44,6 +45,11 @@ def timings(job: Job, result: GenerationResult) -> Timings:
     return Timings(queue_s=job.queue_s, ttft_s=before + s.ttft_s, total_s=before + s.total_s)
 
 
+def paths(result: GenerationResult) -> Paths:
+    """Gated units executed per path."""
+    return Paths(**{p: result.stats.paths.get(p, 0) for p in ("fp16", "int8", "skip")})
+
+
 def summarize_response(job: Job, result: GenerationResult) -> SummarizeResponse:
     s = result.stats
     return SummarizeResponse(
@@ -53,7 +59,7 @@ def summarize_response(job: Job, result: GenerationResult) -> SummarizeResponse:
         finish_detail=result.finish_detail,
         energy=energy_report(job, result),
         usage=Usage(prompt_tokens=s.prompt_tokens, completion_tokens=s.completion_tokens),
-        paths=Paths(**{p: s.paths.get(p, 0) for p in ("fp16", "int8", "skip")}),
+        paths=paths(result),
         timings=timings(job, result),
         truncated=s.truncated,
     )

@@ -9,9 +9,10 @@ from fastapi import Request
 
 from hest_core import GenerationResult, HestError, InvalidInputError
 
+from .exceptions import ServerError
 from .formats import sse
 from .protocol import ErrorResponse
-from .serving import Job, ServerError
+from .serving import Job
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 

@@ -148,12 +148,6 @@ class SummarizeResponse(BaseModel):
     truncated: bool = Field(description="the article was cut to the model's article limit")
 
 
-class SummarizeStreamDone(SummarizeResponse):
-    """The last JSON event of a stream (before `data: [DONE]`)."""
-
-    done: Literal[True] = True
-
-
 # ---- health / info --------------------------------------------------------------------------------
 class HealthResponse(BaseModel):
     status: str

@@ -43,6 +43,7 @@ from hest_core import (
     PreparedRequest,
 )
 
+from .exceptions import EngineFailedError, NotReadyError, QueueFullError, ShuttingDownError
 from .metrics import Metrics
 from .settings import Settings
 
@@ -50,33 +51,6 @@ log = logging.getLogger("hest.server")
 
 _DONE = None  # end-of-stream marker in a job's delta queue
 BATCH_WINDOW = 16  # recent batch wall times whose median is the typical batch time
-
-
-# ---- errors the server raises itself (runtime errors pass through as they are) -----------------
-class ServerError(HestError):
-    status = 500
-    type = "server_error"
-    code = "server_error"
-
-    def __init__(self, message: str, *, retry_after: int | None = None):
-        super().__init__(message)
-        self.retry_after = retry_after
-
-
-class QueueFullError(ServerError):
-    status, type, code = 429, "overloaded_error", "queue_full"
-
-
-class ShuttingDownError(ServerError):
-    status, type, code = 503, "unavailable_error", "shutting_down"
-
-
-class NotReadyError(ServerError):
-    status, type, code = 503, "unavailable_error", "not_ready"
-
-
-class EngineFailedError(ServerError):
-    status, type, code = 500, "server_error", "engine_error"
 
 
 # ---- one request in flight ----------------------------------------------------------------------

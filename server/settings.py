@@ -7,6 +7,8 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from hest_core.engine import DEFAULT_BUDGET_RATIO, DEFAULT_MAX_NEW_TOKENS
+
 
 class Settings(BaseSettings):
     """Every field reads the env var `HEST_<FIELD>` (case-insensitive), e.g. `HEST_PORT=8080`."""
@@ -29,7 +31,7 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(8, ge=1, description="requests per engine batch")
     max_wait_ms: float = Field(10.0, ge=0, description="how long a batch waits to fill up")
     default_budget_ratio: float = Field(
-        0.6, gt=0, description="budget ratio of requests that give no budget"
+        DEFAULT_BUDGET_RATIO, gt=0, description="budget ratio of requests that give no budget"
     )
     slo_s: float = Field(
         5.0,
@@ -46,7 +48,9 @@ class Settings(BaseSettings):
     brownout_start: float = Field(
         0.5, gt=0, lt=1, description="fraction of the SLO where brownout starts"
     )
-    max_new_tokens: int = Field(128, ge=1, description="default max_new_tokens of a request")
+    max_new_tokens: int = Field(
+        DEFAULT_MAX_NEW_TOKENS, ge=1, description="default max_new_tokens of a request"
+    )
     warmup: bool = Field(True, description="run a short generation before turning ready")
     drain_timeout_s: float = Field(
         120.0, gt=0, description="SIGTERM: how long in-flight requests may take to finish"

@@ -24,6 +24,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from hest_core import Engine, GenerationRequest
+from hest_core.endings import ends_sentence
 from hest_core.model import PATHS
 
 from .data import Pair, load_pairs
@@ -56,6 +57,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--calibration", default=None)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument(
+        "--no-clean-end",
+        action="store_true",
+        help="let limits cut summaries mid-sentence (clean endings off, as before session 5)",
+    )
     ap.add_argument(
         "--shard",
         default=None,
@@ -134,7 +140,10 @@ def run_one(engines: Engines, policy: str, ratio: float | None, pair: Pair, args
     res = eng.generate(
         [
             GenerationRequest(
-                pair.article, energy_budget_ratio=ratio, max_new_tokens=args.max_new_tokens
+                pair.article,
+                energy_budget_ratio=ratio,
+                max_new_tokens=args.max_new_tokens,
+                clean_end=not args.no_clean_end,
             )
         ]
     )[0]
@@ -143,6 +152,8 @@ def run_one(engines: Engines, policy: str, ratio: float | None, pair: Pair, args
     return {
         "text": res.text,
         "finish_reason": res.finish_reason,
+        "finish_detail": res.finish_detail,
+        "ends_sentence": ends_sentence(res.text),
         "rouge": rouge(res.text, pair.highlights),
         "wall_s": wall,
         "total_s": st.total_s,
@@ -188,6 +199,10 @@ def summarise(name: str, policy: str, recs: list[dict], longest: set[str]) -> di
         p50_s=percentile(lat, 50),
         p99_s=percentile(lat, 99),
         completion_tokens=mean([r["completion_tokens"] for r in recs]),
+        # older sample files (before clean endings) lack these: computed from the text then
+        sentence_end_share=mean(
+            [float(r.get("ends_sentence", ends_sentence(r["text"]))) for r in recs]
+        ),
         budget_violations=sum(r["modelled_j"] > r["budget_j"] * (1 + 1e-9) for r in recs),
         energy_budget_stops=sum(r["finish_reason"] == "energy_budget" for r in recs),
         overshoot_longest_max=max(over) if over else None,
@@ -206,9 +221,9 @@ def markdown(rows: list[dict], n: int) -> str:
     head = (
         "| row | n | R-1 | R-2 | R-L | R-Lsum | modelled J/sample | measured J | wall s/sample | "
         "p50 s | p99 s | violations | budget stops | overshoot longest 10% (max) | "
-        "paths fp16/int8/skip | ctrl params |"
+        "paths fp16/int8/skip | ctrl params | tokens | sentence ends |"
     )
-    lines = [head, "|" + " --- |" * 16]
+    lines = [head, "|" + " --- |" * 18]
     for r in rows:
         sh = r.get("path_shares")
         shares = "/".join(f"{sh[p]:.2f}" for p in PATHS) if sh else "-"
@@ -222,7 +237,8 @@ def markdown(rows: list[dict], n: int) -> str:
             f"{f(r['rougeLsum'])} | {f(r.get('modelled_j'), 2)} | {meas if 'modelled_j' in r else '-'} | "
             f"{f(r.get('wall_s'), 2)} | {f(r.get('p50_s'), 2)} | {f(r.get('p99_s'), 2)} | "
             f"{r.get('budget_violations', '-')} | {r.get('energy_budget_stops', '-')} | "
-            f"{f(r.get('overshoot_longest_max'), 3)} | {shares} | {r.get('controller_params', '-')} |"
+            f"{f(r.get('overshoot_longest_max'), 3)} | {shares} | {r.get('controller_params', '-')} | "
+            f"{f(r.get('completion_tokens'))} | {f(r.get('sentence_end_share'), 2)} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -25,7 +25,7 @@ from .guard import MODES, BudgetGuard
 from .loading import DEFAULT_MODEL, build_lean, fingerprint, load_hf_model, load_tokenizer
 from .meters import DEFAULT_NOMINAL_WATTS, pick_meter
 from .model import PATHS
-from .prompt import DEFAULT_MAX_ARTICLE_TOKENS, build_prompt, stop_token_ids
+from .prompt import fit_prompt, stop_token_ids
 from .spectral import SvdCache, make_weight_fn, z_support
 
 log = logging.getLogger("hest.engine")
@@ -34,7 +34,18 @@ DEFAULT_ADAPTER_DIR = Path(__file__).parent / "adapters" / "smollm2-135m-instruc
 POLICIES = ("hest", "fp16", "int8", "skip")
 # the one owner of each request default (the server's settings default to these)
 DEFAULT_BUDGET_RATIO = 0.6
-DEFAULT_MAX_NEW_TOKENS = 128  # "skip": every unit skipped (benchmarks only)
+DEFAULT_MAX_NEW_TOKENS = 128
+# the most positions an engine serves (the model's own limit if lower): rope tables and a long
+# prompt's prefill stay bounded; SmolLM2-135M reads 8,192
+MAX_CONTEXT = 32768
+
+
+def _flag(v, name: str) -> bool:
+    if not isinstance(v, bool):
+        raise InvalidInputError(
+            f"{name}={v!r} must be true or false", param=name, code=f"invalid_{name}"
+        )
+    return v  # "skip": every unit skipped (benchmarks only)
 
 
 @dataclass
@@ -54,6 +65,9 @@ class GenerationRequest:
     # end on a sentence boundary, never mid-sentence because a limit ran out, and before a
     # repeated sentence (hest_core/endings.py); on by default for summaries
     clean_end: bool = True
+    # a prompt over the context (minus max_new_tokens) is refused with the numbers unless this
+    # asks to cut the article to fit (then stats.truncated is true)
+    truncate: bool = False
 
 
 @dataclass
@@ -126,7 +140,9 @@ class Engine:
         self._info = info
         if policy == "hest" and subs:
             self._info["path_substitutions"] = subs
-        self.max_article_tokens = DEFAULT_MAX_ARTICLE_TOKENS
+        # whole documents by default: the prompt may use the context minus the requested output
+        self.max_article_tokens: int | None = None
+        self.context_tokens = lean.rope_cos.shape[0]  # positions this engine serves
         self.default_max_new_tokens = DEFAULT_MAX_NEW_TOKENS
         self.max_new_tokens_limit = 512
         self.max_input_chars = 200_000
@@ -180,7 +196,7 @@ class Engine:
             ad.check_compatible(spec_of(hf), fp)
             if any(float(z.abs().max()) > 0 for z in ad.z.values()):
                 weight_fn = make_weight_fn(ad.z, SvdCache(hf, fp, progress, keep=z_support(ad.z)))
-        lean = build_lean(hf, dt, dev, max_positions=4096, weight_fn=weight_fn)
+        lean = build_lean(hf, dt, dev, max_positions=MAX_CONTEXT, weight_fn=weight_fn)
         if compile is None:
             compile = os.environ.get("HEST_COMPILE", "0").lower() in ("1", "true", "yes")
         if compile:
@@ -221,6 +237,7 @@ class Engine:
             if policy == "hest"
             else 0,
             "n_layers": lean.spec.n_layers,
+            "max_context_tokens": lean.rope_cos.shape[0],
             "load_s": round(time.perf_counter() - t0, 2),
         }
         return cls(
@@ -261,8 +278,8 @@ class Engine:
         if len(r.text) > self.max_input_chars:
             raise InvalidInputError(
                 f"text has {len(r.text)} characters, over the limit of {self.max_input_chars}; "
-                f"send at most {self.max_input_chars} (articles are cut to "
-                f"{self.max_article_tokens} tokens anyway)",
+                f"send at most {self.max_input_chars} (the model reads {self.context_tokens} "
+                "tokens at most)",
                 param="text",
                 code="text_too_long",
             )
@@ -284,17 +301,16 @@ class Engine:
                 code="conflicting_budget",
             )
         options = check_options(r)
-        clean_end = r.clean_end
-        if not isinstance(clean_end, bool):
-            raise InvalidInputError(
-                f"clean_end={clean_end!r} must be true or false",
-                param="clean_end",
-                code="invalid_clean_end",
-            )
+        clean_end = _flag(r.clean_end, "clean_end")
         with self.tokenizer_lock:  # HF fast tokenizers are not safe across threads
             check_system(self.tokenizer, r.system)
-            ids, truncated = build_prompt(
-                self.tokenizer, r.text, self.max_article_tokens, system=r.system
+            ids, truncated = fit_prompt(
+                self.tokenizer,
+                r.text,
+                self.context_tokens - max_new,
+                max_article_tokens=self.max_article_tokens,
+                system=r.system,
+                truncate=_flag(r.truncate, "truncate"),
             )
         em = self.energy
         fp16_q = em.request_cost_q(len(ids), max_new, 0)

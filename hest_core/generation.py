@@ -94,6 +94,9 @@ class RequestState:
 
 
 log = logging.getLogger("hest.generation")
+# prompt tokens per request per prefill round: prompts up to this long run in one forward (as
+# before chunking); an 8k-token prompt runs in 8 rounds, each scoring 1,024 queries
+PREFILL_CHUNK = 1024
 
 TokenCallback = Callable[[int, str], None]
 
@@ -311,34 +314,53 @@ class BatchRunner:
             d.streamed = len(d.logprobs)
 
     # ---- the batch ---------------------------------------------------------------------------------
+    def _prefill(self, cache) -> torch.Tensor:
+        """Every prompt into the cache, in rounds of at most PREFILL_CHUNK tokens per prompt (one
+        flat batch per round), so a long prompt never builds a whole-prompt score matrix; a chunk
+        attends to the cache before it and causally within itself. Returns the logits of each
+        prompt's last position (len(states), vocab)."""
+        e, states, dev = self.e, self.states, self.e.device
+        out: list[torch.Tensor | None] = [None] * len(states)
+        longest = max(len(st.req.ids) for st in states)
+        for p0 in range(0, longest, PREFILL_CHUNK):
+            ids, pos, slots, groups, last, owners = [], [], [], [], [], []
+            row = 0
+            for i, st in enumerate(states):
+                chunk = st.req.ids[p0 : p0 + PREFILL_CHUNK]
+                if not chunk:
+                    continue
+                n = len(chunk)
+                ids.extend(chunk)
+                pos.extend(range(p0, p0 + n))
+                slots.append(SeqSlot(row0=row, n=n, cache_row=i, pos0=p0))
+                groups.append((row, n, st))
+                row += n
+                if p0 + n == len(st.req.ids):  # this prompt's last chunk: its logits are needed
+                    last.append(row - 1)
+                    owners.append(i)
+            with torch.inference_mode():
+                logits = e.lean.forward(
+                    torch.tensor(ids, device=dev),
+                    torch.tensor(pos, device=dev),
+                    slots,
+                    cache,
+                    self._decider(groups, "prefill"),
+                    decode=False,
+                    logits_rows=torch.tensor(last, dtype=torch.long, device=dev),
+                )
+            for j, i in enumerate(owners):
+                out[i] = logits[j]
+        return torch.stack(out)  # type: ignore[arg-type]
+
     def run(self, t_start: float) -> None:
         e, states = self.e, self.states
         lean = e.lean
         max_len = max(len(s.req.ids) + s.req.max_new for s in states)
         cache = lean.new_cache(len(states), max_len)
-        # prefill: every prompt in one flat batch
-        ids, pos, slots, groups, last = [], [], [], [], []
-        row = 0
-        for i, st in enumerate(states):
-            n = len(st.req.ids)
-            ids.extend(st.req.ids)
-            pos.extend(range(n))
-            slots.append(SeqSlot(row0=row, n=n, cache_row=i, pos0=0))
-            groups.append((row, n, st))
-            st.guard.start_prefill()
-            row += n
-            last.append(row - 1)
+        for st in states:
+            st.guard.start_prefill()  # the whole prompt's fixed work is charged up front
+        logits = self._prefill(cache)
         dev = e.device
-        with torch.inference_mode():
-            logits = lean.forward(
-                torch.tensor(ids, device=dev),
-                torch.tensor(pos, device=dev),
-                slots,
-                cache,
-                self._decider(groups, "prefill"),
-                decode=False,
-                logits_rows=torch.tensor(last, device=dev),
-            )
         nxt, lps = self._choose(logits, states)
         now = time.perf_counter()
         for i, st in enumerate(states):

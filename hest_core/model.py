@@ -305,10 +305,19 @@ class LeanModel:
             ck[sl.cache_row, :, p0:p1] = k[a:b].transpose(0, 1)
             cv[sl.cache_row, :, p0:p1] = v[a:b].transpose(0, 1)
             qs = q[a:b].transpose(0, 1)[None]  # (1, H, n, hd)
+            # a chunk after earlier ones (chunked prefill) attends to the cache before it and
+            # causally within itself: row i (position p0 + i) sees positions 0..p0 + i
+            mask = None
+            if p0 > 0:
+                mask = (
+                    torch.arange(p1, device=q.device)[None, :]
+                    <= torch.arange(p0, p1, device=q.device)[:, None]
+                )  # (n, p1)
             o = F.scaled_dot_product_attention(
                 qs,
                 ck[sl.cache_row : sl.cache_row + 1, :, :p1],
                 cv[sl.cache_row : sl.cache_row + 1, :, :p1],
+                attn_mask=mask,
                 is_causal=p0 == 0,
                 enable_gqa=True,
             )  # (1, H, n, hd)
@@ -363,6 +372,8 @@ class LeanModel:
             x = self._post(x, attn, r, lw)
             h = None
         if logits_rows is not None:
+            if logits_rows.numel() == 0:  # a prefill chunk that ends no prompt: no head at all
+                return torch.empty(0, s.vocab, device=x.device)
             x = x.index_select(0, logits_rows)
             h = None
         if h is None:

@@ -328,7 +328,7 @@ def fits(x: torch.Tensor, n_out: int) -> bool:
     """Whether a product of x (M, K) with an (n_out, K) weight goes to the native kernels."""
     rows = MAX_ROWS_WIDE if n_out >= WIDE_N else MAX_ROWS
     return (
-        x.shape[0] <= rows
+        1 <= x.shape[0] <= rows
         and x.dtype == torch.bfloat16
         and x.device.type == "cpu"
         and not getattr(_off, "v", False)

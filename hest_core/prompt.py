@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from .errors import InvalidInputError
+
 INSTRUCTION = "Summarize the following news article in 3 sentences.\n\n"
 DEFAULT_MAX_ARTICLE_TOKENS = 512
 # Tokens that close an assistant turn in the chat templates of the supported families, in order
@@ -42,17 +44,18 @@ def stop_token_ids(tokenizer) -> set[int]:
 def build_prompt(
     tokenizer,
     article: str,
-    max_article_tokens: int = DEFAULT_MAX_ARTICLE_TOKENS,
+    max_article_tokens: int | None = DEFAULT_MAX_ARTICLE_TOKENS,
     system: str | None = None,
 ):
-    """Chat-template prompt ids for one article cut to `max_article_tokens` tokens.
+    """Chat-template prompt ids for one article cut to `max_article_tokens` tokens (None: the
+    whole article).
 
     Returns (ids: list[int], truncated: bool). The article is cut on token boundaries before it
     goes into the template, so the instruction and the assistant turn are never cut. `system`, when
     given, is the system turn (it replaces the template's default system prompt, if any).
     """
     art_ids = tokenizer.encode(article.strip(), add_special_tokens=False)
-    truncated = len(art_ids) > max_article_tokens
+    truncated = max_article_tokens is not None and len(art_ids) > max_article_tokens
     if truncated:
         article = tokenizer.decode(art_ids[:max_article_tokens])
     messages = [{"role": "user", "content": INSTRUCTION + article.strip()}]
@@ -62,3 +65,48 @@ def build_prompt(
     if isinstance(ids, dict) or hasattr(ids, "input_ids"):
         ids = ids["input_ids"]
     return list(ids), truncated
+
+
+def fit_prompt(
+    tokenizer,
+    article: str,
+    room: int,
+    *,
+    max_article_tokens: int | None = None,
+    system: str | None = None,
+    truncate: bool = False,
+) -> tuple[list[int], bool]:
+    """The prompt of `article` within `room` tokens (the model's context minus the tokens the
+    request may generate). Returns (ids, truncated).
+
+    Over the room: raises InvalidInputError (code `context_length_exceeded`) quoting the prompt's
+    length, the room and the context, unless `truncate`, which cuts the article (never the
+    instruction or the system turn) to fit. Never cuts silently."""
+    ids, truncated = build_prompt(tokenizer, article, max_article_tokens, system=system)
+    over = len(ids) - room
+    if over <= 0:
+        return ids, truncated
+    if not truncate:
+        raise InvalidInputError(
+            f"the prompt is {len(ids)} tokens; with the tokens to generate the request needs "
+            f"{over} more than the {room} the model's context leaves for it: shorten the text by "
+            f"about {over} tokens, lower max_new_tokens, or send truncate=true to cut the article "
+            "to fit",
+            param="text",
+            code="context_length_exceeded",
+        )
+    n_art = len(tokenizer.encode(article.strip(), add_special_tokens=False))
+    keep = min(n_art, max_article_tokens or n_art) - over
+    if keep <= 0:
+        raise InvalidInputError(
+            f"the instruction and system turn alone take {len(ids) - n_art} tokens, leaving no room "
+            f"for the article within {room} tokens: shorten the system message or lower "
+            "max_new_tokens",
+            param="text",
+            code="context_length_exceeded",
+        )
+    ids, _ = build_prompt(tokenizer, article, keep, system=system)
+    while len(ids) > room and keep > 1:  # re-tokenising at the cut can add a token or two
+        keep -= max(1, len(ids) - room)
+        ids, _ = build_prompt(tokenizer, article, keep, system=system)
+    return ids, True

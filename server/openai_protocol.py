@@ -259,6 +259,11 @@ class ChatCompletionRequest(_Strict):
     web_search_options: NoWebSearch = None
     energy_budget_j: BudgetJ | None = Field(None, description="HEST extension: joules")
     energy_budget_ratio: BudgetRatio | None = Field(None, description="HEST extension: ratio")
+    truncate: Annotated[bool, Field(strict=True)] = Field(
+        False,
+        description="HEST extension: cut an article over the model's context to fit instead of "
+        "refusing it (400 context_length_exceeded, with the numbers)",
+    )
     clean_end: Annotated[bool, Field(strict=True)] = Field(
         True,
         description="HEST extension: end on a sentence boundary, never mid-sentence because "

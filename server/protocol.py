@@ -93,6 +93,12 @@ class SummarizeRequest(_Request):
         "the server's default ratio applies when neither budget field is given",
     )
     max_new_tokens: MaxNewTokens | None = Field(None, description="generated tokens at most")
+    truncate: Annotated[bool, Field(strict=True)] = Field(
+        False,
+        description="a text over the model's context (minus max_new_tokens; /v1/info gives "
+        "max_context_tokens) is refused with the numbers; true cuts the article to fit instead "
+        "(the response then says truncated: true)",
+    )
     clean_end: Annotated[bool, Field(strict=True)] = Field(
         True,
         description="end on a sentence boundary, never mid-sentence because max_new_tokens or "

@@ -32,6 +32,7 @@ def runtime_request(body: SummarizeRequest | ChatCompletionRequest) -> Generatio
         energy_budget_j=body.energy_budget_j,
         energy_budget_ratio=body.energy_budget_ratio,
         clean_end=body.clean_end,
+        truncate=body.truncate,
         **fields,
     )
 

@@ -78,12 +78,23 @@ def test_budget_below_minimum_quotes_it(tiny_engine: Engine):
     assert res.stats.completion_tokens >= 1
 
 
-def test_long_text_is_truncated_and_flagged(tiny_engine: Engine):
-    res = tiny_engine.generate(
-        [GenerationRequest(ARTICLE * 20, energy_budget_ratio=1.0, max_new_tokens=2)]
-    )[0]
-    assert res.stats.truncated
-    assert res.stats.prompt_tokens <= tiny_engine.max_article_tokens + 64
+def test_whole_documents_up_to_the_context_never_cut_silently(tiny_engine: Engine):
+    """Issue 16: the prompt may use the model's context minus the requested output (the tiny
+    model reads 2,048 positions); beyond it a request is refused with the numbers, or cut to fit
+    when it asks for that, and then flagged."""
+    ctx = tiny_engine.context_tokens
+    assert ctx == 2048 and tiny_engine.info()["max_context_tokens"] == ctx
+    long = tiny_engine.check(GenerationRequest(ARTICLE * 8, max_new_tokens=8))
+    assert not long.truncated and 1000 < len(long.ids) <= ctx - 8
+    with pytest.raises(InvalidInputError, match=r"the prompt is \d+ tokens") as err:
+        tiny_engine.check(GenerationRequest(ARTICLE * 40, max_new_tokens=8))
+    assert err.value.code == "context_length_exceeded" and err.value.param == "text"
+    cut = tiny_engine.check(GenerationRequest(ARTICLE * 40, max_new_tokens=8, truncate=True))
+    assert cut.truncated and ctx - 8 - 4 <= len(cut.ids) <= ctx - 8
+    res = tiny_engine.generate([cut])[0]
+    assert res.stats.truncated and res.stats.completion_tokens <= 8
+    with pytest.raises(InvalidInputError, match="truncate=true must be true or false|truncate"):
+        tiny_engine.check(GenerationRequest(ARTICLE, truncate="yes"))
 
 
 def test_fp16_energy_adds_up():

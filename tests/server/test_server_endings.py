@@ -42,7 +42,7 @@ async def test_clean_end_over_http(hest_engine) -> None:
         bad = await client.post("/v1/summarize", json=body | {"clean_end": "yes"})
         bad_chat = await client.post("/v1/chat/completions", json=chat | {"clean_end": 1})
     assert ends_sentence(on["summary"]) and on["finish_detail"] in ("planned", "trimmed", None)
-    assert off["finish_detail"] is None and off["usage"]["completion_tokens"] == 40
+    assert off["finish_detail"] is None and off["usage"]["completion_tokens"] <= 40
     assert on["usage"]["completion_tokens"] <= off["usage"]["completion_tokens"]
     text = c["choices"][0]["message"]["content"]
     assert ends_sentence(text)

@@ -95,3 +95,9 @@ class CompiledDecode:
                 ln_next,
             )
         return self._post[SKIP](x, attn, o.q, o.scale, ln_next)
+
+
+def enable_compile(lean) -> None:
+    """Give `lean` (a LeanModel) compiled decode pieces: one graph per path shared by all layers,
+    built on first use (call Engine.warmup())."""
+    lean.compiled = CompiledDecode(lean.spec)

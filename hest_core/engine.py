@@ -14,6 +14,7 @@ import torch
 
 from . import native
 from .artifact import HestAdapter, load_adapter
+from .compiled import enable_compile
 from .controller import Controller
 from .decoding import TokenLogprob, TokenTexts, check_options, check_system
 from .dtypes import dtype_name, resolve_device, resolve_dtype
@@ -24,7 +25,7 @@ from .generation import BatchRunner, PreparedRequest, RequestState
 from .guard import MODES, BudgetGuard
 from .loading import DEFAULT_MODEL, build_lean, fingerprint, load_hf_model, load_tokenizer
 from .meters import DEFAULT_NOMINAL_WATTS, pick_meter
-from .model import PATHS
+from .model import PATHS, SeqSlot, const_decider
 from .prompt import fit_prompt, stop_token_ids
 from .spectral import SvdCache, make_weight_fn, z_support
 
@@ -200,7 +201,7 @@ class Engine:
         if compile is None:
             compile = os.environ.get("HEST_COMPILE", "0").lower() in ("1", "true", "yes")
         if compile:
-            lean.enable_compile()  # graphs are built on first use: call warmup()
+            enable_compile(lean)  # graphs are built on first use: call warmup()
         if ad is not None and ad.shortcut is not None:
             a, b = ad.shortcut
             for li, lw in enumerate(lean.layers):
@@ -398,7 +399,6 @@ class Engine:
         )
         if self.lean.compiled is None:
             return
-        from .model import SeqSlot, const_decider
 
         zeros = torch.zeros
         for batch in (1, 2):

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from . import native
 from .errors import CacheOverflowError
+from .fused import FusedDecode
 from .quant import Int8Linear
 
 FP16, INT8, SKIP = 0, 1, 2
@@ -215,7 +216,6 @@ class LeanModel:
         self.dtype, self.device = dtype, device
         self.lm_head_packed: torch.Tensor | None = None
         self.compiled = None
-        from .fused import FusedDecode
 
         self.fused = FusedDecode(self)  # one native call per layer at decode, where it applies
         if can_pack(device, dtype):
@@ -399,12 +399,6 @@ class LeanModel:
         x = x + self._two_way(attn, r, lw.wo, lw.packed.get("wo"), None, lw.o8)
         y = self._mlp(rms_norm(x, lw.ln2, self.spec.eps), r, lw)
         return x if y is None else x + y
-
-    def enable_compile(self) -> None:
-        """Compiled decode pieces (one graph per path shared by all layers); see compiled.py."""
-        from .compiled import CompiledDecode
-
-        self.compiled = CompiledDecode(self.spec)
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         return KVCache(self.spec, batch, max_len, self.dtype, self.device)

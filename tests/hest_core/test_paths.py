@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from hest_core.compiled import enable_compile
 from hest_core.loading import TINY, build_lean, load_hf_model
 from hest_core.model import FP16, INT8, SKIP, LeanModel, SeqSlot, apply_rope, rms_norm
 from hest_core.quant import Int8Linear
@@ -190,7 +191,7 @@ def test_compiled_decode_matches_eager():
     hf = load_hf_model("tiny:qwen3")  # q/k norms exercise the optional inputs
     eager = build_lean(hf, torch.bfloat16, torch.device("cpu"), 256)
     comp = build_lean(hf, torch.bfloat16, torch.device("cpu"), 256)
-    comp.enable_compile()
+    enable_compile(comp)
     ids = torch.randint(0, 1000, (20,), generator=torch.Generator().manual_seed(8))
     with torch.inference_mode():
         for path in (FP16, INT8, SKIP):

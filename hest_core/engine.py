@@ -78,6 +78,8 @@ class RequestStats:
     fp16_cost_j: float
     modelled_j: float
     measured_j: float | None
+    prefill_j: float  # modelled: the prompt (and the first generated token, which it yields)
+    decode_j: float  # modelled: every later decode step
     estimated_j: float
     meter: str
     prompt_tokens: int
@@ -465,6 +467,8 @@ class Engine:
                 fp16_cost_j=st.req.fp16_cost_j,
                 modelled_j=mj,
                 measured_j=reading.energy_j * share if reading.measured else None,
+                prefill_j=st.prefill_q / PJ,
+                decode_j=mj - st.prefill_q / PJ,
                 estimated_j=reading.elapsed_s * self._nominal_watts() * share,
                 meter=reading.meter,
                 prompt_tokens=len(st.req.ids),
@@ -495,6 +499,8 @@ class Engine:
             fp16_cost_j=p.fp16_cost_j,
             modelled_j=0.0,
             measured_j=None,
+            prefill_j=0.0,
+            decode_j=0.0,
             estimated_j=0.0,
             meter=self.meter.name,
             prompt_tokens=len(p.ids),

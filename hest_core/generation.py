@@ -89,6 +89,7 @@ class RequestState:
     step_mark: int | None = None  # guard.spent before the current decode step (picojoules)
     step_cost: int | None = None  # what the last decode step cost (picojoules)
     allowance: int | None = None  # tokens it may still generate after its last one
+    prefill_q: int = 0  # what its prefill (and first token) cost, picojoules (guard.spent then)
     whole_char: bool = True  # its text does not end inside a multi-byte character
     forced_end: bool = False  # its next token was steered to end the sentence (its last)
 
@@ -360,6 +361,8 @@ class BatchRunner:
         for st in states:
             st.guard.start_prefill()  # the whole prompt's fixed work is charged up front
         logits = self._prefill(cache)
+        for st in states:
+            st.prefill_q = st.guard.spent
         dev = e.device
         nxt, lps = self._choose(logits, states)
         now = time.perf_counter()

@@ -27,6 +27,10 @@ def sse(data: dict | str) -> str:
 def energy_report(job: Job, result: GenerationResult) -> EnergyReport:
     s = result.stats
     return EnergyReport(
+        prefill_j=s.prefill_j,
+        decode_j=s.decode_j,
+        j_per_token=s.modelled_j / s.completion_tokens if s.completion_tokens else None,
+        co2e_g=job.co2e_g,
         budget_j=s.budget_j,
         modelled_j=s.modelled_j,
         measured_j=s.measured_j,

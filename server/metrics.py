@@ -22,11 +22,21 @@ OUTCOMES = ("ok", "energy_budget", "invalid", "rejected", "cancelled", "error")
 REJECT_REASONS = ("queue_full", "shutting_down")
 ENDPOINTS = ("summarize", "chat")
 
+TOKEN_JOULE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 JOULE_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 25, 50, 100, 250, 500, 1000, 2500)
 RATIO_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.25, 1.5, 2, 5)
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 45, 60, 90, 120, 300)
 QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
+
+
+def co2e_g(stats, intensity_g_per_kwh: float | None) -> float | None:
+    """Grams CO2e of a request: its measured joules (else the estimate meter's) x the grid
+    intensity in g/kWh (1 kWh = 3.6e6 J). An estimate; None without an intensity."""
+    if intensity_g_per_kwh is None:
+        return None
+    joules = stats.measured_j if stats.measured_j is not None else stats.estimated_j
+    return joules / 3.6e6 * intensity_g_per_kwh
 
 
 class Metrics:
@@ -45,6 +55,26 @@ class Metrics:
             "hest_energy_joules_total",
             "Total joules of answered and cancelled requests (modelled: sum of modelled_j)",
             ["source", "meter"],
+            registry=r,
+        )
+        self.phase_energy = Histogram(
+            "hest_request_phase_energy_joules",
+            "Per-request modelled joules of one phase: prefill (the prompt and the first token) "
+            "or decode (the later steps)",
+            ["phase"],
+            buckets=JOULE_BUCKETS,
+            registry=r,
+        )
+        self.token_energy = Histogram(
+            "hest_request_energy_per_token_joules",
+            "Per-request modelled joules per generated token",
+            buckets=TOKEN_JOULE_BUCKETS,
+            registry=r,
+        )
+        self.co2e = Counter(
+            "hest_co2e_grams_total",
+            "Estimated grams CO2e: measured (else estimated) joules x the configured grid "
+            "intensity (HEST_GRID_INTENSITY_G_PER_KWH); absent without one",
             registry=r,
         )
         self.budget = Histogram(
@@ -167,7 +197,12 @@ class Metrics:
                 self.layer_units.labels(str(layer), path)
 
     def observe_result(
-        self, stats: RequestStats, finish_reason: str, queue_s: float, check_s: float = 0.0
+        self,
+        stats: RequestStats,
+        finish_reason: str,
+        queue_s: float,
+        check_s: float = 0.0,
+        co2e_g: float | None = None,
     ) -> None:
         """One request the engine ran (answered or cancelled). TTFT counts from arrival:
         validation (check_s) + queue + the engine's time to the first token."""
@@ -178,6 +213,12 @@ class Metrics:
             self.request_energy.labels(source, stats.meter).observe(joules)
             self.energy_total.labels(source, stats.meter).inc(joules)
         self.budget.observe(stats.budget_j)
+        self.phase_energy.labels("prefill").observe(stats.prefill_j)
+        self.phase_energy.labels("decode").observe(stats.decode_j)
+        if stats.completion_tokens:
+            self.token_energy.observe(stats.modelled_j / stats.completion_tokens)
+        if co2e_g is not None:
+            self.co2e.inc(co2e_g)
         self.budget_ratio.observe(stats.budget_ratio)
         self.queue_wait.observe(queue_s)
         if stats.completion_tokens:

@@ -118,6 +118,15 @@ class EnergyReport(BaseModel):
     fp16_cost_j: float = Field(description="modelled all-fp16 cost of prompt + max_new_tokens")
     budget_ratio: float = Field(description="budget_j / fp16_cost_j")
     brownout: bool = Field(description="the server tightened this budget because of overload")
+    prefill_j: float = Field(description="modelled joules of the prompt (and the first token)")
+    decode_j: float = Field(description="modelled joules of the later decode steps")
+    j_per_token: float | None = Field(
+        description="modelled_j / completion_tokens (null without generated tokens)"
+    )
+    co2e_g: float | None = Field(
+        description="an estimate: grams CO2e of measured_j (else estimated_j) at the configured "
+        "grid intensity (HEST_GRID_INTENSITY_G_PER_KWH); null when none is configured"
+    )
 
 
 class Usage(BaseModel):

@@ -44,7 +44,7 @@ from hest_core import (
 )
 
 from .exceptions import EngineFailedError, NotReadyError, QueueFullError, ShuttingDownError
-from .metrics import Metrics
+from .metrics import Metrics, co2e_g
 from .settings import Settings
 
 log = logging.getLogger("hest.server")
@@ -65,6 +65,7 @@ class Job:
     queue_s: float = 0.0  # queued until its batch started
     check_s: float = 0.0  # validation + tokenisation before it was queued
     result: GenerationResult | None = None
+    co2e_g: float | None = None  # an estimate, set when it finished (HEST_GRID_INTENSITY_G_PER_KWH)
     error: HestError | None = None  # a ServerError, or the runtime's error for this request
     done: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -380,8 +381,9 @@ class Serving:
                 if result.error is not None:  # this request failed on its own; the rest ran
                     self._fail_one(job, result.error)
                     continue
+                job.co2e_g = co2e_g(result.stats, self.settings.grid_intensity_g_per_kwh)
                 self.metrics.observe_result(
-                    result.stats, result.finish_reason, job.queue_s, job.check_s
+                    result.stats, result.finish_reason, job.queue_s, job.check_s, job.co2e_g
                 )
                 job._finish(result, None)
                 served.append(result.stats)

@@ -48,6 +48,12 @@ class Settings(BaseSettings):
     brownout_start: float = Field(
         0.5, gt=0, lt=1, description="fraction of the SLO where brownout starts"
     )
+    grid_intensity_g_per_kwh: float | None = Field(
+        None,
+        ge=0,
+        description="grid carbon intensity in g CO2e per kWh; set it and responses carry co2e_g "
+        "(an estimate) and Prometheus hest_co2e_grams_total",
+    )
     max_new_tokens: int = Field(
         DEFAULT_MAX_NEW_TOKENS, ge=1, description="default max_new_tokens of a request"
     )

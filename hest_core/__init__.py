@@ -3,7 +3,7 @@
 from .artifact import HestAdapter, HestConfig, load_adapter
 from .controller import Controller
 from .decoding import TextDelta, TokenLogprob
-from .engine import Engine, GenerationRequest, GenerationResult, RequestStats
+from .engine import Engine
 from .errors import (
     AdapterMismatchError,
     BudgetTooLowError,
@@ -13,8 +13,8 @@ from .errors import (
     MeterUnavailableError,
     ModelLoadError,
 )
-from .generation import PreparedRequest
 from .prompt import build_prompt
+from .request import GenerationRequest, GenerationResult, PreparedRequest, RequestStats
 
 __all__ = [
     "AdapterMismatchError",

@@ -7,7 +7,6 @@ import math
 import os
 import threading
 import time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -16,17 +15,24 @@ from . import native
 from .artifact import HestAdapter, load_adapter
 from .compiled import enable_compile
 from .controller import Controller
-from .decoding import TokenLogprob, TokenTexts, check_options, check_system
+from .decoding import TokenTexts, check_options, check_system
 from .dtypes import dtype_name, resolve_device, resolve_dtype
 from .endings import EndingPlan
 from .energy import PJ, EnergyModel
 from .errors import BudgetTooLowError, HestError, InvalidInputError
-from .generation import BatchRunner, PreparedRequest, RequestState
+from .generation import BatchRunner, RequestState
 from .guard import MODES, BudgetGuard
 from .loading import DEFAULT_MODEL, build_lean, fingerprint, load_hf_model, load_tokenizer
 from .meters import DEFAULT_NOMINAL_WATTS, pick_meter
 from .model import PATHS, SeqSlot, const_decider
 from .prompt import fit_prompt, stop_token_ids
+from .request import (  # the request types live in request.py; re-exported here
+    GenerationRequest,
+    GenerationResult,
+    PreparedRequest,
+    RequestStats,
+    q_to_min_j,
+)
 from .spectral import SvdCache, make_weight_fn, z_support
 
 log = logging.getLogger("hest.engine")
@@ -47,81 +53,6 @@ def _flag(v, name: str) -> bool:
             f"{name}={v!r} must be true or false", param=name, code=f"invalid_{name}"
         )
     return v  # "skip": every unit skipped (benchmarks only)
-
-
-@dataclass
-class GenerationRequest:
-    text: str
-    energy_budget_j: float | None = None
-    energy_budget_ratio: float | None = None
-    max_new_tokens: int | None = None
-    cancelled: threading.Event | None = None
-    # decoding (hest_core/decoding.py; docs/contracts.md): None/empty = greedy, no stop, no logprobs
-    stop: str | tuple[str, ...] = ()  # end the text before the first of these (at most 4)
-    logprobs: int | None = None  # return each token's log probability and this many alternatives
-    temperature: float | None = None  # 0 or None: greedy; else sample (0..2)
-    top_p: float | None = None  # nucleus of the sampling (0..1)
-    seed: int | None = None  # the sampling generator's seed
-    system: str | None = None  # a system instruction for the chat template (replaces its default)
-    # end on a sentence boundary, never mid-sentence because a limit ran out, and before a
-    # repeated sentence (hest_core/endings.py); on by default for summaries
-    clean_end: bool = True
-    # a prompt over the context (minus max_new_tokens) is refused with the numbers unless this
-    # asks to cut the article to fit (then stats.truncated is true)
-    truncate: bool = False
-
-
-@dataclass
-class RequestStats:
-    budget_j: float
-    budget_ratio: float
-    fp16_cost_j: float
-    modelled_j: float
-    measured_j: float | None
-    prefill_j: float  # modelled: the prompt (and the first generated token, which it yields)
-    decode_j: float  # modelled: every later decode step
-    estimated_j: float
-    meter: str
-    prompt_tokens: int
-    completion_tokens: int
-    paths: dict[str, int]
-    paths_per_layer: list[dict[str, int]]
-    demotions: int
-    truncated: bool
-    ttft_s: float = 0.0
-    prefill_s: float = 0.0
-    decode_s: float = 0.0
-    total_s: float = 0.0
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-@dataclass
-class GenerationResult:
-    text: str
-    finish_reason: str
-    stats: RequestStats = field(repr=False)
-    logprobs: list[TokenLogprob] | None = field(default=None, repr=False)  # when asked
-    # this request failed on its own (finish_reason "error"); the rest of its batch was served
-    error: HestError | None = None
-    # how the clean-ending plan shaped the end: "planned" (ended at a boundary because the next
-    # sentence would not fit), "trimmed" (a limit struck mid-sentence: cut to the last boundary),
-    # "repetition" (ended before a repeated sentence); None when it did not
-    finish_detail: str | None = None
-
-
-def budget_to_q(budget_j: float) -> int:
-    """A budget in joules -> the guard's integer picojoules, rounded down."""
-    return math.floor(budget_j * PJ)
-
-
-def q_to_min_j(min_q: int) -> float:
-    """The smallest float of joules whose budget_to_q() is >= min_q (so quoting it back works)."""
-    m = min_q / PJ
-    while budget_to_q(m) < min_q:
-        m = math.nextafter(m, math.inf)
-    return m
 
 
 class Engine:

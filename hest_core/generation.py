@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import math
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from .errors import HestError, RequestFailedError
 from .fused import NativeController
 from .guard import BudgetGuard
 from .model import SeqSlot
+from .request import PreparedRequest  # re-exported: the type lives in request.py
 
 _PATH = [torch.tensor([p], dtype=torch.long) for p in range(3)]  # one row on path p (read-only)
 
@@ -41,32 +41,6 @@ def _one_row(st, li: int, p: int, paths: torch.Tensor, logits: torch.Tensor | No
     for q in range(3):
         lc[q] += c[q]
     return paths, c
-
-
-@dataclass
-class PreparedRequest:
-    ids: list[int]
-    max_new: int
-    budget_j: float
-    budget_ratio: float
-    fp16_cost_j: float
-    min_j: float
-    truncated: bool
-    cancelled: threading.Event | None = None
-    budget_q: int | None = None  # the exact budget in picojoules, when it came from check()
-    # decoding (hest_core/decoding.py): stop strings, top-k log probabilities, sampling
-    stop: tuple[str, ...] = ()
-    logprobs: int | None = None
-    temperature: float = 0.0  # 0: greedy
-    top_p: float = 1.0
-    seed: int | None = None
-    clean_end: bool = True  # end on a sentence boundary, not mid-sentence (endings.py)
-
-    def ledger_budget(self) -> int:
-        """The guard's budget: the exact one from check() unless budget_j was changed since."""
-        if self.budget_q is not None and self.budget_q / 10**12 == self.budget_j:
-            return self.budget_q
-        return math.floor(self.budget_j * 10**12)
 
 
 @dataclass

@@ -242,7 +242,11 @@ class Native:
         return y
 
 
-def _build() -> tuple[Native | None, str]:
+def compile_kernels(source: Path, stem: str, extra: list[str] | tuple[str, ...] = ()):
+    """Build `source` into a shared library (or find it built) in the cache:
+    `kernels/<stem>-<key>.so`, keyed by the source, the flags, the compiler's version and the
+    CPU flags; written atomically, so concurrent builds and readers see a whole file. Returns
+    (path, compiler version) or (None, "off (why)") where the kernels cannot run here."""
     if os.environ.get("HEST_NATIVE", "1") == "0":
         return None, "off (HEST_NATIVE=0)"
     if platform.machine() not in ("x86_64", "AMD64"):
@@ -259,29 +263,36 @@ def _build() -> tuple[Native | None, str]:
         ).stdout.splitlines()[0]
     except (OSError, subprocess.SubprocessError, IndexError) as e:
         return None, f"off ({cc} --version failed: {e})"
-    flags = sorted(_cpu_flags())
-    cflags = CFLAGS + (SANITIZE if os.environ.get("HEST_NATIVE_SANITIZE") == "1" else [])
+    cflags = [*CFLAGS, *extra]
     key = hashlib.sha256(
-        "\n".join([SOURCE.read_text(), " ".join(cflags), version, " ".join(flags)]).encode()
+        "\n".join(
+            [source.read_text(), " ".join(cflags), version, " ".join(sorted(_cpu_flags()))]
+        ).encode()
     ).hexdigest()[:16]
-    out = cache_dir() / "kernels" / f"gemv-{key}.so"
+    out = cache_dir() / "kernels" / f"{stem}-{key}.so"
     if not out.is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
         os.close(fd)
         try:
             r = subprocess.run(
-                [cc, *cflags, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=300
+                [cc, *cflags, "-o", tmp, str(source)], capture_output=True, text=True, timeout=300
             )
             if r.returncode != 0:
-                log.warning(
-                    "native kernels failed to build, using PyTorch's:\n%s", r.stderr[-2000:]
-                )
+                log.warning("%s failed to build:\n%s", source.name, r.stderr[-2000:])
                 return None, f"off (build failed: {r.stderr.strip().splitlines()[-1:]})"
             os.replace(tmp, out)  # atomic: a concurrent build or reader sees a whole file
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
+    return out, version
+
+
+def _build() -> tuple[Native | None, str]:
+    sanitize = SANITIZE if os.environ.get("HEST_NATIVE_SANITIZE") == "1" else []
+    out, version = compile_kernels(SOURCE, "gemv", sanitize)
+    if out is None:
+        return None, version
     try:
         return Native(out, f"avx512 gemv ({version.split()[0]}, {out.name})"), "on"
     except OSError as e:

@@ -17,13 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,15 +25,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from . import native
 from .errors import NativeArgumentError
 from .gguf_blocks import BLOCK, Q4Blocks, quantize_q4_1
-from .paths import cache_dir
 
 log = logging.getLogger("hest.q4")
 
 SOURCE = Path(__file__).parent / "kernels" / "q4.c"
-CFLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-fno-math-errno"]
-NEEDED_FLAGS = ("avx512f", "avx512bw", "avx512vl")
 MAX_ROWS = 16  # activation rows per call (Q4_MAX_ROWS in q4.c)
 TILE = 4  # weight rows interleaved in the packed layout
 ERRORS = {
@@ -241,57 +233,12 @@ class Q4Kernels:
         return out
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
 def build(extra: tuple[str, ...] = ()) -> tuple[Q4Kernels | None, str]:
     """Build (or load from the cache) q4.c, with extra compiler flags for variants (bench_q4
     `--flag=-DQ4_PD=2048`, the tests' `-mno-avx512vnni`); (kernels or None, why)."""
-    if os.environ.get("HEST_NATIVE", "1") == "0":
-        return None, "off (HEST_NATIVE=0)"
-    if platform.machine() not in ("x86_64", "AMD64"):
-        return None, f"off (no kernels for {platform.machine()})"
-    flags = _cpu_flags()
-    missing = [f for f in NEEDED_FLAGS if f not in flags]
-    if missing:
-        return None, f"off (CPU lacks {', '.join(missing)})"
-    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
-    if cc is None:
-        return None, "off (no C compiler: install gcc for the int4 decode kernel)"
-    try:
-        version = subprocess.run(
-            [cc, "--version"], capture_output=True, text=True, timeout=30
-        ).stdout.splitlines()[0]
-    except (OSError, subprocess.SubprocessError, IndexError) as e:
-        return None, f"off ({cc} --version failed: {e})"
-    cflags = CFLAGS + list(extra)
-    key = hashlib.sha256(
-        "\n".join([SOURCE.read_text(), " ".join(cflags), version, " ".join(sorted(flags))]).encode()
-    ).hexdigest()[:16]
-    out = cache_dir() / "kernels" / f"q4-{key}.so"
-    if not out.is_file():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-        os.close(fd)
-        try:
-            r = subprocess.run(
-                [cc, *cflags, "-o", tmp, str(SOURCE)], capture_output=True, text=True, timeout=300
-            )
-            if r.returncode != 0:
-                log.warning("int4 kernel failed to build:\n%s", r.stderr[-2000:])
-                return None, f"off (build failed: {r.stderr.strip().splitlines()[-1:]})"
-            os.replace(tmp, out)  # atomic: a concurrent build or reader sees a whole file
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+    out, version = native.compile_kernels(SOURCE, "q4", extra)
+    if out is None:
+        return None, version
     try:
         return Q4Kernels(out, f"avx512 q4 ({version.split()[0]}, {out.name})"), "on"
     except OSError as e:

@@ -32,6 +32,7 @@ class HestConfig:
     shortcut_rank: int = 0
     targets: list[str] = field(default_factory=lambda: list(TARGETS))
     method: str = "hest"  # hest | hest-fp16only | hest-no-dual | hest-unfactorised | bhsp | tabs
+    controller: str = ""  # controller class name in CONTROLLERS ("": the method's name)
     created: str = ""
     training: dict = field(default_factory=dict)
     version: int = ADAPTER_VERSION
@@ -121,7 +122,7 @@ def load_adapter(path: str | Path) -> HestAdapter:
         )
     cfg = HestConfig(**raw)
     t = load_file(str(d / WEIGHTS_FILE))
-    ctl = build_controller(cfg.method, cfg.hidden, cfg.n_layers, cfg.k)
+    ctl = build_controller(cfg.controller or cfg.method, cfg.hidden, cfg.n_layers, cfg.k)
     state = {
         f"hest_{n.removeprefix('hest_controller.')}": v
         for n, v in t.items()

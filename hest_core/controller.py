@@ -1,4 +1,5 @@
-"""The factorised, budget-conditioned controller.
+"""The controllers: the factorised, budget-conditioned one (below), the budget-adaptive one
+(`AdaptiveController`, the default adapter's since session 6) and the baselines' classes.
 
 f(l, t) = sigmoid(W_tok h(l, t)) * sigmoid(w_l + u * beta)   in R^k
 logits  = A f + a0                                             3 paths: fp16, int8, skip
@@ -33,31 +34,129 @@ class Controller(nn.Module):
             self.hest_a.normal_(0.0, std, generator=g)
             self.hest_a0.copy_(torch.tensor([2.0, 0.0, -2.0]))
 
-    def forward(self, h: torch.Tensor, layer: int, beta: torch.Tensor) -> torch.Tensor:
-        """h: (N, d), beta: (N,) -> logits (N, 3) in fp32."""
+    def forward(
+        self, h: torch.Tensor, layer: int, beta: torch.Tensor, phase: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """h: (N, d), beta: (N,) -> logits (N, 3) in fp32. `phase` is not an input of this
+        controller (accepted so every controller has one call)."""
         tok = torch.sigmoid(h.float() @ self.hest_w_tok.t())  # (N, k)
         lay = torch.sigmoid(self.hest_w_layer[layer] + self.hest_u * beta[:, None])  # (N, k)
         return (tok * lay) @ self.hest_a.t() + self.hest_a0  # (N, 3)
 
 
-# method name (HestConfig.method) -> controller class; baselines register theirs here.
-# Each class takes (hidden, n_layers, k) and maps (h (N, d), layer, beta (N,)) -> logits (N, 3).
+class AdaptiveController(nn.Module):
+    """The budget-adaptive controller (issue 14): it reads what the request has left and what
+    each path costs on the device at hand, so one artifact holds across calibration tables.
+
+        f      = sigmoid(W_tok h) * sigmoid(w_l + u beta + v phase)            in R^k
+        q      = A f + a0 + phase * b                                          (P,) path scores
+        price  = softplus(m0 + m1 beta + m2 phase)                             >= 0
+        logits = q - price * rc[phase, l]                                       (P,)
+
+    h (N, d): the normalised hidden state entering layer l; beta = log of the budget ratio the
+    request has left (at run time (budget - spent) / the all-fp16 cost of its remaining work,
+    `BudgetGuard.remaining_ratio`; in training the step's ratio r, which is what that ratio
+    stays at when a request spends on plan); phase: 0 for prompt tokens (prefill), 1 for
+    generated ones (decode); rc[phase, l, p] = c_p / c_fp16 of layer l's unit on this device
+    (`set_costs`, from the Engine's own energy model, never from the artifact). A path is chosen
+    for its score minus its relative cost at the request's price: a Lagrangian choice whose price
+    the budget sets, so a device where int8 saves less sees less int8 with the same artifact.
+    Parameters: d*k + L*k + 2k + P*k + 2P + 3.
+    """
+
+    uses_remaining = True  # the runtime feeds beta = log(remaining ratio), per step
+
+    def __init__(self, hidden: int, n_layers: int, k: int = 32, n_paths: int = 3):
+        super().__init__()
+        self.hidden, self.n_layers, self.k, self.n_paths = hidden, n_layers, k, n_paths
+        self.hest_w_tok = nn.Parameter(torch.zeros(k, hidden))  # (k, d)
+        self.hest_w_layer = nn.Parameter(torch.zeros(n_layers, k))  # (L, k)
+        self.hest_u = nn.Parameter(torch.zeros(k))  # (k,) budget
+        self.hest_v = nn.Parameter(torch.zeros(k))  # (k,) phase
+        self.hest_a = nn.Parameter(torch.zeros(n_paths, k))  # (P, k)
+        self.hest_a0 = nn.Parameter(torch.zeros(n_paths))  # (P,) untrained: a price decides
+        self.hest_b = nn.Parameter(torch.zeros(n_paths))  # (P,) decode offset
+        self.hest_m = nn.Parameter(torch.tensor([0.0, -2.0, 0.0]))  # price: m0, m1 (beta), m2
+        # relative path costs of this device, (2, L, P): prefill, decode; not saved
+        self.register_buffer("rc", torch.ones(2, n_layers, n_paths), persistent=False)
+
+    def init_for_training(self, seed: int = 0, std: float = 0.02) -> None:
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            self.hest_w_tok.normal_(0.0, std, generator=g)
+            self.hest_a.normal_(0.0, std, generator=g)
+            self.hest_a0.copy_(torch.tensor([2.0, 1.0, -2.0][: self.n_paths]))
+            self.hest_m.copy_(torch.tensor([0.5, -2.0, 0.0]))
+
+    def set_costs(self, prefill: torch.Tensor, decode: torch.Tensor) -> None:
+        """prefill, decode: (L, P) joules per unit (or any positive unit): rc = c / c_fp16.
+
+        Raises ValueError for a shape other than (L, P) or a non-positive fp16 cost."""
+        pre, dec = torch.as_tensor(prefill).float(), torch.as_tensor(decode).float()
+        if pre.shape != self.rc.shape[1:] or dec.shape != self.rc.shape[1:]:
+            raise ValueError(
+                f"costs must be 2 x {tuple(self.rc.shape[1:])}, got {tuple(pre.shape)} and "
+                f"{tuple(dec.shape)}"
+            )
+        costs = torch.stack([pre, dec])
+        if not bool((costs[..., 0] > 0).all()):
+            raise ValueError("the fp16 cost of every unit must be > 0")
+        self.rc.copy_((costs / costs[..., :1]).to(self.rc.device))
+
+    def price(self, beta: torch.Tensor, phase: torch.Tensor) -> torch.Tensor:
+        """(N,) beta, (N,) phase -> (N,) price >= 0."""
+        m = self.hest_m
+        return torch.nn.functional.softplus(m[0] + m[1] * beta + m[2] * phase)
+
+    def forward(
+        self, h: torch.Tensor, layer: int, beta: torch.Tensor, phase: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """h: (N, d), beta: (N,), phase: (N,) 0/1 (None: prompt tokens) -> logits (N, P) fp32."""
+        beta = beta.float()
+        ph = torch.zeros_like(beta) if phase is None else phase.float().reshape(beta.shape)
+        tok = torch.sigmoid(h.float() @ self.hest_w_tok.t())  # (N, k)
+        lay = torch.sigmoid(
+            self.hest_w_layer[layer] + self.hest_u * beta[:, None] + self.hest_v * ph[:, None]
+        )  # (N, k)
+        q = (tok * lay) @ self.hest_a.t() + self.hest_a0 + ph[:, None] * self.hest_b  # (N, P)
+        rc = self.rc[0, layer] + ph[:, None] * (self.rc[1, layer] - self.rc[0, layer])  # (N, P)
+        return q - self.price(beta, ph)[:, None] * rc
+
+    def native_parts(self, beta: float, phase: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """For one row at `phase`: lay (L, k) and the additive term of the logits (L, P), so the
+        logits at layer l are (sigmoid(W_tok h) * lay[l]) @ A^T + bias[l] (what hest_ctl_logits
+        computes with a per-layer a0)."""
+        with torch.no_grad():
+            lay = torch.sigmoid(self.hest_w_layer + self.hest_u * beta + self.hest_v * phase)
+            b = torch.tensor([beta], dtype=torch.float32, device=self.rc.device)
+            price = self.price(b, torch.full_like(b, float(phase)))[0]
+            bias = self.hest_a0 + phase * self.hest_b - price * self.rc[phase]  # (L, P)
+        return lay.float(), bias.float()
+
+
+# controller name (HestConfig.controller, else HestConfig.method) -> class; baselines register
+# theirs here. Each class takes (hidden, n_layers, k) and maps (h (N, d), layer, beta (N,),
+# phase (N,) or None) -> logits (N, 3).
 CONTROLLERS: dict[str, type[nn.Module]] = {
     "hest": Controller,
     "hest-fp16only": Controller,
     "hest-no-dual": Controller,
+    "adaptive": AdaptiveController,
 }
 
 
-def build_controller(method: str, hidden: int, n_layers: int, k: int) -> nn.Module:
+def build_controller(name: str, hidden: int, n_layers: int, k: int) -> nn.Module:
+    """The controller class registered as `name` (an artifact's `controller`, else its method).
+
+    Raises AdapterMismatchError for a name with no class."""
     from .errors import AdapterMismatchError
 
-    if method not in CONTROLLERS:
+    if name not in CONTROLLERS:
         raise AdapterMismatchError(
-            f"adapter method {method!r} has no controller class; known: {sorted(CONTROLLERS)}",
+            f"adapter controller {name!r} has no controller class; known: {sorted(CONTROLLERS)}",
             param="adapter",
         )
-    return CONTROLLERS[method](hidden, n_layers, k)
+    return CONTROLLERS[name](hidden, n_layers, k)
 
 
 # ---- baselines and ablations (training/; appended, existing code above unchanged) -------------
@@ -86,7 +185,7 @@ class UnfactorisedController(nn.Module):
             self.hest_a.normal_(0.0, std, generator=g)
             self.hest_a0.copy_(torch.tensor([[2.0, 0.0, -2.0]] * self.n_layers))
 
-    def forward(self, h: torch.Tensor, layer: int, beta: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, layer: int, beta: torch.Tensor, phase=None) -> torch.Tensor:
         f = torch.sigmoid(
             h.float() @ self.hest_w[layer].t()
             + self.hest_u[layer] * beta[:, None]
@@ -115,7 +214,7 @@ class TabsController(nn.Module):
             self.hest_a.normal_(0.0, std, generator=g)
             self.hest_a0.copy_(torch.tensor([[2.0, -2.0]] * self.n_layers))
 
-    def forward(self, h: torch.Tensor, layer: int, beta: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, layer: int, beta: torch.Tensor, phase=None) -> torch.Tensor:
         f = torch.sigmoid(h.float() @ self.hest_w[layer].t() + self.hest_b[layer])  # (N, k)
         two = f @ self.hest_a[layer].t() + self.hest_a0[layer]  # (N, 2)
         never = torch.full_like(two[:, :1], NEG_LOGIT)
@@ -137,7 +236,7 @@ class BhspController(nn.Module):
         with torch.no_grad():
             self.hest_state.copy_(torch.tensor([[2.0, -2.0]] * self.n_layers))
 
-    def forward(self, h: torch.Tensor, layer: int, beta: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, layer: int, beta: torch.Tensor, phase=None) -> torch.Tensor:
         two = self.hest_state[layer] + self.hest_slope[layer] * beta[:, None]  # (N, 2)
         never = torch.full_like(two[:, :1], NEG_LOGIT)
         return torch.cat([two[:, :1], never, two[:, 1:]], dim=-1)  # (N, 3)

@@ -161,12 +161,18 @@ class EnergyModel:
             total += self.decode_fixed_q(p + i) + dec
         return total
 
-    def min_decode_step_q(self, ctx: int) -> int:
-        return self.decode_fixed_q(ctx) + self.min_sum_q["decode"]
+    def gated_step_q(self, phase: str, path: int | None) -> int:
+        """Picojoules of one token's gated units, all on `path` (None: each on its cheapest)."""
+        return self.min_sum_q[phase] if path is None else self.unit_sum_q[phase][path]
 
-    def min_feasible_q(self, p: int, max_new: int) -> int:
-        q = self.prefill_fixed_q(p) + p * self.min_sum_q["prefill"]
-        return q + (self.min_decode_step_q(p + 1) if max_new >= 2 else 0)
+    def min_decode_step_q(self, ctx: int, path: int | None = None) -> int:
+        return self.decode_fixed_q(ctx) + self.gated_step_q("decode", path)
+
+    def min_feasible_q(self, p: int, max_new: int, path: int | None = None) -> int:
+        """The least a request can be served for, in picojoules: its prompt plus one generated
+        token, every unit on its cheapest path (or all on `path`, for a fixed-path request)."""
+        q = self.prefill_fixed_q(p) + p * self.gated_step_q("prefill", path)
+        return q + (self.min_decode_step_q(p + 1, path) if max_new >= 2 else 0)
 
     # ---- float costs in joules (closed forms; training and reports) ------------------------------
     def prefill_fixed(self, p: int) -> float:

@@ -70,6 +70,8 @@ class Engine:
         }
         self.meter = meter
         self.policy, self.guard_mode = policy, guard_mode
+        # the one path of a fixed policy whose budget stops it (guard "stop"); None otherwise
+        self.stop_path = PATHS.index(policy) if guard_mode == "stop" else None
         self.device = lean.device
         self._info = info
         if policy == "hest" and subs:
@@ -112,6 +114,12 @@ class Engine:
             raise HestError(f"policy={policy!r} is not one of {POLICIES}", param="policy")
         if guard not in MODES:
             raise HestError(f"guard={guard!r} is not one of {MODES}", param="guard")
+        if guard == "stop" and policy == "hest":
+            raise HestError(
+                'guard="stop" is for a fixed policy (fp16, int8, skip): it never demotes, so under '
+                'policy "hest" it could not keep the budget; use "hard" or "paced"',
+                param="guard",
+            )
         threads = threads or int(os.environ.get("HEST_THREADS", "0") or 0)
         if threads:
             torch.set_num_threads(threads)
@@ -174,14 +182,18 @@ class Engine:
             "max_context_tokens": lean.rope_cos.shape[0],
             "load_s": round(time.perf_counter() - t0, 2),
         }
+        em = EnergyModel(table)
+        if hasattr(ctl, "set_costs"):  # a controller that reads this device's relative costs
+            ctl.set_costs(torch.tensor(em.unit["prefill"]), torch.tensor(em.unit["decode"]))
         return cls(
             tokenizer=tok,
             lean=lean,
             controller=ctl,
-            energy=EnergyModel(table),
+            energy=em,
             meter=m,
             policy=policy,
-            guard_mode="off" if policy != "hest" else guard,
+            # a fixed policy keeps a budget only by stopping (guard "stop"), or ignores it
+            guard_mode=guard if policy == "hest" or guard in ("stop", "off") else "off",
             info=info,
         )
 
@@ -276,13 +288,14 @@ class Engine:
                 code="invalid_budget",
             )
         budget_q = math.floor(raw)
-        min_q = em.min_feasible_q(len(ids), max_new)
+        min_q = em.min_feasible_q(len(ids), max_new, self.stop_path)
         min_j = q_to_min_j(min_q)
         if self.guard_mode != "off" and budget_q < min_q:
             raise BudgetTooLowError(
                 f"{name}={val:g} gives {budget_q / PJ:.6g} J, below the minimum of {min_j:.6g} J "
-                f"(ratio {min_q / fp16_q:.3f}) for this {len(ids)}-token prompt: every unit skipped "
-                "plus one generated token. Raise the budget or shorten the text",
+                f"(ratio {min_q / fp16_q:.3f}) for this {len(ids)}-token prompt: every unit "
+                f"{'on ' + self.policy if self.stop_path is not None else 'skipped'} plus one "
+                "generated token. Raise the budget or shorten the text",
                 minimum_j=min_j,
                 param=name,
             )
@@ -351,7 +364,7 @@ class Engine:
         failed: dict[int, HestError] = {}
         for k, p in enumerate(prepared):  # a caller (a brownout) may have changed the budget
             if self.guard_mode != "off" and p.ledger_budget() < self.energy.min_feasible_q(
-                len(p.ids), p.max_new
+                len(p.ids), p.max_new, self.stop_path
             ):
                 failed[k] = BudgetTooLowError(
                     f"budget {p.budget_j:.6g} J is below this request's minimum {p.min_j:.6g} J",
@@ -370,7 +383,12 @@ class Engine:
             RequestState(
                 req=p,
                 guard=BudgetGuard(
-                    self.energy, p.ledger_budget(), len(p.ids), p.max_new, self.guard_mode
+                    self.energy,
+                    p.ledger_budget(),
+                    len(p.ids),
+                    p.max_new,
+                    self.guard_mode,
+                    self.stop_path,
                 ),
                 beta=math.log(p.budget_ratio),
                 layer_counts=[[0, 0, 0] for _ in range(L)],

@@ -43,6 +43,20 @@ def _one_row(st, li: int, p: int, paths: torch.Tensor, logits: torch.Tensor | No
     return paths, c
 
 
+# the remaining-budget ratio a budget-adaptive controller reads is kept inside this range (a
+# request far over or under plan reads as the nearest end: beta = log of it)
+REMAINING_RATIO_RANGE = (0.02, 4.0)
+
+
+def _beta(ctl, st: RequestState) -> float:
+    """The controller's budget input for this request now: log of its remaining ratio for a
+    controller that reads it (`uses_remaining`), else log of its starting ratio."""
+    if not getattr(ctl, "uses_remaining", False):
+        return st.beta
+    lo, hi = REMAINING_RATIO_RANGE
+    return math.log(min(hi, max(lo, st.guard.remaining_ratio())))
+
+
 @dataclass
 class RequestState:
     req: PreparedRequest
@@ -106,11 +120,14 @@ class BatchRunner:
             return decide_fixed
 
         one = groups[0][2] if len(groups) == 1 and groups[0][1] == 1 else None
+        betas = [_beta(e.controller, st) for _, _, st in groups]
         nctl = None
-        if one is not None and h_native_ok(e.lean):
+        if one is not None and phase == "decode" and h_native_ok(e.lean):
             if one.native_ctl is None:
-                one.native_ctl = NativeController.of(e.controller, one.beta) or False
+                one.native_ctl = NativeController.of(e.controller, betas[0]) or False
             nctl = one.native_ctl or None
+            if nctl is not None and nctl.adaptive:
+                nctl.update(betas[0])
 
         if nctl is not None:
             assert one is not None
@@ -128,12 +145,16 @@ class BatchRunner:
             return decide_native
 
         beta = torch.cat(
-            [torch.full((n,), st.beta, dtype=torch.float32, device=e.device) for _, n, st in groups]
+            [
+                torch.full((n,), b, dtype=torch.float32, device=e.device)
+                for (_, n, _), b in zip(groups, betas, strict=True)
+            ]
         )  # (N,)
+        ph = torch.full_like(beta, 1.0 if phase == "decode" else 0.0)  # (N,)
 
         def decide(li: int, h: torch.Tensor):
             with torch.no_grad():
-                logits = e.controller(h, li, beta)  # (N, 3)
+                logits = e.controller(h, li, beta, ph)  # (N, 3)
             paths = logits.argmax(-1)  # (N,)
             if sub_t is not None:
                 paths = sub_t[li][paths]
@@ -200,6 +221,8 @@ class BatchRunner:
             em, ctx = g.em, len(st.req.ids) + len(st.out_ids)
             fp16 = em.decode_fixed_q(ctx) + em.unit_sum_q["decode"][0]
             cost = max(em.min_decode_step_q(ctx), int(fp16 * min(1.0, st.req.budget_ratio)))
+            if g.mode == "stop":  # one path: its step is what every token costs
+                cost = em.min_decode_step_q(ctx, g.path)
         # one token of margin: the attention term makes each step a little dearer than the last
         by_budget = max(0, max(0, g.budget - g.spent) // max(1, cost) - 1)
         return min(left, by_budget), by_budget < left

@@ -16,6 +16,8 @@ Where the controller's choice costs more than the limit, the guard demotes units
 (logit of the chosen path minus the next cheaper one) is smallest: fp16 -> int8, then -> skip.
 A decode step starts only if its cheapest form fits, else the request ends with
 finish_reason="energy_budget".
+* stop (mode "stop", for a fixed path: the fair baselines of the evaluation): nothing is demoted;
+  every unit runs the request's one path, and a decode step starts only if it fits on that path.
 """
 
 from __future__ import annotations
@@ -24,12 +26,23 @@ import torch
 
 from .energy import EnergyModel
 
-MODES = ("paced", "hard", "off")
+MODES = ("paced", "hard", "stop", "off")
 
 
 class BudgetGuard:
-    def __init__(self, em: EnergyModel, budget_q: int, prompt_len: int, max_new: int, mode: str):
-        self.em, self.budget, self.mode = em, budget_q, mode
+    def __init__(
+        self,
+        em: EnergyModel,
+        budget_q: int,
+        prompt_len: int,
+        max_new: int,
+        mode: str,
+        path: int | None = None,
+    ):
+        """budget_q: picojoules; mode: one of MODES; path: the one path of mode "stop"."""
+        if mode == "stop" and path is None:
+            raise ValueError('guard mode "stop" needs the path every unit runs')
+        self.em, self.budget, self.mode, self.path = em, budget_q, mode, path
         self.P, self.max_new = prompt_len, max_new
         self.spent = 0  # picojoules
         self.demotions = 0
@@ -40,6 +53,14 @@ class BudgetGuard:
     @property
     def spent_j(self) -> float:
         return self.spent / 1e12
+
+    def remaining_ratio(self) -> float:
+        """What the request has left over what its remaining work costs all on fp16: (budget -
+        spent) / the all-fp16 cost of the work not yet charged (max_new_tokens assumed). At the
+        start it is the request's budget ratio; it stays there while the request spends on plan,
+        rises when it spent less, falls when it spent more. 0.0 when nothing is left."""
+        left = max(0, self.budget - self.spent)
+        return left / self.rem_fp16 if self.rem_fp16 > 0 else (1.0 if left else 0.0)
 
     # ---- fixed (ungated) work --------------------------------------------------------------------
     def _charge_fixed(self, cost: int) -> None:
@@ -55,7 +76,8 @@ class BudgetGuard:
         """Charge a decode step's fixed work if its cheapest form fits; else False (stop)."""
         self.phase = "decode"
         fixed = self.em.decode_fixed_q(ctx)
-        if self.mode != "off" and self.spent + fixed + self.em.min_sum_q["decode"] > self.budget:
+        gated = self.em.gated_step_q("decode", self.path if self.mode == "stop" else None)
+        if self.mode != "off" and self.spent + fixed + gated > self.budget:
             return False
         self._charge_fixed(fixed)
         return True
@@ -63,7 +85,7 @@ class BudgetGuard:
     # ---- gated work, one layer at a time ---------------------------------------------------------
     def limit(self, li: int, n: int) -> int | None:
         """Most this request may spend on layer li's n units (None: no limit)."""
-        if self.mode == "off":
+        if self.mode in ("off", "stop"):
             return None
         ph = self.phase
         reserve = n * self.em.min_after_q[ph][li + 1]

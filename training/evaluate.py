@@ -42,9 +42,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--data", default="../shared/data/cnndm/test.jsonl")
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument(
+        "--skip",
+        type=int,
+        default=0,
+        help="start at this row of --data (the validation split: train.jsonl --skip 1610)",
+    )
+    ap.add_argument(
         "--json", required=True, help="summary JSON path (.md, .png, .samples.jsonl beside it)"
     )
-    ap.add_argument("--budget-ratios", default="0.4,0.6,0.8,1.0")
+    ap.add_argument("--budget-ratios", default="0.2,0.3,0.4,0.6,1.0")
     ap.add_argument(
         "--primary-ratio", type=float, default=0.6, help="tabs' budget, the table's focus"
     )
@@ -53,7 +59,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument("--model", default="default")
     ap.add_argument("--max-new-tokens", type=int, default=96)
-    ap.add_argument("--max-article-tokens", type=int, default=512)
+    ap.add_argument(
+        "--max-article-tokens",
+        type=int,
+        default=0,
+        help="cut articles to this many tokens (0: whole articles, as the server reads them)",
+    )
     ap.add_argument("--calibration", default=None)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--no-progress", action="store_true")
@@ -112,18 +123,20 @@ class Engines:
             calibration=self.calibration, progress=not a.no_progress, threads=a.threads or None
         )
         if ev.engine == "policy":
-            eng = Engine.from_pretrained(a.model, adapter=None, policy=policy, **kw)
+            eng = Engine.from_pretrained(a.model, adapter=None, policy=policy, guard=ev.guard, **kw)
         elif ev.engine == "merged":
             if policy not in self.paths:
                 raise SystemExit(f"{policy} needs --adapters {policy}=RUN/merged")
             kw["calibration"] = self.calibration or self.get("fp16").info()["calibration"]["source"]
-            eng = Engine.from_pretrained(self.paths[policy], adapter=None, policy="fp16", **kw)
+            eng = Engine.from_pretrained(
+                self.paths[policy], adapter=None, policy="fp16", guard=ev.guard, **kw
+            )
         else:
             ad = self.paths.get(policy, ev.default_adapter)
             if ad is None:
                 raise SystemExit(f"{policy} needs --adapters {policy}=RUN/adapter")
             eng = Engine.from_pretrained(a.model, adapter=ad, policy="hest", guard=ev.guard, **kw)
-        eng.max_article_tokens = a.max_article_tokens
+        eng.max_article_tokens = a.max_article_tokens or None
         eng.warmup()  # first-call costs stay out of the per-sample timings
         if self.calibration is None:
             self.calibration = eng.info()["calibration"]["source"]
@@ -205,6 +218,8 @@ def summarise(name: str, policy: str, recs: list[dict], longest: set[str]) -> di
         ),
         budget_violations=sum(r["modelled_j"] > r["budget_j"] * (1 + 1e-9) for r in recs),
         energy_budget_stops=sum(r["finish_reason"] == "energy_budget" for r in recs),
+        budget_ended_share=mean([float(r["finish_reason"] == "energy_budget") for r in recs]),
+        spent_over_budget=mean([r["modelled_j"] / r["budget_j"] for r in recs]),
         overshoot_longest_max=max(over) if over else None,
         overshoot_longest_mean=mean(over) if over else None,
         controller_params=recs[0]["controller_params"],
@@ -221,9 +236,9 @@ def markdown(rows: list[dict], n: int) -> str:
     head = (
         "| row | n | R-1 | R-2 | R-L | R-Lsum | modelled J/sample | measured J | wall s/sample | "
         "p50 s | p99 s | violations | budget stops | overshoot longest 10% (max) | "
-        "paths fp16/int8/skip | ctrl params | tokens | sentence ends |"
+        "paths fp16/int8/skip | ctrl params | tokens | sentence ends | budget-ended | J/budget |"
     )
-    lines = [head, "|" + " --- |" * 18]
+    lines = [head, "|" + " --- |" * 20]
     for r in rows:
         sh = r.get("path_shares")
         shares = "/".join(f"{sh[p]:.2f}" for p in PATHS) if sh else "-"
@@ -238,7 +253,8 @@ def markdown(rows: list[dict], n: int) -> str:
             f"{f(r.get('wall_s'), 2)} | {f(r.get('p50_s'), 2)} | {f(r.get('p99_s'), 2)} | "
             f"{r.get('budget_violations', '-')} | {r.get('energy_budget_stops', '-')} | "
             f"{f(r.get('overshoot_longest_max'), 3)} | {shares} | {r.get('controller_params', '-')} | "
-            f"{f(r.get('completion_tokens'))} | {f(r.get('sentence_end_share'), 2)} |"
+            f"{f(r.get('completion_tokens'))} | {f(r.get('sentence_end_share'), 2)} | "
+            f"{f(r.get('budget_ended_share'), 2)} | {f(r.get('spent_over_budget'), 2)} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -329,7 +345,8 @@ def _write_outputs(js: Path, out: dict, md: str) -> None:
 
 
 def evaluate(args: argparse.Namespace) -> dict:
-    pairs = load_pairs(args.data, args.limit)
+    end = None if args.limit is None else args.skip + args.limit
+    pairs = load_pairs(args.data, end)[args.skip :]
     rows = row_names(args)
     js = Path(args.json)
     js.parent.mkdir(parents=True, exist_ok=True)
@@ -360,6 +377,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     md = markdown(summary, len(ids))
     out = {
         "data": str(args.data),
+        "skip": args.skip,
         "n": len(ids),
         "max_new_tokens": args.max_new_tokens,
         "max_article_tokens": args.max_article_tokens,

@@ -233,7 +233,7 @@ def forward(
     counts = torch.zeros(s.n_layers, 3)
     for li, lw in enumerate(tm.layers):
         h = rms_norm(x, lw.ln1, s.eps)  # (T, d) the controller's h(l, t)
-        logits = ctl(h, li, betas) + mask  # (T, 3) fp32
+        logits = ctl(h, li, betas, decode[:, 0]) + mask  # (T, 3) fp32
         probs = torch.softmax(logits, dim=-1)
         gate = st_gumbel(logits, tau, gen)  # (T, 3)
         counts[li] = gate.detach().sum(0)

@@ -23,13 +23,19 @@ from pathlib import Path
 import torch
 
 from hest_core import calibrate
-from hest_core.artifact import HestAdapter, HestConfig
+from hest_core.artifact import HestAdapter, HestConfig, load_adapter
 from hest_core.dtypes import resolve_dtype
 from hest_core.energy import CalibrationTable, EnergyModel
 from hest_core.loading import build_lean, fingerprint, load_hf_model, load_tokenizer, spec_of
 from hest_core.meters import pick_meter
 from hest_core.model import PATHS
-from hest_core.spectral import SvdCache, spectrum_sizes
+from hest_core.spectral import (
+    SvdCache,
+    make_weight_fn,
+    spectrum_sizes,
+    target_module,
+    z_support,
+)
 
 from .data import Batches, Example
 from .forward import NEG, SpectralZ, TrainModel, forward
@@ -74,6 +80,7 @@ class GateTrainer:
         hf = load_hf_model(args.model, progress, seed=args.seed)
         self.spec, self.fp, self.sizes = spec_of(hf), fingerprint(hf), spectrum_sizes(hf)
         self.em, self.table = energy_model(hf, self.fp, args.calibration)
+        self.base_z = self._merge_base_z(hf, progress)
         self.tm = TrainModel(hf, resolve_dtype(args.dtype, CPU))
         self.zmod = self._spectral_z(hf, progress)
         del hf  # TrainModel holds what it needs
@@ -88,6 +95,27 @@ class GateTrainer:
         self.duals = Duals(self.budgets, lam0, args.alpha, args.lambda_max, method.dual)
         self.mask, self.costs = path_mask(method), unit_costs(self.em)
         self.batches = Batches.from_args(args, tok)
+
+    def _merge_base_z(self, hf, progress: bool) -> dict[str, torch.Tensor] | None:
+        """`--base-z DIR`: merge that artifact's spectral z into the frozen base weights (the
+        runtime's merge, `make_weight_fn`), train the controller on the merged model, and write
+        the same z into the new artifact. Only without a trainable z (`--z-rank 0`).
+
+        Raises ValueError with a trainable z; AdapterMismatchError for another base model."""
+        path = getattr(self.args, "base_z", None)
+        if not path:
+            return None
+        if self.method.train_z and self.args.z_rank > 0:
+            raise ValueError("--base-z keeps a trained z fixed: use it with --z-rank 0")
+        ad = load_adapter(path)
+        ad.check_compatible(self.spec, self.fp)
+        fn = make_weight_fn(ad.z, SvdCache(hf, self.fp, progress, keep=z_support(ad.z)))
+        with torch.no_grad():
+            for li in range(self.spec.n_layers):
+                for t in ad.z:
+                    mod = target_module(hf, li, t)
+                    mod.weight.copy_(fn(li, t, mod.weight.detach().float()).to(mod.weight.dtype))
+        return {t: zt.float() for t, zt in ad.z.items()}
 
     def _spectral_z(self, hf, progress: bool) -> SpectralZ | None:
         a = self.args
@@ -104,7 +132,8 @@ class GateTrainer:
         gen = torch.Generator().manual_seed(a.seed * 1_000_003 + step)  # this step's Gumbel noise
         lam = self.duals.get(r)
         rec = {"r": r, "tau": round(tau, 4), "lambda": lam}
-        res = [self._backward(ex, r, tau, lam, gen) for ex in self.batches.get(step)]
+        costs = self._step_costs(step)
+        res = [self._backward(ex, r, tau, lam, gen, costs) for ex in self.batches.get(step)]
         gnorm = torch.nn.utils.clip_grad_norm_(self.params, 1.0)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
@@ -122,12 +151,40 @@ class GateTrainer:
         )
         return rec
 
+    def _step_costs(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (L, P) prefill and decode unit costs of this step: the table's, with the cheaper
+        paths' costs scaled by exp(U(-j, j)) per phase and path under `--cost-jitter j` (a
+        function of (seed, step)); a cost-reading controller is given the same costs."""
+        j = float(getattr(self.args, "cost_jitter", 0.0) or 0.0)
+        costs = self.costs
+        if j > 0:
+            g = torch.Generator().manual_seed(self.args.seed * 7_000_003 + step)
+            out = []
+            for c in costs:
+                scale = torch.exp((torch.rand(c.shape[1], generator=g) * 2 - 1) * j)
+                scale[0] = 1.0  # fp16 (the unit of a budget ratio) keeps its cost
+                c = c * scale
+                for p in range(1, c.shape[1]):  # each path stays cheaper than the one before
+                    c[:, p] = torch.minimum(c[:, p], 0.95 * c[:, p - 1])
+                out.append(c)
+            costs = (out[0], out[1])
+        if hasattr(self.ctl, "set_costs"):
+            self.ctl.set_costs(costs[0], costs[1])
+        return costs
+
     def _backward(
-        self, ex: Example, r: float, tau: float, lam: float, gen: torch.Generator
+        self,
+        ex: Example,
+        r: float,
+        tau: float,
+        lam: float,
+        gen: torch.Generator,
+        costs: tuple[torch.Tensor, torch.Tensor],
     ) -> ExampleResult:
         """Forward one example, add its loss / batch to the gradients."""
         p, s = len(ex.prompt), len(ex.summary)
-        e_max = r * self.em.fp16_cost(p, s)
+        fp16_j = self.em.fp16_cost(p, getattr(self.args, "budget_tokens", 0) or s)
+        e_max = r * fp16_j
         beta = float(torch.log(torch.tensor(r)))
         fixed = fixed_cost(self.em, p, s)
         fo = forward(
@@ -139,7 +196,7 @@ class GateTrainer:
             beta,
             tau,
             self.mask,
-            self.costs,
+            costs,
             fixed,
             gen,
         )
@@ -148,6 +205,9 @@ class GateTrainer:
             loss = fo.ce + self.args.flop_mu * fo.fp16_share
         else:
             loss = fo.ce + lam * (ratio - 1.0)
+            floor = float(getattr(self.args, "energy_floor", 0.0) or 0.0)
+            if floor:
+                loss = loss + floor * fo.e_bar / fp16_j
         (loss / self.args.batch).backward()
         return ExampleResult(
             float(fo.ce.detach()), float(ratio.detach()), float(loss.detach()), fo.counts.sum(0)
@@ -190,11 +250,12 @@ class GateTrainer:
                         ctl.hest_a[i].zero_()
                         ctl.hest_a0[i] = NEG
         n_layers = self.spec.n_layers
-        z = (
-            self.zmod.full_z()
-            if self.zmod is not None
-            else {t: torch.zeros(n_layers, n) for t, n in self.sizes.items()}
-        )
+        if self.zmod is not None:
+            z = self.zmod.full_z()
+        elif self.base_z is not None:  # the merged base's z, so the runtime merges the same
+            z = dict(self.base_z)
+        else:
+            z = {t: torch.zeros(n_layers, n) for t, n in self.sizes.items()}
         cfg = HestConfig(
             base_model=self.spec.name,
             base_model_fingerprint=self.fp,
@@ -202,6 +263,7 @@ class GateTrainer:
             hidden=self.spec.hidden,
             k=self.args.k,
             method=self.method.name,
+            controller=self.method.controller_key,
             created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             training=self.record(done, wall_s),
         )
@@ -219,7 +281,11 @@ class GateTrainer:
             "max_article_tokens": a.max_article_tokens,
             "max_summary_tokens": a.max_summary_tokens,
             "z_rank": a.z_rank,
+            "base_z": getattr(a, "base_z", None),
             "budgets": self.budgets,
+            "budget_tokens": getattr(a, "budget_tokens", 0),
+            "energy_floor": getattr(a, "energy_floor", 0.0),
+            "cost_jitter": getattr(a, "cost_jitter", 0.0),
             "lambdas": dict(self.duals.lam),
             "wall_s": round(wall_s, 1),
             "calibration": {

@@ -11,7 +11,13 @@ Adding a method: one `Method(...)` here (and, for a new controller class, its en
 
 from __future__ import annotations
 
-from hest_core.controller import BhspController, Controller, TabsController, UnfactorisedController
+from hest_core.controller import (
+    AdaptiveController,
+    BhspController,
+    Controller,
+    TabsController,
+    UnfactorisedController,
+)
 
 from .gated import GateTrainer
 from .lora import LoraTrainer
@@ -19,16 +25,20 @@ from .objective import Evaluation, Method
 
 ALL = ("fp16", "int8", "skip")
 SWEEP = Evaluation("adapter", rows="sweep")  # one artifact, one row per budget ratio
+# a fixed path under the same budgets: its own path only, ended cleanly when the budget runs out
+# (guard "stop": no demotion), the fair baseline of issue 14's evaluation
+FIXED_SWEEP = Evaluation("policy", rows="sweep", guard="stop")
 
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
         Method(
             "hest",
-            "HEST: factorised budget-conditioned controller (k = `--k`) and spectral z",
+            "HEST: budget-adaptive controller (remaining budget, phase, device path costs; "
+            "k = `--k`) and spectral z",
             ALL,
             Evaluation("adapter", rows="sweep", default_adapter="default"),
-            controller=Controller,
+            controller=AdaptiveController,
             trainer=GateTrainer,
             penalty="energy",
             dual=True,
@@ -90,12 +100,12 @@ METHODS: dict[str, Method] = {
             "lora-r8",
             "baseline: PEFT LoRA r=8, alpha 16, on the 7 targets, merged after training",
             ("fp16",),
-            Evaluation("merged"),
+            FIXED_SWEEP,
             trainer=LoraTrainer,
             penalty="ce",
         ),
-        Method("fp16", "every unit fp16, no adapter", ("fp16",), Evaluation("policy")),
-        Method("int8", "every unit int8, no adapter", ("int8",), Evaluation("policy")),
+        Method("fp16", "every unit fp16, no adapter", ("fp16",), FIXED_SWEEP),
+        Method("int8", "every unit int8, no adapter", ("int8",), FIXED_SWEEP),
         Method(
             "lead-3",
             "extractive reference: the first three sentences",
@@ -124,11 +134,11 @@ def _evaluated(m: Method) -> str:
     ev = m.evaluation
     if ev.engine == "extractive":
         return "no model"
-    if ev.engine == "policy":
-        return f"Engine policy `{m.name}`"
-    if ev.engine == "merged":
-        return f"`--adapters {m.name}=OUT/merged`, policy fp16, base calibration"
     rows = "a row per `--budget-ratios`" if ev.rows == "sweep" else "a row at `--primary-ratio`"
+    if ev.engine == "policy":
+        return f"Engine policy `{m.name}`, {rows}, guard {ev.guard}"
+    if ev.engine == "merged":
+        return f"`--adapters {m.name}=OUT/merged`, policy fp16, base calibration, {rows}, guard {ev.guard}"
     given = f"`--adapters {m.name}=OUT/adapter`"
     if ev.default_adapter == "default":
         given += " (default: the committed adapter)"

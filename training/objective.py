@@ -38,7 +38,9 @@ class Evaluation:
 
     engine: str
     rows: str = "one"
-    guard: str = "hard"  # the budget guard of adapter rows ("off": the method has no budget input)
+    # the budget guard: "hard" for adapter rows, "stop" for a fixed path (it ends cleanly when its
+    # budget runs out, never demoted), "off" for a method without a budget input
+    guard: str = "hard"
     default_adapter: str | None = None  # used when `--adapters` names none ("default": committed)
 
     def __post_init__(self) -> None:
@@ -67,6 +69,19 @@ class Method:
     dual: bool = False  # dual ascent on lambda (False: fixed `--lambda-fixed`)
     train_z: bool = False  # spectral z vectors trainable
     bake_mask: bool = False  # write the path mask into the artifact's bias (factorised controller)
+
+    @property
+    def controller_key(self) -> str:
+        """The controller's name in hest_core.controller.CONTROLLERS (what the artifact records
+        as `controller`): the method's own name where it is registered with this class, else the
+        name the class is registered under."""
+        from hest_core.controller import CONTROLLERS
+
+        if self.controller is None:
+            return ""
+        if CONTROLLERS.get(self.name) is self.controller:
+            return self.name
+        return next(k for k, c in CONTROLLERS.items() if c is self.controller)
 
     def __post_init__(self) -> None:
         if unknown := [p for p in self.paths if p not in PATHS]:

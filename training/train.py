@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from hest_core.engine import DEFAULT_MAX_NEW_TOKENS
+
 from .loop import run
 from .methods import METHODS, trainable
 
@@ -61,7 +63,40 @@ def _objective_args(ap: argparse.ArgumentParser) -> None:
         default=64,
         help="top singular directions with a trainable z (0: none)",
     )
-    ap.add_argument("--budgets", default="0.4,0.6,0.8,1.0")
+    ap.add_argument(
+        "--budgets",
+        default="0.25,0.3,0.4,0.5,0.6,0.8,1.0",
+        help="budget ratios a step draws from (one lambda each)",
+    )
+    ap.add_argument(
+        "--budget-tokens",
+        type=int,
+        default=DEFAULT_MAX_NEW_TOKENS,
+        help="E_max = r x the all-fp16 cost of the prompt plus this many generated tokens, as "
+        "the runtime defines a budget ratio (its default max_new_tokens); 0: the reference's "
+        "length (before session 6)",
+    )
+    ap.add_argument(
+        "--base-z",
+        default=None,
+        help="an adapter directory whose spectral z is merged into the frozen base and kept "
+        "(train the controller only; needs --z-rank 0)",
+    )
+    ap.add_argument(
+        "--energy-floor",
+        type=float,
+        default=0.0,
+        help="a fixed price added at every budget: loss += this x E_bar / all-fp16 cost, so "
+        "between paths of equal quality the cheaper wins where the budget does not bind",
+    )
+    ap.add_argument(
+        "--cost-jitter",
+        type=float,
+        default=0.0,
+        help="per step, scale the int8 and skip unit costs by exp(U(-j, j)) (the controller "
+        "and the energy term see the same costs), so a cost-reading controller learns to "
+        "follow another device's table",
+    )
     ap.add_argument("--alpha", type=float, default=0.05, help="dual ascent step")
     ap.add_argument("--lambda-init", type=float, default=0.5)
     ap.add_argument("--lambda-max", type=float, default=20.0)

@@ -133,6 +133,28 @@ def test_native_controller_matches_controller():
     assert NativeController.of(torch.nn.Linear(2, 2), 0.0) is None  # other classes: PyTorch
 
 
+@needs_native
+def test_native_adaptive_controller_matches_pytorch():
+    """The budget-adaptive controller in C: a per-layer additive term, remade per step."""
+    from hest_core.controller import AdaptiveController
+
+    torch.manual_seed(2)
+    ctl = AdaptiveController(96, 5, k=32)
+    with torch.no_grad():
+        for p in ctl.parameters():
+            p.normal_(0, 0.5)
+    ctl.set_costs(torch.rand(5, 3) + 0.1, torch.rand(5, 3) + 0.1)
+    nc = NativeController.of(ctl, 0.0)
+    assert nc is not None and nc.adaptive
+    for beta in (-2.0, -0.5, 0.2):
+        nc.update(beta)
+        for li in range(5):
+            h = torch.randn(1, 96).bfloat16()
+            ref = ctl(h, li, torch.tensor([beta]), torch.ones(1))[0]
+            got = torch.tensor(nc.logits(li, h))
+            assert torch.allclose(got, ref, atol=1e-4, rtol=1e-4), (beta, li, got, ref)
+
+
 @pytest.mark.parametrize("fused", [True, False])
 def test_batch_of_unequal_prompts_equals_each_alone(tiny_engine: Engine, fused):
     """Rows of a batch sit at different positions; each must decode as it would alone (the

@@ -41,7 +41,7 @@ def test_readers_follow_the_registry():
     assert {policy for _, policy, _ in evaluate.row_names(args)} == set(METHODS)
     for name, m in METHODS.items():
         if m.controller is not None:  # the Engine loads the artifact with the same class
-            assert CONTROLLERS[name] is m.controller, name
+            assert CONTROLLERS[m.controller_key] is m.controller, name
 
 
 def test_docs_hold_the_registry_table():

@@ -1,0 +1,183 @@
+"""The budget-adaptive controller (issue 14): its inputs (remaining budget, phase, the device's
+relative path costs), its native twin, and the fixed-path "stop" guard of the fair baselines."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from hest_core import Engine, GenerationRequest
+from hest_core.artifact import HestAdapter
+from hest_core.controller import AdaptiveController
+from hest_core.errors import BudgetTooLowError, HestError
+from hest_core.guard import BudgetGuard
+from hest_core.loading import fingerprint, load_hf_model, spec_of
+from hest_core.spectral import spectrum_sizes
+
+ARTICLE = (
+    "The council voted on Tuesday to extend the bus network to the new estates. Officials "
+    "said ridership rose by a fifth last spring. Fares will not change this year. "
+) * 3
+
+
+def _random_adaptive(hidden: int, n_layers: int, seed: int, scale: float = 1.0):
+    ctl = AdaptiveController(hidden, n_layers, k=16)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in ctl.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * scale)
+    return ctl
+
+
+def _costs(n_layers: int, int8: float, skip: float) -> tuple[torch.Tensor, torch.Tensor]:
+    one = torch.tensor([[1.0, int8, skip]] * n_layers)
+    return one * 0.04, one * 0.3
+
+
+def test_native_parts_give_the_forward_logits():
+    """What the C kernel computes from native_parts (a per-layer lay and additive term) is the
+    PyTorch forward at phase 1."""
+    ctl = _random_adaptive(24, 4, seed=0)
+    ctl.set_costs(*_costs(4, 0.5, 0.1))
+    h = torch.randn(3, 24)
+    for beta in (-1.5, -0.4, 0.0, 0.3):
+        lay, bias = ctl.native_parts(beta, 1)
+        for li in range(4):
+            tok = torch.sigmoid(h @ ctl.hest_w_tok.t())
+            want = ctl(h, li, torch.full((3,), beta), torch.ones(3))
+            got = (tok * lay[li]) @ ctl.hest_a.t() + bias[li]
+            assert torch.allclose(got, want, atol=1e-5), (beta, li)
+
+
+def test_dearer_path_is_chosen_less():
+    """The same artifact on a device where int8 saves less picks int8 less (never more)."""
+    ctl = _random_adaptive(32, 6, seed=1, scale=0.5)
+    h = torch.randn(400, 32)
+    beta = torch.full((400,), math.log(0.4))
+    shares = []
+    for int8 in (0.3, 0.6, 0.9):
+        ctl.set_costs(*_costs(6, int8, 0.05))
+        picks = torch.cat([ctl(h, li, beta, torch.ones(400)).argmax(-1) for li in range(6)])
+        shares.append(float((picks == 1).float().mean()))
+    assert shares[0] >= shares[1] >= shares[2], shares
+    assert shares[0] > shares[2], shares
+
+
+def test_tighter_budget_raises_the_price():
+    """A trained price falls as the remaining ratio rises (m1 < 0 at initialisation too)."""
+    ctl = AdaptiveController(16, 2, k=4)
+    ctl.init_for_training(seed=0)
+    betas = torch.log(torch.tensor([0.2, 0.4, 0.8, 1.6]))
+    price = ctl.price(betas, torch.ones(4))
+    assert bool((price[:-1] > price[1:]).all()), price
+
+
+def test_set_costs_refuses_bad_tables():
+    ctl = AdaptiveController(16, 3, k=4)
+    with pytest.raises(ValueError, match="costs must be"):
+        ctl.set_costs(torch.ones(2, 3), torch.ones(3, 3))
+    with pytest.raises(ValueError, match="fp16 cost"):
+        ctl.set_costs(torch.zeros(3, 3), torch.ones(3, 3))
+
+
+@pytest.fixture(scope="module")
+def adaptive_engine() -> Engine:
+    hf = load_hf_model("tiny:llama", False)
+    spec = spec_of(hf)
+    ad = HestAdapter.untrained(spec, fingerprint(hf), spectrum_sizes(hf), k=16)
+    ad.config.controller = "adaptive"
+    ad.controller = _random_adaptive(spec.hidden, spec.n_layers, seed=2)
+    return Engine.from_pretrained("tiny:llama", adapter=ad, progress=False)
+
+
+def test_engine_gives_the_controller_its_own_costs(adaptive_engine: Engine):
+    e = adaptive_engine
+    rc = e.controller.rc
+    for k, ph in enumerate(("prefill", "decode")):
+        unit = torch.tensor(e.energy.unit[ph])
+        assert torch.allclose(rc[k], unit / unit[:, :1], rtol=1e-5)
+
+
+def test_remaining_ratio_follows_the_spend(adaptive_engine: Engine):
+    em = adaptive_engine.energy
+    P, new = 40, 8
+    fp16 = em.request_cost_q(P, new, 0)
+    g = BudgetGuard(em, fp16 // 2, P, new, "hard")
+    assert g.remaining_ratio() == pytest.approx(0.5, rel=1e-6)
+    g.start_prefill()
+    cheap = [0, 0, P]  # the first layer's units all skipped: less than planned
+    g.commit(0, cheap)
+    assert g.remaining_ratio() > 0.5
+    g.spent = g.budget
+    assert g.remaining_ratio() == 0.0
+
+
+@settings(
+    max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    ratio=st.floats(min_value=0.05, max_value=1.5),
+    max_new=st.integers(min_value=1, max_value=20),
+    seed=st.integers(0, 2**16),
+    mode=st.sampled_from(["paced", "hard"]),
+)
+def test_adaptive_controller_keeps_the_budget(adaptive_engine: Engine, ratio, max_new, seed, mode):
+    e = adaptive_engine
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in e.controller.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 2.0)
+    e.guard_mode = mode
+    probe = e.check(GenerationRequest(ARTICLE, energy_budget_ratio=1.0, max_new_tokens=max_new))
+    budget = max(probe.min_j * (1 + 1e-9), ratio * probe.fp16_cost_j)
+    res = e.generate([GenerationRequest(ARTICLE, energy_budget_j=budget, max_new_tokens=max_new)])
+    e.guard_mode = "hard"
+    assert res[0].error is None
+    assert res[0].stats.modelled_j <= res[0].stats.budget_j
+
+
+@pytest.fixture(scope="module")
+def int8_stop() -> Engine:
+    return Engine.from_pretrained("tiny:llama", adapter=None, policy="int8", guard="stop")
+
+
+def test_fixed_path_stops_within_its_budget(int8_stop: Engine):
+    """A fixed path under guard "stop" runs its own path only (no demotion) and ends, cleanly
+    where it can, when its budget runs out."""
+    e = int8_stop
+    full = e.generate([GenerationRequest(ARTICLE, energy_budget_ratio=1.0, max_new_tokens=24)])[0]
+    assert full.stats.paths["fp16"] == full.stats.paths["skip"] == 0
+    for ratio in (0.35, 0.5, 0.7):
+        res = e.generate(
+            [GenerationRequest(ARTICLE, energy_budget_ratio=ratio, max_new_tokens=24)]
+        )[0]
+        s = res.stats
+        assert s.modelled_j <= s.budget_j
+        assert s.demotions == 0 and s.paths["fp16"] == s.paths["skip"] == 0
+        assert s.completion_tokens <= full.stats.completion_tokens
+        if s.completion_tokens < full.stats.completion_tokens:
+            assert res.finish_reason == "energy_budget"
+
+
+def test_fixed_path_minimum_is_its_own_path(int8_stop: Engine):
+    """Below the prompt plus one token on int8 the request is refused, quoting that minimum
+    (not the all-skipped one a demoting guard could reach)."""
+    e = int8_stop
+    probe = e.check(GenerationRequest(ARTICLE, energy_budget_ratio=1.0, max_new_tokens=24))
+    em = e.energy
+    want = em.min_feasible_q(len(probe.ids), 24, 1)
+    assert want > em.min_feasible_q(len(probe.ids), 24)
+    with pytest.raises(BudgetTooLowError, match="on int8") as err:
+        e.check(
+            GenerationRequest(ARTICLE, energy_budget_j=want / 1e12 * 0.99, max_new_tokens=24)
+        )
+    assert err.value.minimum_j >= want / 1e12 * 0.999
+
+
+def test_stop_guard_needs_a_fixed_policy():
+    with pytest.raises(HestError, match="fixed policy"):
+        Engine.from_pretrained("tiny:llama", adapter=None, policy="hest", guard="stop")

@@ -172,9 +172,7 @@ def test_fixed_path_minimum_is_its_own_path(int8_stop: Engine):
     want = em.min_feasible_q(len(probe.ids), 24, 1)
     assert want > em.min_feasible_q(len(probe.ids), 24)
     with pytest.raises(BudgetTooLowError, match="on int8") as err:
-        e.check(
-            GenerationRequest(ARTICLE, energy_budget_j=want / 1e12 * 0.99, max_new_tokens=24)
-        )
+        e.check(GenerationRequest(ARTICLE, energy_budget_j=want / 1e12 * 0.99, max_new_tokens=24))
     assert err.value.minimum_j >= want / 1e12 * 0.999
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import threading
 import time
 from pathlib import Path
@@ -15,6 +14,7 @@ from . import native
 from .artifact import HestAdapter, load_adapter
 from .budget import budget_q_of, requested_budget
 from .compiled import enable_compile
+from .config import RuntimeConfig
 from .controller import Controller
 from .decoding import TokenTexts, check_options, check_system
 from .dtypes import dtype_name, resolve_device, resolve_dtype
@@ -24,7 +24,7 @@ from .errors import HestError, InvalidInputError
 from .generation import BatchRunner, RequestState
 from .guard import MODES, BudgetGuard
 from .loading import DEFAULT_MODEL, build_lean, fingerprint, load_hf_model, load_tokenizer
-from .meters import DEFAULT_NOMINAL_WATTS, pick_meter
+from .meters import pick_meter
 from .model import PATHS, SeqSlot, const_decider
 from .prompt import fit_prompt, stop_token_ids
 from .request import (  # the request types live in request.py; re-exported here
@@ -56,7 +56,9 @@ def _flag(v, name: str) -> bool:
 
 
 class Engine:
-    def __init__(self, *, tokenizer, lean, controller, energy, meter, policy, guard_mode, info):
+    def __init__(
+        self, *, tokenizer, lean, controller, energy, meter, policy, guard_mode, info, config=None
+    ):
         self.tokenizer, self.lean, self.controller = tokenizer, lean, controller
         self.energy: EnergyModel = energy
         # where this device's costs break the quality order (int8 dearer than fp16 on a GPU at
@@ -69,6 +71,7 @@ class Engine:
             if ph in subs
         }
         self.meter = meter
+        self.config: RuntimeConfig = config or RuntimeConfig()
         self.policy, self.guard_mode = policy, guard_mode
         self.device = lean.device
         self._info = info
@@ -107,20 +110,27 @@ class Engine:
         threads: int | None = None,
         compile: bool | None = None,
         progress: bool = True,
+        config: RuntimeConfig | None = None,
     ) -> Engine:
+        """Load a model (and adapter) into an engine. `config`: the runtime configuration (None:
+        `RuntimeConfig.from_env()`); `threads`, `compile`, `meter` and `calibration` given here
+        win over it. Raises HestError (bad policy/guard), ConfigError, MeterUnavailableError,
+        ModelLoadError, AdapterMismatchError, CalibrationError."""
+        cfg = config or RuntimeConfig.from_env()
         if policy not in POLICIES:
             raise HestError(f"policy={policy!r} is not one of {POLICIES}", param="policy")
         if guard not in MODES:
             raise HestError(f"guard={guard!r} is not one of {MODES}", param="guard")
-        threads = threads or int(os.environ.get("HEST_THREADS", "0") or 0)
+        threads = threads or cfg.threads
         if threads:
             torch.set_num_threads(threads)
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
-        m = pick_meter(dev.type, meter)  # before the slow load: a bad explicit meter fails fast
+        # before the slow load: a bad explicit meter fails fast
+        m = pick_meter(dev.type, meter or cfg.meter, cfg.nominal_watts)
         t0 = time.perf_counter()
-        tok = load_tokenizer(model, progress)
-        hf = load_hf_model(model, progress)
+        tok = load_tokenizer(model, progress, cfg)
+        hf = load_hf_model(model, progress, config=cfg)
         fp = fingerprint(hf)
         ad = cls._resolve_adapter(adapter, model)
         weight_fn = None
@@ -129,10 +139,11 @@ class Engine:
 
             ad.check_compatible(spec_of(hf), fp)
             if any(float(z.abs().max()) > 0 for z in ad.z.values()):
-                weight_fn = make_weight_fn(ad.z, SvdCache(hf, fp, progress, keep=z_support(ad.z)))
+                svd = SvdCache(hf, fp, progress, keep=z_support(ad.z), config=cfg)
+                weight_fn = make_weight_fn(ad.z, svd)
         lean = build_lean(hf, dt, dev, max_positions=MAX_CONTEXT, weight_fn=weight_fn)
-        if compile is None:
-            compile = os.environ.get("HEST_COMPILE", "0").lower() in ("1", "true", "yes")
+        lean.fused.enabled = cfg.fused
+        compile = cfg.compile if compile is None else compile
         if compile:
             enable_compile(lean)  # graphs are built on first use: call warmup()
         if ad is not None and ad.shortcut is not None:
@@ -145,7 +156,7 @@ class Engine:
             calibrate as calib,  # lazy: `python -m hest_core.calibrate` runs it as __main__
         )
 
-        table = calib.resolve(lean, fp, calibration, m, progress)
+        table = calib.resolve(lean, fp, calibration, m, progress, cfg)
         calib.apply_kernel_choices(lean, table)
         del hf
         info = {
@@ -183,6 +194,7 @@ class Engine:
             policy=policy,
             guard_mode="off" if policy != "hest" else guard,
             info=info,
+            config=cfg,
         )
 
     @staticmethod
@@ -358,7 +370,5 @@ class Engine:
         return out
 
     def _nominal_watts(self) -> float:
-        return float(
-            getattr(self.meter, "watts", None)
-            or os.environ.get("HEST_NOMINAL_WATTS", DEFAULT_NOMINAL_WATTS)
-        )
+        """The watts behind `estimated_j`: the estimate meter's, else the configured nominal."""
+        return float(getattr(self.meter, "watts", None) or self.config.nominal_watts)

@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         "--energy-budget-ratio",
         type=float,
         default=None,
-        help="budget / all-fp16 cost (default 0.6)",
+        help="budget / all-fp16 cost (default: the engine's, DEFAULT_BUDGET_RATIO)",
     )
     b.add_argument(
         "--energy-budget-j", type=float, default=None, help="budget in joules (modelled)"

@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
         "--energy-budget-ratio",
         type=float,
         default=None,
-        help="budget / all-fp16 cost (default 0.6)",
+        help="budget / all-fp16 cost (default: the engine's, DEFAULT_BUDGET_RATIO)",
     )
     b.add_argument(
         "--energy-budget-j", type=float, default=None, help="budget in joules (modelled)"
@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--device", default="cpu")
     s.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args(argv)
+    from .config import RuntimeConfig
     from .engine import Engine, GenerationRequest
 
     try:
@@ -57,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
             device=args.device,
             policy=args.policy,
             progress=not args.json,
+            config=RuntimeConfig.from_env(),  # this command's boundary with the environment
         )
         req = GenerationRequest(
             text, args.energy_budget_j, args.energy_budget_ratio, args.max_new_tokens

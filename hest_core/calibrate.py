@@ -22,11 +22,11 @@ import torch
 import torch.nn.functional as F
 
 from . import calib_check, native
+from .config import RuntimeConfig
 from .dtypes import dtype_name
 from .energy import CalibrationTable, PhaseCosts
 from .meters import EstimateMeter, Meter, pick_meter
 from .model import LeanModel, apply_rope, const_decider, linear16, rms_norm
-from .paths import cache_dir
 
 log = logging.getLogger("hest.calibrate")
 
@@ -314,7 +314,9 @@ def calibrate(
     their median with `kernels["settled"] = True`. When they never settle: the median of every
     repeat with `kernels["settled"] = False` and the reasons in `kernels["unsettled"]` (resolve()
     then caches nothing). Each repeat takes ~6 s on the default model at 2 threads."""
-    meter = meter or pick_meter(lean.device.type)
+    if meter is None:
+        cfg = RuntimeConfig.from_env()
+        meter = pick_meter(lean.device.type, cfg.meter, cfg.nominal_watts)
     repeats = calib_check.REPEATS if repeats is None else repeats
     max_repeats = calib_check.MAX_REPEATS if max_repeats is None else max_repeats
     say = (lambda msg: print(f"[hest] {msg}", flush=True)) if progress else (lambda msg: None)
@@ -371,11 +373,17 @@ def _measure_once(lean: LeanModel, fp: str, meter: Meter, kernels: dict) -> Cali
 
 
 def resolve(
-    lean: LeanModel, fp: str, path, meter: Meter, progress: bool = True
+    lean: LeanModel,
+    fp: str,
+    path,
+    meter: Meter,
+    progress: bool = True,
+    config: RuntimeConfig | None = None,
 ) -> CalibrationTable:
     """The table this engine runs under, in this order:
 
-    1. `path` (or `$HEST_CALIBRATION`): a table file, or a directory searched for this device's
+    1. `path` (or `config.calibration`, $HEST_CALIBRATION; config None: from the environment,
+       as is the cache directory): a table file, or a directory searched for this device's
        table name and then `<fingerprint>.json` (a table for this model from any device);
     2. this device's cached table, unless it fails `calib_check.problems` (then it is set aside
        as `*.rejected` and measured again);
@@ -386,7 +394,8 @@ def resolve(
 
     Raises CalibrationError for an explicit table file that cannot be read."""
     name = table_name(fp, lean)
-    path = path or os.environ.get("HEST_CALIBRATION") or None
+    cfg = config or RuntimeConfig.from_env()
+    path = path or cfg.calibration
     if path is not None:
         p = Path(path)
         if not p.is_dir():
@@ -394,7 +403,7 @@ def resolve(
         for cand in (p / name, p / f"{fp}.json"):
             if cand.is_file():
                 return CalibrationTable.load(cand)
-    cached = cache_dir() / "calibration" / name
+    cached = cfg.cache_dir / "calibration" / name
     if cached.is_file():
         table = CalibrationTable.load(cached)
         bad = calib_check.problems(table)
@@ -485,21 +494,24 @@ def main(argv: list[str] | None = None) -> None:
     from .dtypes import resolve_device, resolve_dtype
     from .loading import build_lean, fingerprint, load_hf_model
 
+    cfg = (
+        RuntimeConfig.from_env()
+    )  # this command's boundary: HEST_METER, _NOMINAL_WATTS, _CACHE_DIR
     dev = resolve_device(args.device)
-    hf = load_hf_model(args.model)
+    hf = load_hf_model(args.model, config=cfg)
     fp = fingerprint(hf)
     lean = build_lean(hf, resolve_dtype("auto", dev), dev, max_positions=4096)
     meter = (
-        EstimateMeter(args.watts)
+        EstimateMeter(args.watts or cfg.nominal_watts)
         if args.meter == "estimate" or args.watts
-        else pick_meter(dev.type, args.meter)
+        else pick_meter(dev.type, args.meter or cfg.meter, cfg.nominal_watts)
     )
     table = calibrate(lean, fp, meter, repeats=args.repeats, max_repeats=args.max_repeats)
     name = table_name(fp, lean)
     out = (
         Path(args.out)
         if args.out
-        else (PACKAGED if args.package else cache_dir() / "calibration") / name
+        else (PACKAGED if args.package else cfg.cache_dir / "calibration") / name
     )
     if not table.kernels.get("settled") and not args.force:
         raise SystemExit(

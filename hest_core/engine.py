@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import threading
 import time
 from pathlib import Path
@@ -13,17 +12,19 @@ import torch
 
 from . import native
 from .artifact import HestAdapter, load_adapter
+from .budget import budget_q_of, requested_budget
 from .compiled import enable_compile
+from .config import RuntimeConfig
 from .controller import Controller
 from .decoding import TokenTexts, check_options, check_system
 from .dtypes import dtype_name, resolve_device, resolve_dtype
 from .endings import EndingPlan
 from .energy import PJ, EnergyModel
-from .errors import BudgetTooLowError, HestError, InvalidInputError
+from .errors import HestError, InvalidInputError
 from .generation import BatchRunner, RequestState
 from .guard import MODES, BudgetGuard
 from .loading import DEFAULT_MODEL, build_lean, fingerprint, load_hf_model, load_tokenizer
-from .meters import DEFAULT_NOMINAL_WATTS, pick_meter
+from .meters import pick_meter
 from .model import PATHS, SeqSlot, const_decider
 from .prompt import fit_prompt, stop_token_ids
 from .request import (  # the request types live in request.py; re-exported here
@@ -31,7 +32,6 @@ from .request import (  # the request types live in request.py; re-exported here
     GenerationResult,
     PreparedRequest,
     RequestStats,
-    q_to_min_j,
 )
 from .spectral import SvdCache, make_weight_fn, z_support
 
@@ -56,7 +56,9 @@ def _flag(v, name: str) -> bool:
 
 
 class Engine:
-    def __init__(self, *, tokenizer, lean, controller, energy, meter, policy, guard_mode, info):
+    def __init__(
+        self, *, tokenizer, lean, controller, energy, meter, policy, guard_mode, info, config=None
+    ):
         self.tokenizer, self.lean, self.controller = tokenizer, lean, controller
         self.energy: EnergyModel = energy
         # where this device's costs break the quality order (int8 dearer than fp16 on a GPU at
@@ -69,6 +71,7 @@ class Engine:
             if ph in subs
         }
         self.meter = meter
+        self.config: RuntimeConfig = config or RuntimeConfig()
         self.policy, self.guard_mode = policy, guard_mode
         # the one path of a fixed policy whose budget stops it (guard "stop"); None otherwise
         self.stop_path = PATHS.index(policy) if guard_mode == "stop" else None
@@ -109,7 +112,13 @@ class Engine:
         threads: int | None = None,
         compile: bool | None = None,
         progress: bool = True,
+        config: RuntimeConfig | None = None,
     ) -> Engine:
+        """Load a model (and adapter) into an engine. `config`: the runtime configuration (None:
+        `RuntimeConfig.from_env()`); `threads`, `compile`, `meter` and `calibration` given here
+        win over it. Raises HestError (bad policy/guard), ConfigError, MeterUnavailableError,
+        ModelLoadError, AdapterMismatchError, CalibrationError."""
+        cfg = config or RuntimeConfig.from_env()
         if policy not in POLICIES:
             raise HestError(f"policy={policy!r} is not one of {POLICIES}", param="policy")
         if guard not in MODES:
@@ -120,15 +129,16 @@ class Engine:
                 'policy "hest" it could not keep the budget; use "hard" or "paced"',
                 param="guard",
             )
-        threads = threads or int(os.environ.get("HEST_THREADS", "0") or 0)
+        threads = threads or cfg.threads
         if threads:
             torch.set_num_threads(threads)
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
-        m = pick_meter(dev.type, meter)  # before the slow load: a bad explicit meter fails fast
+        # before the slow load: a bad explicit meter fails fast
+        m = pick_meter(dev.type, meter or cfg.meter, cfg.nominal_watts)
         t0 = time.perf_counter()
-        tok = load_tokenizer(model, progress)
-        hf = load_hf_model(model, progress)
+        tok = load_tokenizer(model, progress, cfg)
+        hf = load_hf_model(model, progress, config=cfg)
         fp = fingerprint(hf)
         ad = cls._resolve_adapter(adapter, model)
         weight_fn = None
@@ -137,10 +147,11 @@ class Engine:
 
             ad.check_compatible(spec_of(hf), fp)
             if any(float(z.abs().max()) > 0 for z in ad.z.values()):
-                weight_fn = make_weight_fn(ad.z, SvdCache(hf, fp, progress, keep=z_support(ad.z)))
+                svd = SvdCache(hf, fp, progress, keep=z_support(ad.z), config=cfg)
+                weight_fn = make_weight_fn(ad.z, svd)
         lean = build_lean(hf, dt, dev, max_positions=MAX_CONTEXT, weight_fn=weight_fn)
-        if compile is None:
-            compile = os.environ.get("HEST_COMPILE", "0").lower() in ("1", "true", "yes")
+        lean.fused.enabled = cfg.fused
+        compile = cfg.compile if compile is None else compile
         if compile:
             enable_compile(lean)  # graphs are built on first use: call warmup()
         if ad is not None and ad.shortcut is not None:
@@ -153,7 +164,7 @@ class Engine:
             calibrate as calib,  # lazy: `python -m hest_core.calibrate` runs it as __main__
         )
 
-        table = calib.resolve(lean, fp, calibration, m, progress)
+        table = calib.resolve(lean, fp, calibration, m, progress, cfg)
         calib.apply_kernel_choices(lean, table)
         del hf
         info = {
@@ -195,6 +206,7 @@ class Engine:
             # a fixed policy keeps a budget only by stopping (guard "stop"), or ignores it
             guard_mode=guard if policy == "hest" or guard in ("stop", "off") else "off",
             info=info,
+            config=cfg,
         )
 
     @staticmethod
@@ -240,12 +252,9 @@ class Engine:
                 param="max_new_tokens",
                 code="invalid_max_new_tokens",
             )
-        if r.energy_budget_j is not None and r.energy_budget_ratio is not None:
-            raise InvalidInputError(
-                "give energy_budget_j or energy_budget_ratio, not both",
-                param="energy_budget_j",
-                code="conflicting_budget",
-            )
+        budget_param, budget_val = requested_budget(
+            r.energy_budget_j, r.energy_budget_ratio, self.default_budget_ratio
+        )
         options = check_options(r)
         clean_end = _flag(r.clean_end, "clean_end")
         with self.tokenizer_lock:  # HF fast tokenizers are not safe across threads
@@ -258,58 +267,18 @@ class Engine:
                 system=r.system,
                 truncate=_flag(r.truncate, "truncate"),
             )
-        em = self.energy
-        fp16_q = em.request_cost_q(len(ids), max_new, 0)
-        fp16 = fp16_q / PJ
-        if r.energy_budget_j is not None:
-            name, val = "energy_budget_j", r.energy_budget_j
-        else:
-            name = "energy_budget_ratio"
-            val = (
-                self.default_budget_ratio
-                if r.energy_budget_ratio is None
-                else r.energy_budget_ratio
-            )
-        if (
-            isinstance(val, bool)
-            or not isinstance(val, int | float)
-            or not math.isfinite(val)
-            or val <= 0
-        ):
-            raise InvalidInputError(
-                f"{name}={val!r} must be a finite number > 0", param=name, code="invalid_budget"
-            )
-        raw = val * PJ if name == "energy_budget_j" else val * fp16_q
-        if not math.isfinite(raw) or raw > 1e30:
-            raise InvalidInputError(
-                f"{name}={val!r} is too large to account for; budgets above 1e18 J mean no limit: "
-                "use energy_budget_ratio=1.0 for full quality",
-                param=name,
-                code="invalid_budget",
-            )
-        budget_q = math.floor(raw)
-        min_q = em.min_feasible_q(len(ids), max_new, self.stop_path)
-        min_j = q_to_min_j(min_q)
-        if self.guard_mode != "off" and budget_q < min_q:
-            raise BudgetTooLowError(
-                f"{name}={val:g} gives {budget_q / PJ:.6g} J, below the minimum of {min_j:.6g} J "
-                f"(ratio {min_q / fp16_q:.3f}) for this {len(ids)}-token prompt: every unit "
-                f"{'on ' + self.policy if self.stop_path is not None else 'skipped'} plus one "
-                "generated token. Raise the budget or shorten the text",
-                minimum_j=min_j,
-                param=name,
-            )
-        budget = budget_q / PJ
-        return PreparedRequest(
+        fp16_q = self.energy.request_cost_q(len(ids), max_new, 0)
+        return PreparedRequest(  # raises BudgetTooLowError below the minimum (guarded)
             ids=ids,
             max_new=max_new,
-            budget_j=budget,
-            budget_ratio=budget_q / fp16_q,
-            budget_q=budget_q,
-            fp16_cost_j=fp16,
-            min_j=min_j,
+            budget_q=budget_q_of(budget_param, budget_val, fp16_q),
+            fp16_q=fp16_q,
+            min_q=self.energy.min_feasible_q(len(ids), max_new, self.stop_path),
+            min_path=self.policy if self.stop_path is not None else None,
             truncated=truncated,
             cancelled=r.cancelled,
+            budget_param=budget_param,
+            guarded=self.guard_mode != "off",
             clean_end=clean_end,
             **options,
         )
@@ -356,35 +325,17 @@ class Engine:
                     self.lean.forward(ids, ids, slots, cache, const_decider(path), decode=True)
 
     def _run(self, prepared: list[PreparedRequest], on_token) -> list[GenerationResult]:
-        """One batch. A request whose own input fails (a budget below its minimum after a
-        brownout, an error in its own per-token step) gets a result with `error` set and
-        finish_reason "error"; the others are served. A failure of the batched forward itself
-        raises (the whole batch fails)."""
+        """One batch. A request whose own per-token step fails gets a result with `error` set
+        and finish_reason "error"; the others are served. A failure of the batched forward
+        itself raises (the whole batch fails). Every budget is at or above its minimum: a
+        PreparedRequest cannot be built below it, and `tighten` clamps at it."""
         L = self.lean.spec.n_layers
-        failed: dict[int, HestError] = {}
-        for k, p in enumerate(prepared):  # a caller (a brownout) may have changed the budget
-            if self.guard_mode != "off" and p.ledger_budget() < self.energy.min_feasible_q(
-                len(p.ids), p.max_new, self.stop_path
-            ):
-                failed[k] = BudgetTooLowError(
-                    f"budget {p.budget_j:.6g} J is below this request's minimum {p.min_j:.6g} J",
-                    minimum_j=p.min_j,
-                    param="energy_budget_j",
-                )
-        run = [k for k in range(len(prepared)) if k not in failed]
-        if on_token is not None and failed:
-            outer = on_token
-
-            def on_token(i, delta):  # states index -> the caller's request index
-                outer(run[i], delta)
-
-        prepared_all, prepared = prepared, [prepared[k] for k in run]
         states = [
             RequestState(
                 req=p,
                 guard=BudgetGuard(
                     self.energy,
-                    p.ledger_budget(),
+                    p.budget_q,
                     len(p.ids),
                     p.max_new,
                     self.guard_mode,
@@ -436,33 +387,8 @@ class Engine:
                 st.text, st.finish or "length", stats, lps, st.error, st.plan.reason
             )
             out.append(res)
-        for k, err in failed.items():
-            out.insert(k, self._failed(prepared_all[k], err))
         return out
 
-    def _failed(self, p: PreparedRequest, err: HestError) -> GenerationResult:
-        """The result of a request that did not run: no text, no energy spent."""
-        stats = RequestStats(
-            budget_j=p.budget_j,
-            budget_ratio=p.budget_ratio,
-            fp16_cost_j=p.fp16_cost_j,
-            modelled_j=0.0,
-            measured_j=None,
-            prefill_j=0.0,
-            decode_j=0.0,
-            estimated_j=0.0,
-            meter=self.meter.name,
-            prompt_tokens=len(p.ids),
-            completion_tokens=0,
-            paths=dict.fromkeys(PATHS, 0),
-            paths_per_layer=[dict.fromkeys(PATHS, 0) for _ in range(self.lean.spec.n_layers)],
-            demotions=0,
-            truncated=p.truncated,
-        )
-        return GenerationResult("", "error", stats, None, err)
-
     def _nominal_watts(self) -> float:
-        return float(
-            getattr(self.meter, "watts", None)
-            or os.environ.get("HEST_NOMINAL_WATTS", DEFAULT_NOMINAL_WATTS)
-        )
+        """The watts behind `estimated_j`: the estimate meter's, else the configured nominal."""
+        return float(getattr(self.meter, "watts", None) or self.config.nominal_watts)

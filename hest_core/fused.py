@@ -8,19 +8,19 @@ budget guard), on the normalised input the previous call wrote.
 
 Used for decode steps of up to `native.MAX_ROWS` rows on CPU with bf16 weights when the kernels
 are built and every int8 copy runs weight-only at that row count (the calibration's choice, as
-the unfused loop would). Anything else, and `HEST_FUSED=0`, takes the PyTorch loop in model.py.
+the unfused loop would). Anything else, and `HEST_FUSED=0` (`RuntimeConfig.fused`), takes the PyTorch loop in model.py.
 """
 
 from __future__ import annotations
 
 import ctypes
-import os
 import weakref
 from typing import TYPE_CHECKING
 
 import torch
 
 from . import native
+from .config import RuntimeConfig
 
 if TYPE_CHECKING:
     from .model import Decider, KVCache, LayerWeights, LeanModel, SeqSlot
@@ -37,9 +37,11 @@ class FusedDecode:
     """The per-layer argument blocks of one LeanModel, built on first use and rebuilt when a
     layer's weights or kernel choices change (an adapter's shortcut, a calibration)."""
 
-    def __init__(self, lean: LeanModel):
+    def __init__(self, lean: LeanModel, enabled: bool | None = None):
+        """enabled: None -> RuntimeConfig.from_env().fused ($HEST_FUSED); the engine sets its
+        config's value after building the model."""
         self.lean = lean
-        self.enabled = os.environ.get("HEST_FUSED", "1") != "0"
+        self.enabled = RuntimeConfig.from_env(only=("fused",)).fused if enabled is None else enabled
         self._key: tuple | None = None
         self._layers: list[native.LayerArgs] = []
         self._addr: list[int] = []

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from .config import RuntimeConfig
 from .errors import ModelLoadError
 from .model import LayerWeights, LeanModel, ModelSpec
 from .paths import cache_dir
@@ -50,9 +51,10 @@ def _gguf_dir() -> Path:
     return d
 
 
-def default_model_dir(progress: bool = True) -> Path:
-    """The converted default model, converting it on first use (~30 s, once)."""
-    out = cache_dir() / "models" / "smollm2-135m-instruct"
+def default_model_dir(progress: bool = True, config: RuntimeConfig | None = None) -> Path:
+    """The converted default model under the cache directory (`config`, None: from the
+    environment), converting it on first use (~30 s, once). Raises ModelLoadError."""
+    out = cache_dir(config) / "models" / "smollm2-135m-instruct"
     if (out / "config.json").is_file() and (out / "model.safetensors").is_file():
         return out
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -82,11 +84,11 @@ def default_model_dir(progress: bool = True) -> Path:
     return out
 
 
-def load_tokenizer(model: str, progress: bool = True):
+def load_tokenizer(model: str, progress: bool = True, config: RuntimeConfig | None = None):
     from transformers import AutoTokenizer
 
     if model == DEFAULT_MODEL or model in TINY:
-        return AutoTokenizer.from_pretrained(default_model_dir(progress))
+        return AutoTokenizer.from_pretrained(default_model_dir(progress, config))
     try:
         return AutoTokenizer.from_pretrained(model)
     except Exception as err:
@@ -128,8 +130,11 @@ def tiny_config(kind: str, vocab: int = 49152):
     return cfg
 
 
-def load_hf_model(model: str, progress: bool = True, seed: int = 0):
-    """A transformers causal LM in fp32 on CPU (the runtime copies what it needs)."""
+def load_hf_model(
+    model: str, progress: bool = True, seed: int = 0, config: RuntimeConfig | None = None
+):
+    """A transformers causal LM in fp32 on CPU (the runtime copies what it needs); the default
+    model from the cache directory of `config` (None: from the environment)."""
     from transformers import AutoModelForCausalLM
 
     if model in TINY:
@@ -137,7 +142,7 @@ def load_hf_model(model: str, progress: bool = True, seed: int = 0):
         m = AutoModelForCausalLM.from_config(tiny_config(model), dtype=torch.float32)
         m.config.name_or_path = model
         return m.eval()
-    path = default_model_dir(progress) if model == DEFAULT_MODEL else model
+    path = default_model_dir(progress, config) if model == DEFAULT_MODEL else model
     try:
         m = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     except Exception as err:

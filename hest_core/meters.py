@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from .errors import MeterUnavailableError
 
-DEFAULT_NOMINAL_WATTS = 30.0  # a 2-core slice of a server CPU; override with HEST_NOMINAL_WATTS
+DEFAULT_NOMINAL_WATTS = 30.0  # a 2-core slice of a server CPU; RuntimeConfig.nominal_watts
 
 
 @dataclass
@@ -63,7 +63,8 @@ class EstimateMeter(Meter):
     name = "estimate"
 
     def __init__(self, watts: float | None = None):
-        self.watts = float(watts or os.environ.get("HEST_NOMINAL_WATTS", DEFAULT_NOMINAL_WATTS))
+        """watts: the nominal power of every estimate (None: DEFAULT_NOMINAL_WATTS)."""
+        self.watts = float(watts or DEFAULT_NOMINAL_WATTS)
 
     def _joules(self) -> float:
         return 0.0
@@ -160,14 +161,17 @@ _FIX = {
 }
 
 
-def pick_meter(device_type: str = "cpu", prefer: str | None = None) -> Meter:
-    """The meter to use. `prefer` (else `$HEST_METER`, else "auto") is one of METERS.
+def pick_meter(
+    device_type: str = "cpu", prefer: str | None = None, watts: float | None = None
+) -> Meter:
+    """The meter to use. `prefer` (None: "auto"; callers pass `RuntimeConfig.meter`, which is
+    `$HEST_METER`) is one of METERS; `watts` is the estimate meter's nominal power.
 
     "auto" picks the best meter that works here (NVML on CUDA, RAPL on CPU) and falls back to
     the estimate meter without raising. An explicit "nvml" or "rapl" that cannot be read raises
     MeterUnavailableError naming the fix; it is never silently replaced by an estimate. An
     unknown name raises MeterUnavailableError too."""
-    prefer = (prefer or os.environ.get("HEST_METER") or "auto").strip().lower()
+    prefer = (prefer or "auto").strip().lower()
     if prefer not in METERS:
         raise MeterUnavailableError(
             f"meter {prefer!r} is not one of {', '.join(METERS)}: set HEST_METER (or --meter) to "
@@ -175,7 +179,7 @@ def pick_meter(device_type: str = "cpu", prefer: str | None = None) -> Meter:
             param="meter",
         )
     if prefer == "estimate":
-        return EstimateMeter()
+        return EstimateMeter(watts)
     if prefer != "auto":
         try:
             return NvmlMeter() if prefer == "nvml" else RaplMeter()
@@ -191,4 +195,4 @@ def pick_meter(device_type: str = "cpu", prefer: str | None = None) -> Meter:
             return make()
         except Exception:  # auto: missing hardware or permissions fall back to the estimate
             continue
-    return EstimateMeter()
+    return EstimateMeter(watts)

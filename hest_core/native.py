@@ -29,8 +29,8 @@ from pathlib import Path
 
 import torch
 
+from .config import RuntimeConfig
 from .errors import NativeArgumentError
-from .paths import cache_dir
 
 log = logging.getLogger("hest.native")
 
@@ -247,14 +247,16 @@ def compile_kernels(source: Path, stem: str, extra: list[str] | tuple[str, ...] 
     `kernels/<stem>-<key>.so`, keyed by the source, the flags, the compiler's version and the
     CPU flags; written atomically, so concurrent builds and readers see a whole file. Returns
     (path, compiler version) or (None, "off (why)") where the kernels cannot run here."""
-    if os.environ.get("HEST_NATIVE", "1") == "0":
+    # process-wide: built once, on first use (config.py)
+    cfg = RuntimeConfig.from_env(only=("native", "cc", "cache_dir"))
+    if not cfg.native:
         return None, "off (HEST_NATIVE=0)"
     if platform.machine() not in ("x86_64", "AMD64"):
         return None, f"off (no kernels for {platform.machine()})"
     missing = [f for f in NEEDED_FLAGS if f not in _cpu_flags()]
     if missing:
         return None, f"off (CPU lacks {', '.join(missing)})"
-    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    cc = cfg.cc or shutil.which("gcc") or shutil.which("cc")
     if cc is None:
         return None, "off (no C compiler: install gcc for faster decode)"
     try:
@@ -269,7 +271,7 @@ def compile_kernels(source: Path, stem: str, extra: list[str] | tuple[str, ...] 
             [source.read_text(), " ".join(cflags), version, " ".join(sorted(_cpu_flags()))]
         ).encode()
     ).hexdigest()[:16]
-    out = cache_dir() / "kernels" / f"{stem}-{key}.so"
+    out = cfg.cache_dir / "kernels" / f"{stem}-{key}.so"
     if not out.is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
@@ -289,7 +291,7 @@ def compile_kernels(source: Path, stem: str, extra: list[str] | tuple[str, ...] 
 
 
 def _build() -> tuple[Native | None, str]:
-    sanitize = SANITIZE if os.environ.get("HEST_NATIVE_SANITIZE") == "1" else []
+    sanitize = SANITIZE if RuntimeConfig.from_env(only=("native_sanitize",)).native_sanitize else []
     out, version = compile_kernels(SOURCE, "gemv", sanitize)
     if out is None:
         return None, version

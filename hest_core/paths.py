@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
+from .config import RuntimeConfig
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("HEST_CACHE_DIR", Path.home() / ".cache" / "hest"))
+
+def cache_dir(config: RuntimeConfig | None = None) -> Path:
+    """The cache directory: `config.cache_dir` (None: `RuntimeConfig.from_env()`, i.e.
+    $HEST_CACHE_DIR, else ~/.cache/hest)."""
+    return (config or RuntimeConfig.from_env(only=("cache_dir",))).cache_dir

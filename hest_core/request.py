@@ -7,24 +7,30 @@ from __future__ import annotations
 
 import math
 import threading
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
+from .budget import below_minimum, q_to_min_j
 from .decoding import TokenLogprob
 from .energy import PJ
 from .errors import HestError
 
 
-@dataclass
+@dataclass(frozen=True)
 class PreparedRequest:
+    """A checked request (`Engine.check`). Its budget is integer picojoules, `budget_q`; joules
+    and ratio are views of it. Built only with a budget at or above its minimum `min_q` when
+    `guarded` (else BudgetTooLowError), so lowering it goes through `tighten`, which clamps."""
+
     ids: list[int]
     max_new: int
-    budget_j: float
-    budget_ratio: float
-    fp16_cost_j: float
-    min_j: float
+    budget_q: int  # the budget, picojoules (what the guard's ledger starts from)
+    fp16_q: int  # the modelled all-fp16 cost of prompt + max_new tokens, picojoules
+    min_q: int  # the cheapest feasible work (EnergyModel.min_feasible_q), picojoules
     truncated: bool
     cancelled: threading.Event | None = None
-    budget_q: int | None = None  # the exact budget in picojoules, when it came from check()
+    budget_param: str = "energy_budget_ratio"  # the request field the budget came from
+    guarded: bool = True  # False under a fixed policy (guard off): no minimum is enforced
+    min_path: str | None = None  # the one path min_q is costed on (guard "stop"); None: cheapest
     # decoding (hest_core/decoding.py): stop strings, top-k log probabilities, sampling
     stop: tuple[str, ...] = ()
     logprobs: int | None = None
@@ -33,11 +39,53 @@ class PreparedRequest:
     seed: int | None = None
     clean_end: bool = True  # end on a sentence boundary, not mid-sentence (endings.py)
 
-    def ledger_budget(self) -> int:
-        """The guard's budget: the exact one from check() unless budget_j was changed since."""
-        if self.budget_q is not None and self.budget_q / 10**12 == self.budget_j:
-            return self.budget_q
-        return math.floor(self.budget_j * 10**12)
+    def __post_init__(self) -> None:
+        for name in ("budget_q", "fp16_q", "min_q"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise TypeError(f"PreparedRequest.{name}={v!r} must be an integer >= 0 (pJ)")
+        if self.fp16_q <= 0:
+            raise ValueError(f"PreparedRequest.fp16_q={self.fp16_q} must be > 0 (pJ)")
+        if self.guarded and self.budget_q < self.min_q:
+            raise below_minimum(
+                self.budget_param,
+                self.budget_q,
+                self.min_q,
+                self.fp16_q,
+                len(self.ids),
+                self.min_path,
+            )
+
+    @property
+    def budget_j(self) -> float:
+        """The budget in joules (a view of budget_q)."""
+        return self.budget_q / PJ
+
+    @property
+    def budget_ratio(self) -> float:
+        """The budget over the all-fp16 cost (budget_q / fp16_q)."""
+        return self.budget_q / self.fp16_q
+
+    @property
+    def fp16_cost_j(self) -> float:
+        """The modelled all-fp16 cost in joules (a view of fp16_q)."""
+        return self.fp16_q / PJ
+
+    @property
+    def min_j(self) -> float:
+        """The minimum in joules: the smallest float whose picojoules reach min_q."""
+        return q_to_min_j(self.min_q)
+
+    def tighten(self, ratio: float) -> PreparedRequest:
+        """This request with its budget lowered to `ratio` x its all-fp16 cost (pJ, rounded
+        down), clamped at its minimum `min_q`; never raised: returns `self` when the new budget
+        would not be lower. Raises ValueError for a ratio that is not a finite number >= 0."""
+        if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not ratio >= 0:
+            raise ValueError(f"tighten(ratio={ratio!r}): the ratio must be a number >= 0")
+        if not math.isfinite(ratio):
+            raise ValueError(f"tighten(ratio={ratio!r}): the ratio must be finite")
+        q = max(math.floor(ratio * self.fp16_q), self.min_q)
+        return self if q >= self.budget_q else replace(self, budget_q=q)
 
 
 @dataclass
@@ -100,16 +148,3 @@ class GenerationResult:
     # sentence would not fit), "trimmed" (a limit struck mid-sentence: cut to the last boundary),
     # "repetition" (ended before a repeated sentence); None when it did not
     finish_detail: str | None = None
-
-
-def budget_to_q(budget_j: float) -> int:
-    """A budget in joules -> the guard's integer picojoules, rounded down."""
-    return math.floor(budget_j * PJ)
-
-
-def q_to_min_j(min_q: int) -> float:
-    """The smallest float of joules whose budget_to_q() is >= min_q (so quoting it back works)."""
-    m = min_q / PJ
-    while budget_to_q(m) < min_q:
-        m = math.nextafter(m, math.inf)
-    return m

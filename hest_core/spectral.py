@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from .config import RuntimeConfig
 from .model import TARGETS
 from .paths import cache_dir
 
@@ -32,11 +33,19 @@ def spectrum_sizes(hf) -> dict[str, int]:
 class SvdCache:
     """U (out, r), S (r,), Vh (r, in) per (layer, target), fp32, computed lazily and cached."""
 
-    def __init__(self, hf, fingerprint: str, progress: bool = True, keep: int | None = None):
-        """keep: store only the top `keep` singular directions (all when None)."""
+    def __init__(
+        self,
+        hf,
+        fingerprint: str,
+        progress: bool = True,
+        keep: int | None = None,
+        config: RuntimeConfig | None = None,
+    ):
+        """keep: store only the top `keep` singular directions (all when None); cached under the
+        cache directory of `config` (None: from the environment)."""
         self.hf, self.fp, self.keep = hf, fingerprint, keep
         name = fingerprint if keep is None else f"{fingerprint}-top{keep}"
-        self.path = cache_dir() / "svd" / f"{name}.safetensors"
+        self.path = cache_dir(config) / "svd" / f"{name}.safetensors"
         self._t: dict[str, torch.Tensor] | None = None
         self.progress = progress
 

@@ -15,6 +15,7 @@ from fastapi import FastAPI
 from pydantic import ValidationError
 
 from hest_core import MeterUnavailableError
+from hest_core.config import ConfigError
 from hest_core.meters import pick_meter
 
 from .app import create_app
@@ -61,9 +62,10 @@ def main() -> int:
         settings.device,
         settings.policy,
     )
-    try:  # an explicitly chosen meter that cannot be read stops the server here, with the fix
-        pick_meter(settings.device.split(":")[0], settings.meter)
-    except MeterUnavailableError as err:
+    try:  # a bad runtime setting, or an explicit meter that cannot be read, stops it here
+        runtime = settings.runtime_config()
+        pick_meter(settings.device.split(":")[0], runtime.meter, runtime.nominal_watts)
+    except (ConfigError, MeterUnavailableError) as err:
         logging.getLogger("hest.server").error("%s", err)
         return 2
     app = create_app(settings)

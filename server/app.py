@@ -38,7 +38,7 @@ def load_engine(settings: Settings) -> Engine:
         adapter=settings.adapter_arg,
         device=settings.device,
         policy=settings.policy,
-        meter=settings.meter,
+        config=settings.runtime_config(),
     )
 
 

@@ -1,10 +1,10 @@
 """Pydantic models of the HTTP API: native summarize, errors, health (the OpenAI API's are in
 openai_protocol.py).
 
-Every field is strict (no "8" -> 8 coercion) so a wrong type is a 422, and budgets are finite and
-> 0 in the schema itself; the runtime's `engine.check` repeats the checks that depend on the model
-(text length, budget minimum, max_new_tokens limit) before a request is queued. Integers accept
-integral floats (`8.0`), as JSON Schema's "integer" does.
+Every field is strict (no "8" -> 8 coercion) so a wrong type is a 422; budgets must be finite
+JSON numbers. The runtime's `engine.check` owns the checks of values (budget range and minimum,
+text length, max_new_tokens limit) before a request is queued; the schema states its limits.
+Integers accept integral floats (`8.0`), as JSON Schema's "integer" does.
 """
 
 from __future__ import annotations
@@ -13,12 +13,27 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-# Caps far above any real request keep budget arithmetic finite (ratio x fp16 cost overflows
-# to inf for ratios near 1e308); a ratio above 1 already means "no constraint".
-MAX_BUDGET_J = 1e9
-MAX_BUDGET_RATIO = 1e3
-BudgetJ = Annotated[float, Field(strict=True, gt=0, le=MAX_BUDGET_J, allow_inf_nan=False)]
-BudgetRatio = Annotated[float, Field(strict=True, gt=0, le=MAX_BUDGET_RATIO, allow_inf_nan=False)]
+from hest_core.budget import MAX_BUDGET_J, MAX_BUDGET_RATIO
+
+# The budget fields are JSON numbers here (strict, finite: the type); their range (> 0, at most
+# MAX_BUDGET_J / MAX_BUDGET_RATIO) is checked once, by the runtime (hest_core/budget.py), and
+# stated in the schema as MaxNewTokens' maximum is.
+BudgetJ = Annotated[
+    float,
+    Field(
+        strict=True,
+        allow_inf_nan=False,
+        json_schema_extra={"exclusiveMinimum": 0, "maximum": MAX_BUDGET_J},
+    ),
+]
+BudgetRatio = Annotated[
+    float,
+    Field(
+        strict=True,
+        allow_inf_nan=False,
+        json_schema_extra={"exclusiveMinimum": 0, "maximum": MAX_BUDGET_RATIO},
+    ),
+]
 # the runtime's limits (Engine.max_new_tokens_limit, .max_input_chars), for the schema; a test
 # checks they agree
 MAX_NEW_TOKENS = 512

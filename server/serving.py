@@ -197,14 +197,6 @@ class Serving:
             req = replace(req, max_new_tokens=self.settings.max_new_tokens)
         req.cancelled = threading.Event()
         prepared = await self._check(req)
-        if not (math.isfinite(prepared.budget_j) and math.isfinite(prepared.budget_ratio)):
-            param = "energy_budget_j" if req.energy_budget_j is not None else "energy_budget_ratio"
-            raise InvalidInputError(
-                f"the budget works out at {prepared.budget_j} J, not a finite number; "
-                "send a smaller energy_budget_j / energy_budget_ratio",
-                param=param,
-                code="invalid_budget",
-            )
         self._refuse_if_closed()
         if self._queue.full():
             self.metrics.requests.labels("rejected").inc()
@@ -265,14 +257,14 @@ class Serving:
         return min(1.0, max(0.0, (wait - start) / (slack - start)))
 
     def _tighten(self, p: PreparedRequest, level: float) -> tuple[PreparedRequest, bool]:
+        """The request under brownout `level` (0..1): its ratio moved that far towards the floor
+        ratio. The runtime lowers the budget (`PreparedRequest.tighten`, clamped at the minimum);
+        True when it did."""
         floor = self.settings.brownout_floor_ratio
         if level <= 0.0 or p.budget_ratio <= floor:
             return p, False
-        ratio = p.budget_ratio - level * (p.budget_ratio - floor)
-        budget = max(ratio * p.fp16_cost_j, p.min_j)
-        if budget >= p.budget_j:
-            return p, False
-        return replace(p, budget_j=budget, budget_ratio=budget / p.fp16_cost_j), True
+        tightened = p.tighten(p.budget_ratio - level * (p.budget_ratio - floor))
+        return tightened, tightened is not p
 
     def retry_after_s(self) -> int:
         wait = self.predicted_latency_s()

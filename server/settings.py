@@ -1,4 +1,6 @@
-"""Server settings from `HEST_*` environment variables (pydantic-settings)."""
+"""Server settings from `HEST_*` environment variables (pydantic-settings). The runtime's own
+variables (threads, compile, nominal watts, calibration, cache directory, native kernels) are
+read by `hest_core.config.RuntimeConfig.from_env()`; `Settings.runtime_config()` builds it."""
 
 from __future__ import annotations
 
@@ -7,6 +9,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from hest_core.config import RuntimeConfig
 from hest_core.engine import DEFAULT_BUDGET_RATIO, DEFAULT_MAX_NEW_TOKENS
 
 
@@ -80,6 +83,12 @@ class Settings(BaseSettings):
                 f"HEST_DEFAULT_BUDGET_RATIO={self.default_budget_ratio}; set the floor lower"
             )
         return self
+
+    def runtime_config(self) -> RuntimeConfig:
+        """The runtime's configuration: `RuntimeConfig.from_env()` (HEST_THREADS, HEST_COMPILE,
+        HEST_NOMINAL_WATTS, HEST_CALIBRATION, HEST_CACHE_DIR, ...; hest_core/config.py) with this
+        server's meter. Raises hest_core.config.ConfigError naming a bad variable."""
+        return RuntimeConfig.from_env(meter=self.meter)
 
     @property
     def adapter_arg(self) -> str | None:

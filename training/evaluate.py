@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from hest_core import Engine, GenerationRequest
 from hest_core.endings import ends_sentence
+from hest_core.errors import BudgetTooLowError
 from hest_core.model import PATHS
 
 from .data import Pair, load_pairs
@@ -150,16 +151,16 @@ def run_one(engines: Engines, policy: str, ratio: float | None, pair: Pair, args
         return {"text": text, "rouge": rouge(text, pair.highlights)}
     eng = engines.get(policy)
     t0 = time.perf_counter()
-    res = eng.generate(
-        [
-            GenerationRequest(
-                pair.article,
-                energy_budget_ratio=ratio,
-                max_new_tokens=args.max_new_tokens,
-                clean_end=not args.no_clean_end,
-            )
-        ]
-    )[0]
+    req = GenerationRequest(
+        pair.article,
+        energy_budget_ratio=ratio,
+        max_new_tokens=args.max_new_tokens,
+        clean_end=not args.no_clean_end,
+    )
+    try:
+        res = eng.generate([req])[0]
+    except BudgetTooLowError as err:  # below what a summary costs: a refusal is the answer
+        return _refused(err, eng, pair)
     wall = time.perf_counter() - t0
     st = res.stats
     return {
@@ -186,12 +187,46 @@ def run_one(engines: Engines, policy: str, ratio: float | None, pair: Pair, args
     }
 
 
+def _refused(err: BudgetTooLowError, eng, pair: Pair) -> dict:
+    """The sample of a request refused for a budget below its minimum: no text (ROUGE 0),
+    nothing spent, the minimum it quoted."""
+    n_layers = eng.lean.spec.n_layers
+    return {
+        "text": "",
+        "refused": True,
+        "minimum_j": err.minimum_j,
+        "finish_reason": "budget_too_low",
+        "finish_detail": None,
+        "ends_sentence": False,
+        "rouge": rouge("", pair.highlights),
+        "wall_s": 0.0,
+        "total_s": 0.0,
+        "ttft_s": 0.0,
+        "budget_j": None,
+        "fp16_cost_j": None,
+        "modelled_j": 0.0,
+        "measured_j": None,
+        "estimated_j": 0.0,
+        "meter": eng.meter.name,
+        "prompt_tokens": 0,
+        "completion_tokens": 0,
+        "paths": dict.fromkeys(PATHS, 0),
+        "paths_per_layer": [dict.fromkeys(PATHS, 0) for _ in range(n_layers)],
+        "demotions": 0,
+        "controller_params": eng.info().get("controller_params", 0) if eng.policy == "hest" else 0,
+    }
+
+
 def summarise(name: str, policy: str, recs: list[dict], longest: set[str]) -> dict:
     out = {"row": name, "policy": policy, "n": len(recs)}
     for k in KEYS:
         out[k] = mean([r["rouge"][k] for r in recs])
     ev = METHODS[policy].evaluation
     if ev.engine == "extractive" or not recs:
+        return out
+    out["refused"] = sum(bool(r.get("refused")) for r in recs)
+    recs = [r for r in recs if not r.get("refused")]  # ROUGE above counts a refusal as 0
+    if not recs:
         return out
     lat = [r["total_s"] for r in recs]
     measured = [r["measured_j"] for r in recs if r["measured_j"] is not None]
@@ -236,9 +271,10 @@ def markdown(rows: list[dict], n: int) -> str:
     head = (
         "| row | n | R-1 | R-2 | R-L | R-Lsum | modelled J/sample | measured J | wall s/sample | "
         "p50 s | p99 s | violations | budget stops | overshoot longest 10% (max) | "
-        "paths fp16/int8/skip | ctrl params | tokens | sentence ends | budget-ended | J/budget |"
+        "paths fp16/int8/skip | ctrl params | tokens | sentence ends | budget-ended | J/budget | "
+        "refused |"
     )
-    lines = [head, "|" + " --- |" * 20]
+    lines = [head, "|" + " --- |" * 21]
     for r in rows:
         sh = r.get("path_shares")
         shares = "/".join(f"{sh[p]:.2f}" for p in PATHS) if sh else "-"
@@ -254,7 +290,8 @@ def markdown(rows: list[dict], n: int) -> str:
             f"{r.get('budget_violations', '-')} | {r.get('energy_budget_stops', '-')} | "
             f"{f(r.get('overshoot_longest_max'), 3)} | {shares} | {r.get('controller_params', '-')} | "
             f"{f(r.get('completion_tokens'))} | {f(r.get('sentence_end_share'), 2)} | "
-            f"{f(r.get('budget_ended_share'), 2)} | {f(r.get('spent_over_budget'), 2)} |"
+            f"{f(r.get('budget_ended_share'), 2)} | {f(r.get('spent_over_budget'), 2)} | "
+            f"{r.get('refused', '-')} |"
         )
     return "\n".join(lines) + "\n"
 
@@ -316,9 +353,14 @@ def _run_samples(args, pairs: list[Pair], rows, samples: Path, done: dict, engin
 def _longest(rows, ids: list[str], done: dict) -> set[str]:
     """The longest 10% of prompts (by prompt tokens), where overshoot is reported."""
     plen = {
-        i: done[(n, i)].get("prompt_tokens", 0)
-        for n, pol, _ in rows
-        if METHODS[pol].evaluation.engine != "extractive"
+        i: max(
+            (
+                done[(n, i)].get("prompt_tokens", 0)
+                for n, pol, _ in rows
+                if METHODS[pol].evaluation.engine != "extractive"
+            ),
+            default=0,
+        )
         for i in ids
     }
     k = max(1, math.ceil(len(ids) / 10))

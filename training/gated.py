@@ -24,6 +24,7 @@ import torch
 
 from hest_core import calibrate
 from hest_core.artifact import HestAdapter, HestConfig, load_adapter
+from hest_core.config import RuntimeConfig
 from hest_core.dtypes import resolve_dtype
 from hest_core.energy import CalibrationTable, EnergyModel
 from hest_core.loading import build_lean, fingerprint, load_hf_model, load_tokenizer, spec_of
@@ -50,7 +51,9 @@ def energy_model(hf, fp: str, path: str | None) -> tuple[EnergyModel, Calibratio
         table = CalibrationTable.load(path)
     else:
         lean = build_lean(hf, resolve_dtype("auto", CPU), CPU, 4096)
-        table = calibrate.resolve(lean, fp, None, pick_meter("cpu"), True)
+        table = calibrate.resolve(
+            lean, fp, None, pick_meter("cpu", RuntimeConfig.from_env().meter), True
+        )
     return EnergyModel(table), table
 
 

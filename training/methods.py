@@ -100,7 +100,7 @@ METHODS: dict[str, Method] = {
             "lora-r8",
             "baseline: PEFT LoRA r=8, alpha 16, on the 7 targets, merged after training",
             ("fp16",),
-            FIXED_SWEEP,
+            Evaluation("merged", rows="sweep", guard="stop"),
             trainer=LoraTrainer,
             penalty="ce",
         ),

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from hest_core.config import RuntimeConfig
 from hest_core.energy import CalibrationTable, EnergyModel, PhaseCosts
 from hest_core.errors import CalibrationError, MeterUnavailableError
 from hest_core.meters import EstimateMeter, NvmlMeter, RaplMeter, pick_meter
@@ -120,9 +121,9 @@ def test_auto_falls_back_to_estimate_but_an_explicit_choice_does_not(monkeypatch
     if not _readable(NvmlMeter):
         with pytest.raises(MeterUnavailableError, match="nvidia-ml-py.*HEST_METER=auto"):
             pick_meter("cuda", "nvml")
-        monkeypatch.setenv("HEST_METER", "nvml")
+        monkeypatch.setenv("HEST_METER", "nvml")  # read once, by RuntimeConfig.from_env()
         with pytest.raises(MeterUnavailableError, match="'nvml' was asked for"):
-            pick_meter("cpu")
+            pick_meter("cpu", RuntimeConfig.from_env().meter)
         monkeypatch.delenv("HEST_METER")
     if not _readable(RaplMeter):
         with pytest.raises(MeterUnavailableError, match="chmod a\\+r"):

@@ -29,28 +29,19 @@ def _alone(engine: Engine, p):
     return engine.generate([p])[0]
 
 
-@pytest.mark.parametrize("bad", [0, 1, 2])
-def test_budget_below_minimum_fails_only_its_request(tiny_engine: Engine, bad: int):
-    """The named case: a budget tightened below the request's minimum after check() (as a
-    brownout could) once raised BudgetTooLowError for the whole batch."""
+def test_budget_cannot_go_below_its_minimum_after_check(tiny_engine: Engine):
+    """The named case once: a budget tightened below the request's minimum after check() (as a
+    brownout could) failed the whole batch. Now the runtime owns the budget: `tighten` clamps at
+    the minimum (the request runs), and a PreparedRequest cannot be built below it."""
     ps = _prepared(tiny_engine)
-    ps[bad] = replace(ps[bad], budget_j=ps[bad].min_j / 2, budget_q=None)
-    streamed: dict[int, str] = {}
-
-    def on_token(i, delta):
-        streamed[i] = streamed.get(i, "") + str(delta)
-
-    results = tiny_engine.generate(ps, on_token=on_token)
-    assert len(results) == 3
-    err = results[bad]
-    assert err.finish_reason == "error" and isinstance(err.error, BudgetTooLowError)
-    assert err.error.minimum_j == ps[bad].min_j and err.stats.modelled_j == 0 and err.text == ""
-    assert bad not in streamed
-    for k in set(range(3)) - {bad}:
-        res = results[k]
-        assert res.error is None and res.finish_reason in ("stop", "length")
-        assert res.text == _alone(tiny_engine, ps[k]).text  # served as if alone
-        assert streamed.get(k, "") == res.text  # streamed under its own index
+    low = ps[1].tighten(0.0)
+    assert low.budget_q == low.min_q < ps[1].budget_q
+    with pytest.raises(BudgetTooLowError) as info:
+        replace(ps[1], budget_q=ps[1].min_q - 1)
+    assert info.value.minimum_j == ps[1].min_j
+    results = tiny_engine.generate([ps[0], low, ps[2]])
+    assert all(r.error is None for r in results)
+    assert results[1].stats.modelled_j <= low.budget_j
 
 
 def test_exception_in_one_rows_step_leaves_the_others(tiny_engine: Engine, monkeypatch):

@@ -54,7 +54,7 @@ ERROR_CASES = [
         "/v1/summarize",
         {"text": "a", "energy_budget_j": -1.0},
         422,
-        "greater_than",
+        "invalid_budget",
         "energy_budget_j",
     ),
     (
@@ -62,7 +62,7 @@ ERROR_CASES = [
         "/v1/summarize",
         {"text": "a", "energy_budget_ratio": 0},
         422,
-        "greater_than",
+        "invalid_budget",
         "energy_budget_ratio",
     ),
     (
@@ -102,7 +102,7 @@ ERROR_CASES = [
         "/v1/summarize",
         {"text": "a", "energy_budget_ratio": 3.35e307},
         422,
-        "less_than_equal",
+        "invalid_budget",
         "energy_budget_ratio",
     ),
     (
@@ -110,7 +110,7 @@ ERROR_CASES = [
         "/v1/summarize",
         {"text": "a", "energy_budget_j": 1e300},
         422,
-        "less_than_equal",
+        "invalid_budget",
         "energy_budget_j",
     ),
     (

@@ -43,15 +43,22 @@ def test_evaluate_end_to_end(pairs_file, trained, tmp_path):
     main(argv)
     res = json.loads(out.read_text())
     rows = {r["row"]: r for r in res["rows"]}
-    assert set(rows) == {"lead-3", "fp16", "int8", "hest@0.6", "hest@1"}
+    assert set(rows) == {"lead-3", "hest@0.6", "hest@1"} | {
+        f"{p}@{r}" for p in ("fp16", "int8") for r in ("0.6", "1")
+    }
     assert rows["hest@0.6"]["budget_violations"] == 0
-    assert rows["fp16"]["path_shares"]["fp16"] == 1.0
+    assert rows["fp16@1"]["path_shares"]["fp16"] == 1.0
+    # a fixed path under a budget below its own minimum is refused (counted, ROUGE 0)
+    # (4 new tokens: the prompt's fp16 prefill alone is ~0.84 of the all-fp16 cost here)
+    assert rows["fp16@0.6"]["refused"] == 2 and rows["fp16@0.6"]["rougeL"] == 0.0
+    for row in ("fp16@0.6", "int8@0.6", "int8@1"):
+        assert rows[row].get("budget_violations", 0) == 0
     assert rows["hest@0.6"]["controller_params"] > 0
     for suffix in (".md", ".samples.jsonl"):
         assert out.with_suffix(suffix).is_file()
     assert (tmp_path / "eval_paths.png").is_file() and (tmp_path / "eval_pareto.png").is_file()
     n = len(out.with_suffix(".samples.jsonl").read_text().splitlines())
-    assert n == 2 * 5
+    assert n == 2 * 7
     main(argv)  # resumable: nothing left to run, nothing appended
     assert len(out.with_suffix(".samples.jsonl").read_text().splitlines()) == n
 
@@ -68,6 +75,8 @@ def test_evaluate_shards_then_aggregate(pairs_file, tmp_path):
         "3",
         "--max-new-tokens",
         "3",
+        "--budget-ratios",
+        "1.0",
         "--no-progress",
     ]
     whole, split = tmp_path / "whole" / "e.json", tmp_path / "split" / "e.json"

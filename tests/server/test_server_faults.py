@@ -335,3 +335,27 @@ async def test_engine_exception_for_one_row_fails_that_request_only(
     assert [r.status_code for r in rs] == [200, 500, 200], [r.text for r in rs]
     assert rs[1].json()["error"]["code"] == "engine_error"
     assert "injected failure for one row" in rs[1].json()["error"]["message"]
+
+
+@pytest.mark.anyio
+async def test_a_request_joins_the_running_batch(tiny_engine, monkeypatch) -> None:
+    """Continuous batching: a short request sent while a long one streams is answered before the
+    long one ends (it joined the running batch instead of waiting for it), with the text it
+    gets alone; the decode steps they shared show in hest_batch_size."""
+    seen: list = []
+    monkeypatch.setattr(Scheduler, "submit", slow_submit(0.03, seen))
+    alone = tiny_engine.generate([GenerationRequest(ARTICLE, max_new_tokens=4, clean_end=False)])
+    async with in_process(tiny_engine) as client:
+        serving = client.app.state.serving
+        long_ = asyncio.create_task(
+            client.post("/v1/summarize", json=LONG | {"max_new_tokens": 60, "clean_end": False})
+        )
+        await _until(lambda: serving._running)
+        await asyncio.sleep(0.3)  # it is decoding
+        short = await client.post("/v1/summarize", json=SHORT | {"clean_end": False})
+        assert not long_.done(), "the short request waited for the long one"
+        first = await long_
+        m = (await client.get("/metrics")).text
+    assert short.status_code == 200 and first.status_code == 200
+    assert short.json()["summary"] == alone[0].text
+    assert metric(m, "hest_batch_size_bucket", le="1.0") < metric(m, "hest_batch_size_count")

@@ -11,7 +11,7 @@ from .request import GenerationResult, PreparedRequest, RequestStats
 
 def result_of(engine, st: RequestState, measured_j: float, estimated_j: float) -> GenerationResult:
     """The result of a request that ran. `measured_j` (its share of the meter's windows) is
-    reported only when the engine's meter measures; times count from its admission."""
+    reported only when the engine's meter measures; times count from its `submit`."""
     mj = st.guard.spent_j
     per_layer = [dict(zip(PATHS, c, strict=True)) for c in st.layer_counts]
     paths = {p: sum(c[i] for c in st.layer_counts) for i, p in enumerate(PATHS)}

@@ -58,7 +58,7 @@ class Ticket:
     on_token: Callable[[TextDelta], None] | None
     on_done: Callable[[GenerationResult], None] | None
     st: RequestState | None = None
-    t0: float = 0.0  # perf_counter when admitted: its ttft_s, prefill_s, total_s count from here
+    t0: float = 0.0  # perf_counter at submit: its ttft_s, prefill_s, total_s count from here
     pos: int = 0  # prompt tokens prefilled so far
     cur: int = 0  # its last token: the input of its next decode step
     mark: int = 0  # guard.spent (picojoules) when the current meter window opened
@@ -103,7 +103,7 @@ class Scheduler(BatchRunner):
         step with a free row. `on_token(delta)` streams its text and `on_done(result)` is called
         once when it ends, both from the thread that runs `step`. Raises RuntimeError after
         `stop()`."""
-        t = Ticket(next(self._keys), req, on_token, on_done)
+        t = Ticket(next(self._keys), req, on_token, on_done, t0=time.perf_counter())
         with self._cv:
             if self._stop:
                 raise RuntimeError("the scheduler was stopped; it takes no more requests")
@@ -181,9 +181,8 @@ class Scheduler(BatchRunner):
             new = [self._pending.popleft() for _ in range(min(room, len(self._pending)))]
         if not new:
             return
-        now, ok = time.perf_counter(), []
+        ok = []
         for t in new:
-            t.t0 = now
             err = self._check_budget(t.req)
             if err is None:
                 ok.append(t)

@@ -342,8 +342,6 @@ class Serving:
         loop = asyncio.get_running_loop()
         job.started = time.perf_counter()
         job.queue_s = job.started - job.arrived
-        self._running.append(job)
-        self.metrics.inflight.set(len(self._running))
         on_token = None
         if job.stream is not None:
             q = job.stream
@@ -354,7 +352,9 @@ class Serving:
         def on_done(result: GenerationResult) -> None:  # engine thread
             loop.call_soon_threadsafe(self._complete, job, result)
 
-        self._sched.submit(job.prepared, on_token, on_done)
+        self._sched.submit(job.prepared, on_token, on_done)  # on_done runs after this returns
+        self._running.append(job)
+        self.metrics.inflight.set(len(self._running))
 
     def _fail_one(self, job: Job, err: HestError) -> None:
         """One request failed on its own: its own input (a 4xx, e.g. a budget below its minimum)

@@ -15,6 +15,7 @@ from .errors import (
 )
 from .prompt import build_prompt
 from .request import GenerationRequest, GenerationResult, PreparedRequest, RequestStats
+from .scheduler import Scheduler
 
 __all__ = [
     "AdapterMismatchError",
@@ -32,6 +33,7 @@ __all__ = [
     "ModelLoadError",
     "PreparedRequest",
     "RequestStats",
+    "Scheduler",
     "TextDelta",
     "TokenLogprob",
     "build_prompt",

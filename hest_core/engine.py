@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import functools
 import logging
-import math
 import threading
 import time
 from pathlib import Path
@@ -18,11 +18,9 @@ from .config import RuntimeConfig
 from .controller import Controller
 from .decoding import TokenTexts, check_options, check_system
 from .dtypes import dtype_name, resolve_device, resolve_dtype
-from .endings import EndingPlan
-from .energy import PJ, EnergyModel
+from .energy import EnergyModel
 from .errors import HestError, InvalidInputError
-from .generation import BatchRunner, RequestState
-from .guard import MODES, BudgetGuard
+from .guard import MODES
 from .loading import DEFAULT_MODEL, build_lean, fingerprint, load_hf_model, load_tokenizer
 from .meters import pick_meter
 from .model import PATHS, SeqSlot, const_decider
@@ -31,8 +29,9 @@ from .request import (  # the request types live in request.py; re-exported here
     GenerationRequest,
     GenerationResult,
     PreparedRequest,
-    RequestStats,
+    RequestStats,  # noqa: F401  (re-exported)
 )
+from .scheduler import DEFAULT_MAX_ROWS, Scheduler
 from .spectral import SvdCache, make_weight_fn, z_support
 
 log = logging.getLogger("hest.engine")
@@ -325,69 +324,26 @@ class Engine:
                     self.lean.forward(ids, ids, slots, cache, const_decider(path), decode=True)
 
     def _run(self, prepared: list[PreparedRequest], on_token) -> list[GenerationResult]:
-        """One batch. A request whose own per-token step fails gets a result with `error` set
-        and finish_reason "error"; the others are served. A failure of the batched forward
-        itself raises (the whole batch fails). Every budget is at or above its minimum: a
-        PreparedRequest cannot be built below it, and `tighten` clamps at it."""
-        L = self.lean.spec.n_layers
-        states = [
-            RequestState(
-                req=p,
-                guard=BudgetGuard(
-                    self.energy,
-                    p.budget_q,
-                    len(p.ids),
-                    p.max_new,
-                    self.guard_mode,
-                    self.stop_path,
-                ),
-                beta=math.log(p.budget_ratio),
-                layer_counts=[[0, 0, 0] for _ in range(L)],
-                plan=EndingPlan(enabled=p.clean_end),
-            )
-            for p in prepared
+        """One static batch: every request admitted at once into a scheduler with a row each,
+        stepped until all have ended. A request whose own input fails (a budget below its
+        minimum after a brownout, an error in its own per-token step) gets a result with `error`
+        set and finish_reason "error"; the others are served. A failure of a batched forward
+        itself raises (the whole call fails)."""
+        sched = Scheduler(self, max_rows=len(prepared), reraise=True)
+        tickets = [
+            sched.submit(p, None if on_token is None else functools.partial(on_token, k))
+            for k, p in enumerate(prepared)
         ]
-        t0 = time.perf_counter()
-        window = self.meter.begin()
-        if states:
-            BatchRunner(self, states, on_token).run(t0)
-        reading = self.meter.end(window)
-        total = time.perf_counter() - t0
-        modelled = [st.guard.spent_j for st in states]
-        msum = sum(modelled) or 1.0
-        out = []
-        for st, mj in zip(states, modelled, strict=True):
-            share = mj / msum
-            per_layer = [dict(zip(PATHS, c, strict=True)) for c in st.layer_counts]
-            paths = {p: sum(c[i] for c in st.layer_counts) for i, p in enumerate(PATHS)}
-            done = st.done_s or total
-            stats = RequestStats(
-                budget_j=st.req.budget_j,
-                budget_ratio=st.req.budget_ratio,
-                fp16_cost_j=st.req.fp16_cost_j,
-                modelled_j=mj,
-                measured_j=reading.energy_j * share if reading.measured else None,
-                prefill_j=st.prefill_q / PJ,
-                decode_j=mj - st.prefill_q / PJ,
-                estimated_j=reading.elapsed_s * self._nominal_watts() * share,
-                meter=reading.meter,
-                prompt_tokens=len(st.req.ids),
-                completion_tokens=len(st.out_ids),
-                paths=paths,
-                paths_per_layer=per_layer,
-                demotions=st.guard.demotions,
-                truncated=st.req.truncated,
-                ttft_s=st.ttft_s,
-                prefill_s=st.prefill_s,
-                decode_s=max(0.0, done - st.prefill_s),
-                total_s=done,
-            )
-            lps = st.dec.logprobs if st.req.logprobs is not None else None
-            res = GenerationResult(
-                st.text, st.finish or "length", stats, lps, st.error, st.plan.reason
-            )
-            out.append(res)
-        return out
+        sched.run_until_idle()
+        return [t.result for t in tickets]  # type: ignore[misc]
+
+    def scheduler(self, max_rows: int = DEFAULT_MAX_ROWS) -> Scheduler:
+        """A continuous-batching scheduler on this engine (hest_core/scheduler.py): requests
+        `submit`ted to it join the running batch between decode steps, at most `max_rows`
+        prefilling or decoding at once. Run it with `serve_forever` in one thread; it takes this
+        engine's lock per step, so `generate` calls from other threads interleave between steps.
+        Raises ValueError for max_rows < 1."""
+        return Scheduler(self, max_rows=max_rows)
 
     def _nominal_watts(self) -> float:
         """The watts behind `estimated_j`: the estimate meter's, else the configured nominal."""

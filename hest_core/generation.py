@@ -1,6 +1,7 @@
-"""One batch of requests: prefill all prompts together, then decode step by step.
+"""The per-request steps of generation: path decisions, the budget before a step, tokens out.
 
-Every layer of every step asks the controller for a path per row, lets each request's budget
+`scheduler.Scheduler` (a subclass) runs them per iteration: requests join and leave between
+decode steps. Every layer of every step asks the controller for a path per row, lets each request's budget
 guard demote what it cannot pay for, counts the units, and runs each path as one matmul over
 the rows that chose it (`LeanModel.forward`).
 """
@@ -9,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -20,7 +20,6 @@ from .endings import EndingPlan
 from .errors import HestError, RequestFailedError
 from .fused import NativeController
 from .guard import BudgetGuard
-from .model import SeqSlot
 from .request import PreparedRequest  # re-exported: the type lives in request.py
 
 _PATH = [torch.tensor([p], dtype=torch.long) for p in range(3)]  # one row on path p (read-only)
@@ -91,11 +90,13 @@ TokenCallback = Callable[[int, str], None]
 
 
 class BatchRunner:
-    """Runs one batch to completion. `policy` is 'hest', 'fp16' or 'int8'."""
+    """What each request does inside a batched forward and between forwards: its path decisions
+    (`_decider`), its budget before a decode step, its next token, its streamed text. The loop
+    over forwards (prefill rounds, decode steps, requests joining and leaving) is
+    `scheduler.Scheduler`'s. `on_token(key, delta)` streams; key is the request's key."""
 
-    def __init__(self, engine, states: list[RequestState], on_token: TokenCallback | None):
+    def __init__(self, engine, on_token: TokenCallback | None):
         self.e = engine
-        self.states = states
         self.on_token = on_token
         self.L = engine.lean.spec.n_layers
 
@@ -310,103 +311,3 @@ class BatchRunner:
             d = st.dec
             self.on_token(i, TextDelta.of(delta, d.logprobs[d.streamed :]))
             d.streamed = len(d.logprobs)
-
-    # ---- the batch ---------------------------------------------------------------------------------
-    def _prefill(self, cache) -> torch.Tensor:
-        """Every prompt into the cache, in rounds of at most PREFILL_CHUNK tokens per prompt (one
-        flat batch per round), so a long prompt never builds a whole-prompt score matrix; a chunk
-        attends to the cache before it and causally within itself. Returns the logits of each
-        prompt's last position (len(states), vocab)."""
-        e, states, dev = self.e, self.states, self.e.device
-        out: list[torch.Tensor | None] = [None] * len(states)
-        longest = max(len(st.req.ids) for st in states)
-        for p0 in range(0, longest, PREFILL_CHUNK):
-            ids, pos, slots, groups, last, owners = [], [], [], [], [], []
-            row = 0
-            for i, st in enumerate(states):
-                chunk = st.req.ids[p0 : p0 + PREFILL_CHUNK]
-                if not chunk:
-                    continue
-                n = len(chunk)
-                ids.extend(chunk)
-                pos.extend(range(p0, p0 + n))
-                slots.append(SeqSlot(row0=row, n=n, cache_row=i, pos0=p0))
-                groups.append((row, n, st))
-                row += n
-                if p0 + n == len(st.req.ids):  # this prompt's last chunk: its logits are needed
-                    last.append(row - 1)
-                    owners.append(i)
-            with torch.inference_mode():
-                logits = e.lean.forward(
-                    torch.tensor(ids, device=dev),
-                    torch.tensor(pos, device=dev),
-                    slots,
-                    cache,
-                    self._decider(groups, "prefill"),
-                    decode=False,
-                    logits_rows=torch.tensor(last, dtype=torch.long, device=dev),
-                )
-            for j, i in enumerate(owners):
-                out[i] = logits[j]
-        return torch.stack(out)  # type: ignore[arg-type]
-
-    def run(self, t_start: float) -> None:
-        e, states = self.e, self.states
-        lean = e.lean
-        max_len = max(len(s.req.ids) + s.req.max_new for s in states)
-        cache = lean.new_cache(len(states), max_len)
-        for st in states:
-            st.guard.start_prefill()  # the whole prompt's fixed work is charged up front
-        logits = self._prefill(cache)
-        for st in states:
-            st.prefill_q = st.guard.spent
-        dev = e.device
-        nxt, lps = self._choose(logits, states)
-        now = time.perf_counter()
-        for i, st in enumerate(states):
-            st.ttft_s = st.prefill_s = now - t_start
-            self._row(i, st, self._emit, i, st, nxt[i], lps[i])
-        active = list(range(len(states)))
-        cur = {i: nxt[i] for i in active}
-        rows = list(range(len(states)))  # cache row of each active request
-        while True:
-            keep = []
-            for i in active:
-                st = states[i]
-                self._row(i, st, self._before_step, st)
-                if st.finish is None:
-                    keep.append(i)
-                elif not st.done_s:
-                    st.done_s = time.perf_counter() - t_start
-            if not keep:
-                break
-            if keep != active:
-                cache.keep_rows(torch.tensor([rows[active.index(i)] for i in keep], device=dev))
-                rows = list(range(len(keep)))
-                active = keep
-            slots = [
-                SeqSlot(
-                    row0=j,
-                    n=1,
-                    cache_row=j,
-                    pos0=len(states[i].req.ids) + len(states[i].out_ids) - 1,
-                )
-                for j, i in enumerate(active)
-            ]
-            groups = [(j, 1, states[i]) for j, i in enumerate(active)]
-            with torch.inference_mode():
-                logits = lean.forward(
-                    torch.tensor([cur[i] for i in active], device=dev),
-                    torch.tensor([s.pos0 for s in slots], device=dev),
-                    slots,
-                    cache,
-                    self._decider(groups, "decode"),
-                    decode=True,
-                )
-            nxt, lps = self._choose(logits, [states[i] for i in active])
-            for j, i in enumerate(active):
-                cur[i] = nxt[j]
-                self._row(i, states[i], self._emit, i, states[i], nxt[j], lps[j])
-        for i, st in enumerate(states):
-            if st.finish != "error":
-                self._finish_text(i, st)

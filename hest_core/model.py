@@ -165,6 +165,24 @@ class KVCache:
         self.k = [t.index_select(0, rows) for t in self.k]
         self.v = [t.index_select(0, rows) for t in self.v]
 
+    def first_rows(self, n: int) -> KVCache:
+        """A cache over this one's first n batch rows, sharing its memory (still contiguous: the
+        batch is the outer dimension), for a decode batch smaller than the allocation."""
+        view = object.__new__(KVCache)
+        view.k = [t[:n] for t in self.k]
+        view.v = [t[:n] for t in self.v]
+        view.max_len = self.max_len
+        return view
+
+    def move_rows(self, src: list[int]) -> None:
+        """Row j becomes what row src[j] holds, for j < len(src) (the rest are left as they
+        are); a permutation that compacts or reorders sequences in place."""
+        if src == list(range(len(src))):
+            return
+        idx = torch.tensor(src, dtype=torch.long, device=self.k[0].device)
+        for t in (*self.k, *self.v):
+            t[: len(src)] = t.index_select(0, idx)  # index_select copies first: overlap is safe
+
 
 def _check_slots(slots: list[SeqSlot], cache: KVCache, n_rows: int) -> None:
     """Every slot writes inside the cache it was given; raises CacheOverflowError otherwise."""

@@ -154,12 +154,15 @@ class Metrics:
         )
         self.queue_depth = Gauge("hest_queue_depth", "Requests waiting in the queue", registry=r)
         self.batch_size = Histogram(
-            "hest_batch_size", "Requests per engine batch", buckets=BATCH_BUCKETS, registry=r
+            "hest_batch_size",
+            "Requests decoded together, one observation per decode step (continuous batching)",
+            buckets=BATCH_BUCKETS,
+            registry=r,
         )
         self.inflight = Gauge("hest_inflight_requests", "Requests being generated", registry=r)
         self.measured_ratio = Gauge(
             "hest_measured_to_modelled_energy_ratio",
-            "Last batch's measured / modelled joules (hardware meters only)",
+            "Last request's measured / modelled joules (hardware meters only)",
             ["meter"],
             registry=r,
         )
@@ -239,13 +242,10 @@ class Metrics:
         outcome = {"energy_budget": "energy_budget", "cancelled": "cancelled"}.get(finish_reason)
         self.requests.labels(outcome or "ok").inc()
 
-    def observe_batch(self, results: list[RequestStats]) -> None:
-        """One engine batch: its size and, with a hardware meter, measured / modelled."""
-        self.batch_size.observe(len(results))
-        measured = [s.measured_j for s in results if s.measured_j is not None]
-        modelled = sum(s.modelled_j for s in results)
-        if results and len(measured) == len(results) and modelled > 0:
-            self.measured_ratio.labels(results[0].meter).set(sum(measured) / modelled)
+    def observe_energy_ratio(self, stats: RequestStats) -> None:
+        """One finished request: with a hardware meter, its measured / modelled joules."""
+        if stats.measured_j is not None and stats.modelled_j > 0:
+            self.measured_ratio.labels(stats.meter).set(stats.measured_j / stats.modelled_j)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,21 +1,25 @@
-"""Serving logic: validation, the bounded queue, the batching scheduler, brownout and drain.
+"""Serving logic: validation, the bounded queue, continuous batching, brownout and drain.
 
-One asyncio task (the scheduler) takes requests from a bounded queue, forms a batch (up to
-`max_batch_size`, waiting at most `max_wait_ms` for it to fill) and runs `engine.generate` in ONE
-worker thread, so the event loop keeps answering while the engine works. Streamed text pieces come
-back from that thread through `loop.call_soon_threadsafe` into each request's own asyncio queue.
-A request whose client went away has its `cancelled` Event set: dropped if still queued, stopped
-at the next token if running.
+The runtime's scheduler (`hest_core.scheduler.Scheduler`) runs in ONE engine thread
+(`serve_forever`) and works per iteration: between decode steps, requests that ended leave and
+waiting ones join, their prompts prefilled in chunks between the running requests' decode steps.
+One asyncio task here feeds it: it takes a request from the bounded queue whenever fewer than
+`max_batch_size` run (on an idle server it first waits up to `max_wait_ms` for others, so a burst
+shares its first prefill round), so requests beyond that wait in the queue, which is what 429s
+when full. Streamed text pieces and each result come back from the engine thread through
+`loop.call_soon_threadsafe`. A request whose client went away has its `cancelled` Event set:
+dropped if still queued, stopped at its next step if running.
 
-Brownout answers overload, not slowness. The scheduler keeps the wall times of the last
-`BATCH_WINDOW` batches; their median is the typical batch time (one outlier, a stall or a long
-summary, does not move a median). A new request's *wait* is the time before its own batch can
-start: what is left of the running batch, plus a typical batch for every full batch queued ahead
-of it. On an idle server the wait is 0 and there is no brownout, however slow the last request
-was. The SLO leaves `slack = SLO - typical batch time` for waiting; past `brownout_start` x slack
-the level rises linearly to 1 at the whole slack, and each new budget ratio r becomes
-r - level x (r - floor): lower budgets mean more int8 units and earlier stops, i.e. shorter
-batches. Only when the queue is full is a request refused (429).
+Brownout answers overload, not slowness. The server keeps the service times (admitted to done)
+of the last `SERVICE_WINDOW` requests; their median is the typical request time (one outlier, a
+stall or a long summary, does not move a median). A new request's *wait* is the time before a
+row is free for it: when every row is taken, what is left of the oldest running request, plus a
+typical request time for every `max_batch_size` requests queued ahead of it. On a server with a
+free row and an empty queue the wait is 0 and there is no brownout, however slow the last
+request was. The SLO leaves `slack = SLO - typical request time` for waiting; past
+`brownout_start` x slack the level rises linearly to 1 at the whole slack, and each new budget
+ratio r becomes r - level x (r - floor): lower budgets mean more int8 units and earlier stops,
+i.e. rows freed sooner. Only when the queue is full is a request refused (429).
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from hest_core import (
     HestError,
     InvalidInputError,
     PreparedRequest,
+    Scheduler,
 )
 
 from .exceptions import EngineFailedError, NotReadyError, QueueFullError, ShuttingDownError
@@ -50,7 +55,7 @@ from .settings import Settings
 log = logging.getLogger("hest.server")
 
 _DONE = None  # end-of-stream marker in a job's delta queue
-BATCH_WINDOW = 16  # recent batch wall times whose median is the typical batch time
+SERVICE_WINDOW = 16  # recent service times whose median is the typical request time
 
 
 # ---- one request in flight ----------------------------------------------------------------------
@@ -62,7 +67,8 @@ class Job:
     brownout: bool
     stream: asyncio.Queue[str | None] | None
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
-    queue_s: float = 0.0  # queued until its batch started
+    queue_s: float = 0.0  # queued until the runtime took it
+    started: float = 0.0  # time.perf_counter() when the runtime took it
     check_s: float = 0.0  # validation + tokenisation before it was queued
     result: GenerationResult | None = None
     co2e_g: float | None = None  # an estimate, set when it finished (HEST_GRID_INTENSITY_G_PER_KWH)
@@ -103,10 +109,12 @@ class Serving:
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hest-engine")
         self._checker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hest-check")
         self._scheduler: asyncio.Task | None = None
-        self._running: list[Job] = []
+        self._running: list[Job] = []  # handed to the runtime, not finished
         self._jobs: weakref.WeakSet[Job] = weakref.WeakSet()  # every accepted, referenced job
-        self._busy_since = 0.0
-        self._batch_s: deque[float] = deque(maxlen=BATCH_WINDOW)  # recent batch wall times
+        self._service_s: deque[float] = deque(maxlen=SERVICE_WINDOW)  # recent service times
+        self._sched: Scheduler | None = None
+        self._engine_loop: asyncio.Future | None = None
+        self._room = asyncio.Event()  # set whenever a running request finishes
         self._guarded = True  # False for fixed policies: the budget guard is off, no brownout
 
     # ---- lifecycle ------------------------------------------------------------------------------
@@ -124,6 +132,10 @@ class Serving:
         info = engine.info()
         self._guarded = info.get("policy", "hest") == "hest"
         self.metrics.set_info(info)
+        self._sched = engine.scheduler(max_rows=self.settings.max_batch_size)
+        self._engine_loop = loop.run_in_executor(
+            self._worker, self._sched.serve_forever, self.metrics.batch_size.observe
+        )
         self._scheduler = asyncio.create_task(self._schedule(), name="hest-scheduler")
         self.ready = True
         log.info(
@@ -150,6 +162,10 @@ class Serving:
         for job in self._unfinished():  # only after a drain timeout: stop them, answer 503
             job.cancel()
             job._finish(None, ShuttingDownError("the server shut down before this request ended"))
+        if self._sched is not None:
+            self._sched.stop()  # the engine loop ends after its current step
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(self._engine_loop), 30)
         self._worker.shutdown(wait=False, cancel_futures=True)
         self._checker.shutdown(wait=False, cancel_futures=True)
         self.ready = False
@@ -220,39 +236,43 @@ class Serving:
         return job
 
     # ---- brownout -------------------------------------------------------------------------------
-    def typical_batch_s(self) -> float | None:
-        """Median wall time of the last BATCH_WINDOW batches (None before the first)."""
-        return statistics.median(self._batch_s) if self._batch_s else None
+    def typical_request_s(self) -> float | None:
+        """Median service time (admitted to done) of the last SERVICE_WINDOW requests (None
+        before the first)."""
+        return statistics.median(self._service_s) if self._service_s else None
 
     def predicted_wait_s(self) -> float:
-        """Seconds a request arriving now waits before its batch starts: the rest of the running
-        batch, then one typical batch per full batch queued ahead of it. 0 on an idle server."""
-        typical = self.typical_batch_s()
-        if typical is None or (not self._running and self._queue.empty()):
+        """Seconds a request arriving now waits for a row: when every row is taken, what is left
+        of the oldest running request, then one typical request time per `max_batch_size`
+        requests queued ahead of it. 0 while a row is free and nothing is queued."""
+        typical = self.typical_request_s()
+        rows = self.settings.max_batch_size
+        full = len(self._running) >= rows
+        if typical is None or (not full and self._queue.empty()):
             return 0.0
         left = 0.0
-        if self._running:
-            left = max(0.0, typical - (time.perf_counter() - self._busy_since))
-        ahead = self._queue.qsize() // self.settings.max_batch_size  # full batches before ours
-        return left + ahead * typical
+        if full:
+            oldest = min(job.started for job in self._running)
+            left = max(0.0, typical - (time.perf_counter() - oldest))
+        return left + (self._queue.qsize() // rows) * typical
 
     def predicted_latency_s(self) -> float:
-        """A request arriving now: its wait plus one typical batch (0 before the first batch)."""
-        typical = self.typical_batch_s()
+        """A request arriving now: its wait plus one typical request (0 before the first)."""
+        typical = self.typical_request_s()
         return 0.0 if typical is None else self.predicted_wait_s() + typical
 
     def brownout_level(self) -> float:
         """0..1: how far the predicted wait has eaten into the slack the SLO leaves for waiting
-        (SLO minus a typical batch). 0 whenever nothing would wait."""
+        (SLO minus a typical request). 0 whenever nothing would wait."""
         if not self._guarded:
             return 0.0
         wait = self.predicted_wait_s()
         if wait <= 0.0:
             return 0.0
         s = self.settings
-        slack = s.slo_s - (self.typical_batch_s() or 0.0)
+        slack = s.slo_s - (self.typical_request_s() or 0.0)
         if slack <= 0.0:
-            return 1.0  # a batch alone takes the whole SLO: any wait breaks it
+            return 1.0  # a request alone takes the whole SLO: any wait breaks it
         start = s.brownout_start * slack
         return min(1.0, max(0.0, (wait - start) / (slack - start)))
 
@@ -270,121 +290,98 @@ class Serving:
         wait = self.predicted_latency_s()
         return max(self.settings.retry_after_s, math.ceil(wait)) if math.isfinite(wait) else 60
 
-    # ---- the scheduler --------------------------------------------------------------------------
-    async def _next_batch(self) -> list[Job]:
-        loop = asyncio.get_running_loop()
-        batch = [await self._queue.get()]
-        deadline = loop.time() + self.settings.max_wait_ms / 1000
-        while len(batch) < self.settings.max_batch_size:
-            if not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-                continue
-            remaining = deadline - loop.time()
-            if remaining <= 0:
-                break
-            try:
-                batch.append(await asyncio.wait_for(self._queue.get(), remaining))
-            except TimeoutError:
-                break
-        self.metrics.queue_depth.set(self._queue.qsize())
-        return batch
-
+    # ---- feeding the runtime's scheduler ----------------------------------------------------------
     @property
     def queue_depth(self) -> int:
         return self._queue.qsize()
 
     @property
     def alive(self) -> bool:
-        """False once the scheduler task has died (a bug); /healthz then fails."""
-        return self._scheduler is None or not self._scheduler.done() or self.draining
+        """False once the feeding task or the engine loop has died (a bug); /healthz then fails."""
+        dead = [t for t in (self._scheduler, self._engine_loop) if t is not None and t.done()]
+        return not dead or self.draining
 
     async def _schedule(self) -> None:
+        """Hand queued requests to the runtime while rows are free."""
+        loop, rows = asyncio.get_running_loop(), self.settings.max_batch_size
         while True:
-            batch = await self._next_batch()
-            live = []
-            for job in batch:
-                if job.cancelled.is_set():  # the client left while queued: no work at all
-                    self.metrics.requests.labels("cancelled").inc()
-                    job._finish(None, EngineFailedError("cancelled before it ran"))
-                else:
-                    live.append(job)
-            try:
-                if live:
-                    await self._run_batch(live)
-            except Exception:  # a bug in the bookkeeping must not stop the scheduler
-                log.exception("scheduler error on a batch of %d", len(live))
-                for job in live:
+            while len(self._running) >= rows:
+                self._room.clear()
+                await self._room.wait()
+            group = [await self._queue.get()]
+            if not self._running:  # idle: let a burst share its first prefill round
+                deadline = loop.time() + self.settings.max_wait_ms / 1000
+                while len(group) < rows and (remaining := deadline - loop.time()) > 0:
+                    try:
+                        group.append(await asyncio.wait_for(self._queue.get(), remaining))
+                    except TimeoutError:
+                        break
+            self.metrics.queue_depth.set(self._queue.qsize())
+            for job in group:
+                try:
+                    self._admit(job)
+                except Exception:  # a bug in the bookkeeping must not stop the scheduler
+                    log.exception("could not hand request %s to the runtime", job.id)
                     if not job.done.is_set():
                         job._finish(None, EngineFailedError("internal error in the scheduler"))
 
-    def _generate(self, prepared: list[PreparedRequest], on_token) -> list[GenerationResult]:
-        assert self.engine is not None
-        return self.engine.generate(prepared, on_token=on_token)
+    def _admit(self, job: Job) -> None:
+        if job.cancelled.is_set():  # the client left while queued: no work at all
+            self.metrics.requests.labels("cancelled").inc()
+            job._finish(None, EngineFailedError("cancelled before it ran"))
+            return
+        assert self._sched is not None
+        loop = asyncio.get_running_loop()
+        job.started = time.perf_counter()
+        job.queue_s = job.started - job.arrived
+        on_token = None
+        if job.stream is not None:
+            q = job.stream
+
+            def on_token(delta) -> None:  # engine thread
+                loop.call_soon_threadsafe(q.put_nowait, delta)
+
+        def on_done(result: GenerationResult) -> None:  # engine thread
+            loop.call_soon_threadsafe(self._complete, job, result)
+
+        self._sched.submit(job.prepared, on_token, on_done)  # on_done runs after this returns
+        self._running.append(job)
+        self.metrics.inflight.set(len(self._running))
 
     def _fail_one(self, job: Job, err: HestError) -> None:
-        """One request of a batch failed on its own: its own input (a 4xx, e.g. a budget below
-        its minimum) or its own step (a 500); its batch mates were served."""
+        """One request failed on its own: its own input (a 4xx, e.g. a budget below its minimum)
+        or its own step or forward (a 500); the other running requests were served."""
         bad_input = isinstance(err, InvalidInputError)
         self.metrics.requests.labels("invalid" if bad_input else "error").inc()
         err.counted = True  # type: ignore[attr-defined]  # the error handler must not count it again
         if not bad_input:
-            log.error("request %s failed in its batch: %s", job.id, err)
+            log.error("request %s failed in the engine: %s", job.id, err)
             err = EngineFailedError(
                 f"the engine failed on this request ({err}); the server keeps serving, retry it"
             )
         job._finish(None, err)
 
-    async def _run_batch(self, jobs: list[Job]) -> None:
-        loop = asyncio.get_running_loop()
-        start = time.perf_counter()
-        for job in jobs:
-            job.queue_s = start - job.arrived
-        self._running, self._busy_since = jobs, start
-        self.metrics.inflight.set(len(jobs))
-        streams = [job.stream for job in jobs]
-        on_token = None
-        if any(q is not None for q in streams):
-
-            def on_token(index: int, delta: str) -> None:  # engine thread
-                q = streams[index]
-                if q is not None:
-                    loop.call_soon_threadsafe(q.put_nowait, delta)
-
+    def _complete(self, job: Job, result: GenerationResult) -> None:
+        """The runtime ended a request (event loop thread): metrics, the answer, a free row."""
+        with contextlib.suppress(ValueError):
+            self._running.remove(job)
+        if job.done.is_set():  # answered already (a drain that timed out)
+            self._room.set()
+            return
+        self._service_s.append(time.perf_counter() - job.started)
         try:
-            results = await loop.run_in_executor(
-                self._worker, self._generate, [job.prepared for job in jobs], on_token
-            )
-            if len(results) != len(jobs):
-                raise RuntimeError(f"engine returned {len(results)} results for {len(jobs)}")
-        except Exception as err:  # one bad batch must not stop the server
-            log.exception("engine failed on a batch of %d requests", len(jobs))
-            for job in jobs:
-                self.metrics.requests.labels("error").inc()
-                job._finish(
-                    None,
-                    EngineFailedError(
-                        f"the engine failed on this request's batch ({type(err).__name__}: {err}); "
-                        "the server keeps serving, retry the request"
-                    ),
-                )
-        else:
-            served = []
-            for job, result in zip(jobs, results, strict=True):
-                if result.error is not None:  # this request failed on its own; the rest ran
-                    self._fail_one(job, result.error)
-                    continue
+            if result.error is not None:  # this request failed on its own; the rest ran
+                self._fail_one(job, result.error)
+            else:
                 job.co2e_g = co2e_g(result.stats, self.settings.grid_intensity_g_per_kwh)
                 self.metrics.observe_result(
                     result.stats, result.finish_reason, job.queue_s, job.check_s, job.co2e_g
                 )
+                self.metrics.observe_energy_ratio(result.stats)
                 job._finish(result, None)
-                served.append(result.stats)
-            if served:
-                self.metrics.observe_batch(served)
         finally:
-            batch_s = time.perf_counter() - start
-            self._batch_s.append(batch_s)
-            log.debug("batch of %d in %.2f s", len(jobs), batch_s)
-            self._running = []
-            self.metrics.inflight.set(0)
+            if not job.done.is_set():
+                job._finish(None, EngineFailedError("internal error in the scheduler"))
+            self.metrics.inflight.set(len(self._running))
             self.metrics.brownout_level.set(self.brownout_level())
+            self._room.set()

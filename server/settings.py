@@ -31,8 +31,18 @@ class Settings(BaseSettings):
         "server at start with the fix",
     )
     queue_size: int = Field(64, ge=1, description="requests that may wait; more get 429")
-    max_batch_size: int = Field(8, ge=1, description="requests per engine batch")
-    max_wait_ms: float = Field(10.0, ge=0, description="how long a batch waits to fill up")
+    max_batch_size: int = Field(
+        8,
+        ge=1,
+        description="the most requests in the running batch (rows prefilled or decoded at once, "
+        "continuous batching); more wait in the queue and join as rows free",
+    )
+    max_wait_ms: float = Field(
+        10.0,
+        ge=0,
+        description="on an idle server, how long the first request waits for others to share "
+        "its first prefill round (a busy server adds requests at the next step)",
+    )
     default_budget_ratio: float = Field(
         DEFAULT_BUDGET_RATIO, gt=0, description="budget ratio of requests that give no budget"
     )

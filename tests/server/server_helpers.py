@@ -21,7 +21,7 @@ import pytest
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
-from hest_core import Engine
+from hest_core import Engine, Scheduler
 from server import Settings, create_app
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -63,24 +63,25 @@ async def in_process(engine: Engine, **overrides) -> AsyncIterator[httpx.AsyncCl
             yield client
 
 
-def slow_generate(engine: Engine, delay_s: float, seen: list) -> Callable:
-    """Wrap the real engine.generate: remember each batch's requests, sleep per token. Clean
-    endings are turned off in the batch so every token is a streamed delta (the tiny random model
-    writes no sentences, and clean endings hold a sentence back until it ends)."""
-    real = engine.generate
+def slow_submit(delay_s: float, seen: list) -> Callable:
+    """A wrapper of the real `Scheduler.submit` (monkeypatch it onto the class): remember each
+    request handed to the runtime, sleep per streamed delta (in the engine thread, so every step
+    of the running batch slows down). Clean endings are turned off so every token is a streamed
+    delta (the tiny random model writes no sentences, and clean endings hold a sentence back
+    until it ends)."""
+    real = Scheduler.submit
 
-    def generate(requests, on_token=None):
-        seen.append(list(requests))
-        requests = [replace(p, clean_end=False) for p in requests]
+    def submit(self, req, on_token=None, on_done=None):
+        seen.append(req)
 
-        def on_token_slow(index: int, delta: str) -> None:
+        def on_token_slow(delta) -> None:
             time.sleep(delay_s)
             if on_token is not None:
-                on_token(index, delta)
+                on_token(delta)
 
-        return real(requests, on_token=on_token_slow)
+        return real(self, replace(req, clean_end=False), on_token_slow, on_done)
 
-    return generate
+    return submit
 
 
 def free_port() -> int:

@@ -1,0 +1,159 @@
+"""Continuous batching (hest_core/scheduler.py) on the real tiny model: a request that joins a
+running batch writes what it writes alone, rows leave and join between decode steps, a long
+prompt's prefill rounds interleave with the running decodes, and a failed forward ends only the
+requests in it."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from hest_core import Engine, GenerationRequest, generation
+from hest_core.scheduler import Scheduler
+
+BASE = "The city council voted on Tuesday to expand the bus network after a year of delays. "
+TEXTS = [
+    BASE * 3,
+    "The museum reopened its west wing with a show of river photographs. " * 4,
+    "Heavy rain closed two mountain roads and delayed the harvest by a week. " * 2,
+    "A local bakery won the regional prize for its rye bread and cinnamon rolls. " * 5,
+    "The school board approved a later start time for the high schools. " * 3,
+    "Engineers finished testing the new bridge over the harbour on Friday. " * 4,
+]
+
+
+def _req(i: int, max_new: int = 16, **kw) -> GenerationRequest:
+    kw = {"energy_budget_ratio": 1.0, "clean_end": False} | kw
+    return GenerationRequest(TEXTS[i], max_new_tokens=max_new, **kw)
+
+
+def _same(joined, alone) -> None:
+    assert joined.error is None and alone.error is None
+    assert (joined.text, joined.finish_reason) == (alone.text, alone.finish_reason)
+    assert joined.stats.completion_tokens == alone.stats.completion_tokens
+    assert joined.stats.paths == alone.stats.paths
+    assert joined.stats.modelled_j == pytest.approx(alone.stats.modelled_j, rel=1e-12)
+    assert joined.stats.prefill_j == pytest.approx(alone.stats.prefill_j, rel=1e-12)
+
+
+def _steps(sched: Scheduler, n: int) -> list[int]:
+    return [sched.step() for _ in range(n)]
+
+
+@pytest.mark.parametrize("joiners", [1, 5], ids=["fused-rows", "past-native-rows"])
+def test_joining_mid_way_writes_what_it_writes_alone(tiny_engine: Engine, joiners: int):
+    """Greedy: request 0 runs, the others join at different steps (5 joiners take the decode
+    past the fused layer's 4 rows, onto the PyTorch loop); every one writes the same tokens,
+    paths and joules as alone."""
+    reqs = [_req(0, max_new=40)] + [_req(i, max_new=12) for i in range(1, joiners + 1)]
+    alone = [tiny_engine.generate([r])[0] for r in reqs]
+    sched = tiny_engine.scheduler(max_rows=8)
+    tickets = [sched.submit(tiny_engine.check(reqs[0]))]
+    rows = _steps(sched, 3)  # prefill + first token, then decode steps
+    for r in reqs[1:]:
+        tickets.append(sched.submit(tiny_engine.check(r)))
+        rows += _steps(sched, 2)
+    while not sched.idle:
+        rows.append(sched.step())
+    assert max(rows) == joiners + 1, rows  # they really decoded together
+    for t, a in zip(tickets, alone, strict=True):
+        _same(t.result, a)
+
+
+def test_rows_leave_and_waiting_requests_join(tiny_engine: Engine):
+    """max_rows=2 and five requests: never more than two decode at once, each waiting request
+    joins as a row frees, and each still writes what it writes alone."""
+    reqs = [_req(i, max_new=6 + 3 * i) for i in range(5)]
+    alone = [tiny_engine.generate([r])[0] for r in reqs]
+    sched = tiny_engine.scheduler(max_rows=2)
+    done: list[int] = []
+    tickets = [
+        sched.submit(tiny_engine.check(r), on_done=lambda res, k=k: done.append(k))
+        for k, r in enumerate(reqs)
+    ]
+    rows = []
+    while not sched.idle:
+        assert sched.running <= 2
+        rows.append(sched.step())
+    assert max(rows) == 2 and sorted(done) == list(range(5))
+    for t, a in zip(tickets, alone, strict=True):
+        _same(t.result, a)
+
+
+def test_long_prompt_prefill_interleaves_with_running_decodes(tiny_engine: Engine, monkeypatch):
+    """A ~250-token prompt prefilled in rounds of 32 tokens joins a running request: that request
+    gets a decode step between every two rounds, and both write what they write alone."""
+    monkeypatch.setattr(generation, "PREFILL_CHUNK", 32)
+    short, long_ = _req(1, max_new=30), GenerationRequest(BASE * 12, max_new_tokens=8)
+    alone = [tiny_engine.generate([r])[0] for r in (short, long_)]
+    sched = tiny_engine.scheduler()
+    tokens: list[int] = []
+    first = sched.submit(tiny_engine.check(short), on_token=lambda d: tokens.append(1))
+    while first.st is None or len(first.st.out_ids) < 2:  # its own prefill rounds, then decoding
+        sched.step()
+    p = tiny_engine.check(long_)
+    assert len(p.ids) > 6 * 32  # several rounds
+    second = sched.submit(p)
+    rounds = 0
+    while second.st is None or second.st.ttft_s == 0.0:
+        before = len(first.st.out_ids)
+        sched.step()
+        rounds += 1
+        assert len(first.st.out_ids) == before + 1, "a prefill round stalled the running decode"
+    assert rounds == -(-len(p.ids) // 32)
+    while not sched.idle:
+        sched.step()
+    _same(first.result, alone[0])
+    _same(second.result, alone[1])
+    assert tokens, "the running request streamed while the other prefilled"
+
+
+def test_a_failed_forward_ends_only_its_requests(tiny_engine: Engine, monkeypatch):
+    """The prefill forward of a joining request raises: that request ends with finish "error"
+    (RequestFailedError naming the cause); the request decoding meanwhile is not touched."""
+    reqs = [_req(0, max_new=20), _req(2, max_new=8)]
+    alone = tiny_engine.generate([reqs[0]])[0]
+    real = Scheduler._forward
+    marker = tiny_engine.check(reqs[1]).ids
+
+    def forward(self, ids, *rest):
+        if not rest[4] and ids.tolist() == marker:  # the joiner's prefill (decode=False)
+            raise RuntimeError("injected forward failure")
+        return real(self, ids, *rest)
+
+    monkeypatch.setattr(Scheduler, "_forward", forward)
+    sched = tiny_engine.scheduler()
+    ok = sched.submit(tiny_engine.check(reqs[0]))
+    _steps(sched, 3)
+    bad = sched.submit(tiny_engine.check(reqs[1]))
+    while not sched.idle:
+        sched.step()
+    assert bad.result.finish_reason == "error" and "injected" in str(bad.result.error)
+    _same(ok.result, alone)
+
+
+def test_cancelled_while_waiting_or_prefilling_spends_little(tiny_engine: Engine):
+    """A request cancelled before its prefill ends leaves with finish "cancelled" and no text;
+    the running one is served."""
+    ev = threading.Event()
+    sched = tiny_engine.scheduler()
+    ok = sched.submit(tiny_engine.check(_req(0, max_new=10)))
+    _steps(sched, 2)
+    gone = sched.submit(tiny_engine.check(_req(3, cancelled=ev)))
+    ev.set()
+    while not sched.idle:
+        sched.step()
+    assert gone.result.finish_reason == "cancelled" and gone.result.text == ""
+    assert gone.result.stats.completion_tokens == 0
+    assert ok.result.finish_reason in ("length", "stop")
+
+
+def test_static_generate_is_one_scheduler_batch(tiny_engine: Engine):
+    """Engine.generate(list) still answers in order, each as alone, and max_rows is checked."""
+    reqs = [_req(i, max_new=8) for i in (4, 5, 1)]
+    batch = tiny_engine.generate(reqs)
+    for r, res in zip(reqs, batch, strict=True):
+        _same(res, tiny_engine.generate([r])[0])
+    with pytest.raises(ValueError, match="max_rows"):
+        tiny_engine.scheduler(max_rows=0)

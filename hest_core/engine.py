@@ -337,13 +337,14 @@ class Engine:
         sched.run_until_idle()
         return [t.result for t in tickets]  # type: ignore[misc]
 
-    def scheduler(self, max_rows: int = DEFAULT_MAX_ROWS) -> Scheduler:
+    def scheduler(self, max_rows: int = DEFAULT_MAX_ROWS, static: bool = False) -> Scheduler:
         """A continuous-batching scheduler on this engine (hest_core/scheduler.py): requests
         `submit`ted to it join the running batch between decode steps, at most `max_rows`
-        prefilling or decoding at once. Run it with `serve_forever` in one thread; it takes this
-        engine's lock per step, so `generate` calls from other threads interleave between steps.
+        prefilling or decoding at once (`static`: only when nothing runs, the static-batching
+        baseline). Run it with `serve_forever` in one thread; it takes this engine's lock per
+        step, so `generate` calls from other threads interleave between steps.
         Raises ValueError for max_rows < 1."""
-        return Scheduler(self, max_rows=max_rows)
+        return Scheduler(self, max_rows=max_rows, static=static)
 
     def _nominal_watts(self) -> float:
         """The watts behind `estimated_j`: the estimate meter's, else the configured nominal."""

@@ -75,13 +75,22 @@ class _ForwardFailed(Exception):
 class Scheduler(BatchRunner):
     """Iteration-level scheduler over one engine. `max_rows`: the most requests prefilling or
     decoding at once (the rest wait). `reraise`: a failed batched forward raises out of `step`
-    (Engine.generate's contract) instead of only ending the requests of that forward."""
+    (Engine.generate's contract) instead of only ending the requests of that forward.
+    `static`: admit waiting requests only when nothing runs (static batching: a batch runs to
+    completion before the next starts), the baseline continuous batching is measured against."""
 
-    def __init__(self, engine, max_rows: int = DEFAULT_MAX_ROWS, *, reraise: bool = False):
+    def __init__(
+        self,
+        engine,
+        max_rows: int = DEFAULT_MAX_ROWS,
+        *,
+        reraise: bool = False,
+        static: bool = False,
+    ):
         super().__init__(engine, self._deliver)
         if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1:
             raise ValueError(f"max_rows={max_rows!r} must be an integer >= 1")
-        self.max_rows, self.reraise = max_rows, reraise
+        self.max_rows, self.reraise, self.static = max_rows, reraise, bool(static)
         self._cv = threading.Condition()
         self._pending: deque[Ticket] = deque()
         self._prefilling: list[Ticket] = []
@@ -179,6 +188,8 @@ class Scheduler(BatchRunner):
     def _admit(self) -> None:
         with self._cv:
             room = self.max_rows - self.running
+            if self.static and self.running:
+                room = 0  # static batching: the running batch ends before the next starts
             new = [self._pending.popleft() for _ in range(min(room, len(self._pending)))]
         if not new:
             return

@@ -37,6 +37,12 @@ class Settings(BaseSettings):
         description="the most requests in the running batch (rows prefilled or decoded at once, "
         "continuous batching); more wait in the queue and join as rows free",
     )
+    batching: Literal["continuous", "static"] = Field(
+        "continuous",
+        description="'continuous': requests join the running batch between decode steps; "
+        "'static': a batch runs to completion before the next starts (the baseline the load "
+        "test compares with)",
+    )
     max_wait_ms: float = Field(
         10.0,
         ge=0,

@@ -157,3 +157,21 @@ def test_static_generate_is_one_scheduler_batch(tiny_engine: Engine):
         _same(res, tiny_engine.generate([r])[0])
     with pytest.raises(ValueError, match="max_rows"):
         tiny_engine.scheduler(max_rows=0)
+
+
+def test_static_batching_waits_for_the_running_batch(tiny_engine: Engine):
+    """`static=True` (the baseline the load test compares with): a request submitted while a
+    batch runs starts only once that batch has ended, and still writes what it writes alone."""
+    a, b = _req(0, max_new=12), _req(1, max_new=6)
+    alone = [tiny_engine.generate([r])[0] for r in (a, b)]
+    sched = tiny_engine.scheduler(max_rows=4, static=True)
+    first = sched.submit(tiny_engine.check(a))
+    sched.step()
+    second = sched.submit(tiny_engine.check(b))
+    while first.result is None:
+        sched.step()
+        assert second.st is None, "joined a running static batch"
+    while not sched.idle:
+        sched.step()
+    _same(first.result, alone[0])
+    _same(second.result, alone[1])

@@ -226,7 +226,9 @@ class BatchRunner:
                 cost = em.min_decode_step_q(ctx, g.path)
         # one token of margin: the attention term makes each step a little dearer than the last
         by_budget = max(0, max(0, g.budget - g.spent) // max(1, cost) - 1)
-        return min(left, by_budget), by_budget < left
+        # the budget binds when it buys fewer tokens than max_new_tokens leaves, beyond that one
+        # token of margin: a budget of exactly the all-fp16 cost (ratio 1) ends fp16 by length
+        return min(left, by_budget), by_budget + 1 < left
 
     # ---- tokens out --------------------------------------------------------------------------------
     def _choose(self, logits: torch.Tensor, states: list[RequestState]):

@@ -22,7 +22,9 @@ import torch
 
 from hest_core.artifact import load_adapter
 from hest_core.engine import DEFAULT_ADAPTER_DIR
+from hest_core.gguf_blocks import quantize_q4_1
 from hest_core.loading import fingerprint, load_hf_model, load_tokenizer
+from hest_core.model import TARGETS
 from hest_core.spectral import SvdCache, make_weight_fn, target_module, z_support
 from training.data import load_pairs, tokenize
 from training.forward import TrainModel, forward
@@ -80,6 +82,16 @@ def merge_z(hf, adapter: str) -> None:
                 m.weight.copy_(fn(li, t, m.weight.detach().float()).to(m.weight.dtype))
 
 
+def requantize_q4(hf) -> None:
+    """Every target weight -> its Q4_1 blocks, dequantized (what a 4-bit path would compute)."""
+    with torch.no_grad():
+        for li in range(len(hf.model.layers)):
+            for t in TARGETS:
+                m = target_module(hf, li, t)
+                w = quantize_q4_1(m.weight.detach().float()).dequantize()
+                m.weight.copy_(w.to(m.weight.dtype))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", default="../shared/data/cnndm/train.jsonl")
@@ -87,6 +99,12 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=12)
     ap.add_argument("--adapter", default="default", help="'default', a directory, or 'none'")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--int4",
+        action="store_true",
+        help="also every unit on 4-bit weights: each weight (the z merged) requantized to Q4_1 "
+        "(hest_core.gguf_blocks.quantize_q4_1), 16-bit activations",
+    )
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -94,19 +112,26 @@ def main() -> None:
     if a.adapter != "none":
         merge_z(hf, a.adapter)
     tm = TrainModel(hf, torch.bfloat16)
+    tm4 = None
+    if a.int4:
+        requantize_q4(hf)
+        tm4 = TrainModel(hf, torch.bfloat16)
     pairs = load_pairs(a.data, a.skip + a.n)[a.skip :]
     exs = [tokenize(tok, p, 384, 64) for p in pairs]
     L = tm.spec.n_layers
     zero = torch.zeros(L, 3)
     rows = []
     t0 = time.perf_counter()
-    for name, (pre, gen) in assignments(L).items():
+    runs = [(name, tm, pre, gen) for name, (pre, gen) in assignments(L).items()]
+    if tm4 is not None:
+        runs.append(("int4 everywhere (Q4_1 of the served weights)", tm4, [0] * L, [0] * L))
+    for name, model, pre, gen in runs:
         ctl = FixedPaths(torch.tensor(pre), torch.tensor(gen))
         with torch.no_grad():
             ces = [
                 float(
                     forward(
-                        tm,
+                        model,
                         ctl,
                         None,
                         ex.prompt,

@@ -197,6 +197,7 @@ class Engine:
             if policy == "hest"
             else 0,
             "n_layers": lean.spec.n_layers,
+            "paths": list(reg.names()),
             "max_context_tokens": lean.rope_cos.shape[0],
             "load_s": round(time.perf_counter() - t0, 2),
         }

@@ -1,4 +1,5 @@
-"""HEST runtime: energy-budgeted generation with per-token fp16 / int8 / skip paths."""
+"""HEST runtime: energy-budgeted generation with per-token paths (fp16 / int8 / skip: the registry
+in `hest_core/paths.py`)."""
 
 from .artifact import HestAdapter, HestConfig, load_adapter
 from .controller import Controller
@@ -13,6 +14,7 @@ from .errors import (
     MeterUnavailableError,
     ModelLoadError,
 )
+from .paths import names as path_names
 from .prompt import build_prompt
 from .request import GenerationRequest, GenerationResult, PreparedRequest, RequestStats
 from .scheduler import Scheduler
@@ -37,5 +39,6 @@ __all__ = [
     "TextDelta",
     "TokenLogprob",
     "build_prompt",
+    "path_names",
     "load_adapter",
 ]

@@ -13,7 +13,8 @@ from pathlib import Path
 
 import torch
 
-from .controller import Controller, build_controller
+from . import paths as reg
+from .controller import NEG_LOGIT, Controller, build_controller
 from .errors import AdapterMismatchError, HestError
 from .model import TARGETS, ModelSpec
 
@@ -36,6 +37,9 @@ class HestConfig:
     created: str = ""
     training: dict = field(default_factory=dict)
     version: int = ADAPTER_VERSION
+    # the paths its controller's outputs stand for, in order; written only when they are not the
+    # built-in three (paths.py), so 3-path artifacts keep their format
+    paths: list[str] = field(default_factory=lambda: list(reg.BUILTIN_NAMES))
 
     def __post_init__(self):
         if self.k <= 0:
@@ -101,7 +105,11 @@ class HestAdapter:
             tensors["hest_shortcut.a"] = self.shortcut[0].float().contiguous()
             tensors["hest_shortcut.b"] = self.shortcut[1].float().contiguous()
         save_file(tensors, str(d / WEIGHTS_FILE))
-        (d / CONFIG_FILE).write_text(json.dumps(asdict(self.config), indent=1))
+        cfg = asdict(self.config)
+        cfg["paths"] = list(reg.names())  # what the controller was built with
+        if tuple(cfg["paths"]) == reg.BUILTIN_NAMES:
+            del cfg["paths"]
+        (d / CONFIG_FILE).write_text(json.dumps(cfg, indent=1))
         return d
 
 
@@ -129,11 +137,41 @@ def load_adapter(path: str | Path) -> HestAdapter:
         if n.startswith("hest_controller.")
     }
     try:
-        ctl.load_state_dict(state)
+        ctl.load_state_dict(_fit_paths(ctl, state, cfg.paths, d))
     except RuntimeError as err:
         raise AdapterMismatchError(f"{d}: controller tensors do not fit: {err}") from err
     z = {n.removeprefix("hest_z."): v for n, v in t.items() if n.startswith("hest_z.")}
     sc = None
     if "hest_shortcut.a" in t:
         sc = (t["hest_shortcut.a"], t["hest_shortcut.b"])
+    cfg.paths = list(reg.names())
     return HestAdapter(cfg, ctl, z, sc)
+
+
+def _fit_paths(ctl: torch.nn.Module, state: dict, saved: list[str], d: Path) -> dict:
+    """The artifact's controller tensors laid out for the registry's paths: a tensor whose path
+    dimension holds `saved` (e.g. the 3 built-ins) gets one slot per registered path, the
+    artifact's values at their paths' indices, NEG_LOGIT in a0 (a path the artifact never
+    learned is never chosen) and 0 elsewhere. Raises AdapterMismatchError for a saved path the
+    registry does not have."""
+    now = reg.names()
+    if tuple(saved) == now:
+        return state
+    if unknown := [n for n in saved if reg.find(n) is None]:
+        raise AdapterMismatchError(
+            f"{d}: adapter controller uses paths {unknown} that are not registered ({now})",
+            param="adapter",
+        )
+    own, out = ctl.state_dict(), {}
+    idx = torch.tensor([reg.index(n) for n in saved])
+    for n, v in state.items():
+        want = own.get(n)
+        out[n] = v
+        if want is None or want.dim() != v.dim() or want.shape == v.shape:
+            continue
+        dims = [i for i, (a, b) in enumerate(zip(v.shape, want.shape, strict=True)) if a != b]
+        if len(dims) != 1 or v.shape[dims[0]] != len(saved) or want.shape[dims[0]] != len(now):
+            continue  # not a path dimension: load_state_dict reports it
+        fill = NEG_LOGIT if n.endswith("a0") else 0.0
+        out[n] = torch.full(want.shape, fill, dtype=v.dtype).index_copy_(dims[0], idx, v)
+    return out

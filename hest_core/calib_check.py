@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import statistics
 
+from . import paths as reg
 from .energy import CalibrationTable, PhaseCosts
 
 PHASES = ("prefill", "decode")
@@ -57,14 +58,14 @@ def disagreements(tables: list[CalibrationTable], tol: float | None = None) -> l
     out = []
     for ph in PHASES:
         costs = [getattr(t, ph) for t in tables]
-        for p, name in enumerate(("fp16", "int8", "skip")):
+        for p, name in enumerate(reg.names()):
             s = _spread([c.unit[0][p] for c in costs])
             if s > tol:
                 out.append(f"{ph} {name} unit cost varies by {s:.0%} between repeats")
         s = _spread([c.head for c in costs])
         if s > tol:
             out.append(f"{ph} head cost varies by {s:.0%} between repeats")
-        for a, b in ((0, 1), (0, 2), (1, 2)):
+        for a, b in reg.pairs():
             above = any(c.unit[0][a] > c.unit[0][b] * (1 + tol) for c in costs)
             below = any(c.unit[0][b] > c.unit[0][a] * (1 + tol) for c in costs)
             if above and below:

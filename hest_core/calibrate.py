@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from . import calib_check, native
+from . import paths as reg
 from .config import RuntimeConfig
 from .dtypes import dtype_name
 from .energy import CalibrationTable, PhaseCosts
@@ -177,10 +178,10 @@ def _phase(lean: LeanModel, meter: Meter, m: int, ctx: int | None) -> PhaseCosts
             attn = max(0.0, (js[1] - js[0]) / (ctx - 64)) * s.n_layers
             tok_fixed += max(0.0, js[0] - attn / s.n_layers * 64) * s.n_layers
             fixed_total = tok_fixed + attn * ctx + head
-        # whole forward passes, one path everywhere
+        # whole forward passes, one path everywhere (every registered path)
         u = [
             max(_forward_j(lean, meter, m, ctx, p) - fixed_total, 0.0) / (m * s.n_layers)
-            for p in range(3)
+            for p in range(reg.n_paths())
         ]
     return _phase_costs(s.n_layers, u, tok_fixed, attn, head)
 
@@ -217,11 +218,11 @@ def _phase_fused_decode(lean: LeanModel, meter: Meter, m: int, ctx: int) -> Phas
     # attention per position: least-squares slope of skip steps over five contexts (skip
     # steps are mostly attention, so the slope is the least disturbed by weight traffic)
     cs = [64 + i * (ctx - 64) // 4 for i in range(5)]
-    js = [_forward_j(lean, meter, m, c, 2) for c in cs]
+    js = [_forward_j(lean, meter, m, c, reg.lightest()) for c in cs]
     cm, jm = sum(cs) / 5, sum(js) / 5
     slope = sum((c - cm) * (j - jm) for c, j in zip(cs, js, strict=True))
     attn = max(0.0, slope / sum((c - cm) ** 2 for c in cs) / m)
-    full = [_forward_j(lean, meter, m, ctx, p) for p in range(3)]
+    full = [_forward_j(lean, meter, m, ctx, p) for p in range(reg.n_paths())]
     fixed_total = m * (tok_fixed + attn * ctx) + head
     u = [max(j - fixed_total, 0.0) / (m * s.n_layers) for j in full]
     return _phase_costs(s.n_layers, u, tok_fixed, attn, head)
@@ -264,7 +265,9 @@ def _forward_j(lean: LeanModel, meter: Meter, m: int, ctx: int | None, path: int
 
 
 def _phase_costs(n_layers: int, u: list[float], tok_fixed: float, attn: float, head: float):
-    u[2] = min(u[2], u[1])  # skip's work is a subset of int8's: timing noise must not invert them
+    for p in reg.PATHS:  # skip's work is a subset of int8's: timing noise must not invert them
+        if p.calib_cap is not None:
+            u[p.index] = min(u[p.index], u[reg.index(p.calib_cap)])
     floor = max(1e-3 * max(u), 1e-9)
     u = [max(v, floor) for v in u]  # a unit is never free (noise can eat a tiny model's units)
     return PhaseCosts(
@@ -285,11 +288,16 @@ def _load_avg() -> float:
 def _sanity(prefill: PhaseCosts, decode: PhaseCosts) -> list[str]:
     """Physical orderings a calibration should show; a busy machine can break them."""
     out = []
+    ps = reg.PATHS
+    by_quality = sorted(ps, key=lambda p: (p.quality, p.index))
     for name, c in (("prefill", prefill), ("decode", decode)):
-        f, i, s = c.unit[0]
-        if not f >= i >= s:
+        u = c.unit[0]
+        costs = [u[p.index] for p in by_quality]
+        if any(a.quality < b.quality and u[a.index] < u[b.index] for a in ps for b in ps):
+            order = " >= ".join(p.name for p in by_quality)
+            vals = ", ".join(f"{v:.3g}" for v in costs)
             out.append(
-                f"{name} unit costs are not ordered fp16 >= int8 >= skip ({f:.3g}, {i:.3g}, {s:.3g} J): "
+                f"{name} unit costs are not ordered {order} ({vals} J): "
                 "int8 is not cheaper here, or the machine was busy; rerun `python -m hest_core.calibrate` "
                 "on a quiet machine"
             )
@@ -523,10 +531,10 @@ def main(argv: list[str] | None = None) -> None:
     s = lean.spec
     for ph in ("prefill", "decode"):
         c = getattr(table, ph)
-        u = c.unit[0]
+        units = "  ".join(f"{p.name} {c.unit[0][p.index] * s.n_layers:.4g} J" for p in reg.PATHS)
         print(
-            f"{ph:8s} per token, all layers: fp16 {u[0] * s.n_layers:.4g} J  int8 {u[1] * s.n_layers:.4g} J  "
-            f"skip {u[2] * s.n_layers:.4g} J  fixed {c.token_fixed:.4g} J  attn/pos {c.attn_ctx:.3g} J  head {c.head:.4g} J"
+            f"{ph:8s} per token, all layers: {units}  fixed {c.token_fixed:.4g} J  "
+            f"attn/pos {c.attn_ctx:.3g} J  head {c.head:.4g} J"
         )
     print(f"kernel choice: weight-only int8 up to {table.kernels['woq_max_rows']} rows, W8A8 above")
     print(f"wrote {out} ({table.method})")

@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .model import FP16, INT8, SKIP, LayerWeights, ModelSpec, apply_rope, rms_norm
+from .model import LayerWeights, ModelSpec, apply_rope, rms_norm
+from .paths import Path
 
 
 def _q8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -65,24 +66,27 @@ class CompiledDecode:
 
         c = torch.compile
         self._pre16, self._pre8 = c(pre16, dynamic=None), c(pre8, dynamic=None)
-        self._post = {
-            FP16: c(post16, dynamic=None),
-            INT8: c(post8, dynamic=None),
-            SKIP: c(post_skip, dynamic=None),
+        self._post = {  # keyed by the MLP's weight kind (paths.py); None: MLP skipped
+            "dense16": c(post16, dynamic=None),
+            "int8": c(post8, dynamic=None),
+            None: c(post_skip, dynamic=None),
         }
 
-    def pre(self, path: int, lw: LayerWeights, h, cos, sin):
-        if path == FP16:
+    def pre(self, path: Path, lw: LayerWeights, h, cos, sin):
+        """q, k, v of one layer on `path`'s projection weights."""
+        if path.proj == "dense16":
             return self._pre16(h, lw.wqkv, lw.bqkv, lw.q_norm, lw.k_norm, cos, sin)
         m = lw.qkv8
         return self._pre8(h, m.q, m.scale, m.bias, lw.q_norm, lw.k_norm, cos, sin)
 
-    def post(self, path: int, lw: LayerWeights, x, attn, ln_next):
-        if path == FP16:
-            return self._post[FP16](x, attn, lw.wo, lw.ln2, lw.wgu, lw.wdown, ln_next)
+    def post(self, path: Path, lw: LayerWeights, x, attn, ln_next):
+        """(x, next normalised input) after the output projection and the MLP on `path` (its
+        projections must be int8 unless its MLP is 16-bit too, as every registered path's)."""
+        if path.mlp == "dense16":
+            return self._post["dense16"](x, attn, lw.wo, lw.ln2, lw.wgu, lw.wdown, ln_next)
         o = lw.o8
-        if path == INT8:
-            return self._post[INT8](
+        if path.mlp == "int8":
+            return self._post["int8"](
                 x,
                 attn,
                 o.q,
@@ -94,7 +98,7 @@ class CompiledDecode:
                 lw.down8.scale,
                 ln_next,
             )
-        return self._post[SKIP](x, attn, o.q, o.scale, ln_next)
+        return self._post[None](x, attn, o.q, o.scale, ln_next)
 
 
 def enable_compile(lean) -> None:

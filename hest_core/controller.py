@@ -2,15 +2,27 @@
 (`AdaptiveController`, the default adapter's since session 6) and the baselines' classes.
 
 f(l, t) = sigmoid(W_tok h(l, t)) * sigmoid(w_l + u * beta)   in R^k
-logits  = A f + a0                                             3 paths: fp16, int8, skip
+logits  = A f + a0                                             P paths (paths.py): fp16, int8, skip
 h(l, t) is the normalised hidden state entering layer l; beta = log(budget ratio).
-Parameters: d*k + L*k + k + 3k + 3, independent of sequence length.
+Parameters: d*k + L*k + k + P*k + P, independent of sequence length.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from . import paths as reg
+
+
+def _priors() -> torch.Tensor:
+    """(P,) each path's starting logit for training (paths.py `prior`: fp16 2, int8 0, skip -2)."""
+    return torch.tensor([p.prior for p in reg.PATHS])
+
+
+def _untrained() -> torch.Tensor:
+    """(P,) logits of an untrained controller: 1 on fp16 (the reference path), 0 elsewhere."""
+    return torch.tensor(reg.one_hot(reg.ref()), dtype=torch.float32)
 
 
 class Controller(nn.Module):
@@ -20,28 +32,31 @@ class Controller(nn.Module):
         self.hest_w_tok = nn.Parameter(torch.zeros(k, hidden))  # (k, d)
         self.hest_w_layer = nn.Parameter(torch.zeros(n_layers, k))  # (L, k)
         self.hest_u = nn.Parameter(torch.zeros(k))  # (k,)
-        self.hest_a = nn.Parameter(torch.zeros(3, k))  # (3, k)
-        self.hest_a0 = nn.Parameter(torch.tensor([1.0, 0.0, 0.0]))  # untrained: always fp16
+        P = reg.n_paths()
+        self.hest_a = nn.Parameter(torch.zeros(P, k))  # (P, k)
+        self.hest_a0 = nn.Parameter(_untrained())  # (P,) untrained: always fp16
 
     @staticmethod
     def n_params(hidden: int, n_layers: int, k: int) -> int:
-        return hidden * k + n_layers * k + k + 3 * k + 3
+        """Parameter count with the registry's P paths."""
+        P = reg.n_paths()
+        return hidden * k + n_layers * k + k + P * k + P
 
     def init_for_training(self, seed: int = 0, std: float = 0.02) -> None:
         g = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             self.hest_w_tok.normal_(0.0, std, generator=g)
             self.hest_a.normal_(0.0, std, generator=g)
-            self.hest_a0.copy_(torch.tensor([2.0, 0.0, -2.0]))
+            self.hest_a0.copy_(_priors())
 
     def forward(
         self, h: torch.Tensor, layer: int, beta: torch.Tensor, phase: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """h: (N, d), beta: (N,) -> logits (N, 3) in fp32. `phase` is not an input of this
+        """h: (N, d), beta: (N,) -> logits (N, P) in fp32. `phase` is not an input of this
         controller (accepted so every controller has one call)."""
         tok = torch.sigmoid(h.float() @ self.hest_w_tok.t())  # (N, k)
         lay = torch.sigmoid(self.hest_w_layer[layer] + self.hest_u * beta[:, None])  # (N, k)
-        return (tok * lay) @ self.hest_a.t() + self.hest_a0  # (N, 3)
+        return (tok * lay) @ self.hest_a.t() + self.hest_a0  # (N, P)
 
 
 class AdaptiveController(nn.Module):
@@ -66,8 +81,9 @@ class AdaptiveController(nn.Module):
 
     uses_remaining = True  # the runtime feeds beta = log(remaining ratio), per step
 
-    def __init__(self, hidden: int, n_layers: int, k: int = 32, n_paths: int = 3):
+    def __init__(self, hidden: int, n_layers: int, k: int = 32, n_paths: int | None = None):
         super().__init__()
+        n_paths = reg.n_paths() if n_paths is None else n_paths
         self.hidden, self.n_layers, self.k, self.n_paths = hidden, n_layers, k, n_paths
         self.hest_w_tok = nn.Parameter(torch.zeros(k, hidden))  # (k, d)
         self.hest_w_layer = nn.Parameter(torch.zeros(n_layers, k))  # (L, k)
@@ -136,7 +152,7 @@ class AdaptiveController(nn.Module):
 
 # controller name (HestConfig.controller, else HestConfig.method) -> class; baselines register
 # theirs here. Each class takes (hidden, n_layers, k) and maps (h (N, d), layer, beta (N,),
-# phase (N,) or None) -> logits (N, 3).
+# phase (N,) or None) -> logits (N, P), P = paths.n_paths().
 CONTROLLERS: dict[str, type[nn.Module]] = {
     "hest": Controller,
     "hest-fp16only": Controller,
@@ -163,10 +179,18 @@ def build_controller(name: str, hidden: int, n_layers: int, k: int) -> nn.Module
 NEG_LOGIT = -1e4  # logit of a path a method never uses
 
 
+def _fp16_skip(two: torch.Tensor) -> torch.Tensor:
+    """(N, 2) logits of fp16 and skip (the {skip, fp16} baselines) -> (N, P), NEG_LOGIT on every
+    other path."""
+    out = torch.full((two.shape[0], reg.n_paths()), NEG_LOGIT, dtype=two.dtype, device=two.device)
+    out[:, [reg.index("fp16"), reg.index("skip")]] = two
+    return out
+
+
 class UnfactorisedController(nn.Module):
     """Ablation `hest-unfactorised`: a separate d x k feature map per layer, budget-conditioned.
 
-    f = sigmoid(W_l h + u_l beta + b_l), logits = A_l f + a0_l.  Parameters L (d k + 2k + 3k + 3).
+    f = sigmoid(W_l h + u_l beta + b_l), logits = A_l f + a0_l.  Parameters L (d k + 2k + Pk + P).
     """
 
     def __init__(self, hidden: int, n_layers: int, k: int = 32):
@@ -175,15 +199,16 @@ class UnfactorisedController(nn.Module):
         self.hest_w = nn.Parameter(torch.zeros(n_layers, k, hidden))  # (L, k, d)
         self.hest_u = nn.Parameter(torch.zeros(n_layers, k))  # (L, k)
         self.hest_b = nn.Parameter(torch.zeros(n_layers, k))
-        self.hest_a = nn.Parameter(torch.zeros(n_layers, 3, k))  # (L, 3, k)
-        self.hest_a0 = nn.Parameter(torch.tensor([[1.0, 0.0, 0.0]] * n_layers))  # (L, 3)
+        P = reg.n_paths()
+        self.hest_a = nn.Parameter(torch.zeros(n_layers, P, k))  # (L, P, k)
+        self.hest_a0 = nn.Parameter(_untrained().repeat(n_layers, 1))  # (L, P)
 
     def init_for_training(self, seed: int = 0, std: float = 0.02) -> None:
         g = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             self.hest_w.normal_(0.0, std, generator=g)
             self.hest_a.normal_(0.0, std, generator=g)
-            self.hest_a0.copy_(torch.tensor([[2.0, 0.0, -2.0]] * self.n_layers))
+            self.hest_a0.copy_(_priors().repeat(self.n_layers, 1))
 
     def forward(self, h: torch.Tensor, layer: int, beta: torch.Tensor, phase=None) -> torch.Tensor:
         f = torch.sigmoid(
@@ -191,7 +216,7 @@ class UnfactorisedController(nn.Module):
             + self.hest_u[layer] * beta[:, None]
             + self.hest_b[layer]
         )  # (N, k)
-        return f @ self.hest_a[layer].t() + self.hest_a0[layer]  # (N, 3)
+        return f @ self.hest_a[layer].t() + self.hest_a0[layer]  # (N, P)
 
 
 class TabsController(nn.Module):
@@ -217,8 +242,7 @@ class TabsController(nn.Module):
     def forward(self, h: torch.Tensor, layer: int, beta: torch.Tensor, phase=None) -> torch.Tensor:
         f = torch.sigmoid(h.float() @ self.hest_w[layer].t() + self.hest_b[layer])  # (N, k)
         two = f @ self.hest_a[layer].t() + self.hest_a0[layer]  # (N, 2)
-        never = torch.full_like(two[:, :1], NEG_LOGIT)
-        return torch.cat([two[:, :1], never, two[:, 1:]], dim=-1)  # (N, 3)
+        return _fp16_skip(two)  # (N, P)
 
 
 class BhspController(nn.Module):
@@ -238,8 +262,7 @@ class BhspController(nn.Module):
 
     def forward(self, h: torch.Tensor, layer: int, beta: torch.Tensor, phase=None) -> torch.Tensor:
         two = self.hest_state[layer] + self.hest_slope[layer] * beta[:, None]  # (N, 2)
-        never = torch.full_like(two[:, :1], NEG_LOGIT)
-        return torch.cat([two[:, :1], never, two[:, 1:]], dim=-1)  # (N, 3)
+        return _fp16_skip(two)  # (N, P)
 
 
 CONTROLLERS["hest-unfactorised"] = UnfactorisedController

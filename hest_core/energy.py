@@ -2,7 +2,8 @@
 
 Costs are per phase, because the same unit costs very different joules per token when it runs
 as part of a compute-bound prefill GEMM or a memory-bound decode GEMV:
-  unit[phase][l][p]  J for one token through layer l's gated linear work on path p
+  unit[phase][l][p]  J for one token through layer l's gated linear work on path p (the
+                     registry's index order, `paths.py`; on disk a row of P costs)
   token_fixed[phase] J per token for ungated work (embedding, norms, rope, residual adds)
   attn_ctx[phase]    J per token per attended position, summed over layers (softmax(QK)V)
   head[phase]        J per row of logits (final norm + lm_head)
@@ -18,6 +19,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from . import paths as reg
 from .errors import CalibrationError
 
 CALIBRATION_VERSION = 1
@@ -29,16 +31,20 @@ PJ = (
 
 @dataclass
 class PhaseCosts:
-    unit: list[list[float]]  # (L, 3) joules per token per unit, paths fp16/int8/skip
+    unit: list[list[float]]  # (L, P) joules per token per unit, paths in registry order
     token_fixed: float
     attn_ctx: float
     head: float
 
     def check(self, n_layers: int, phase: str) -> None:
-        if len(self.unit) != n_layers or any(len(r) != 3 for r in self.unit):
+        """Raises CalibrationError unless unit is (n_layers, P) of finite costs >= 0."""
+        P = reg.n_paths()
+        if len(self.unit) != n_layers or any(len(r) != P for r in self.unit):
+            widths = sorted({len(r) for r in self.unit})
             raise CalibrationError(
-                f"calibration {phase}.unit must be {n_layers} rows of 3 costs, got "
-                f"{len(self.unit)} rows; recalibrate with `python -m hest_core.calibrate`"
+                f"calibration {phase}.unit must be {n_layers} rows of {P} costs (paths "
+                f"{', '.join(reg.names())}), got {len(self.unit)} rows of {widths}; recalibrate "
+                "with `python -m hest_core.calibrate`"
             )
         vals = [v for r in self.unit for v in r] + [self.token_fixed, self.attn_ctx, self.head]
         if any(not math.isfinite(v) or v < 0 for v in vals):
@@ -103,9 +109,12 @@ class EnergyModel:
         self.table = table
         self.L = table.n_layers
         self.ph = {"prefill": table.prefill, "decode": table.decode}
-        # per phase: (L, 3) costs, and the cost of a whole token per path summed over layers
+        self.paths = reg.names()  # the registry this model was built under
+        self.ref = reg.ref()  # index of fp16, the reference path
+        P = len(self.paths)
+        # per phase: (L, P) costs, and the cost of a whole token per path summed over layers
         self.unit = {k: [tuple(r) for r in v.unit] for k, v in self.ph.items()}
-        self.unit_sum = {k: [sum(r[p] for r in v) for p in range(3)] for k, v in self.unit.items()}
+        self.unit_sum = {k: [sum(r[p] for r in v) for p in range(P)] for k, v in self.unit.items()}
         # the cheapest path of each unit (skip on real devices; tiny models can differ)
         self.min_sum = {k: sum(min(r) for r in v) for k, v in self.unit.items()}
 
@@ -114,7 +123,7 @@ class EnergyModel:
             k: [tuple(math.ceil(c * PJ) for c in r) for r in v] for k, v in self.unit.items()
         }
         self.unit_sum_q = {
-            k: [sum(r[p] for r in v) for p in range(3)] for k, v in self.unit_q.items()
+            k: [sum(r[p] for r in v) for p in range(P)] for k, v in self.unit_q.items()
         }
         self.min_sum_q = {k: sum(min(r) for r in v) for k, v in self.unit_q.items()}
         self.min_after_q = {}
@@ -125,17 +134,14 @@ class EnergyModel:
                 outq[li] = acc
             self.min_after_q[k] = outq
 
-        # a path no cheaper than a better one is never worth running (fp16 > int8 > skip in
-        # quality): sub[phase][l][p] = the best path costing no more than p at layer l
-        self.sub = {
-            k: [tuple(min(q for q in range(p + 1) if r[q] <= r[p]) for p in range(3)) for r in v]
-            for k, v in self.unit_q.items()
-        }
+        # a path no cheaper than a better one is never worth running (the registry's quality
+        # order: fp16 > int8 > skip): sub[phase][l][p] = the best path costing no more than p
+        self.sub = {k: [reg.best_within(r) for r in v] for k, v in self.unit_q.items()}
 
     def substitutions(self) -> dict[str, dict[str, str]]:
         """Per phase, {chosen path: path run instead} where some layer substitutes (empty on a
         device whose costs follow the quality order, e.g. every CPU table shipped here)."""
-        names = ("fp16", "int8", "skip")
+        names = self.paths
         out: dict[str, dict[str, str]] = {}
         for ph, rows in self.sub.items():
             for r in rows:
@@ -196,7 +202,7 @@ class EnergyModel:
         return self.prefill_fixed(p) + p * pre + self._decode_fixed_sum(p, steps) + steps * dec
 
     def fp16_cost(self, p: int, max_new: int) -> float:
-        return self.request_cost(p, max_new, 0)
+        return self.request_cost(p, max_new, self.ref)
 
     def min_decode_step(self, ctx: int) -> float:
         return self.decode_fixed(ctx) + self.min_sum["decode"]

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from . import native
+from . import paths as reg
 from .artifact import HestAdapter, load_adapter
 from .budget import budget_q_of, requested_budget
 from .compiled import enable_compile
@@ -23,7 +24,7 @@ from .errors import HestError, InvalidInputError
 from .guard import MODES
 from .loading import DEFAULT_MODEL, build_lean, fingerprint, load_hf_model, load_tokenizer
 from .meters import pick_meter
-from .model import PATHS, SeqSlot, const_decider
+from .model import SeqSlot, const_decider
 from .prompt import fit_prompt, stop_token_ids
 from .request import (  # the request types live in request.py; re-exported here
     GenerationRequest,
@@ -37,7 +38,14 @@ from .spectral import SvdCache, make_weight_fn, z_support
 log = logging.getLogger("hest.engine")
 
 DEFAULT_ADAPTER_DIR = Path(__file__).parent / "adapters" / "smollm2-135m-instruct"
-POLICIES = ("hest", "fp16", "int8", "skip")
+
+
+def policies() -> tuple[str, ...]:
+    """The policies: `hest` (controller + guard) and one fixed policy per registered path (every
+    unit on it; `skip` is for benchmarks only)."""
+    return ("hest", *reg.names())
+
+
 # the one owner of each request default (the server's settings default to these)
 DEFAULT_BUDGET_RATIO = 0.6
 DEFAULT_MAX_NEW_TOKENS = 128
@@ -62,7 +70,7 @@ class Engine:
         self.energy: EnergyModel = energy
         # where this device's costs break the quality order (int8 dearer than fp16 on a GPU at
         # batch 1, say), the path the controller picks is replaced by the better one that costs
-        # no more; per phase: (per-layer tuples, the same as an (L, 3) index tensor)
+        # no more; per phase: (per-layer tuples, the same as an (L, P) index tensor)
         subs = energy.substitutions()
         self.path_sub = {
             ph: (rows, torch.tensor(rows, dtype=torch.long, device=lean.device))
@@ -73,7 +81,7 @@ class Engine:
         self.config: RuntimeConfig = config or RuntimeConfig()
         self.policy, self.guard_mode = policy, guard_mode
         # the one path of a fixed policy whose budget stops it (guard "stop"); None otherwise
-        self.stop_path = PATHS.index(policy) if guard_mode == "stop" else None
+        self.stop_path = reg.index(policy) if guard_mode == "stop" else None
         self.device = lean.device
         self._info = info
         if policy == "hest" and subs:
@@ -118,8 +126,8 @@ class Engine:
         win over it. Raises HestError (bad policy/guard), ConfigError, MeterUnavailableError,
         ModelLoadError, AdapterMismatchError, CalibrationError."""
         cfg = config or RuntimeConfig.from_env()
-        if policy not in POLICIES:
-            raise HestError(f"policy={policy!r} is not one of {POLICIES}", param="policy")
+        if policy not in policies():
+            raise HestError(f"policy={policy!r} is not one of {policies()}", param="policy")
         if guard not in MODES:
             raise HestError(f"guard={guard!r} is not one of {MODES}", param="guard")
         if guard == "stop" and policy == "hest":
@@ -189,6 +197,7 @@ class Engine:
             if policy == "hest"
             else 0,
             "n_layers": lean.spec.n_layers,
+            "paths": list(reg.names()),
             "max_context_tokens": lean.rope_cos.shape[0],
             "load_s": round(time.perf_counter() - t0, 2),
         }
@@ -319,7 +328,7 @@ class Engine:
             cache = self.lean.new_cache(batch, 8)
             slots = [SeqSlot(row0=i, n=1, cache_row=i, pos0=0) for i in range(batch)]
             ids = zeros(batch, dtype=torch.long, device=self.device)
-            for path in (1, 2):
+            for path in reg.with_proj("int8"):  # the paths whose pieces are compiled
                 with torch.inference_mode():
                     self.lean.forward(ids, ids, slots, cache, const_decider(path), decode=True)
 

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from . import native
+from . import paths as reg
 from .config import RuntimeConfig
 
 if TYPE_CHECKING:
@@ -65,6 +66,8 @@ class FusedDecode:
         s = lean.spec
         if not self.enabled or lean.compiled is not None or lean.dtype != torch.bfloat16:
             return False
+        if reg.native_codes() != list(range(reg.n_paths())):
+            return False  # a registered path the C layer does not run as its own index
         if (
             lean.device.type != "cpu"
             or s.head_dim > 256
@@ -214,7 +217,7 @@ class NativeController:
     """A controller's logits for one row at decode, in C (hest_ctl_logits): one call per layer
     instead of ~8 PyTorch operators. For the factorised `Controller`, `lay` = sigmoid(w_layer +
     u beta) is made once per request and the additive term is a0 at every layer; for the
-    `AdaptiveController`, `update(beta)` remakes both (L, k) and (L, 3) at every decode step
+    `AdaptiveController`, `update(beta)` remakes both (L, k) and (L, P) at every decode step
     (its beta is the request's remaining ratio). Other classes (the baselines') stay in PyTorch."""
 
     _weights: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -228,11 +231,12 @@ class NativeController:
         self._keep, self.ctl = w, ctl
         self.adaptive = bool(getattr(ctl, "uses_remaining", False))
         self.k, self.d = ctl.k, ctl.hidden
-        L = ctl.hest_w_layer.shape[0]
+        L, P = ctl.hest_w_layer.shape[0], ctl.hest_a.shape[0]  # layers, paths
+        self.P = P
         self.lay = torch.empty(L, self.k, dtype=torch.float32)
-        self.bias = torch.empty(L, 3, dtype=torch.float32)
+        self.bias = torch.empty(L, P, dtype=torch.float32)
         self.update(beta)
-        self.out = (ctypes.c_float * 3)()
+        self.out = (ctypes.c_float * P)()
         self._args = (w[0].data_ptr(), w[1].data_ptr())
         self._lay0, self._bias0 = self.lay.data_ptr(), self.bias.data_ptr()
         self._out = ctypes.addressof(self.out)
@@ -258,14 +262,15 @@ class NativeController:
 
         if type(ctl) not in (Controller, AdaptiveController) or native.get() is None:
             return None
-        if getattr(native._off, "v", False) or getattr(ctl, "n_paths", 3) != 3:
+        if getattr(native._off, "v", False) or ctl.hest_a.shape[0] > 16:
             return None
         if ctl.k > 256 or ctl.hidden > 4096 or ctl.hest_w_tok.device.type != "cpu":
             return None
         return cls(ctl, beta)
 
-    def logits(self, li: int, h: torch.Tensor) -> tuple[float, float, float]:
-        """h: (1, d) contiguous bf16 on CPU; li in 0..n_layers-1."""
+    def logits(self, li: int, h: torch.Tensor) -> list[float]:
+        """(P,) logits of one row. h: (1, d) contiguous bf16 on CPU; li in 0..n_layers-1.
+        Raises NativeArgumentError for another h or layer."""
         if not h.is_contiguous():
             h = h.contiguous()
         ok = h.dtype == torch.bfloat16 and h.numel() == self.d and 0 <= li < self.lay.shape[0]
@@ -276,13 +281,13 @@ class NativeController:
             w_tok,
             self._lay0 + li * self.k * 4,
             a,
-            self._bias0 + li * 3 * 4,
+            self._bias0 + li * self.P * 4,
             self.k,
             self.d,
+            self.P,
             h.data_ptr(),
             self._out,
         )
         if rc:
             native.check(rc, "ctl_logits")
-        o = self.out
-        return o[0], o[1], o[2]
+        return self.out[:]

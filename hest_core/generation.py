@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import paths as reg
 from .decoding import RowDecoding, TextDelta, TokenLogprob, choose, cut_at_stop
 from .endings import EndingPlan
 from .errors import HestError, RequestFailedError
@@ -22,7 +23,14 @@ from .fused import NativeController
 from .guard import BudgetGuard
 from .request import PreparedRequest  # re-exported: the type lives in request.py
 
-_PATH = [torch.tensor([p], dtype=torch.long) for p in range(3)]  # one row on path p (read-only)
+_ROW: dict[int, torch.Tensor] = {}  # path index -> a (1,) tensor of it: one row on it (read-only)
+
+
+def _row_on(p: int) -> torch.Tensor:
+    t = _ROW.get(p)
+    if t is None:
+        t = _ROW[p] = torch.tensor([p], dtype=torch.long)
+    return t
 
 
 def h_native_ok(lean) -> bool:
@@ -32,13 +40,11 @@ def h_native_ok(lean) -> bool:
 
 def _one_row(st, li: int, p: int, paths: torch.Tensor, logits: torch.Tensor | None):
     """A forward of one row that chose path p at layer li: the guard fits it, it is counted."""
-    c = [0, 0, 0]
-    c[p] = 1
-    paths, c = st.guard.fit(li, paths, logits, c)
+    paths, c = st.guard.fit(li, paths, logits, reg.one_hot(p))
     st.guard.commit(li, c)
     lc = st.layer_counts[li]
-    for q in range(3):
-        lc[q] += c[q]
+    for q, n in enumerate(c):
+        lc[q] += n
     return paths, c
 
 
@@ -105,16 +111,15 @@ class BatchRunner:
         """groups: (row0, n, state) covering the flat rows of this forward call."""
         e = self.e
         sub_rows, sub_t = e.path_sub.get(phase, (None, None))
-        fixed = {"fp16": 0, "int8": 1, "skip": 2}.get(e.policy)
+        fixed = reg.find(e.policy)  # a fixed-path policy is a path's name
         n_rows = sum(g[1] for g in groups)
         if fixed is not None:
             paths = torch.full((n_rows,), fixed, dtype=torch.long, device=e.device)
-            counts = [n_rows if p == fixed else 0 for p in range(3)]
+            counts = reg.one_hot(fixed, n_rows)
 
             def decide_fixed(li: int, h: torch.Tensor):
                 for _row0, n, st in groups:
-                    c = [n if p == fixed else 0 for p in range(3)]
-                    st.guard.commit(li, c)
+                    st.guard.commit(li, reg.one_hot(fixed, n))
                     st.layer_counts[li][fixed] += n
                 return paths, counts
 
@@ -136,12 +141,12 @@ class BatchRunner:
 
             def decide_native(li: int, h: torch.Tensor):
                 # batch-1 decode with the default controller: logits in C, the rest in Python
-                l0, l1, l2 = nctl.logits(li, h)
-                p = 0 if l0 >= l1 and l0 >= l2 else (1 if l1 >= l2 else 2)  # argmax, first max
+                lg = nctl.logits(li, h)
+                p = max(range(len(lg)), key=lg.__getitem__)  # argmax, first max
                 if sub_rows is not None:
                     p = sub_rows[li][p]
                 # at one row the guard never needs the logits (nothing to rank)
-                return _one_row(st, li, p, _PATH[p], None)
+                return _one_row(st, li, p, _row_on(p), None)
 
             return decide_native
 
@@ -155,23 +160,23 @@ class BatchRunner:
 
         def decide(li: int, h: torch.Tensor):
             with torch.no_grad():
-                logits = e.controller(h, li, beta, ph)  # (N, 3)
+                logits = e.controller(h, li, beta, ph)  # (N, P)
             paths = logits.argmax(-1)  # (N,)
             if sub_t is not None:
                 paths = sub_t[li][paths]
             if len(groups) == 1 and groups[0][1] == 1:  # batch-1 decode: stay in Python
                 return _one_row(groups[0][2], li, int(paths), paths, logits)
-            total = [0, 0, 0]
+            total = reg.zeros()
             parts = []
             for row0, n, st in groups:
                 sl = paths[row0 : row0 + n]
-                c = torch.bincount(sl, minlength=3).tolist()
+                c = torch.bincount(sl, minlength=len(total)).tolist()
                 sl, c = st.guard.fit(li, sl, logits[row0 : row0 + n], c)
                 st.guard.commit(li, c)
                 parts.append(sl)
-                for q in range(3):
-                    st.layer_counts[li][q] += c[q]
-                    total[q] += c[q]
+                for q, k in enumerate(c):
+                    st.layer_counts[li][q] += k
+                    total[q] += k
             return torch.cat(parts), total
 
         return decide
@@ -220,7 +225,7 @@ class BatchRunner:
         cost = st.step_cost
         if not cost:
             em, ctx = g.em, len(st.req.ids) + len(st.out_ids)
-            fp16 = em.decode_fixed_q(ctx) + em.unit_sum_q["decode"][0]
+            fp16 = em.decode_fixed_q(ctx) + em.unit_sum_q["decode"][em.ref]
             cost = max(em.min_decode_step_q(ctx), int(fp16 * min(1.0, st.req.budget_ratio)))
             if g.mode == "stop":  # one path: its step is what every token costs
                 cost = em.min_decode_step_q(ctx, g.path)

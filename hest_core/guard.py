@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import torch
 
+from . import paths as reg
 from .energy import EnergyModel
 
 MODES = ("paced", "hard", "stop", "off")
@@ -47,7 +48,8 @@ class BudgetGuard:
         self.spent = 0  # picojoules
         self.demotions = 0
         self.phase = "prefill"
-        self.rem_fp16 = em.request_cost_q(prompt_len, max_new, 0)  # not-yet-charged work, all fp16
+        # not-yet-charged work, all fp16 (the reference path)
+        self.rem_fp16 = em.request_cost_q(prompt_len, max_new, em.ref)
         self.rem_min = em.request_cost_q(prompt_len, max_new, None)  # ... and all cheapest
 
     @property
@@ -96,29 +98,31 @@ class BudgetGuard:
         if self.mode == "hard" or left >= self.rem_fp16:
             return hard
         c = self.em.unit_q[ph][li]
-        step_fp, step_min = n * c[0], n * min(c)
+        step_fp, step_min = n * c[self.em.ref], n * min(c)
         span = self.rem_fp16 - self.rem_min
         phi = min(1.0, max(0.0, (left - self.rem_min) / span)) if span > 0 else 1.0
         return min(hard, step_min + int(phi * (step_fp - step_min)))
 
     def commit(self, li: int, counts: list[int]) -> int:
+        """Charge layer li's units, counts (P,) per path; returns the picojoules charged."""
         c = self.em.unit_q[self.phase][li]
-        cost = counts[0] * c[0] + counts[1] * c[1] + counts[2] * c[2]
-        n = counts[0] + counts[1] + counts[2]
+        cost = reg.cost(counts, c)
+        n = sum(counts)
         self.spent += cost
-        self.rem_fp16 -= n * c[0]
+        self.rem_fp16 -= n * c[self.em.ref]
         self.rem_min -= n * min(c)
         return cost
 
     def fit(
         self, li: int, paths: torch.Tensor, logits: torch.Tensor | None, counts: list[int]
     ) -> tuple[torch.Tensor, list[int]]:
-        """Demote units of this request's rows until their cost fits the limit."""
+        """Demote units of this request's rows until their cost fits the limit. paths (n,),
+        logits (n, P) or None, counts (P,); returns the new (paths, counts)."""
         lim = self.limit(li, paths.shape[0])
         if lim is None:
             return paths, counts
         c = self.em.unit_q[self.phase][li]
-        if counts[0] * c[0] + counts[1] * c[1] + counts[2] * c[2] <= lim:
+        if reg.cost(counts, c) <= lim:
             return paths, counts
         new_paths, new_counts = demote(paths, logits, counts, c, lim)
         self.demotions += int((new_paths != paths).sum())
@@ -129,16 +133,16 @@ def demote(
     paths: torch.Tensor,
     logits: torch.Tensor | None,
     counts: list[int],
-    c: tuple[int, int, int],
+    c: tuple[int, ...],
     lim: int,
 ) -> tuple[torch.Tensor, list[int]]:
-    """Move the smallest-margin units one path cheaper until sum(cost) <= lim (or all cheapest)."""
+    """Move the smallest-margin units one path cheaper until sum(cost) <= lim (or all cheapest).
+    paths (n,), logits (n, P) or None, counts (P,), c (P,) picojoules per unit."""
     paths = paths.clone()
     counts = list(counts)
     # fp16 -> int8 -> skip as designed; in general, along the paths ordered by cost on this device
-    order = sorted(range(3), key=lambda p: (-c[p], p))
-    for hi, lo in ((order[0], order[1]), (order[1], order[2]), (order[0], order[2])):
-        cost = counts[0] * c[0] + counts[1] * c[1] + counts[2] * c[2]
+    for hi, lo in reg.demotion_steps(c):
+        cost = reg.cost(counts, c)
         if cost <= lim or counts[hi] == 0 or c[lo] >= c[hi]:
             continue
         save = c[hi] - c[lo]

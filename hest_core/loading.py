@@ -23,10 +23,10 @@ from pathlib import Path
 
 import torch
 
+from .cachedirs import cache_dir
 from .config import RuntimeConfig
 from .errors import ModelLoadError
 from .model import LayerWeights, LeanModel, ModelSpec
-from .paths import cache_dir
 
 log = logging.getLogger("hest.loading")
 

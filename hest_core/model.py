@@ -5,7 +5,7 @@ Weights are pulled out of a Hugging Face model once: fused q/k/v and gate/up pro
 works on a flat list of tokens from any number of sequences, so every path runs as one matmul
 over the rows of the whole batch that chose it.
 
-Paths (index order used everywhere): 0 = fp16, 1 = int8, 2 = skip.
+Paths, their indices and how each runs: `paths.py` (the registry).
 """
 
 from __future__ import annotations
@@ -17,12 +17,11 @@ import torch
 import torch.nn.functional as F
 
 from . import native
+from . import paths as reg
 from .errors import CacheOverflowError
 from .fused import FusedDecode
 from .quant import Int8Linear
 
-FP16, INT8, SKIP = 0, 1, 2
-PATHS = ("fp16", "int8", "skip")
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -121,22 +120,29 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 @dataclass
 class Routing:
-    """Rows of one layer grouped by path. `only` is set when every row took one path."""
+    """Rows of one layer grouped by path (indices of the registry, `paths.py`). `only` is set
+    when every row took one path; `idx[p]` (n_p,) are the rows on path p (None: none)."""
 
     paths: torch.Tensor  # (N,) int64
     only: int | None
-    idx: list[torch.Tensor | None] = field(default_factory=lambda: [None, None, None])
+    idx: list[torch.Tensor | None] = field(default_factory=list)
 
     @classmethod
     def of(cls, paths: torch.Tensor, counts: list[int]) -> Routing:
+        """paths (N,) path indices, counts (P,) rows per path."""
         n = paths.shape[0]
-        for p in range(3):
-            if counts[p] == n:
+        for p, c in enumerate(counts):
+            if c == n:
                 return cls(paths=paths, only=p)
-        idx = [
-            (paths == p).nonzero().squeeze(1) if counts[p] else None for p in range(3)
-        ]  # each (n_p,)
+        idx = [(paths == p).nonzero().squeeze(1) if c else None for p, c in enumerate(counts)]
         return cls(paths=paths, only=None, idx=idx)
+
+    def rows(self, on: list[int]) -> torch.Tensor | None:
+        """(n,) the rows on any of the paths `on` (in path order), None where there are none."""
+        parts = [self.idx[p] for p in on if self.idx[p] is not None]
+        if not parts:
+            return None
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 @dataclass
@@ -200,7 +206,7 @@ def _check_slots(slots: list[SeqSlot], cache: KVCache, n_rows: int) -> None:
         raise CacheOverflowError(f"slots cover {covered} tokens, the forward has {n_rows}")
 
 
-# decide(layer, h) -> (paths (N,) int64, counts [3]) ; h is the normalised attention input
+# decide(layer, h) -> (paths (N,) int64, counts (P,)) ; h is the normalised attention input
 Decider = Callable[[int, torch.Tensor], tuple[torch.Tensor, list[int]]]
 
 
@@ -210,7 +216,7 @@ def const_decider(path: int) -> Decider:
     def decide(li: int, h: torch.Tensor):
         n = h.shape[0]
         paths = torch.full((n,), path, dtype=torch.long, device=h.device)
-        return paths, [n if p == path else 0 for p in range(3)]
+        return paths, reg.one_hot(path, n)
 
     return decide
 
@@ -244,15 +250,17 @@ class LeanModel:
     # ---- projections, per path -------------------------------------------------------------
     @staticmethod
     def _two_way(h, r: Routing, dense: torch.Tensor, packed, bias, q8: Int8Linear) -> torch.Tensor:
-        """Attention projections: fp16 rows dense, int8 and skip rows int8."""
+        """Attention projections: rows of paths with `proj` "dense16" on the 16-bit weights,
+        "int8" on the int8 copy (fp16 dense; int8 and skip int8)."""
         if r.only is not None:
-            return linear16(h, dense, packed, bias) if r.only == FP16 else q8(h)
+            return linear16(h, dense, packed, bias) if reg.get(r.only).proj == "dense16" else q8(h)
         out = torch.empty(h.shape[0], dense.shape[0], dtype=h.dtype, device=h.device)
-        i_hi = r.idx[FP16]
-        i_lo = torch.cat([i for i in (r.idx[INT8], r.idx[SKIP]) if i is not None])
+        i_hi = r.rows(reg.with_proj("dense16"))
+        i_lo = r.rows(reg.with_proj("int8"))
         if i_hi is not None:
             out.index_copy_(0, i_hi, linear16(h.index_select(0, i_hi), dense, packed, bias))
-        out.index_copy_(0, i_lo, q8(h.index_select(0, i_lo)))
+        if i_lo is not None:
+            out.index_copy_(0, i_lo, q8(h.index_select(0, i_lo)))
         return out
 
     @staticmethod
@@ -276,15 +284,16 @@ class LeanModel:
         return F.linear(F.linear(h, a), b)  # (n, d) via rank R
 
     def _mlp(self, h: torch.Tensor, r: Routing, lw: LayerWeights) -> torch.Tensor | None:
-        fns = (self._mlp_dense, self._mlp_int8, self._mlp_skip)
+        """Each row's MLP on its path's `mlp` kind: 16-bit, int8, or none (skip)."""
+        fns = {"dense16": self._mlp_dense, "int8": self._mlp_int8, None: self._mlp_skip}
         if r.only is not None:
-            return fns[r.only](h, lw)
+            return fns[reg.get(r.only).mlp](h, lw)
         out = torch.zeros_like(h)
-        for p in range(3):
-            idx = r.idx[p]
+        for kind, fn in fns.items():
+            idx = r.rows(reg.with_mlp(kind))
             if idx is None:
                 continue
-            y = fns[p](h.index_select(0, idx), lw)
+            y = fn(h.index_select(0, idx), lw)
             if y is not None:
                 out.index_copy_(0, idx, y)
         return out
@@ -376,14 +385,16 @@ class LeanModel:
             # compiled pieces pay off on the int8 and skip paths (fused quantisation); the eager
             # fp16 path keeps its oneDNN-prepacked weights, which the compiled graph cannot use
             # (measured: fp16 59.5 compiled vs 51.5 eager ms/token; int8 33.1 vs 40.5)
+            only = None if r.only is None else reg.get(r.only)
             if (
                 fast is not None
-                and r.only in (INT8, SKIP)
-                and (r.only != SKIP or lw.shortcut is None)
+                and only is not None
+                and only.proj == "int8"
+                and (only.mlp is not None or lw.shortcut is None)
             ):
-                q, k, v = fast.pre(r.only, lw, h, cos, sin)
+                q, k, v = fast.pre(only, lw, h, cos, sin)
                 attn = self._attend(q, k, v, li, slots, cache, decode)  # (N, q_dim)
-                x, h = fast.post(r.only, lw, x, attn, ln_next)
+                x, h = fast.post(only, lw, x, attn, ln_next)
                 continue
             q, k, v = self._pre(h, r, lw, cos, sin)
             attn = self._attend(q, k, v, li, slots, cache, decode)  # (N, q_dim)

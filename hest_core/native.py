@@ -54,7 +54,7 @@ ERRORS = {
     -2: f"the row count is outside 1..{LIMIT_ROWS}, or the KV cache holds fewer rows than the step",
     -3: "a dimension is outside the supported range",
     -4: "a position is outside the KV cache (0..max_len-1) or past the rope table",
-    -5: "a path code is not 0 (fp16), 1 (int8) or 2 (skip)",
+    -5: "a path code the fused layer does not run (it knows 0 fp16, 1 int8, 2 skip; paths.py)",
     -6: "the scratch block is smaller than the call needs (or not 64-byte aligned)",
     -7: "threads < 1",
 }
@@ -152,10 +152,10 @@ class Native:
         lib.hest_decode_layer.restype = _I
         lib.hest_decode_scratch_bytes.argtypes = [_I] * 8
         lib.hest_decode_scratch_bytes.restype = ctypes.c_size_t
-        lib.hest_ctl_logits.argtypes = [_P, _P, _P, _P, _I, _I, _P, _P]
+        lib.hest_ctl_logits.argtypes = [_P, _P, _P, _P, _I, _I, _I, _P, _P]
         lib.hest_ctl_logits.restype = _I
         self._lib, self.path, self.note = lib, path, note
-        self.ctl_logits = lib.hest_ctl_logits  # (w_tok, lay, A, a0, k, d, h, out)
+        self.ctl_logits = lib.hest_ctl_logits  # (w_tok, lay, A, a0, k, d, P, h, out)
         # (layer*, step*, paths, x, h, ln_next, kc, vc) -> 0 or an error code: see check()
         self.decode_layer = lib.hest_decode_layer
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from .energy import PJ
 from .errors import HestError
 from .generation import RequestState
-from .model import PATHS
 from .request import GenerationResult, PreparedRequest, RequestStats
 
 
@@ -13,8 +12,9 @@ def result_of(engine, st: RequestState, measured_j: float, estimated_j: float) -
     """The result of a request that ran. `measured_j` (its share of the meter's windows) is
     reported only when the engine's meter measures; times count from its `submit`."""
     mj = st.guard.spent_j
-    per_layer = [dict(zip(PATHS, c, strict=True)) for c in st.layer_counts]
-    paths = {p: sum(c[i] for c in st.layer_counts) for i, p in enumerate(PATHS)}
+    names = st.guard.em.paths  # the registry the engine was built under
+    per_layer = [dict(zip(names, c, strict=True)) for c in st.layer_counts]
+    paths = {p: sum(c[i] for c in st.layer_counts) for i, p in enumerate(names)}
     meter = engine.meter.name
     done = st.done_s
     stats = RequestStats(
@@ -57,8 +57,8 @@ def failed_result(engine, p: PreparedRequest, err: HestError) -> GenerationResul
         meter=engine.meter.name,
         prompt_tokens=len(p.ids),
         completion_tokens=0,
-        paths=dict.fromkeys(PATHS, 0),
-        paths_per_layer=[dict.fromkeys(PATHS, 0) for _ in range(n_layers)],
+        paths=dict.fromkeys(engine.energy.paths, 0),
+        paths_per_layer=[dict.fromkeys(engine.energy.paths, 0) for _ in range(n_layers)],
         demotions=0,
         truncated=p.truncated,
     )

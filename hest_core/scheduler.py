@@ -237,7 +237,7 @@ class Scheduler(BatchRunner):
                 e.energy, p.budget_q, len(p.ids), p.max_new, e.guard_mode, e.stop_path
             ),
             beta=math.log(p.budget_ratio),
-            layer_counts=[[0, 0, 0] for _ in range(self.L)],
+            layer_counts=[[0] * len(e.energy.paths) for _ in range(self.L)],
             plan=EndingPlan(enabled=p.clean_end),
         )
 

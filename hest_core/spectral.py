@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
+from .cachedirs import cache_dir
 from .config import RuntimeConfig
 from .model import TARGETS
-from .paths import cache_dir
 
 log = logging.getLogger("hest.spectral")
 

@@ -51,7 +51,7 @@ def timings(job: Job, result: GenerationResult) -> Timings:
 
 def paths(result: GenerationResult) -> Paths:
     """Gated units executed per path."""
-    return Paths(**{p: result.stats.paths.get(p, 0) for p in ("fp16", "int8", "skip")})
+    return Paths(dict(result.stats.paths))  # every path the engine has, zeros included
 
 
 def summarize_response(job: Job, result: GenerationResult) -> SummarizeResponse:

@@ -15,9 +15,8 @@ from prometheus_client import (
     generate_latest,
 )
 
-from hest_core import RequestStats
+from hest_core import RequestStats, path_names
 
-PATHS = ("fp16", "int8", "skip")
 OUTCOMES = ("ok", "energy_budget", "invalid", "rejected", "cancelled", "error")
 REJECT_REASONS = ("queue_full", "shutting_down")
 ENDPOINTS = ("summarize", "chat")
@@ -172,7 +171,7 @@ class Metrics:
             ["model", "adapter", "device", "meter", "policy"],
             registry=r,
         )
-        for path in PATHS:
+        for path in path_names():  # the runtime's registry (hest_core/paths.py)
             self.units.labels(path)
         for outcome in OUTCOMES:
             self.requests.labels(outcome)
@@ -196,7 +195,7 @@ class Metrics:
             self.energy_total.labels(source, meter)
             self.request_energy.labels(source, meter)
         for layer in range(int(info.get("n_layers") or 0)):
-            for path in PATHS:
+            for path in info.get("paths") or path_names():
                 self.layer_units.labels(str(layer), path)
 
     def observe_result(
@@ -228,11 +227,10 @@ class Metrics:
             self.ttft.observe(check_s + queue_s + stats.ttft_s)
         self.prompt_tokens.inc(stats.prompt_tokens)
         self.completion_tokens.inc(stats.completion_tokens)
-        for path in PATHS:
-            self.units.labels(path).inc(stats.paths.get(path, 0))
+        for path, n in stats.paths.items():  # the engine's paths (hest_core/paths.py)
+            self.units.labels(path).inc(n)
         for layer, counts in enumerate(stats.paths_per_layer):
-            for path in PATHS:
-                n = counts.get(path, 0)
+            for path, n in counts.items():
                 if n:
                     self.layer_units.labels(str(layer), path).inc(n)
         if finish_reason == "energy_budget":

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, RootModel
 
+from hest_core import path_names
 from hest_core.budget import MAX_BUDGET_J, MAX_BUDGET_RATIO
 
 # The budget fields are JSON numbers here (strict, finite: the type); their range (> 0, at most
@@ -149,10 +150,11 @@ class Usage(BaseModel):
     completion_tokens: int
 
 
-class Paths(BaseModel):
-    fp16: int
-    int8: int
-    skip: int
+class Paths(RootModel[dict[str, int]]):
+    """Units (layer x token) that ran on each path, keyed by the runtime's path names (its
+    registry, `hest_core.path_names()`: fp16, int8, skip, and any path registered)."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [dict.fromkeys(path_names(), 0)]})
 
 
 class Timings(BaseModel):

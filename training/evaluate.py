@@ -24,9 +24,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from hest_core import Engine, GenerationRequest
+from hest_core import paths as reg
 from hest_core.endings import ends_sentence
 from hest_core.errors import BudgetTooLowError
-from hest_core.model import PATHS
 
 from .data import Pair, load_pairs
 from .lora import lora_params
@@ -210,8 +210,8 @@ def _refused(err: BudgetTooLowError, eng, pair: Pair) -> dict:
         "meter": eng.meter.name,
         "prompt_tokens": 0,
         "completion_tokens": 0,
-        "paths": dict.fromkeys(PATHS, 0),
-        "paths_per_layer": [dict.fromkeys(PATHS, 0) for _ in range(n_layers)],
+        "paths": dict.fromkeys(reg.names(), 0),
+        "paths_per_layer": [dict.fromkeys(reg.names(), 0) for _ in range(n_layers)],
         "demotions": 0,
         "controller_params": eng.info().get("controller_params", 0) if eng.policy == "hest" else 0,
     }
@@ -231,12 +231,12 @@ def summarise(name: str, policy: str, recs: list[dict], longest: set[str]) -> di
     lat = [r["total_s"] for r in recs]
     measured = [r["measured_j"] for r in recs if r["measured_j"] is not None]
     over = [r["modelled_j"] / r["budget_j"] for r in recs if r["id"] in longest and ev.budgeted]
-    paths = {p: sum(r["paths"][p] for r in recs) for p in PATHS}
+    paths = {p: sum(r["paths"][p] for r in recs) for p in reg.names()}
     tot = sum(paths.values()) or 1
     n_layers = len(recs[0]["paths_per_layer"])
     grid = []
     for li in range(n_layers):
-        c = [sum(r["paths_per_layer"][li][p] for r in recs) for p in PATHS]
+        c = [sum(r["paths_per_layer"][li][p] for r in recs) for p in reg.names()]
         grid.append([x / (sum(c) or 1) for x in c])
     out.update(
         modelled_j=mean([r["modelled_j"] for r in recs]),
@@ -277,7 +277,7 @@ def markdown(rows: list[dict], n: int) -> str:
     lines = [head, "|" + " --- |" * 21]
     for r in rows:
         sh = r.get("path_shares")
-        shares = "/".join(f"{sh[p]:.2f}" for p in PATHS) if sh else "-"
+        shares = "/".join(f"{sh[p]:.2f}" for p in reg.names()) if sh else "-"
         meas = (
             "no meter"
             if "modelled_j" in r and r.get("measured_j") is None

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from hest_core import paths as reg
 from hest_core.loading import check_layout, spec_of
 from hest_core.model import TARGETS, ModelSpec, apply_rope, rms_norm
 from hest_core.quant import fake_quant_rows, fake_quant_weight
@@ -136,7 +137,7 @@ class TrainModel:
 
 
 def st_gumbel(logits: torch.Tensor, tau: float, gen: torch.Generator | None) -> torch.Tensor:
-    """Straight-through Gumbel-softmax: one-hot forward, soft gradient. (N, 3) -> (N, 3)."""
+    """Straight-through Gumbel-softmax: one-hot forward, soft gradient. (N, P) -> (N, P)."""
     u = torch.rand(logits.shape, generator=gen).clamp_(1e-9, 1 - 1e-9)
     soft = torch.softmax((logits - torch.log(-torch.log(u))) / tau, dim=-1)
     hard = F.one_hot(soft.argmax(-1), logits.shape[-1]).to(soft.dtype)
@@ -148,7 +149,7 @@ class ForwardOut:
     ce: torch.Tensor  # scalar, mean over summary tokens
     e_bar: torch.Tensor  # scalar, expected joules of the gated units + fixed costs
     fp16_share: torch.Tensor  # scalar, expected share of units on fp16 (the TABS FLOP term)
-    counts: torch.Tensor  # (L, 3) hard path counts (all tokens)
+    counts: torch.Tensor  # (L, P) hard path counts (all tokens)
 
 
 def _zdelta(zmod: SpectralZ | None, h: torch.Tensor, li: int, targets: tuple[str, ...]):
@@ -203,6 +204,11 @@ def _mlp(tm: TrainModel, li: int, zmod, x, g_hi, g_int8) -> torch.Tensor:
     return x + g_hi * y_hi + g_int8 * y_lo
 
 
+def _gate(gate: torch.Tensor, on: list[int], dt: torch.dtype) -> torch.Tensor:
+    """(T, P) gates -> (T, 1) their sum over the paths `on` (zeros where none), in dt."""
+    return gate[:, on].sum(-1, keepdim=True).to(dt)
+
+
 def forward(
     tm: TrainModel,
     ctl: nn.Module,
@@ -218,7 +224,8 @@ def forward(
 ) -> ForwardOut:
     """Teacher-forced pass over prompt + summary[:-1]; CE on the summary tokens.
 
-    mask: (3,) additive logits (0 or NEG); unit_cost: (L, 3) prefill and decode J per unit.
+    mask: (P,) additive logits (0 or NEG); unit_cost: (L, P) prefill and decode J per unit.
+    The gates mix each kind of linear work by the registry's paths (hest_core/paths.py).
     """
     s, dt = tm.spec, tm.dtype
     ids = torch.tensor(prompt + summary[:-1])
@@ -230,21 +237,22 @@ def forward(
     decode[P:] = 1.0  # (T, 1): rows after the prompt are decode steps
     e_bar = torch.zeros(())
     fp16 = torch.zeros(())
-    counts = torch.zeros(s.n_layers, 3)
+    counts = torch.zeros(s.n_layers, mask.shape[0])
     for li, lw in enumerate(tm.layers):
         h = rms_norm(x, lw.ln1, s.eps)  # (T, d) the controller's h(l, t)
-        logits = ctl(h, li, betas, decode[:, 0]) + mask  # (T, 3) fp32
+        logits = ctl(h, li, betas, decode[:, 0]) + mask  # (T, P) fp32
         probs = torch.softmax(logits, dim=-1)
-        gate = st_gumbel(logits, tau, gen)  # (T, 3)
+        gate = st_gumbel(logits, tau, gen)  # (T, P)
         counts[li] = gate.detach().sum(0)
         cost = probs * (unit_cost[0][li] * (1 - decode) + unit_cost[1][li] * decode)
         e_bar = e_bar + cost.sum()
-        fp16 = fp16 + probs[:, 0].mean()
-        g_hi = gate[:, :1].to(dt)  # (T, 1)
-        g_lo = (gate[:, 1:2] + gate[:, 2:3]).to(dt)
-        g_int8 = gate[:, 1:2].to(dt)
+        fp16 = fp16 + probs[:, reg.ref()].mean()
+        g_hi = _gate(gate, reg.with_proj("dense16"), dt)  # (T, 1) projections 16-bit (fp16)
+        g_lo = _gate(gate, reg.with_proj("int8"), dt)  # projections int8 (int8, skip)
+        g_mlp16 = _gate(gate, reg.with_mlp("dense16"), dt)  # MLP 16-bit (fp16)
+        g_int8 = _gate(gate, reg.with_mlp("int8"), dt)  # MLP int8 (int8); skip: no MLP
         x = _attention(tm, li, zmod, x, h, g_hi, g_lo, rope)
-        x = _mlp(tm, li, zmod, x, g_hi, g_int8)
+        x = _mlp(tm, li, zmod, x, g_mlp16, g_int8)
 
     xs = rms_norm(x[P - 1 :], tm.norm, s.eps)  # (S, d) rows that predict the summary
     logits = F.linear(xs, tm.lm_head).float()  # (S, V)

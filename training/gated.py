@@ -23,13 +23,13 @@ from pathlib import Path
 import torch
 
 from hest_core import calibrate
+from hest_core import paths as reg
 from hest_core.artifact import HestAdapter, HestConfig, load_adapter
 from hest_core.config import RuntimeConfig
 from hest_core.dtypes import resolve_dtype
 from hest_core.energy import CalibrationTable, EnergyModel
 from hest_core.loading import build_lean, fingerprint, load_hf_model, load_tokenizer, spec_of
 from hest_core.meters import pick_meter
-from hest_core.model import PATHS
 from hest_core.spectral import (
     SvdCache,
     make_weight_fn,
@@ -148,7 +148,7 @@ class GateTrainer:
             loss=sum(x.loss for x in res) / len(res),
             ce=sum(x.ce for x in res) / len(res),
             e_ratio=mean_ratio,
-            **{f"share_{p}": s for p, s in zip(PATHS, shares, strict=True)},
+            **{f"share_{p}": s for p, s in zip(reg.names(), shares, strict=True)},
             grad_norm=float(gnorm),
             lambdas=dict(self.duals.lam),
         )
@@ -248,7 +248,7 @@ class GateTrainer:
         ctl = copy.deepcopy(self.ctl).float().eval()
         if self.method.bake_mask:  # a masked path's logit stays NEG, so argmax never picks it
             with torch.no_grad():
-                for i, p in enumerate(PATHS):
+                for i, p in enumerate(reg.names()):
                     if p not in self.method.paths:
                         ctl.hest_a[i].zero_()
                         ctl.hest_a0[i] = NEG

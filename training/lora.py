@@ -16,9 +16,10 @@ from pathlib import Path
 
 import torch
 
+from hest_core import paths as reg
 from hest_core.dtypes import resolve_dtype
 from hest_core.loading import load_hf_model, load_tokenizer
-from hest_core.model import PATHS, TARGETS, ModelSpec
+from hest_core.model import TARGETS, ModelSpec
 
 from .data import Batches, Example
 from .objective import Method
@@ -80,7 +81,7 @@ class LoraTrainer:
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        shares = {f"share_{p}": float(p == "fp16") for p in PATHS}  # every unit runs fp16
+        shares = {f"share_{p}": float(p == reg.REFERENCE) for p in reg.names()}  # all fp16
         return {"r": 1.0, "loss": ce, "ce": ce, "e_ratio": 1.0, **shares, "lambdas": {}}
 
     def state_dict(self) -> dict:

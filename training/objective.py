@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from hest_core import paths as reg
 from hest_core.energy import EnergyModel
-from hest_core.model import FP16, PATHS
 
 from .forward import NEG
 
@@ -61,7 +61,7 @@ class Method:
 
     name: str
     about: str  # one line for the docs table and `--help`
-    paths: tuple[str, ...]  # path names (hest_core.model.PATHS) the method may use
+    paths: tuple[str, ...]  # path names (hest_core/paths.py) the method may use
     evaluation: Evaluation
     controller: type[nn.Module] | None = None  # hest_core.controller class of its artifacts
     trainer: type | None = None  # takes (method, args); None: evaluated only, never trained
@@ -84,8 +84,8 @@ class Method:
         return next(k for k, c in CONTROLLERS.items() if c is self.controller)
 
     def __post_init__(self) -> None:
-        if unknown := [p for p in self.paths if p not in PATHS]:
-            raise ValueError(f"Method {self.name!r}: paths {unknown} are not in {PATHS}")
+        if unknown := [p for p in self.paths if reg.find(p) is None]:
+            raise ValueError(f"Method {self.name!r}: paths {unknown} are not in {reg.names()}")
         if self.penalty not in PENALTIES:
             raise ValueError(f"Method {self.name!r}: penalty={self.penalty!r}; use {PENALTIES}")
         if (self.trainer is None) != (self.penalty == "none"):
@@ -95,8 +95,8 @@ class Method:
 
 
 def path_mask(method: Method) -> torch.Tensor:
-    """(P,) additive logit mask over PATHS: 0 for the method's paths, NEG for the others."""
-    return torch.tensor([0.0 if p in method.paths else NEG for p in PATHS])
+    """(P,) additive logit mask over the registry's paths: 0 for the method's, NEG elsewhere."""
+    return torch.tensor([0.0 if p in method.paths else NEG for p in reg.names()])
 
 
 def unit_costs(em: EnergyModel) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,8 +109,9 @@ def unit_costs(em: EnergyModel) -> tuple[torch.Tensor, torch.Tensor]:
 
 def fixed_cost(em: EnergyModel, p: int, s: int) -> float:
     """Ungated joules of a prompt of p tokens + s generated tokens (s - 1 decode steps)."""
-    gated = p * em.unit_sum["prefill"][FP16] + max(0, s - 1) * em.unit_sum["decode"][FP16]
-    return em.request_cost(p, s, FP16) - gated
+    fp16 = em.ref
+    gated = p * em.unit_sum["prefill"][fp16] + max(0, s - 1) * em.unit_sum["decode"][fp16]
+    return em.request_cost(p, s, fp16) - gated
 
 
 def tau_at(step: int, steps: int, start: float, end: float) -> float:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from hest_core import paths as reg
+
 
 def _plt():
     import matplotlib
@@ -51,7 +53,7 @@ def plot_curves(log: str | Path, png: str | Path) -> None:
         ax[1, 0].legend()
     else:  # lora-r8, tabs: no energy constraint, nothing to plot
         ax[1, 0].text(0.5, 0.5, "none: this method has no dual variables", ha="center")
-    for p in ("fp16", "int8", "skip"):
+    for p in reg.names():
         ax[1, 1].plot(steps, _smooth([r[f"share_{p}"] for r in rows]), label=p)
     ax[1, 1].set_title("path shares (hard gates, 10-step mean)")
     ax[1, 1].legend()
@@ -63,7 +65,7 @@ def plot_curves(log: str | Path, png: str | Path) -> None:
 
 
 def plot_heatmaps(shares: dict[str, list[list[float]]], png: str | Path) -> None:
-    """shares: policy -> (L, 3) fraction of units per path per layer."""
+    """shares: policy -> (L, P) fraction of units per path per layer."""
     if not shares:
         return
     plt = _plt()
@@ -71,7 +73,7 @@ def plot_heatmaps(shares: dict[str, list[list[float]]], png: str | Path) -> None
     fig, axes = plt.subplots(1, n, figsize=(2.2 * n + 1, 6), squeeze=False)
     for ax, (name, grid) in zip(axes[0], shares.items(), strict=True):
         im = ax.imshow(grid, aspect="auto", vmin=0, vmax=1, cmap="viridis")
-        ax.set_xticks([0, 1, 2], ["fp16", "int8", "skip"])
+        ax.set_xticks(list(range(reg.n_paths())), list(reg.names()))
         ax.set_ylabel("layer")
         ax.set_title(name, fontsize=8)
     fig.colorbar(im, ax=axes[0].tolist(), label="share of units")

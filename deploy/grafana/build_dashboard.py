@@ -22,9 +22,29 @@ def _q(quantile: float, metric: str, window: str = "1m") -> str:
 def _share(path: str) -> str:
     # share of each layer's gated units that ran on `path` (0..1), one series per layer
     return (
-        f'sum by (layer) (rate(hest_layer_units_total{{path="{path}"}}[1m]))'
+        f'sum by (layer) (rate(hest_layer_units_total{{path=~"{path}"}}[1m]))'
         " / sum by (layer) (rate(hest_layer_units_total[1m]))"
     )
+
+
+# the paths are the runtime's registry (hest_core/paths.py), read from the metrics' labels: one
+# path-share panel is repeated per path the server reports, none is spelt out here
+PATH_VARIABLE = {
+    "name": "path",
+    "label": "path",
+    "type": "query",
+    "datasource": DATASOURCE,
+    "definition": "label_values(hest_units_total, path)",
+    "query": {"query": "label_values(hest_units_total, path)", "refId": "PathVariable"},
+    "refresh": 1,
+    "includeAll": True,
+    "multi": True,
+    "sort": 0,
+    "hide": 0,
+    "options": [],
+    "current": {"selected": True, "text": ["All"], "value": ["$__all"]},
+}
+REPEATED = {"Path mix per layer: $path share": "path"}  # panel title -> variable it repeats over
 
 
 # (title, panel type, unit, width, height, [(expr, legend)], description)
@@ -54,12 +74,10 @@ PANELS: list[tuple[str, str, str, int, int, list[tuple[str, str]], str]] = [
         (_q(0.5, "hest_queue_wait_seconds"), "p50"),
         (_q(0.99, "hest_queue_wait_seconds"), "p99"),
     ], "Time in the queue before the request's batch started."),
-    ("Path mix per layer: fp16 share", "heatmap", "percentunit", 8, 9, [(_share("fp16"), "{{layer}}")],
-     "Share of each layer's gated units that ran in 16-bit float (bf16 on CPU)."),
-    ("Path mix per layer: int8 share", "heatmap", "percentunit", 8, 9, [(_share("int8"), "{{layer}}")],
-     "Share of each layer's gated units that ran with int8 weights."),
-    ("Path mix per layer: skip share", "heatmap", "percentunit", 8, 9, [(_share("skip"), "{{layer}}")],
-     "Share of each layer's gated units whose MLP was skipped."),
+    ("Path mix per layer: $path share", "heatmap", "percentunit", 24, 9,
+     [(_share("$path"), "{{layer}}")],
+     "Share of each layer's gated units that ran on this path (one panel per path the server "
+     "reports: fp16 is 16-bit float, bf16 on CPU; see hest_core/paths.py)."),
     ("Units per path", "timeseries", "ops", 8, 8, [
         ("sum by (path) (rate(hest_units_total[1m]))", "{{path}}"),
     ], "Gated units executed per second, by path."),
@@ -120,6 +138,8 @@ def _panel(index: int, spec: tuple, x: int, y: int) -> dict[str, Any]:
             for n, (expr, legend) in enumerate(queries)
         ],
     }
+    if title in REPEATED:
+        panel |= {"repeat": REPEATED[title], "repeatDirection": "h", "maxPerRow": 3}
     if kind == "heatmap":
         panel["options"] = {
             "calculate": False,
@@ -154,7 +174,7 @@ def build() -> dict[str, Any]:
         "editable": True,
         "refresh": "10s",
         "time": {"from": "now-30m", "to": "now"},
-        "templating": {"list": []},
+        "templating": {"list": [PATH_VARIABLE]},
         "annotations": {"list": []},
         "panels": panels,
     }

@@ -37,7 +37,7 @@
 #define HEST_EROWS -2    /* row count M outside 1..HEST_MAX_ROWS (or the cache holds fewer rows) */
 #define HEST_ESHAPE -3   /* a dimension is out of the supported range */
 #define HEST_EPOS -4     /* a position outside 0..max_len-1 or past the rope table */
-#define HEST_EPATH -5    /* a path code that is not 0 (fp16), 1 (int8) or 2 (skip) */
+#define HEST_EPATH -5    /* a path code the layer does not run: not 0 (fp16), 1 (int8) or 2 (skip) */
 #define HEST_ESCRATCH -6 /* the scratch block is smaller than the call needs */
 #define HEST_ETHREADS -7 /* threads < 1 */
 #ifndef PD16
@@ -706,11 +706,11 @@ int hest_decode_layer(const hest_layer_t *L, const hest_step_t *S, const int64_t
 /* ---------------------------------------------------------------------------------------- */
 /* The factorised controller (controller.py) for one row at decode, in fp32:
  *   logits = A (sigmoid(W_tok h) * lay) + a0,   lay = sigmoid(w_layer + u beta) (given).
- * W_tok (k, d), A (3, k), a0 (3), lay (k) fp32; h (d) bf16; out (3). */
+ * W_tok (k, d), A (P, k), a0 (P), lay (k) fp32; h (d) bf16; out (P): P paths (paths.py). */
 int hest_ctl_logits(const float *wtok, const float *lay, const float *A, const float *a0, int k,
-                    int d, const uint16_t *h, float *out) {
+                    int d, int P, const uint16_t *h, float *out) {
     if (!wtok || !lay || !A || !a0 || !h || !out) return HEST_ENULL;
-    if (k < 1 || k > 256 || d < 1 || d > 4096) return HEST_ESHAPE;
+    if (k < 1 || k > 256 || d < 1 || d > 4096 || P < 1 || P > 16) return HEST_ESHAPE;
     float hf[4096], f[256];
     for (int j = 0; j < d; j++) hf[j] = bf16_to_f32(h[j]);
     for (int i = 0; i < k; i++) {
@@ -720,7 +720,7 @@ int hest_ctl_logits(const float *wtok, const float *lay, const float *A, const f
         for (int j = 0; j < d; j++) a += w[j] * hf[j];
         f[i] = lay[i] / (1.0f + expf(-a));
     }
-    for (int p = 0; p < 3; p++) {
+    for (int p = 0; p < P; p++) {
         float a = a0[p];
         for (int i = 0; i < k; i++) a += A[(size_t)p * k + i] * f[i];
         out[p] = a;

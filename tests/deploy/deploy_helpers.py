@@ -86,7 +86,13 @@ def dashboard() -> dict:
 
 
 def dashboard_exprs() -> list[tuple[str, str]]:
-    return [(p["title"], t["expr"]) for p in dashboard()["panels"] for t in p["targets"]]
+    """(panel title, query) of every panel; a repeated panel's variable (`path=~"$path"`) matches
+    every value, as Grafana's "All" does."""
+    return [
+        (p["title"], t["expr"].replace('"$path"', '".+"'))
+        for p in dashboard()["panels"]
+        for t in p["targets"]
+    ]
 
 
 def alert_rules() -> list[dict]:

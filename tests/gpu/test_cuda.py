@@ -16,7 +16,8 @@ import torch
 from hest_core import Engine, GenerationRequest
 from hest_core.dtypes import dtype_name, resolve_dtype
 from hest_core.loading import TINY, build_lean, load_hf_model
-from hest_core.model import FP16, INT8, SKIP, LeanModel, SeqSlot, const_decider
+from hest_core.model import LeanModel, SeqSlot, const_decider
+from hest_core.paths import FP16, INT8, SKIP
 from hest_core.quant import Int8Linear
 
 # HEST_GPU_TEST_DEVICE=cpu dry-runs this file on a machine without a GPU (bf16 then)

@@ -116,7 +116,7 @@ def test_the_engine_runs_under_the_config_it_is_given(monkeypatch) -> None:
 def test_process_wide_reads_ignore_other_variables(monkeypatch, tmp_path) -> None:
     """The cache directory and the kernels (process-wide, no engine at hand) read only their own
     variables: a bad HEST_THREADS fails the engine that uses it, not a cache lookup."""
-    from hest_core.paths import cache_dir
+    from hest_core.cachedirs import cache_dir
 
     monkeypatch.setenv("HEST_THREADS", "two")
     monkeypatch.setenv("HEST_CACHE_DIR", str(tmp_path))

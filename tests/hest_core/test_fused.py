@@ -11,7 +11,8 @@ from hest_core.controller import Controller
 from hest_core.engine import Engine, GenerationRequest
 from hest_core.fused import NativeController
 from hest_core.loading import TINY, build_lean, load_hf_model
-from hest_core.model import FP16, INT8, SKIP, SeqSlot, const_decider
+from hest_core.model import SeqSlot, const_decider
+from hest_core.paths import FP16, INT8, SKIP
 
 needs_native = pytest.mark.skipif(native.get() is None, reason=f"native {native.status()}")
 

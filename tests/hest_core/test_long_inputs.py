@@ -8,7 +8,8 @@ import torch
 
 from hest_core import Engine, GenerationRequest, generation
 from hest_core.loading import build_lean, load_hf_model
-from hest_core.model import FP16, INT8, SeqSlot, const_decider
+from hest_core.model import SeqSlot, const_decider
+from hest_core.paths import FP16, INT8
 
 
 @pytest.mark.parametrize("path", [FP16, INT8])

@@ -12,7 +12,8 @@ import torch
 
 from hest_core import native
 from hest_core.loading import TINY, build_lean, load_hf_model
-from hest_core.model import FP16, INT8, SeqSlot, const_decider
+from hest_core.model import SeqSlot, const_decider
+from hest_core.paths import FP16, INT8
 from hest_core.quant import Int8Linear
 
 NAT = native.get()

@@ -13,7 +13,8 @@ import torch
 from hest_core import native
 from hest_core.errors import CacheOverflowError, NativeArgumentError
 from hest_core.loading import build_lean, load_hf_model
-from hest_core.model import FP16, SeqSlot, const_decider
+from hest_core.model import SeqSlot, const_decider
+from hest_core.paths import FP16
 
 NAT = native.get()
 needs_native = pytest.mark.skipif(NAT is None, reason=f"native kernels {native.status()}")
@@ -183,9 +184,12 @@ def test_controller_logits_refuses_bad_sizes():
     h = torch.zeros(8, dtype=torch.bfloat16)
     p = w.data_ptr()
     lib = NAT._lib
-    assert lib.hest_ctl_logits(p, p, p, p, 300, 8, h.data_ptr(), ctypes.addressof(out)) == -3
-    assert lib.hest_ctl_logits(p, p, p, p, 4, 5000, h.data_ptr(), ctypes.addressof(out)) == -3
-    assert lib.hest_ctl_logits(p, p, p, None, 4, 8, h.data_ptr(), ctypes.addressof(out)) == -1
+    hp, op = h.data_ptr(), ctypes.addressof(out)
+    assert lib.hest_ctl_logits(p, p, p, p, 300, 8, 3, hp, op) == -3
+    assert lib.hest_ctl_logits(p, p, p, p, 4, 5000, 3, hp, op) == -3
+    assert lib.hest_ctl_logits(p, p, p, p, 4, 8, 0, hp, op) == -3  # no paths
+    assert lib.hest_ctl_logits(p, p, p, p, 4, 8, 17, hp, op) == -3  # more paths than it takes
+    assert lib.hest_ctl_logits(p, p, p, None, 4, 8, 3, hp, op) == -1
     assert list(out) == [9.0, 9.0, 9.0]
 
 

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from hest_core.compiled import enable_compile
 from hest_core.loading import TINY, build_lean, load_hf_model
-from hest_core.model import FP16, INT8, SKIP, LeanModel, SeqSlot, apply_rope, rms_norm
+from hest_core.model import LeanModel, SeqSlot, apply_rope, rms_norm
+from hest_core.paths import FP16, INT8, SKIP, one_hot
 from hest_core.quant import Int8Linear
 
 # int8 bound: per-channel weights + per-token activations; measured ~1.2% of max|y| here
@@ -19,7 +20,7 @@ INT8_REL_BOUND = 0.03
 def const(path):
     def decide(li, h):
         n = h.shape[0]
-        return torch.full((n,), path, dtype=torch.long), [n if p == path else 0 for p in range(3)]
+        return torch.full((n,), path, dtype=torch.long), one_hot(path, n)
 
     return decide
 

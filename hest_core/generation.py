@@ -110,6 +110,9 @@ class BatchRunner:
     def _decider(self, groups: list[tuple[int, int, RequestState]], phase: str):
         """groups: (row0, n, state) covering the flat rows of this forward call."""
         e = self.e
+        if phase == "prefill":  # one prefill round: each request's guard learns what remains
+            for _row0, n, st in groups:
+                st.guard.begin_prefill_chunk(n)
         sub_rows, sub_t = e.path_sub.get(phase, (None, None))
         fixed = reg.find(e.policy)  # a fixed-path policy is a path's name
         n_rows = sum(g[1] for g in groups)

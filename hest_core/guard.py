@@ -47,6 +47,8 @@ class BudgetGuard:
         self.P, self.max_new = prompt_len, max_new
         self.spent = 0  # picojoules
         self.demotions = 0
+        self._prompt_started = 0  # prompt tokens whose prefill round has begun
+        self._prompt_later = 0  # prompt tokens of later rounds (reserved at their cheapest)
         self.phase = "prefill"
         # not-yet-charged work, all fp16 (the reference path)
         self.rem_fp16 = em.request_cost_q(prompt_len, max_new, em.ref)
@@ -74,6 +76,13 @@ class BudgetGuard:
         self.phase = "prefill"
         self._charge_fixed(self.em.prefill_fixed_q(self.P))
 
+    def begin_prefill_chunk(self, n: int) -> None:
+        """The next n prompt tokens run now (a prefill round of chunked prefill): the limit of
+        their layers reserves the cheapest form of the prompt tokens of later rounds, so an
+        early round cannot spend what the rest of the prompt needs."""
+        self._prompt_started += n
+        self._prompt_later = max(0, self.P - self._prompt_started)
+
     def try_start_decode(self, ctx: int) -> bool:
         """Charge a decode step's fixed work if its cheapest form fits; else False (stop)."""
         self.phase = "decode"
@@ -91,8 +100,10 @@ class BudgetGuard:
             return None
         ph = self.phase
         reserve = n * self.em.min_after_q[ph][li + 1]
-        if ph == "prefill" and self.max_new >= 2:
-            reserve += self.em.min_decode_step_q(self.P + 1)
+        if ph == "prefill":  # the prompt's later rounds, then the first generated token
+            reserve += self._prompt_later * self.em.min_sum_q["prefill"]
+            if self.max_new >= 2:
+                reserve += self.em.min_decode_step_q(self.P + 1)
         left = self.budget - self.spent
         hard = left - reserve
         if self.mode == "hard" or left >= self.rem_fp16:

@@ -192,7 +192,15 @@ class EndingPlan:
     def final(self, text: str, by_limit: bool) -> str:
         """The text to return when the request ends. `by_limit`: a limit (tokens or budget) or a
         detected repeat ended it, not the model's own end of text."""
-        if not self.enabled or self.boundary == 0 or self.reason == "steered":
+        if not self.enabled or self.reason == "steered":
+            return text
+        if self.boundary == 0:
+            # a limit struck before the first sentence ended: no sentence fitted. Nothing of it
+            # was streamed (`visible` holds a first sentence back unless its tokens can finish
+            # it), so the answer is empty rather than a fragment
+            if by_limit and self.shown == 0 and text and not ends_sentence(text):
+                self.reason = "no_sentence"
+                return ""
             return text
         if self.reason == "repetition":
             return text[: self.boundary]

@@ -171,7 +171,9 @@ class SummarizeResponse(BaseModel):
         None,
         description="how the clean-ending plan shaped the end: planned (stopped at a sentence "
         "boundary because the next sentence would not fit), trimmed (a limit struck mid-sentence: "
-        "cut to the last boundary), repetition (ended before a repeated sentence), or null",
+        "cut to the last boundary), repetition (ended before a repeated sentence), steered (the "
+        "last tokens were steered to end the sentence), no_sentence (a limit struck before the "
+        "first sentence ended: the summary is empty), or null",
     )
     energy: EnergyReport
     usage: Usage

@@ -248,9 +248,11 @@ def summarise(name: str, policy: str, recs: list[dict], longest: set[str]) -> di
         p99_s=percentile(lat, 99),
         completion_tokens=mean([r["completion_tokens"] for r in recs]),
         # older sample files (before clean endings) lack these: computed from the text then
+        # over outputs with text; an empty one (no sentence fitted the budget) is counted apart
         sentence_end_share=mean(
-            [float(r.get("ends_sentence", ends_sentence(r["text"]))) for r in recs]
+            [float(r.get("ends_sentence", ends_sentence(r["text"]))) for r in recs if r["text"]]
         ),
+        empty=sum(not r["text"] for r in recs),
         budget_violations=sum(r["modelled_j"] > r["budget_j"] * (1 + 1e-9) for r in recs),
         energy_budget_stops=sum(r["finish_reason"] == "energy_budget" for r in recs),
         budget_ended_share=mean([float(r["finish_reason"] == "energy_budget") for r in recs]),
@@ -272,9 +274,9 @@ def markdown(rows: list[dict], n: int) -> str:
         "| row | n | R-1 | R-2 | R-L | R-Lsum | modelled J/sample | measured J | wall s/sample | "
         "p50 s | p99 s | violations | budget stops | overshoot longest 10% (max) | "
         "paths fp16/int8/skip | ctrl params | tokens | sentence ends | budget-ended | J/budget | "
-        "refused |"
+        "refused | empty |"
     )
-    lines = [head, "|" + " --- |" * 21]
+    lines = [head, "|" + " --- |" * 22]
     for r in rows:
         sh = r.get("path_shares")
         shares = "/".join(f"{sh[p]:.2f}" for p in reg.names()) if sh else "-"
@@ -291,7 +293,7 @@ def markdown(rows: list[dict], n: int) -> str:
             f"{f(r.get('overshoot_longest_max'), 3)} | {shares} | {r.get('controller_params', '-')} | "
             f"{f(r.get('completion_tokens'))} | {f(r.get('sentence_end_share'), 2)} | "
             f"{f(r.get('budget_ended_share'), 2)} | {f(r.get('spent_over_budget'), 2)} | "
-            f"{r.get('refused', '-')} |"
+            f"{r.get('refused', '-')} | {r.get('empty', '-')} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -61,7 +61,14 @@ def test_limit_inside_a_sentence_trims_to_the_last_boundary():
     q = EndingPlan()
     q.observe("One more.", 2)
     assert q.final("One more. Two and thr", by_limit=False) == "One more. Two and thr"
-    assert EndingPlan().final("no boundary at all", by_limit=True) == "no boundary at all"
+    # a limit before the first sentence ended: no fragment, an empty text (nothing was streamed)
+    empty = EndingPlan()
+    assert empty.final("no boundary at", by_limit=True) == ""
+    assert empty.reason == "no_sentence"
+    assert EndingPlan().final("no boundary at all", by_limit=False) == "no boundary at all"
+    shown = EndingPlan()
+    shown.shown = 5  # part of it was streamed: never taken back
+    assert shown.final("no boundary at", by_limit=True) == "no boundary at"
     assert EndingPlan(enabled=False).final("One more. Two", by_limit=True) == "One more. Two"
 
 
@@ -152,8 +159,10 @@ def test_real_model_ends_on_a_sentence_boundary_under_a_limit(hest_engine, ratio
         res = default_engine.generate([req], on_token=lambda i, d, p=pieces: p.append(d))[0]
         assert "".join(pieces) == res.text
         assert res.stats.modelled_j <= res.stats.budget_j
-        if res.finish_reason in ("length", "energy_budget"):
+        if res.finish_reason in ("length", "energy_budget") and res.text:
             assert ends_sentence(res.text), (res.finish_reason, res.finish_detail, res.text[-80:])
+        if not res.text:  # the budget bought no whole sentence
+            assert res.finish_detail == "no_sentence"
         raw = GenerationRequest(
             art, energy_budget_ratio=ratio, max_new_tokens=limit, clean_end=False
         )

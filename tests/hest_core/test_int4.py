@@ -201,10 +201,11 @@ def test_budget_invariant_with_four_paths(hest4: Engine, ratio, max_new, seed, m
         assert len(got.stats.paths) == 4
 
 
+@pytest.mark.slow
 def test_default_model_on_its_own_q4_blocks(int4, int4_tables):
     """The real default model, no adapter: every int4 weight is the GGUF's own Q4_1 block (so
     the int4 copies share the 16-bit copy's memory: those are the same blocks, dequantized), and
-    a fixed int4 policy writes text. ~5 s here, so not marked slow."""
+    a fixed int4 policy writes text. 5-36 s on this shared machine: marked slow."""
     e = Engine.from_pretrained(
         "default", adapter=None, policy="int4", calibration=int4_tables, progress=False, paths=FOUR
     )
@@ -213,5 +214,4 @@ def test_default_model_on_its_own_q4_blocks(int4, int4_tables):
     assert lw.gu4.dense is lw.wgu  # exact: nothing dequantized twice
     req = GenerationRequest(ARTICLE, energy_budget_ratio=1.0, max_new_tokens=16, clean_end=False)
     r = e.generate([req])[0]
-    print(r.text)
     assert len(r.text.split()) >= 3 and r.stats.paths["int4"] == sum(r.stats.paths.values())

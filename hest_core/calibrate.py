@@ -58,7 +58,9 @@ def table_name(fp: str, lean: LeanModel) -> str:
     threads = torch.get_num_threads() if lean.device.type == "cpu" else 0
     # the native decode kernels change the costs: tables with and without them are apart
     nat = "-native" if lean.device.type == "cpu" and native.get() is not None else ""
-    return f"{fp}-{device_key(lean.device)}-{dtype_name(lean.dtype)}-{threads}t{nat}.json"
+    # opt-in paths (int4) add columns: their tables are apart from the built-in three's
+    extra = "".join(f"-{n}" for n in reg.names()[len(reg.BUILTIN_NAMES) :])
+    return f"{fp}-{device_key(lean.device)}-{dtype_name(lean.dtype)}-{threads}t{nat}{extra}.json"
 
 
 def _sync(dev: torch.device) -> None:
@@ -506,9 +508,14 @@ def main(argv: list[str] | None = None) -> None:
         RuntimeConfig.from_env()
     )  # this command's boundary: HEST_METER, _NOMINAL_WATTS, _CACHE_DIR
     dev = resolve_device(args.device)
+    reg.enable(cfg.paths)  # HEST_PATHS: opt-in paths are measured too
     hf = load_hf_model(args.model, config=cfg)
     fp = fingerprint(hf)
     lean = build_lean(hf, resolve_dtype("auto", dev), dev, max_positions=4096)
+    if reg.find("int4") is not None:
+        from .int4 import attach_for_model
+
+        attach_for_model(lean, hf, args.model)  # the base weights' blocks (tables hold no z)
     meter = (
         EstimateMeter(args.watts or cfg.nominal_watts)
         if args.meter == "estimate" or args.watts

@@ -17,6 +17,7 @@ builds it from the environment, so library use without a config behaves as befor
 | native | HEST_NATIVE | the native kernels (native.py) |
 | native_sanitize | HEST_NATIVE_SANITIZE | build them with ASan/UBSan (tests) |
 | cc | CC | the C compiler of the kernels (else gcc, else cc) |
+| paths | HEST_PATHS | the path set, comma-separated: fp16,int8,skip plus opt-in int4 (paths.py) |
 
 The native kernels are one library per process, built on first use from the hot path (quant.py,
 fused.py) where no engine is at hand: their fields (cache_dir, native, native_sanitize, cc) are
@@ -31,6 +32,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from . import paths as reg
 from .errors import HestError
 from .meters import DEFAULT_NOMINAL_WATTS, METERS
 
@@ -46,6 +48,7 @@ ENV = {
     "native": "HEST_NATIVE",
     "native_sanitize": "HEST_NATIVE_SANITIZE",
     "cc": "CC",
+    "paths": "HEST_PATHS",
 }
 TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
 
@@ -73,6 +76,7 @@ class RuntimeConfig:
     native: bool = True
     native_sanitize: bool = False
     cc: str | None = None
+    paths: tuple[str, ...] = reg.BUILTIN_NAMES
 
     def __post_init__(self) -> None:
         """Raises ConfigError naming the variable and the values allowed."""
@@ -95,6 +99,17 @@ class RuntimeConfig:
             _bad("cache_dir", self.cache_dir, "a directory path")
         if self.calibration is not None and not isinstance(self.calibration, Path):
             _bad("calibration", self.calibration, "a table file or directory path, or unset")
+        try:
+            ok = reg.check_names(self.paths) if isinstance(self.paths, tuple | list) else None
+        except ValueError:
+            ok = None
+        if ok is None:
+            allowed = (
+                f"{','.join(reg.BUILTIN_NAMES)} each once, plus any of {','.join(reg.OPTIONAL)}"
+            )
+            shown = ",".join(map(str, self.paths)) if isinstance(self.paths, tuple | list) else None
+            _bad("paths", shown or self.paths, f"{allowed} (e.g. fp16,int8,int4,skip)")
+        object.__setattr__(self, "paths", ok)
 
     @classmethod
     def from_env(
@@ -139,6 +154,8 @@ def _parse(name: str, raw: str):
         return raw.lower()
     if name in ("calibration", "cache_dir"):
         return Path(raw).expanduser()
+    if name == "paths":
+        return tuple(raw.split(","))
     return raw
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import threading
@@ -120,12 +121,18 @@ class Engine:
         compile: bool | None = None,
         progress: bool = True,
         config: RuntimeConfig | None = None,
+        paths: tuple[str, ...] | list[str] | None = None,
     ) -> Engine:
         """Load a model (and adapter) into an engine. `config`: the runtime configuration (None:
-        `RuntimeConfig.from_env()`); `threads`, `compile`, `meter` and `calibration` given here
-        win over it. Raises HestError (bad policy/guard), ConfigError, MeterUnavailableError,
-        ModelLoadError, AdapterMismatchError, CalibrationError."""
+        `RuntimeConfig.from_env()`); `threads`, `compile`, `meter`, `calibration` and `paths`
+        (e.g. ("fp16", "int8", "int4", "skip"): opt in to int4, registered for the process)
+        given here win over it. Raises HestError (bad policy/guard), ConfigError (bad paths),
+        MeterUnavailableError, ModelLoadError, AdapterMismatchError, CalibrationError (a table
+        without a column per path: recalibrate)."""
         cfg = config or RuntimeConfig.from_env()
+        if paths is not None:
+            cfg = dataclasses.replace(cfg, paths=tuple(paths))  # validated (ConfigError)
+        reg.enable(cfg.paths)
         if policy not in policies():
             raise HestError(f"policy={policy!r} is not one of {policies()}", param="policy")
         if guard not in MODES:
@@ -148,7 +155,7 @@ class Engine:
         hf = load_hf_model(model, progress, config=cfg)
         fp = fingerprint(hf)
         ad = cls._resolve_adapter(adapter, model)
-        weight_fn = None
+        weight_fn, svd = None, None
         if ad is not None:
             from .loading import spec_of
 
@@ -158,6 +165,11 @@ class Engine:
                 weight_fn = make_weight_fn(ad.z, svd)
         lean = build_lean(hf, dt, dev, max_positions=MAX_CONTEXT, weight_fn=weight_fn)
         lean.fused.enabled = cfg.fused
+        int4_info = None
+        if reg.find("int4") is not None:
+            from .int4 import attach_for_model
+
+            int4_info = attach_for_model(lean, hf, model, None if ad is None else ad.z, svd)
         compile = cfg.compile if compile is None else compile
         if compile:
             enable_compile(lean)  # graphs are built on first use: call warmup()
@@ -198,6 +210,7 @@ class Engine:
             else 0,
             "n_layers": lean.spec.n_layers,
             "paths": list(reg.names()),
+            "int4": int4_info,
             "max_context_tokens": lean.rope_cos.shape[0],
             "load_s": round(time.perf_counter() - t0, 2),
         }

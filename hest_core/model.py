@@ -12,15 +12,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from . import native
 from . import paths as reg
-from .errors import CacheOverflowError
+from .errors import CacheOverflowError, HestError
 from .fused import FusedDecode
 from .quant import Int8Linear
+
+if TYPE_CHECKING:
+    from .int4 import Int4Linear
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -64,6 +68,10 @@ class LayerWeights:
     o8: Int8Linear | None = None
     gu8: Int8Linear | None = None
     down8: Int8Linear | None = None
+    qkv4: Int4Linear | None = None  # Q4_1 copies, built by int4.attach where int4 is enabled
+    o4: Int4Linear | None = None
+    gu4: Int4Linear | None = None
+    down4: Int4Linear | None = None
     shortcut: tuple[torch.Tensor, torch.Tensor] | None = None  # (R, d), (d, R)
     packed: dict[str, torch.Tensor] = field(default_factory=dict)  # oneDNN-prepacked 16-bit weights
 
@@ -81,6 +89,16 @@ class LayerWeights:
 
     def int8_linears(self) -> list[Int8Linear]:
         return [m for m in (self.qkv8, self.o8, self.gu8, self.down8) if m is not None]
+
+    def int4(self, name: str) -> Int4Linear:
+        """The int4 copy `name` (qkv4, o4, gu4, down4); raises HestError where none was built."""
+        m = getattr(self, name)
+        if m is None:
+            raise HestError(
+                "a unit took the int4 path but this model has no int4 weights: enable the path "
+                "before loading (HEST_PATHS=fp16,int8,int4,skip or Engine.from_pretrained(paths=...))"
+            )
+        return m
 
 
 def linear16(
@@ -249,19 +267,28 @@ class LeanModel:
 
     # ---- projections, per path -------------------------------------------------------------
     @staticmethod
-    def _two_way(h, r: Routing, dense: torch.Tensor, packed, bias, q8: Int8Linear) -> torch.Tensor:
-        """Attention projections: rows of paths with `proj` "dense16" on the 16-bit weights,
-        "int8" on the int8 copy (fp16 dense; int8 and skip int8)."""
+    def _by_kind(h, r: Routing, fns: dict, n_out: int) -> torch.Tensor:
+        """Attention projections: the rows of each path on its `proj` kind's function (fp16
+        16-bit; int8 and skip the int8 copy; int4 the Q4_1 copy). h (N, K) -> (N, n_out)."""
         if r.only is not None:
-            return linear16(h, dense, packed, bias) if reg.get(r.only).proj == "dense16" else q8(h)
-        out = torch.empty(h.shape[0], dense.shape[0], dtype=h.dtype, device=h.device)
-        i_hi = r.rows(reg.with_proj("dense16"))
-        i_lo = r.rows(reg.with_proj("int8"))
-        if i_hi is not None:
-            out.index_copy_(0, i_hi, linear16(h.index_select(0, i_hi), dense, packed, bias))
-        if i_lo is not None:
-            out.index_copy_(0, i_lo, q8(h.index_select(0, i_lo)))
+            return fns[reg.get(r.only).proj](h)
+        out = torch.empty(h.shape[0], n_out, dtype=h.dtype, device=h.device)
+        for kind, fn in fns.items():
+            idx = r.rows(reg.with_proj(kind))
+            if idx is not None:
+                out.index_copy_(0, idx, fn(h.index_select(0, idx)))
         return out
+
+    def _proj(self, h, r: Routing, lw: LayerWeights, which: str) -> torch.Tensor:
+        """Projection `which` ("qkv" or "o") of one layer on each row's path."""
+        dense, bias, q8 = (lw.wqkv, lw.bqkv, lw.qkv8) if which == "qkv" else (lw.wo, None, lw.o8)
+        packed = lw.packed.get("w" + which)
+        fns = {
+            "dense16": lambda x: linear16(x, dense, packed, bias),
+            "int8": q8,
+            "int4": lambda x: lw.int4(which + "4")(x),
+        }
+        return self._by_kind(h, r, fns, dense.shape[0])
 
     @staticmethod
     def _mlp_dense(h: torch.Tensor, lw: LayerWeights) -> torch.Tensor:
@@ -277,6 +304,11 @@ class LeanModel:
         return lw.down8(F.silu(g) * u)
 
     @staticmethod
+    def _mlp_int4(h: torch.Tensor, lw: LayerWeights) -> torch.Tensor:
+        g, u = lw.int4("gu4")(h).chunk(2, dim=-1)
+        return lw.int4("down4")(F.silu(g) * u)
+
+    @staticmethod
     def _mlp_skip(h: torch.Tensor, lw: LayerWeights) -> torch.Tensor | None:
         if lw.shortcut is None:
             return None  # pure passthrough: the residual stream is left as it is
@@ -284,8 +316,13 @@ class LeanModel:
         return F.linear(F.linear(h, a), b)  # (n, d) via rank R
 
     def _mlp(self, h: torch.Tensor, r: Routing, lw: LayerWeights) -> torch.Tensor | None:
-        """Each row's MLP on its path's `mlp` kind: 16-bit, int8, or none (skip)."""
-        fns = {"dense16": self._mlp_dense, "int8": self._mlp_int8, None: self._mlp_skip}
+        """Each row's MLP on its path's `mlp` kind: 16-bit, int8, int4, or none (skip)."""
+        fns = {
+            "dense16": self._mlp_dense,
+            "int8": self._mlp_int8,
+            "int4": self._mlp_int4,
+            None: self._mlp_skip,
+        }
         if r.only is not None:
             return fns[reg.get(r.only).mlp](h, lw)
         out = torch.zeros_like(h)
@@ -412,7 +449,7 @@ class LeanModel:
     def _pre(self, h, r: Routing, lw: LayerWeights, cos, sin):
         """Attention projections of one layer, then q/k norms (Qwen3) and rope."""
         s, n = self.spec, h.shape[0]
-        qkv = self._two_way(h, r, lw.wqkv, lw.packed.get("wqkv"), lw.bqkv, lw.qkv8)  # (N, q+2kv)
+        qkv = self._proj(h, r, lw, "qkv")  # (N, q + 2 kv)
         v = qkv[:, s.q_dim + s.kv_dim :].view(n, s.n_kv_heads, s.head_dim)
         if lw.q_norm is None:
             # q and k heads side by side: one rope over both (same maths, half the small ops)
@@ -425,7 +462,7 @@ class LeanModel:
 
     def _post(self, x, attn, r: Routing, lw: LayerWeights):
         """Output projection, residual, MLP on each row's path, residual."""
-        x = x + self._two_way(attn, r, lw.wo, lw.packed.get("wo"), None, lw.o8)
+        x = x + self._proj(attn, r, lw, "o")
         y = self._mlp(rms_norm(x, lw.ln2, self.spec.eps), r, lw)
         return x if y is None else x + y
 
@@ -441,4 +478,5 @@ class LeanModel:
         )
         i8 = sum(m.q.numel() for lw in self.layers for m in lw.int8_linears())
         head = self.lm_head.numel() * self.lm_head.element_size()
-        return {"dense_16bit": dense, "int8": i8, "lm_head": head}
+        i4 = sum(m.w.nbytes for lw in self.layers for m in (lw.qkv4, lw.o4, lw.gu4, lw.down4) if m)
+        return {"dense_16bit": dense, "int8": i8, "int4": i4, "lm_head": head}

@@ -7,6 +7,7 @@ how that work runs, by *kind* of weights:
 | ----------- | --------------------------------------------------- | ------------------------------------ |
 | "dense16"   | the 16-bit copy (`linear16`: native gemv / oneDNN)  | dense F.linear                        |
 | "int8"      | the int8 copy (`Int8Linear`: weight-only or W8A8)   | fake-quantised weights and rows (STE) |
+| "int4"      | the Q4_1 copy (`int4.Int4Linear`: q4 gemv / bf16)   | Q4_1 fake-quantised weights (STE)     |
 | None (MLP)  | no MLP: the residual passes (or the rank-R shortcut) | nothing added (passthrough)           |
 
 `proj` is the kind of the attention projections (q, k, v, o), `mlp` that of gate/up/down.
@@ -20,7 +21,10 @@ says it costs no more (`EnergyModel.sub`). The guard demotes along each device's
 unit with; None: the fused layer cannot run it and such steps take the PyTorch loop.
 
 Index order is fixed: the built-in three come first (0 fp16, 1 int8, 2 skip), as calibration
-tables, controller outputs and artifacts store them; `register` appends. Read the registry through
+tables, controller outputs and artifacts store them; `register` appends. `OPTIONAL` holds the
+paths a configuration may add (`HEST_PATHS=fp16,int8,int4,skip`, `RuntimeConfig.paths`):
+`enable` registers them for the whole process (they stay; an engine built before keeps working
+only on the paths its weights were built for). Read the registry through
 these helpers or `paths.PATHS` at call time, never `from .paths import PATHS` (a registration
 would not show there).
 """
@@ -32,7 +36,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-KINDS = ("dense16", "int8")  # weight kinds a projection or MLP runs on
+KINDS = ("dense16", "int8", "int4")  # weight kinds a projection or MLP runs on
 
 
 @dataclass(frozen=True)
@@ -57,13 +61,26 @@ class Path:
 BUILTIN: tuple[Path, ...] = (
     Path("fp16", 0, 0, "dense16", "dense16", 0, 2.0, None, "all seven projections 16-bit"),
     Path("int8", 1, 1, "int8", "int8", 1, 0.0, None, "all seven projections int8 weights"),
-    Path("skip", 2, 2, "int8", None, 2, -2.0, "int8", "attention int8, MLP skipped"),
+    Path("skip", 2, 3, "int8", None, 2, -2.0, "int8", "attention int8, MLP skipped"),
 )
 BUILTIN_NAMES = tuple(p.name for p in BUILTIN)  # what artifacts without a path list were made on
 FP16, INT8, SKIP = (p.index for p in BUILTIN)  # the built-ins' indices (fixed: register appends)
 REFERENCE = "fp16"  # the path budget ratios and relative costs are measured against
 
 PATHS: tuple[Path, ...] = BUILTIN
+
+# opt-in paths (`enable`): name -> `Path` fields but name and index. int4's quality sits between
+# int8's and skip's (teacher-forced CE on the default model: docs/runtime.md, "The int4 path")
+OPTIONAL: dict[str, dict] = {
+    "int4": dict(
+        quality=2,
+        proj="int4",
+        mlp="int4",
+        native_code=None,  # the fused C layer does not run it yet: decode takes the PyTorch loop
+        prior=-1.0,
+        description="all seven projections on 4-bit weights (Q4_1), 16-bit activations",
+    ),
+}
 
 
 # ---- reading -----------------------------------------------------------------------------------
@@ -167,6 +184,33 @@ def native_codes() -> list[int] | None:
     """(P,) the fused C layer's code of each path, or None where some path has none."""
     codes = [p.native_code for p in PATHS]
     return None if any(c is None for c in codes) else codes  # type: ignore[return-value]
+
+
+# ---- opting in (configuration) -----------------------------------------------------------------
+def check_names(wanted: Sequence[str]) -> tuple[str, ...]:
+    """A path set a configuration asks for, checked: every built-in, any of `OPTIONAL`, no
+    repeats; returned in registry order (built-ins first). Raises ValueError saying what is
+    allowed."""
+    allowed = (*BUILTIN_NAMES, *OPTIONAL)
+    got = [str(n).strip().lower() for n in wanted]
+    bad = [n for n in got if n not in allowed]
+    missing = [n for n in BUILTIN_NAMES if n not in got]
+    if bad or missing or len(set(got)) != len(got):
+        raise ValueError(
+            f"paths {','.join(got)!r}: list each of {', '.join(BUILTIN_NAMES)} once, plus any of "
+            f"the optional {', '.join(OPTIONAL)} (e.g. fp16,int8,int4,skip)"
+        )
+    return (*BUILTIN_NAMES, *(n for n in OPTIONAL if n in got))
+
+
+def enable(wanted: Sequence[str]) -> tuple[str, ...]:
+    """Register the optional paths in `wanted` that are not registered yet, for the whole process
+    (paths registered beyond `wanted`, by a test or an earlier call, stay). Returns `names()`.
+    Raises ValueError as `check_names`."""
+    for name in check_names(wanted)[len(BUILTIN_NAMES) :]:
+        if find(name) is None:
+            register(name, **OPTIONAL[name])
+    return names()
 
 
 # ---- registering (tests, experiments) --------------------------------------------------------

@@ -11,6 +11,10 @@ per model fingerprint, `<fingerprint>.json`:
   head as it does on the real model (the tiny model's own 49152-row head would otherwise be
   ~95% of a token and no path choice would matter).
 
+`int4_tables` (a fixture) writes the same tables with a 4th column for the opt-in `int4` path
+(issue 13): per unit, halfway between int8's and skip's cost, so int4 sits in the cost order
+where its quality puts it. Pass its directory as `calibration=` to an engine built with int4.
+
 These are test inputs, not results. Tests of the calibration itself measure on their own.
 """
 
@@ -30,9 +34,19 @@ from hest_core.loading import TINY, fingerprint, load_hf_model
 REFERENCE = PACKAGED / "491473d3fa8f25ad-intel-r-xeon-r-processor-bf16-2t-native.json"
 
 
-def _write_fixed_tables(out: Path) -> None:
+def _with_int4(t: dict) -> dict:
+    """A table with an int4 column (index 3): halfway between int8's (1) and skip's (2) cost."""
+    t = json.loads(json.dumps(t))
+    t["method"] += "; int4 column: halfway between int8 and skip (fixed test input)"
+    for ph in ("prefill", "decode"):
+        t[ph]["unit"] = [[*r, (r[1] + r[2]) / 2] for r in t[ph]["unit"]]
+    return t
+
+
+def _write_fixed_tables(out: Path, int4: bool = False) -> None:
     ref = json.loads(REFERENCE.read_text())
-    (out / f"{ref['model_fingerprint']}.json").write_text(json.dumps(ref))
+    fix = _with_int4 if int4 else (lambda t: t)
+    (out / f"{ref['model_fingerprint']}.json").write_text(json.dumps(fix(ref)))
     for kind in TINY:
         hf = load_hf_model(kind)
         n = hf.config.num_hidden_layers
@@ -42,7 +56,7 @@ def _write_fixed_tables(out: Path) -> None:
         for ph in ("prefill", "decode"):
             row = [v * ref["n_layers"] / n for v in ref[ph]["unit"][0]]
             t[ph]["unit"] = [list(row) for _ in range(n)]
-        (out / f"{t['model_fingerprint']}.json").write_text(json.dumps(t))
+        (out / f"{t['model_fingerprint']}.json").write_text(json.dumps(fix(t)))
 
 
 def pytest_configure(config) -> None:
@@ -51,6 +65,14 @@ def pytest_configure(config) -> None:
     out = Path(tempfile.mkdtemp(prefix="hest-test-calibration-"))
     _write_fixed_tables(out)
     os.environ["HEST_CALIBRATION"] = str(out)
+
+
+@pytest.fixture(scope="session")
+def int4_tables(tmp_path_factory) -> Path:
+    """A directory of the fixed tables with an int4 column (see the module docstring)."""
+    out = tmp_path_factory.mktemp("calibration-int4")
+    _write_fixed_tables(out, int4=True)
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -3,12 +3,19 @@
 (training/forward.py, hard gates: equal to `LeanModel.forward` path by path to 0.2%).
 
     python tools/path_probe.py [--n 12 --skip 1610 --adapter default --json docs/results/x.json]
+    python tools/path_probe.py --int4 both --int4-only   # issue 13: the two ways z meets int4
 
 Assignments: every unit fp16 / int8; the prompt tokens' MLP skipped in all layers, the first,
 middle or last ten, the last five, every other layer (generated tokens on int8); the generated
 tokens' MLP skipped in the last five or every other layer. By default rows 1610.. of
 train.jsonl (the validation split; never the test file), the default adapter's spectral z merged
 into the base (as the runtime serves it), articles cut to 384 tokens, references to 64.
+
+`--int4` adds every unit on the opt-in int4 path (registered here; the twin's Q4_1 fake
+quantisation, 16-bit activations), with the adapter's z either way the runtime can serve it
+(hest_core/int4.py): "merged" = W' = W + U diag(s z) V^T requantized to Q4_1; "lowrank" = the
+base weight's Q4_1 blocks (the GGUF's own, for the default model) plus x V diag(s z) U^T beside.
+`--int4-only` runs only those rows and fp16 (the reference).
 """
 
 from __future__ import annotations
@@ -20,14 +27,19 @@ import time
 
 import torch
 
+from hest_core import paths as reg
 from hest_core.artifact import load_adapter
 from hest_core.engine import DEFAULT_ADAPTER_DIR
-from hest_core.gguf_blocks import quantize_q4_1
 from hest_core.loading import fingerprint, load_hf_model, load_tokenizer
-from hest_core.model import TARGETS
-from hest_core.spectral import SvdCache, make_weight_fn, target_module, z_support
+from hest_core.spectral import (
+    SvdCache,
+    make_weight_fn,
+    spectrum_sizes,
+    target_module,
+    z_support,
+)
 from training.data import load_pairs, tokenize
-from training.forward import TrainModel, forward
+from training.forward import SpectralZ, TrainModel, forward
 
 INT8, SKIP = 1, 2
 
@@ -41,7 +53,7 @@ class FixedPaths(torch.nn.Module):
 
     def forward(self, h, layer, beta, phase=None):
         n = h.shape[0]
-        out = torch.full((n, 3), -50.0)
+        out = torch.full((n, reg.n_paths()), -50.0)
         gen = phase.long() if phase is not None else torch.zeros(n, dtype=torch.long)
         pick = torch.where(gen == 1, self.gen[layer], self.prompt[layer])
         out[torch.arange(n), pick] = 50.0
@@ -70,6 +82,22 @@ def assignments(L: int) -> dict[str, tuple[list[int], list[int]]]:
     }
 
 
+def adapter_z(adapter: str) -> dict[str, torch.Tensor]:
+    """An adapter's spectral z: target -> (L, r)."""
+    return load_adapter(DEFAULT_ADAPTER_DIR if adapter == "default" else adapter).z
+
+
+def zmod_of(hf, z: dict[str, torch.Tensor]) -> SpectralZ:
+    """The twin's z module over the unmerged base `hf`, holding z (its support's directions)."""
+    r = z_support(z)
+    svd = SvdCache(hf, fingerprint(hf), False, keep=r)
+    zm = SpectralZ(svd, len(hf.model.layers), spectrum_sizes(hf), r, torch.bfloat16)
+    with torch.no_grad():
+        for t, p in zm.z.items():
+            p.copy_(z[t][:, : p.shape[1]])
+    return zm
+
+
 def merge_z(hf, adapter: str) -> None:
     """Merge an adapter's spectral z into the base weights (the runtime's merge)."""
     ad = load_adapter(DEFAULT_ADAPTER_DIR if adapter == "default" else adapter)
@@ -82,16 +110,6 @@ def merge_z(hf, adapter: str) -> None:
                 m.weight.copy_(fn(li, t, m.weight.detach().float()).to(m.weight.dtype))
 
 
-def requantize_q4(hf) -> None:
-    """Every target weight -> its Q4_1 blocks, dequantized (what a 4-bit path would compute)."""
-    with torch.no_grad():
-        for li in range(len(hf.model.layers)):
-            for t in TARGETS:
-                m = target_module(hf, li, t)
-                w = quantize_q4_1(m.weight.detach().float()).dequantize()
-                m.weight.copy_(w.to(m.weight.dtype))
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", default="../shared/data/cnndm/train.jsonl")
@@ -101,31 +119,41 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument(
         "--int4",
-        action="store_true",
-        help="also every unit on 4-bit weights: each weight (the z merged) requantized to Q4_1 "
-        "(hest_core.gguf_blocks.quantize_q4_1), 16-bit activations",
+        choices=["merged", "lowrank", "both"],
+        default=None,
+        help="also every unit on int4 (Q4_1 weights, 16-bit activations), the adapter's z "
+        "merged and requantized, or beside the base blocks as a low-rank term (see above)",
     )
+    ap.add_argument("--int4-only", action="store_true", help="only fp16 and the int4 rows")
     ap.add_argument("--json", default=None)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     tok, hf = load_tokenizer("default", False), load_hf_model("default", False)
+    if a.int4:
+        reg.enable((*reg.BUILTIN_NAMES, "int4"))  # the twins below get Q4_1 copies
+    z = adapter_z(a.adapter) if a.adapter != "none" else None
+    tm_low = zm = None
+    if a.int4 in ("lowrank", "both"):
+        tm_low = TrainModel(hf, torch.bfloat16)  # base weights: their Q4_1 = the GGUF blocks
+        zm = zmod_of(hf, z) if z is not None else None
     if a.adapter != "none":
         merge_z(hf, a.adapter)
-    tm = TrainModel(hf, torch.bfloat16)
-    tm4 = None
-    if a.int4:
-        requantize_q4(hf)
-        tm4 = TrainModel(hf, torch.bfloat16)
+    tm = TrainModel(hf, torch.bfloat16)  # merged W'; its int4 copy is Q4_1(W'): "merged"
     pairs = load_pairs(a.data, a.skip + a.n)[a.skip :]
     exs = [tokenize(tok, p, 384, 64) for p in pairs]
-    L = tm.spec.n_layers
-    zero = torch.zeros(L, 3)
+    L, P = tm.spec.n_layers, reg.n_paths()
+    zero = torch.zeros(L, P)
     rows = []
     t0 = time.perf_counter()
-    runs = [(name, tm, pre, gen) for name, (pre, gen) in assignments(L).items()]
-    if tm4 is not None:
-        runs.append(("int4 everywhere (Q4_1 of the served weights)", tm4, [0] * L, [0] * L))
-    for name, model, pre, gen in runs:
+    runs = [(name, tm, None, pre, gen) for name, (pre, gen) in assignments(L).items()]
+    if a.int4_only:
+        runs = runs[:1]
+    i4 = [reg.find("int4")] * L
+    if a.int4 in ("merged", "both"):
+        runs.append(("int4 everywhere, z merged, requantized to Q4_1", tm, None, i4, i4))
+    if tm_low is not None:
+        runs.append(("int4 everywhere, base Q4_1 + z low-rank beside", tm_low, zm, i4, i4))
+    for name, model, zmod, pre, gen in runs:
         ctl = FixedPaths(torch.tensor(pre), torch.tensor(gen))
         with torch.no_grad():
             ces = [
@@ -133,12 +161,12 @@ def main() -> None:
                     forward(
                         model,
                         ctl,
-                        None,
+                        zmod,
                         ex.prompt,
                         ex.summary,
                         0.0,
                         1.0,
-                        torch.zeros(3),
+                        torch.zeros(P),
                         (zero, zero),
                         0.0,
                         None,
@@ -154,6 +182,7 @@ def main() -> None:
         "data": a.data,
         "skip": a.skip,
         "adapter": a.adapter,
+        "int4": a.int4,
         "cpu": platform.processor() or platform.machine(),
         "wall_s": round(time.perf_counter() - t0, 1),
     }

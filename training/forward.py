@@ -10,6 +10,9 @@ With hard one-hot gates in the forward pass the result equals the runtime's mixe
 straight-through estimator. The spectral adapter adds x V diag(s z) U^T (top `z_rank`
 directions of each target) to both paths, which is W' = W + U diag(s z) V^T without forming W'.
 Approximation: the int8 path fake-quantises W, not the merged W' (z stays small).
+Where the opt-in `int4` path is registered when the model is built, a third kind runs too:
+weights fake-quantised to Q4_1 (groups of 32, fp16 scale and minimum; dequantized, straight-
+through), activations unquantised, z's change beside it: the runtime's int4 "lowrank" mode.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hest_core import paths as reg
+from hest_core.gguf_blocks import quantize_q4_1
 from hest_core.loading import check_layout, spec_of
 from hest_core.model import TARGETS, ModelSpec, apply_rope, rms_norm
 from hest_core.quant import fake_quant_rows, fake_quant_weight
@@ -44,6 +48,14 @@ class TrainLayer:
     fq_down: torch.Tensor
     q_norm: torch.Tensor | None = None
     k_norm: torch.Tensor | None = None
+    fq4: dict[str, torch.Tensor] | None = None  # Q4_1 fake-quantised qkv, o, gu, down (int4)
+
+
+def fake_quant_q4(w: torch.Tensor) -> torch.Tensor:
+    """Q4_1 quantise-dequantise (hest_core.gguf_blocks.quantize_q4_1) with a straight-through
+    gradient: (N, K) -> (N, K), K a multiple of 32."""
+    wq = quantize_q4_1(w.detach()).dequantize().to(w.dtype)
+    return w + (wq - w).detach()
 
 
 class SpectralZ(nn.Module):
@@ -97,6 +109,8 @@ class TrainModel:
         def fq(w):
             return cast(fake_quant_weight(w))
 
+        int4 = reg.find("int4") is not None
+
         self.layers: list[TrainLayer] = []
         for li, layer in enumerate(hf.model.layers):
             at = layer.self_attn
@@ -122,6 +136,12 @@ class TrainModel:
                     fq_down=fq(wd),
                     q_norm=cast(qn.weight) if qn is not None else None,
                     k_norm=cast(kn.weight) if kn is not None else None,
+                    fq4={
+                        k: cast(fake_quant_q4(v))
+                        for k, v in (("qkv", wqkv), ("o", wo), ("gu", wgu), ("down", wd))
+                    }
+                    if int4
+                    else None,
                 )
             )
         self.embed = cast(hf.model.embed_tokens.weight)
@@ -159,18 +179,36 @@ def _zdelta(zmod: SpectralZ | None, h: torch.Tensor, li: int, targets: tuple[str
     return torch.cat([zmod.delta(h, li, t) for t in targets], dim=-1)
 
 
+def _lin(lw: TrainLayer, kind: str, x: torch.Tensor, name: str, bias=None) -> torch.Tensor:
+    """Product `name` (qkv, o, gu, down) of x (T, K) on weight `kind`: dense 16-bit, int8 (rows
+    and weights fake-quantised), int4 (Q4_1 fake-quantised weights, rows as they are)."""
+    if kind == "int8":
+        w = {"qkv": lw.fq_qkv, "o": lw.fq_o, "gu": lw.fq_gu, "down": lw.fq_down}[name]
+        return F.linear(fake_quant_rows(x), w, bias)
+    if kind == "int4":
+        return F.linear(x, lw.fq4[name], bias)
+    return F.linear(x, {"qkv": lw.wqkv, "o": lw.wo, "gu": lw.wgu, "down": lw.wdown}[name], bias)
+
+
+def _kinds(lw: TrainLayer) -> tuple[str, ...]:
+    """The weight kinds this layer has copies of (int4 where it was registered at build time)."""
+    return ("dense16", "int8", "int4") if lw.fq4 is not None else ("dense16", "int8")
+
+
+def _proj(lw: TrainLayer, g: dict, x: torch.Tensor, name: str, bias=None) -> torch.Tensor:
+    """sum over weight kinds of g[kind] (T, 1) x that kind's product (`_lin`) of x (T, K)."""
+    return sum(g[k] * _lin(lw, k, x, name, bias) for k in _kinds(lw))
+
+
 def _attention(
-    tm: TrainModel, li: int, zmod, x, h, g_hi, g_lo, rope: tuple[torch.Tensor, torch.Tensor]
+    tm: TrainModel, li: int, zmod, x, h, g: dict, rope: tuple[torch.Tensor, torch.Tensor]
 ) -> torch.Tensor:
-    """x + the attention block of layer li: projections dense for fp16 rows (g_hi), fake-quantised
-    for int8 and skip rows (g_lo); attention itself at 16-bit for every row. x, h: (T, d)."""
+    """x + the attention block of layer li: projections on each row's `proj` kind (g: kind ->
+    (T, 1) gates); attention itself at 16-bit for every row. x, h: (T, d)."""
     s, lw, (cos, sin) = tm.spec, tm.layers[li], rope
     T = x.shape[0]
     d_qkv = _zdelta(zmod, h, li, ("q_proj", "k_proj", "v_proj"))
-    qkv = g_hi * F.linear(h, lw.wqkv, lw.bqkv) + g_lo * F.linear(
-        fake_quant_rows(h), lw.fq_qkv, lw.bqkv
-    )
-    qkv = qkv + d_qkv  # (T, q + 2kv)
+    qkv = _proj(lw, g, h, "qkv", lw.bqkv) + d_qkv  # (T, q + 2kv)
     q = qkv[:, : s.q_dim].view(T, s.n_heads, s.head_dim)
     k = qkv[:, s.q_dim : s.q_dim + s.kv_dim].view(T, s.n_kv_heads, s.head_dim)
     v = qkv[:, s.q_dim + s.kv_dim :].view(T, s.n_kv_heads, s.head_dim)
@@ -185,23 +223,21 @@ def _attention(
         enable_gqa=True,
     )  # (1, H, T, hd)
     a = a[0].transpose(0, 1).reshape(T, s.q_dim)
-    o = g_hi * F.linear(a, lw.wo) + g_lo * F.linear(fake_quant_rows(a), lw.fq_o)
-    return x + o + _zdelta(zmod, a, li, ("o_proj",))
+    return x + _proj(lw, g, a, "o") + _zdelta(zmod, a, li, ("o_proj",))
 
 
-def _mlp(tm: TrainModel, li: int, zmod, x, g_hi, g_int8) -> torch.Tensor:
-    """x + the MLP of layer li: dense for fp16 rows, fake-quantised for int8 rows, nothing for
-    skip rows (their residual passes unchanged). x: (T, d)."""
+def _mlp(tm: TrainModel, li: int, zmod, x, g: dict) -> torch.Tensor:
+    """x + the MLP of layer li on each row's `mlp` kind (g: kind -> (T, 1) gates): dense,
+    fake-quantised int8, Q4_1 int4; nothing for skip rows (their residual passes). x: (T, d)."""
     s, lw = tm.spec, tm.layers[li]
     m = rms_norm(x, lw.ln2, s.eps)  # (T, d)
     d_gu = _zdelta(zmod, m, li, ("gate_proj", "up_proj"))
-    gu_hi = F.linear(m, lw.wgu) + d_gu  # (T, 2I)
-    gu_lo = F.linear(fake_quant_rows(m), lw.fq_gu) + d_gu
-    act_hi = F.silu(gu_hi[:, : s.intermediate]) * gu_hi[:, s.intermediate :]  # (T, I)
-    act_lo = F.silu(gu_lo[:, : s.intermediate]) * gu_lo[:, s.intermediate :]
-    y_hi = F.linear(act_hi, lw.wdown) + _zdelta(zmod, act_hi, li, ("down_proj",))
-    y_lo = F.linear(fake_quant_rows(act_lo), lw.fq_down) + _zdelta(zmod, act_lo, li, ("down_proj",))
-    return x + g_hi * y_hi + g_int8 * y_lo
+    y = 0.0
+    for kind in _kinds(lw):
+        gu = _lin(lw, kind, m, "gu") + d_gu  # (T, 2I) on this kind alone
+        act = F.silu(gu[:, : s.intermediate]) * gu[:, s.intermediate :]  # (T, I)
+        y = y + g[kind] * (_lin(lw, kind, act, "down") + _zdelta(zmod, act, li, ("down_proj",)))
+    return x + y
 
 
 def _gate(gate: torch.Tensor, on: list[int], dt: torch.dtype) -> torch.Tensor:
@@ -247,12 +283,12 @@ def forward(
         cost = probs * (unit_cost[0][li] * (1 - decode) + unit_cost[1][li] * decode)
         e_bar = e_bar + cost.sum()
         fp16 = fp16 + probs[:, reg.ref()].mean()
-        g_hi = _gate(gate, reg.with_proj("dense16"), dt)  # (T, 1) projections 16-bit (fp16)
-        g_lo = _gate(gate, reg.with_proj("int8"), dt)  # projections int8 (int8, skip)
-        g_mlp16 = _gate(gate, reg.with_mlp("dense16"), dt)  # MLP 16-bit (fp16)
-        g_int8 = _gate(gate, reg.with_mlp("int8"), dt)  # MLP int8 (int8); skip: no MLP
-        x = _attention(tm, li, zmod, x, h, g_hi, g_lo, rope)
-        x = _mlp(tm, li, zmod, x, g_mlp16, g_int8)
+        # (T, 1) gates per weight kind: projections (fp16 16-bit; int8 and skip int8; int4),
+        # MLP (fp16 16-bit; int8; int4; skip: none)
+        g_proj = {k: _gate(gate, reg.with_proj(k), dt) for k in reg.KINDS}
+        g_mlp = {k: _gate(gate, reg.with_mlp(k), dt) for k in reg.KINDS}
+        x = _attention(tm, li, zmod, x, h, g_proj, rope)
+        x = _mlp(tm, li, zmod, x, g_mlp)
 
     xs = rms_norm(x[P - 1 :], tm.norm, s.eps)  # (S, d) rows that predict the summary
     logits = F.linear(xs, tm.lm_head).float()  # (S, V)

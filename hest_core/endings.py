@@ -189,16 +189,18 @@ class EndingPlan:
             return math.inf
         return STEER_BIAS * (STEER_TOKENS - left) / STEER_TOKENS
 
-    def final(self, text: str, by_limit: bool) -> str:
+    def final(self, text: str, by_limit: bool, by_budget: bool = False) -> str:
         """The text to return when the request ends. `by_limit`: a limit (tokens or budget) or a
-        detected repeat ended it, not the model's own end of text."""
+        detected repeat ended it, not the model's own end of text; `by_budget`: the energy
+        budget was that limit (a first sentence it cut off is dropped: `no_sentence`)."""
         if not self.enabled or self.reason == "steered":
             return text
         if self.boundary == 0:
-            # a limit struck before the first sentence ended: no sentence fitted. Nothing of it
-            # was streamed (`visible` holds a first sentence back unless its tokens can finish
-            # it), so the answer is empty rather than a fragment
-            if by_limit and self.shown == 0 and text and not ends_sentence(text):
+            # the budget ran out before the first sentence ended: no sentence fitted. Nothing of
+            # it was streamed (`visible` holds a first sentence back unless its tokens can finish
+            # it), so the answer is empty rather than a fragment. (A max_new_tokens too small for
+            # a sentence is the caller's explicit choice: that text is returned as it is.)
+            if by_budget and self.shown == 0 and text and not ends_sentence(text):
                 self.reason = "no_sentence"
                 return ""
             return text

@@ -306,7 +306,7 @@ class BatchRunner:
         """The request ended: stream and keep its final text (a held-back stop-string start that
         never completed is shown; a fragment a limit cut mid-sentence is not)."""
         by_limit = st.finish in ("length", "energy_budget") or st.plan.reason == "repetition"
-        final = st.plan.final(st.full, by_limit)
+        final = st.plan.final(st.full, by_limit, by_budget=st.finish == "energy_budget")
         if not final.startswith(st.text):  # never take back what was streamed
             final = st.full
         self._send(i, st, final)

@@ -294,7 +294,7 @@ class ChatEnergyUsage(EnergyReport):
         description="how the clean-ending plan shaped the end: planned (stopped at a sentence "
         "boundary because the next sentence would not fit), trimmed (a limit struck mid-sentence: "
         "cut to the last boundary), repetition (ended before a repeated sentence), steered (the "
-        "last tokens were steered to end the sentence), no_sentence (a limit struck before the "
+        "last tokens were steered to end the sentence), no_sentence (the budget ran out before the "
         "first sentence ended: the content is empty), or null",
     )
     queue_s: float

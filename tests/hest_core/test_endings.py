@@ -62,13 +62,15 @@ def test_limit_inside_a_sentence_trims_to_the_last_boundary():
     q.observe("One more.", 2)
     assert q.final("One more. Two and thr", by_limit=False) == "One more. Two and thr"
     # a limit before the first sentence ended: no fragment, an empty text (nothing was streamed)
-    empty = EndingPlan()
-    assert empty.final("no boundary at", by_limit=True) == ""
+    empty = EndingPlan()  # the budget ran out first
+    assert empty.final("no boundary at", by_limit=True, by_budget=True) == ""
     assert empty.reason == "no_sentence"
+    # max_new_tokens too small for a sentence: the caller asked for that many tokens
+    assert EndingPlan().final("no boundary at all", by_limit=True) == "no boundary at all"
     assert EndingPlan().final("no boundary at all", by_limit=False) == "no boundary at all"
     shown = EndingPlan()
     shown.shown = 5  # part of it was streamed: never taken back
-    assert shown.final("no boundary at", by_limit=True) == "no boundary at"
+    assert shown.final("no boundary at", by_limit=True, by_budget=True) == "no boundary at"
     assert EndingPlan(enabled=False).final("One more. Two", by_limit=True) == "One more. Two"
 
 

@@ -149,7 +149,9 @@ def test_generation_on_int4_and_on_mixed_paths(int4, int4_tables):
     tight = GenerationRequest(ARTICLE, energy_budget_ratio=0.7, max_new_tokens=8)
     used = {}
     for got in hest.generate([req, tight]):
-        assert got.text and got.stats.modelled_j <= got.stats.budget_j
+        # 8 tokens of a tiny model may end no sentence: an empty, clean answer (no_sentence)
+        assert got.text or got.finish_detail == "no_sentence"
+        assert got.stats.completion_tokens > 0 and got.stats.modelled_j <= got.stats.budget_j
         for p, v in got.stats.paths.items():
             used[p] = used.get(p, 0) + v
     assert used["int4"] > 0 and sum(v > 0 for v in used.values()) >= 3, used

@@ -81,7 +81,11 @@ def test_real_server_run_reports_every_field(tiny_server, api, stream, ttft_sour
     assert summary["energy"]["estimated_j_per_request"]["n"] == 8
     assert summary["budget_violations"] == 0
     assert {row["group"] for row in summary["per_budget"]} == {"ratio 0.7", "ratio 1"}
-    assert summary["ttft_source"] == {ttft_source: 8}
+    # a request whose budget ran out before its first sentence ended streams no text
+    # (finish_detail no_sentence; the tiny model rarely ends a sentence): its TTFT is the server's
+    src = summary["ttft_source"]
+    assert sum(src.values()) == 8 and set(src) <= {ttft_source, "server"}, src
+    assert src.get(ttft_source, 0) >= 4, src  # the ratio-1.0 half streams its text
     assert 0 < summary["ttft_s"]["p50"] <= summary["latency_s"]["p50"]
     for rec in result.records:
         assert rec.modelled_j is not None and rec.budget_j is not None

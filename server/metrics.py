@@ -103,7 +103,7 @@ class Metrics:
         )
         self.queue_wait = Histogram(
             "hest_queue_wait_seconds",
-            "Time a request waited in the queue before its batch started, in seconds",
+            "Time a request waited in the queue before the runtime took it, in seconds",
             buckets=QUEUE_BUCKETS,
             registry=r,
         )

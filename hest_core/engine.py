@@ -133,16 +133,7 @@ class Engine:
         if paths is not None:
             cfg = dataclasses.replace(cfg, paths=tuple(paths))  # validated (ConfigError)
         reg.enable(cfg.paths)
-        if policy not in policies():
-            raise HestError(f"policy={policy!r} is not one of {policies()}", param="policy")
-        if guard not in MODES:
-            raise HestError(f"guard={guard!r} is not one of {MODES}", param="guard")
-        if guard == "stop" and policy == "hest":
-            raise HestError(
-                'guard="stop" is for a fixed policy (fp16, int8, skip): it never demotes, so under '
-                'policy "hest" it could not keep the budget; use "hard" or "paced"',
-                param="guard",
-            )
+        cls._check_policy(policy, guard)
         threads = threads or cfg.threads
         if threads:
             torch.set_num_threads(threads)
@@ -155,28 +146,8 @@ class Engine:
         hf = load_hf_model(model, progress, config=cfg)
         fp = fingerprint(hf)
         ad = cls._resolve_adapter(adapter, model)
-        weight_fn, svd = None, None
-        if ad is not None:
-            from .loading import spec_of
-
-            ad.check_compatible(spec_of(hf), fp)
-            if any(float(z.abs().max()) > 0 for z in ad.z.values()):
-                svd = SvdCache(hf, fp, progress, keep=z_support(ad.z), config=cfg)
-                weight_fn = make_weight_fn(ad.z, svd)
-        lean = build_lean(hf, dt, dev, max_positions=MAX_CONTEXT, weight_fn=weight_fn)
-        lean.fused.enabled = cfg.fused
-        int4_info = None
-        if reg.find("int4") is not None:
-            from .int4 import attach_for_model
-
-            int4_info = attach_for_model(lean, hf, model, None if ad is None else ad.z, svd)
         compile = cfg.compile if compile is None else compile
-        if compile:
-            enable_compile(lean)  # graphs are built on first use: call warmup()
-        if ad is not None and ad.shortcut is not None:
-            a, b = ad.shortcut
-            for li, lw in enumerate(lean.layers):
-                lw.shortcut = (a[li].to(dev, dt), b[li].to(dev, dt))
+        lean, int4_info = cls._build(hf, fp, model, ad, dev, dt, cfg, progress, compile)
         ctl = ad.controller if ad is not None else Controller(lean.spec.hidden, lean.spec.n_layers)
         ctl = ctl.to(dev).eval()
         from . import (
@@ -186,34 +157,9 @@ class Engine:
         table = calib.resolve(lean, fp, calibration, m, progress, cfg)
         calib.apply_kernel_choices(lean, table)
         del hf
-        info = {
-            "model": lean.spec.name,
-            "model_fingerprint": fp,
-            "adapter": str(adapter) if ad is not None else None,
-            "adapter_method": ad.config.method if ad is not None else None,
-            "device": str(dev),
-            "dtype": dtype_name(dt),
-            "policy": policy,
-            "guard": guard,
-            "meter": m.name,
-            "meter_description": m.describe(),
-            "calibration": {
-                "device": table.device,
-                "method": table.method,
-                "date": table.date,
-                "source": table.source,
-            },
-            "compiled_decode": bool(compile),
-            "native_kernels": native.status() if dev.type == "cpu" else "off (not a CPU device)",
-            "controller_params": sum(p.numel() for p in ctl.parameters())
-            if policy == "hest"
-            else 0,
-            "n_layers": lean.spec.n_layers,
-            "paths": list(reg.names()),
-            "int4": int4_info,
-            "max_context_tokens": lean.rope_cos.shape[0],
-            "load_s": round(time.perf_counter() - t0, 2),
-        }
+        info = cls._info_of(lean, fp, adapter, ad, dev, dt, policy, guard, m, table, ctl)
+        info.update(compiled_decode=bool(compile), int4=int4_info)
+        info["load_s"] = round(time.perf_counter() - t0, 2)
         em = EnergyModel(table)
         if hasattr(ctl, "set_costs"):  # a controller that reads this device's relative costs
             ctl.set_costs(torch.tensor(em.unit["prefill"]), torch.tensor(em.unit["decode"]))
@@ -229,6 +175,72 @@ class Engine:
             info=info,
             config=cfg,
         )
+
+    @staticmethod
+    def _info_of(lean, fp, adapter, ad, dev, dt, policy, guard, m, table, ctl) -> dict:
+        """`Engine.info()`: what was loaded, on what, with which table and paths."""
+        return {
+            "model": lean.spec.name,
+            "model_fingerprint": fp,
+            "adapter": str(adapter) if ad is not None else None,
+            "adapter_method": ad.config.method if ad is not None else None,
+            "device": str(dev),
+            "dtype": dtype_name(dt),
+            "policy": policy,
+            "guard": guard,
+            "meter": m.name,
+            "meter_description": m.describe(),
+            "calibration": {k: getattr(table, k) for k in ("device", "method", "date", "source")},
+            "native_kernels": native.status() if dev.type == "cpu" else "off (not a CPU device)",
+            "controller_params": sum(p.numel() for p in ctl.parameters())
+            if policy == "hest"
+            else 0,
+            "n_layers": lean.spec.n_layers,
+            "paths": list(reg.names()),
+            "max_context_tokens": lean.rope_cos.shape[0],
+        }
+
+    @staticmethod
+    def _check_policy(policy: str, guard: str) -> None:
+        """Raises HestError for an unknown policy or guard mode, or guard "stop" under "hest"."""
+        if policy not in policies():
+            raise HestError(f"policy={policy!r} is not one of {policies()}", param="policy")
+        if guard not in MODES:
+            raise HestError(f"guard={guard!r} is not one of {MODES}", param="guard")
+        if guard == "stop" and policy == "hest":
+            raise HestError(
+                'guard="stop" is for a fixed policy (fp16, int8, skip): it never demotes, so under '
+                'policy "hest" it could not keep the budget; use "hard" or "paced"',
+                param="guard",
+            )
+
+    @staticmethod
+    def _build(hf, fp: str, model: str, ad, dev, dt, cfg, progress: bool, compile: bool):
+        """The LeanModel of `hf` with the adapter's z merged (and its shortcut), the int4 copies
+        when int4 is registered, compiled decode when asked: (lean, int4 info or None). Raises
+        AdapterMismatchError for an adapter made for another base model."""
+        weight_fn, svd = None, None
+        if ad is not None:
+            from .loading import spec_of
+
+            ad.check_compatible(spec_of(hf), fp)
+            if any(float(z.abs().max()) > 0 for z in ad.z.values()):
+                svd = SvdCache(hf, fp, progress, keep=z_support(ad.z), config=cfg)
+                weight_fn = make_weight_fn(ad.z, svd)
+        lean = build_lean(hf, dt, dev, max_positions=MAX_CONTEXT, weight_fn=weight_fn)
+        lean.fused.enabled = cfg.fused
+        int4_info = None
+        if reg.find("int4") is not None:
+            from .int4 import attach_for_model
+
+            int4_info = attach_for_model(lean, hf, model, None if ad is None else ad.z, svd)
+        if compile:
+            enable_compile(lean)  # graphs are built on first use: call warmup()
+        if ad is not None and ad.shortcut is not None:
+            a, b = ad.shortcut
+            for li, lw in enumerate(lean.layers):
+                lw.shortcut = (a[li].to(dev, dt), b[li].to(dev, dt))
+        return lean, int4_info
 
     @staticmethod
     def _resolve_adapter(adapter, model: str) -> HestAdapter | None:

@@ -290,37 +290,54 @@ def compile_kernels(source: Path, stem: str, extra: list[str] | tuple[str, ...] 
     return out, version
 
 
-def _build() -> tuple[Native | None, str]:
-    sanitize = SANITIZE if RuntimeConfig.from_env(only=("native_sanitize",)).native_sanitize else []
-    out, version = compile_kernels(SOURCE, "gemv", sanitize)
+def load_library(cls, source: Path, stem: str, extra, label: str):
+    """Build (or take from the cache) `source` and load it as `cls(path, note)`: (library or None,
+    "on" or "off (why)"). A library that fails to load is logged and off, never raised."""
+    out, version = compile_kernels(source, stem, extra)
     if out is None:
         return None, version
     try:
-        return Native(out, f"avx512 gemv ({version.split()[0]}, {out.name})"), "on"
+        return cls(out, f"avx512 {label} ({version.split()[0]}, {out.name})"), "on"
     except OSError as e:
-        log.warning("native kernels failed to load (%s), using PyTorch's", e)
+        log.warning("%s kernels failed to load (%s), using PyTorch's", label, e)
         return None, f"off (load failed: {e})"
 
 
-_lock = threading.Lock()
-_state: tuple[Native | None, str] | None = None
+class Lazy:
+    """A native library built once, on first use, by `build() -> (library or None, why)`."""
+
+    def __init__(self, build):
+        self._build, self._lock, self._state = build, threading.Lock(), None
+
+    def get(self):
+        """The library; None where it is off (see `status()`)."""
+        if self._state is None:
+            with self._lock:
+                if self._state is None:
+                    self._state = self._build()
+        return self._state[0]
+
+    def status(self) -> str:
+        """What runs: a note on the loaded library, or "off (why)"."""
+        lib = self.get()
+        return lib.note if lib is not None else self._state[1]
+
+
+def _build() -> tuple[Native | None, str]:
+    sanitize = SANITIZE if RuntimeConfig.from_env(only=("native_sanitize",)).native_sanitize else []
+    return load_library(Native, SOURCE, "gemv", sanitize, "gemv")
+
+
+_kernels = Lazy(_build)
 
 
 def get() -> Native | None:
     """The kernels, built on first use; None where they are off (see `status()`)."""
-    global _state
-    if _state is None:
-        with _lock:
-            if _state is None:
-                _state = _build()
-    return _state[0]
+    return _kernels.get()
 
 
 def status() -> str:
-    get()
-    assert _state is not None
-    lib, why = _state
-    return lib.note if lib is not None else why
+    return _kernels.status()
 
 
 _off = threading.local()

@@ -18,7 +18,6 @@ from __future__ import annotations
 import ctypes
 import functools
 import logging
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -236,33 +235,17 @@ class Q4Kernels:
 def build(extra: tuple[str, ...] = ()) -> tuple[Q4Kernels | None, str]:
     """Build (or load from the cache) q4.c, with extra compiler flags for variants (bench_q4
     `--flag=-DQ4_PD=2048`, the tests' `-mno-avx512vnni`); (kernels or None, why)."""
-    out, version = native.compile_kernels(SOURCE, "q4", extra)
-    if out is None:
-        return None, version
-    try:
-        return Q4Kernels(out, f"avx512 q4 ({version.split()[0]}, {out.name})"), "on"
-    except OSError as e:
-        log.warning("int4 kernel failed to load (%s)", e)
-        return None, f"off (load failed: {e})"
+    return native.load_library(Q4Kernels, SOURCE, "q4", extra, "q4")
 
 
-_lock = threading.Lock()
-_state: tuple[Q4Kernels | None, str] | None = None
+_kernels = native.Lazy(build)
 
 
 def get() -> Q4Kernels | None:
     """The kernel, built on first use; None where it is off (see `status()`)."""
-    global _state
-    if _state is None:
-        with _lock:
-            if _state is None:
-                _state = build()
-    return _state[0]
+    return _kernels.get()
 
 
 def status() -> str:
     """What runs: a note on the loaded library, or "off (why)"."""
-    get()
-    assert _state is not None
-    lib, why = _state
-    return lib.note if lib is not None else why
+    return _kernels.status()

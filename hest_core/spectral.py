@@ -85,6 +85,17 @@ class SvdCache:
         return t[f"{li}.{target}.U"], t[f"{li}.{target}.S"], t[f"{li}.{target}.Vh"]
 
 
+def merge_into(hf, z: dict[str, torch.Tensor], svd: SvdCache) -> None:
+    """Merge z into `hf`'s target weights in place (W <- W + U diag(s z) V^T, `make_weight_fn`'s
+    merge), for tools and trainers that run the served weights through the HF model."""
+    fn = make_weight_fn(z, svd)
+    with torch.no_grad():
+        for li in range(len(hf.model.layers)):
+            for t in z:
+                m = target_module(hf, li, t)
+                m.weight.copy_(fn(li, t, m.weight.detach().float()).to(m.weight.dtype))
+
+
 def merge_delta(
     u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, z: torch.Tensor
 ) -> torch.Tensor:

@@ -33,9 +33,8 @@ from hest_core.engine import DEFAULT_ADAPTER_DIR
 from hest_core.loading import fingerprint, load_hf_model, load_tokenizer
 from hest_core.spectral import (
     SvdCache,
-    make_weight_fn,
+    merge_into,
     spectrum_sizes,
-    target_module,
     z_support,
 )
 from training.data import load_pairs, tokenize
@@ -101,13 +100,7 @@ def zmod_of(hf, z: dict[str, torch.Tensor]) -> SpectralZ:
 def merge_z(hf, adapter: str) -> None:
     """Merge an adapter's spectral z into the base weights (the runtime's merge)."""
     ad = load_adapter(DEFAULT_ADAPTER_DIR if adapter == "default" else adapter)
-    fp = fingerprint(hf)
-    fn = make_weight_fn(ad.z, SvdCache(hf, fp, False, keep=z_support(ad.z)))
-    with torch.no_grad():
-        for li in range(len(hf.model.layers)):
-            for t in ad.z:
-                m = target_module(hf, li, t)
-                m.weight.copy_(fn(li, t, m.weight.detach().float()).to(m.weight.dtype))
+    merge_into(hf, ad.z, SvdCache(hf, fingerprint(hf), False, keep=z_support(ad.z)))
 
 
 def main() -> None:

@@ -30,13 +30,7 @@ from hest_core.dtypes import resolve_dtype
 from hest_core.energy import CalibrationTable, EnergyModel
 from hest_core.loading import build_lean, fingerprint, load_hf_model, load_tokenizer, spec_of
 from hest_core.meters import pick_meter
-from hest_core.spectral import (
-    SvdCache,
-    make_weight_fn,
-    spectrum_sizes,
-    target_module,
-    z_support,
-)
+from hest_core.spectral import SvdCache, merge_into, spectrum_sizes, z_support
 
 from .data import Batches, Example
 from .forward import NEG, SpectralZ, TrainModel, forward
@@ -112,12 +106,7 @@ class GateTrainer:
             raise ValueError("--base-z keeps a trained z fixed: use it with --z-rank 0")
         ad = load_adapter(path)
         ad.check_compatible(self.spec, self.fp)
-        fn = make_weight_fn(ad.z, SvdCache(hf, self.fp, progress, keep=z_support(ad.z)))
-        with torch.no_grad():
-            for li in range(self.spec.n_layers):
-                for t in ad.z:
-                    mod = target_module(hf, li, t)
-                    mod.weight.copy_(fn(li, t, mod.weight.detach().float()).to(mod.weight.dtype))
+        merge_into(hf, ad.z, SvdCache(hf, self.fp, progress, keep=z_support(ad.z)))
         return {t: zt.float() for t, zt in ad.z.items()}
 
     def _spectral_z(self, hf, progress: bool) -> SpectralZ | None:

@@ -24,13 +24,17 @@ ARTICLE = (
 ) * 3
 
 
-def _random_adaptive(hidden: int, n_layers: int, seed: int, scale: float = 1.0):
-    ctl = AdaptiveController(hidden, n_layers, k=16)
+def _randomize(ctl, seed: int, scale: float):
+    """Every parameter of `ctl` drawn from N(0, scale^2), seeded."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in ctl.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * scale)
     return ctl
+
+
+def _random_adaptive(hidden: int, n_layers: int, seed: int, scale: float = 1.0):
+    return _randomize(AdaptiveController(hidden, n_layers, k=16), seed, scale)
 
 
 def _costs(n_layers: int, int8: float, skip: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,10 +131,7 @@ def test_remaining_ratio_follows_the_spend(adaptive_engine: Engine):
 )
 def test_adaptive_controller_keeps_the_budget(adaptive_engine: Engine, ratio, max_new, seed, mode):
     e = adaptive_engine
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in e.controller.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 2.0)
+    _randomize(e.controller, seed, 2.0)
     e.guard_mode = mode
     probe = e.check(GenerationRequest(ARTICLE, energy_budget_ratio=1.0, max_new_tokens=max_new))
     budget = max(probe.min_j * (1 + 1e-9), ratio * probe.fp16_cost_j)
@@ -196,10 +197,7 @@ def test_budget_holds_across_prefill_rounds(adaptive_engine: Engine, ratio, chun
     from hest_core import generation
 
     e = adaptive_engine
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in e.controller.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * 2.0)
+    _randomize(e.controller, seed, 2.0)
     old = generation.PREFILL_CHUNK
     generation.PREFILL_CHUNK = chunk
     try:

@@ -88,3 +88,24 @@ def test_lora_resume_equals_uninterrupted(pairs_file, tmp_path):
         assert torch.allclose(a[k].float(), b[k].float(), atol=1e-3), k
     meta = json.loads((cut / "merged" / "hest_training.json").read_text())
     assert meta["method"] == "lora-r8" and meta["steps"] == 2
+
+
+def test_base_z_keeps_an_adapters_z_and_trains_the_controller(pairs_file, tmp_path):
+    """`--base-z DIR --z-rank 0`: the artifact carries DIR's z unchanged (merged into the frozen
+    base while the controller trains); with a trainable z it is refused."""
+    from training import train
+
+    first = train.train(train.parse_args(train_argv(pairs_file, tmp_path / "a", 2)))
+    base = load_adapter(first)
+    assert any(float(z.abs().max()) > 0 for z in base.z.values())
+    argv = train_argv(pairs_file, tmp_path / "b", 2, "hest", "--base-z", str(first))
+    out = load_adapter(train.train(train.parse_args([*argv, "--z-rank", "0"])))
+    for t, z in base.z.items():
+        assert torch.equal(out.z[t], z.float()), t
+    assert out.config.training["base_z"] == str(first)
+    with pytest.raises(ValueError, match="--z-rank 0"):
+        train.train(
+            train.parse_args(
+                train_argv(pairs_file, tmp_path / "c", 2, "hest", "--base-z", str(first))
+            )
+        )

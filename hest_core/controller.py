@@ -101,7 +101,11 @@ class AdaptiveController(nn.Module):
         with torch.no_grad():
             self.hest_w_tok.normal_(0.0, std, generator=g)
             self.hest_a.normal_(0.0, std, generator=g)
-            self.hest_a0.copy_(torch.tensor([2.0, 1.0, -2.0][: self.n_paths]))
+            # prior scores by the registry's quality rank: the best path 2, the worst (skip)
+            # -2, every path between 1; the price term then tells them apart by cost
+            q = [reg.get(i).quality for i in range(self.n_paths)]
+            prior = [2.0 if v == min(q) else -2.0 if v == max(q) else 1.0 for v in q]
+            self.hest_a0.copy_(torch.tensor(prior))
             self.hest_m.copy_(torch.tensor([0.5, -2.0, 0.0]))
 
     def set_costs(self, prefill: torch.Tensor, decode: torch.Tensor) -> None:

@@ -30,7 +30,7 @@ from hest_core.errors import BudgetTooLowError
 
 from .data import Pair, load_pairs
 from .lora import lora_params
-from .methods import METHODS
+from .methods import METHODS, enable_paths, require_paths
 from .metrics import KEYS, lead3, mean, percentile, rouge
 from .plots import plot_heatmaps, plot_pareto
 
@@ -59,6 +59,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--adapters", default="", help="name=DIR,... (hest defaults to the committed one)"
     )
     ap.add_argument("--model", default="default")
+    ap.add_argument(
+        "--paths",
+        default=None,
+        help="the path set, e.g. fp16,int8,int4,skip for an int4 row (default: HEST_PATHS)",
+    )
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument(
         "--max-article-tokens",
@@ -121,7 +126,10 @@ class Engines:
             return self.e[policy]
         a, ev = self.args, METHODS[policy].evaluation
         kw = dict(
-            calibration=self.calibration, progress=not a.no_progress, threads=a.threads or None
+            calibration=self.calibration,
+            progress=not a.no_progress,
+            threads=a.threads or None,
+            paths=reg.names(),  # the set `--paths` registered (from_pretrained re-registers)
         )
         if ev.engine == "policy":
             eng = Engine.from_pretrained(a.model, adapter=None, policy=policy, guard=ev.guard, **kw)
@@ -273,7 +281,7 @@ def markdown(rows: list[dict], n: int) -> str:
     head = (
         "| row | n | R-1 | R-2 | R-L | R-Lsum | modelled J/sample | measured J | wall s/sample | "
         "p50 s | p99 s | violations | budget stops | overshoot longest 10% (max) | "
-        "paths fp16/int8/skip | ctrl params | tokens | sentence ends | budget-ended | J/budget | "
+        f"paths {'/'.join(reg.names())} | ctrl params | tokens | sentence ends | budget-ended | J/budget | "
         "refused | empty |"
     )
     lines = [head, "|" + " --- |" * 22]
@@ -398,6 +406,9 @@ def evaluate(args: argparse.Namespace) -> dict:
     done = _other_samples(js, samples)
     if samples.is_file():
         done.update(read_samples(samples))  # its own file, repaired if a killed run cut it
+    enable_paths(args.paths)
+    for _, pol, _ in rows:
+        require_paths(METHODS[pol])
     engines = Engines(args)
     mine = pairs if args.shard is None else pairs[args.shard[0] :: args.shard[1]]
     _run_samples(args, mine, rows, samples, done, engines)

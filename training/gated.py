@@ -40,13 +40,14 @@ CPU = torch.device("cpu")
 
 
 def energy_model(hf, fp: str, path: str | None) -> tuple[EnergyModel, CalibrationTable]:
-    """The real calibration table: an explicit file, else the Engine's resolution for this device."""
-    if path is not None:
+    """The real calibration table: an explicit file, else the Engine's resolution for this device
+    (in `path` when it is a directory)."""
+    if path is not None and not Path(path).is_dir():
         table = CalibrationTable.load(path)
-    else:
+    else:  # a directory is searched as the Engine searches it (calibrate.resolve)
         lean = build_lean(hf, resolve_dtype("auto", CPU), CPU, 4096)
         table = calibrate.resolve(
-            lean, fp, None, pick_meter("cpu", RuntimeConfig.from_env().meter), True
+            lean, fp, path, pick_meter("cpu", RuntimeConfig.from_env().meter), True
         )
     return EnergyModel(table), table
 
@@ -144,9 +145,10 @@ class GateTrainer:
         return rec
 
     def _step_costs(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The (L, P) prefill and decode unit costs of this step: the table's, with the cheaper
-        paths' costs scaled by exp(U(-j, j)) per phase and path under `--cost-jitter j` (a
-        function of (seed, step)); a cost-reading controller is given the same costs."""
+        """The (L, P) prefill and decode unit costs of this step: the table's, with every path
+        but fp16 scaled by exp(U(-j, j)) per phase and path under `--cost-jitter j` (a function
+        of (seed, step)), the table's cheapest path kept the cheapest; a cost-reading controller
+        is given the same costs."""
         j = float(getattr(self.args, "cost_jitter", 0.0) or 0.0)
         costs = self.costs
         if j > 0:
@@ -156,8 +158,12 @@ class GateTrainer:
                 scale = torch.exp((torch.rand(c.shape[1], generator=g) * 2 - 1) * j)
                 scale[0] = 1.0  # fp16 (the unit of a budget ratio) keeps its cost
                 c = c * scale
-                for p in range(1, c.shape[1]):  # each path stays cheaper than the one before
-                    c[:, p] = torch.minimum(c[:, p], 0.95 * c[:, p - 1])
+                # the paths between fp16 and the cheapest move freely (int4 may cost more or less
+                # than int8 from one device to the next); the cheapest path of the table stays
+                # the cheapest, at most 0.95x any other
+                low = int(c.sum(0).argmin())
+                others = torch.cat([c[:, :low], c[:, low + 1 :]], 1)
+                c[:, low] = torch.minimum(c[:, low], 0.95 * others.min(1).values)
                 out.append(c)
             costs = (out[0], out[1])
         if hasattr(self.ctl, "set_costs"):

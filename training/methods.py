@@ -11,6 +11,10 @@ Adding a method: one `Method(...)` here (and, for a new controller class, its en
 
 from __future__ import annotations
 
+import dataclasses
+
+from hest_core import paths as reg
+from hest_core.config import RuntimeConfig
 from hest_core.controller import (
     AdaptiveController,
     BhspController,
@@ -23,7 +27,9 @@ from .gated import GateTrainer
 from .lora import LoraTrainer
 from .objective import Evaluation, Method
 
-ALL = ("fp16", "int8", "skip")
+# int4 is opt-in (`--paths` / HEST_PATHS, hest_core/paths.py): a method lists it and uses it only
+# where it is registered (path_mask)
+ALL = ("fp16", "int8", "int4", "skip")
 SWEEP = Evaluation("adapter", rows="sweep")  # one artifact, one row per budget ratio
 # a fixed path under the same budgets: its own path only, ended cleanly when the budget runs out
 # (guard "stop": no demotion), the fair baseline of issue 14's evaluation
@@ -107,6 +113,12 @@ METHODS: dict[str, Method] = {
         Method("fp16", "every unit fp16, no adapter", ("fp16",), FIXED_SWEEP),
         Method("int8", "every unit int8, no adapter", ("int8",), FIXED_SWEEP),
         Method(
+            "int4",
+            "every unit int4 (4-bit blocks; opt-in path: `--paths fp16,int8,int4,skip`), no adapter",
+            ("int4",),
+            FIXED_SWEEP,
+        ),
+        Method(
             "lead-3",
             "extractive reference: the first three sentences",
             (),
@@ -114,6 +126,27 @@ METHODS: dict[str, Method] = {
         ),
     )
 }
+
+
+def enable_paths(spec: str | None) -> tuple[str, ...]:
+    """Register the path set for this process (hest_core/paths.py) and return it. spec: a
+    comma-separated list such as "fp16,int8,int4,skip"; None takes `RuntimeConfig`'s (HEST_PATHS,
+    default fp16,int8,skip). Raises hest_core.errors.ConfigError for an unknown or incomplete set."""
+    cfg = RuntimeConfig.from_env(only=("paths",))
+    if spec:
+        cfg = dataclasses.replace(cfg, paths=tuple(p.strip() for p in spec.split(",") if p.strip()))
+    return reg.enable(cfg.paths)
+
+
+def require_paths(m: Method) -> None:
+    """Raise SystemExit naming `--paths` when none of method m's paths is registered (a fixed
+    `int4` row without int4 enabled); a method with some of its paths registered runs on those."""
+    missing = [p for p in m.paths if reg.find(p) is None]
+    if m.paths and len(missing) == len(m.paths):
+        raise SystemExit(
+            f"{m.name} runs on {', '.join(missing)}, which is not registered: pass "
+            f"--paths {','.join((*reg.names(), *missing))} (or set HEST_PATHS)"
+        )
 
 
 def trainable() -> list[str]:

@@ -84,8 +84,9 @@ class Method:
         return next(k for k, c in CONTROLLERS.items() if c is self.controller)
 
     def __post_init__(self) -> None:
-        if unknown := [p for p in self.paths if reg.find(p) is None]:
-            raise ValueError(f"Method {self.name!r}: paths {unknown} are not in {reg.names()}")
+        known = (*reg.BUILTIN_NAMES, *reg.OPTIONAL)
+        if unknown := [p for p in self.paths if reg.find(p) is None and p not in known]:
+            raise ValueError(f"Method {self.name!r}: paths {unknown} are not in {known}")
         if self.penalty not in PENALTIES:
             raise ValueError(f"Method {self.name!r}: penalty={self.penalty!r}; use {PENALTIES}")
         if (self.trainer is None) != (self.penalty == "none"):

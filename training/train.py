@@ -19,7 +19,7 @@ import torch
 from hest_core.engine import DEFAULT_MAX_NEW_TOKENS
 
 from .loop import run
-from .methods import METHODS, trainable
+from .methods import METHODS, enable_paths, require_paths, trainable
 
 DEFAULT_DATA = "../shared/data/cnndm/train.jsonl"
 
@@ -28,6 +28,11 @@ def _run_args(ap: argparse.ArgumentParser) -> None:
     """Data, schedule, checkpoints, output."""
     ap.add_argument("--method", default="hest", choices=trainable())
     ap.add_argument("--model", default="default")
+    ap.add_argument(
+        "--paths",
+        default=None,
+        help="the path set, e.g. fp16,int8,int4,skip (default: HEST_PATHS, else fp16,int8,skip)",
+    )
     ap.add_argument(
         "--data", default=DEFAULT_DATA, help="JSONL path or hub:abisee/cnn_dailymail:train"
     )
@@ -120,7 +125,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def train(args: argparse.Namespace) -> Path:
     """Build the method's trainer and run the loop; returns the artifact's path."""
+    enable_paths(args.paths)
     method = METHODS[args.method]
+    require_paths(method)
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)

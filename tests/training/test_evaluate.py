@@ -122,3 +122,41 @@ def test_a_cut_short_last_sample_line_reruns(tmp_path, capsys):
 
     with pytest.raises(SystemExit, match=":1: not a JSON line"):
         read_samples(p)
+
+
+def test_int4_row_needs_the_path_and_runs_with_it(pairs_file, tmp_path, int4_tables):
+    """The fixed `int4` row: refused with the flag to pass when int4 is not registered; with
+    `--paths` it runs on int4 only, under the same budgets as the other fixed paths."""
+    import pytest
+
+    from hest_core import paths as reg
+
+    base = [
+        "--policies",
+        "int4",
+        "--model",
+        "tiny:llama",
+        "--data",
+        str(pairs_file),
+        "--limit",
+        "2",
+        "--max-new-tokens",
+        "3",
+        "--budget-ratios",
+        "1.0",
+        "--no-progress",
+        "--json",
+        str(tmp_path / "e.json"),
+    ]
+    try:
+        with pytest.raises(SystemExit, match="--paths fp16,int8,skip,int4"):
+            main(base)
+        out = evaluate(
+            parse_args([*base, "--paths", "fp16,int8,int4,skip", "--calibration", str(int4_tables)])
+        )
+        (row,) = out["rows"]
+        assert row["row"].startswith("int4") and row["n"] == 2
+        assert row["path_shares"]["int4"] == 1.0
+    finally:
+        if reg.find("int4") is not None:
+            reg.unregister("int4")

@@ -109,3 +109,64 @@ def test_base_z_keeps_an_adapters_z_and_trains_the_controller(pairs_file, tmp_pa
                 train_argv(pairs_file, tmp_path / "c", 2, "hest", "--base-z", str(first))
             )
         )
+
+
+@pytest.fixture
+def builtin_paths():
+    """Whatever a test registers, the process leaves it with the built-in path set."""
+    from hest_core import paths as reg
+
+    yield
+    if reg.find("int4") is not None:
+        reg.unregister("int4")
+
+
+def test_four_path_run_records_int4_and_serves_it(pairs_file, tmp_path, builtin_paths, int4_tables):
+    """`--paths fp16,int8,int4,skip`: the controller gets int4's output, the artifact records the
+    four paths, and an Engine with int4 registered loads it; one without int4 refuses it."""
+    from hest_core.errors import HestError
+    from training import train
+
+    four = "fp16,int8,int4,skip"
+    run = tmp_path / "four"
+    argv = [*train_argv(pairs_file, run, 2), "--paths", four, "--calibration", str(int4_tables)]
+    art = train.train(train.parse_args(argv))
+    cfg = json.loads((art / "adapter_config.json").read_text())
+    assert sorted(cfg["paths"]) == sorted(four.split(","))
+    rec = json.loads((run / "log.jsonl").read_text().splitlines()[-1])
+    assert "share_int4" in rec
+    eng = Engine.from_pretrained(
+        "tiny:llama", adapter=art, dtype="fp32", paths=four.split(","), calibration=int4_tables
+    )
+    assert "int4" in eng.info()["paths"]
+    with pytest.raises(HestError, match="int4"):
+        Engine.from_pretrained("tiny:llama", adapter=art, dtype="fp32")
+
+
+def test_cost_jitter_lets_int4_cross_int8_and_keeps_skip_cheapest(tmp_path, builtin_paths):
+    """`--cost-jitter`: fp16 keeps its cost, int8 and int4 move independently (either may be the
+    dearer on a step), the cheapest path stays below every other by 5%."""
+    import argparse
+
+    from hest_core import paths as reg
+    from training.gated import GateTrainer
+
+    reg.enable(("fp16", "int8", "int4", "skip"))
+    L, P = 3, reg.n_paths()
+    unit = {"fp16": 1.0, "int8": 0.5, "int4": 0.45, "skip": 0.05}
+    base = torch.tensor([[unit[n] for n in reg.names()]] * L)
+    t = GateTrainer.__new__(GateTrainer)
+    t.args = argparse.Namespace(cost_jitter=0.4, seed=0)
+    t.costs = (base.clone(), base.clone())
+    t.ctl = torch.nn.Identity()
+    crossed = set()
+    for step in range(60):
+        for c in t._step_costs(step):
+            ref, sk = reg.ref(), reg.index("skip")
+            assert torch.equal(c[:, ref], base[:, ref])
+            others = c[:, [p for p in range(P) if p != sk]]
+            assert bool((c[:, sk] <= 0.95 * others.min(1).values + 1e-9).all())
+            i8, i4 = c[0, reg.index("int8")], c[0, reg.index("int4")]
+            crossed.add(bool(i4 > i8))
+    assert crossed == {True, False}
+    assert P == 4

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import re
 import time
 from pathlib import Path
@@ -31,8 +30,9 @@ from hest_core.errors import BudgetTooLowError
 from .data import Pair, load_pairs
 from .lora import lora_params
 from .methods import METHODS, enable_paths, require_paths
-from .metrics import KEYS, lead3, mean, percentile, rouge
-from .plots import plot_heatmaps, plot_pareto
+from .metrics import lead3, rouge
+from .report import longest_prompts, markdown, summarise, write_outputs
+from .samples import other_samples, read_samples, samples_file
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -225,128 +225,6 @@ def _refused(err: BudgetTooLowError, eng, pair: Pair) -> dict:
     }
 
 
-def summarise(name: str, policy: str, recs: list[dict], longest: set[str]) -> dict:
-    out = {"row": name, "policy": policy, "n": len(recs)}
-    for k in KEYS:
-        out[k] = mean([r["rouge"][k] for r in recs])
-    ev = METHODS[policy].evaluation
-    if ev.engine == "extractive" or not recs:
-        return out
-    out["refused"] = sum(bool(r.get("refused")) for r in recs)
-    recs = [r for r in recs if not r.get("refused")]  # ROUGE above counts a refusal as 0
-    if not recs:
-        return out
-    lat = [r["total_s"] for r in recs]
-    measured = [r["measured_j"] for r in recs if r["measured_j"] is not None]
-    over = [r["modelled_j"] / r["budget_j"] for r in recs if r["id"] in longest and ev.budgeted]
-    paths = {p: sum(r["paths"][p] for r in recs) for p in reg.names()}
-    tot = sum(paths.values()) or 1
-    n_layers = len(recs[0]["paths_per_layer"])
-    grid = []
-    for li in range(n_layers):
-        c = [sum(r["paths_per_layer"][li][p] for r in recs) for p in reg.names()]
-        grid.append([x / (sum(c) or 1) for x in c])
-    out.update(
-        modelled_j=mean([r["modelled_j"] for r in recs]),
-        fp16_cost_j=mean([r["fp16_cost_j"] for r in recs]),
-        measured_j=mean(measured) if measured else None,
-        meter=recs[0]["meter"],
-        wall_s=mean([r["wall_s"] for r in recs]),
-        p50_s=percentile(lat, 50),
-        p99_s=percentile(lat, 99),
-        completion_tokens=mean([r["completion_tokens"] for r in recs]),
-        # older sample files (before clean endings) lack these: computed from the text then
-        # over outputs with text; an empty one (no sentence fitted the budget) is counted apart
-        sentence_end_share=mean(
-            [float(r.get("ends_sentence", ends_sentence(r["text"]))) for r in recs if r["text"]]
-        ),
-        empty=sum(not r["text"] for r in recs),
-        budget_violations=sum(r["modelled_j"] > r["budget_j"] * (1 + 1e-9) for r in recs),
-        energy_budget_stops=sum(r["finish_reason"] == "energy_budget" for r in recs),
-        budget_ended_share=mean([float(r["finish_reason"] == "energy_budget") for r in recs]),
-        spent_over_budget=mean([r["modelled_j"] / r["budget_j"] for r in recs]),
-        overshoot_longest_max=max(over) if over else None,
-        overshoot_longest_mean=mean(over) if over else None,
-        controller_params=recs[0]["controller_params"],
-        path_shares={p: v / tot for p, v in paths.items()},
-        path_shares_per_layer=grid,
-    )
-    return out
-
-
-def markdown(rows: list[dict], n: int) -> str:
-    def f(v, d=1):
-        return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{d}f}"
-
-    head = (
-        "| row | n | R-1 | R-2 | R-L | R-Lsum | modelled J/sample | measured J | wall s/sample | "
-        "p50 s | p99 s | violations | budget stops | overshoot longest 10% (max) | "
-        f"paths {'/'.join(reg.names())} | ctrl params | tokens | sentence ends | budget-ended | J/budget | "
-        "refused | empty |"
-    )
-    lines = [head, "|" + " --- |" * 22]
-    for r in rows:
-        sh = r.get("path_shares")
-        shares = "/".join(f"{sh[p]:.2f}" for p in reg.names()) if sh else "-"
-        meas = (
-            "no meter"
-            if "modelled_j" in r and r.get("measured_j") is None
-            else f(r.get("measured_j"), 2)
-        )
-        lines.append(
-            f"| {r['row']} | {r['n']} | {f(r['rouge1'])} | {f(r['rouge2'])} | {f(r['rougeL'])} | "
-            f"{f(r['rougeLsum'])} | {f(r.get('modelled_j'), 2)} | {meas if 'modelled_j' in r else '-'} | "
-            f"{f(r.get('wall_s'), 2)} | {f(r.get('p50_s'), 2)} | {f(r.get('p99_s'), 2)} | "
-            f"{r.get('budget_violations', '-')} | {r.get('energy_budget_stops', '-')} | "
-            f"{f(r.get('overshoot_longest_max'), 3)} | {shares} | {r.get('controller_params', '-')} | "
-            f"{f(r.get('completion_tokens'))} | {f(r.get('sentence_end_share'), 2)} | "
-            f"{f(r.get('budget_ended_share'), 2)} | {f(r.get('spent_over_budget'), 2)} | "
-            f"{r.get('refused', '-')} | {r.get('empty', '-')} |"
-        )
-    return "\n".join(lines) + "\n"
-
-
-def read_samples(path: Path, repair: bool = True) -> dict[tuple[str, str], dict]:
-    """(row, pair id) -> sample. A run killed mid-write can leave its last line cut short: that
-    one sample is dropped (and rerun), with a warning, and with `repair` cut from the file (only
-    for the file this process appends to: another shard may be writing its own last line right
-    now); a bad line anywhere else is an error."""
-    lines = path.read_text().splitlines()
-    out = {}
-    for i, ln in enumerate(lines):
-        if not ln.strip():
-            continue
-        try:
-            r = json.loads(ln)
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:
-                if repair:
-                    print(f"[evaluate] {path}: last line cut short; that sample reruns", flush=True)
-                    with path.open("w") as f:  # drop it, so appends start on a fresh line
-                        f.write("".join(x + "\n" for x in lines[:i]))
-                break
-            raise SystemExit(f"{path}:{i + 1}: not a JSON line; fix or remove it") from None
-        out[(r["row"], r["id"])] = r
-    return out
-
-
-def _other_samples(js: Path, own: Path) -> dict[tuple[str, str], dict]:
-    """Every samples file of this evaluation (unsharded and shards) but `own`, read as is."""
-    out: dict[tuple[str, str], dict] = {}
-    for path in sorted(js.parent.glob(js.stem + ".samples*.jsonl")):
-        if path != own:
-            out.update(read_samples(path, repair=False))
-    return out
-
-
-def _samples_file(js: Path, shard: tuple[int, int] | None) -> Path:
-    """The samples file this process appends to (one per shard)."""
-    if shard is None:
-        return js.with_suffix(".samples.jsonl")
-    i, n = shard
-    return js.with_name(f"{js.stem}.samples.shard-{i}-of-{n}.jsonl")
-
-
 def _run_samples(args, pairs: list[Pair], rows, samples: Path, done: dict, engines) -> None:
     """Run every (pair, row) not in `done`, appending each sample to `samples` as it ends."""
     todo = [(p, row) for p in pairs for row in rows if (row[0], p.id) not in done]
@@ -360,50 +238,14 @@ def _run_samples(args, pairs: list[Pair], rows, samples: Path, done: dict, engin
             f.flush()
 
 
-def _longest(rows, ids: list[str], done: dict) -> set[str]:
-    """The longest 10% of prompts (by prompt tokens), where overshoot is reported."""
-    plen = {
-        i: max(
-            (
-                done[(n, i)].get("prompt_tokens", 0)
-                for n, pol, _ in rows
-                if METHODS[pol].evaluation.engine != "extractive"
-            ),
-            default=0,
-        )
-        for i in ids
-    }
-    k = max(1, math.ceil(len(ids) / 10))
-    return set(sorted(ids, key=lambda i: -plen.get(i, 0))[:k])
-
-
-def _write_outputs(js: Path, out: dict, md: str) -> None:
-    """X.json, X.md, X_paths.png, X_pareto.png."""
-    summary = out["rows"]
-    js.write_text(json.dumps(out, indent=1, default=str))
-    js.with_suffix(".md").write_text(md)
-    plot_heatmaps(
-        {s["row"]: s["path_shares_per_layer"] for s in summary if "path_shares_per_layer" in s},
-        js.with_name(js.stem + "_paths.png"),
-    )
-    plot_pareto(
-        [
-            {"name": s["row"], "joules": s["modelled_j"], "rouge_l": s["rougeL"]}
-            for s in summary
-            if "modelled_j" in s
-        ],
-        js.with_name(js.stem + "_pareto.png"),
-    )
-
-
 def evaluate(args: argparse.Namespace) -> dict:
     end = None if args.limit is None else args.skip + args.limit
     pairs = load_pairs(args.data, end)[args.skip :]
     rows = row_names(args)
     js = Path(args.json)
     js.parent.mkdir(parents=True, exist_ok=True)
-    samples = _samples_file(js, args.shard)
-    done = _other_samples(js, samples)
+    samples = samples_file(js, args.shard)
+    done = other_samples(js, samples)
     if samples.is_file():
         done.update(read_samples(samples))  # its own file, repaired if a killed run cut it
     enable_paths(args.paths)
@@ -414,7 +256,7 @@ def evaluate(args: argparse.Namespace) -> dict:
     _run_samples(args, mine, rows, samples, done, engines)
     ids = [p.id for p in pairs]
     if args.shard is not None:  # the other shards may have finished while this one ran
-        done.update(_other_samples(js, samples))
+        done.update(other_samples(js, samples))
     missing = sum((n, i) not in done for n, _, _ in rows for i in ids)
     if missing:
         print(
@@ -424,7 +266,7 @@ def evaluate(args: argparse.Namespace) -> dict:
             flush=True,
         )
         return {"missing": missing}
-    longest = _longest(rows, ids, done)
+    longest = longest_prompts(rows, ids, done)
     summary = [summarise(n, pol, [done[(n, i)] for i in ids], longest) for n, pol, _ in rows]
     for s in summary:
         if METHODS[s["policy"]].evaluation.engine == "merged":  # LoRA's trainable parameters
@@ -440,7 +282,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         "engines": {p: e.info() for p, e in engines.e.items()},
         "rows": summary,
     }
-    _write_outputs(js, out, md)
+    write_outputs(js, out, md)
     print(md)
     return out
 

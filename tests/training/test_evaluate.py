@@ -106,7 +106,7 @@ def test_evaluate_rejects_bad_shard(tmp_path, capsys):
 
 
 def test_a_cut_short_last_sample_line_reruns(tmp_path, capsys):
-    from training.evaluate import read_samples
+    from training.samples import read_samples
 
     p = tmp_path / "e.samples.jsonl"
     good = json.dumps({"row": "fp16", "id": "a", "x": 1})

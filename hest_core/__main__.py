@@ -24,7 +24,7 @@ def _read(path: str, index: int) -> str:
     return text
 
 
-def main(argv: list[str] | None = None) -> int:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m hest_core", description="HEST runtime commands")
     sub = ap.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("summarize", help="summarise one article under an energy budget")
@@ -43,10 +43,38 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--max-new-tokens", type=int, default=None)
     s.add_argument("--model", default="default")
     s.add_argument("--adapter", default="default", help="adapter dir, 'default' or 'none'")
-    s.add_argument("--policy", default="hest", choices=["hest", "fp16", "int8"])
+    s.add_argument(
+        "--policy",
+        default="hest",
+        help="hest, or a fixed path: fp16, int8, skip, and int4 when HEST_PATHS registers it",
+    )
     s.add_argument("--device", default="cpu")
     s.add_argument("--json", action="store_true", help="print one JSON object")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def _report(res) -> None:
+    """The human-readable answer: the summary, then its energy, paths and tokens."""
+    st = res.stats
+    print(res.text.strip())
+    print()
+    m = "measured" if st.measured_j is not None else "no hardware meter"
+    print(
+        f"energy: {st.modelled_j:.2f} J modelled of a {st.budget_j:.2f} J budget "
+        f"(ratio {st.budget_ratio:.2f} of the all-fp16 {st.fp16_cost_j:.2f} J); "
+        f"{st.estimated_j:.2f} J estimated (meter: {st.meter}, {m})"
+    )
+    print(f"paths: {st.paths}  demoted by the guard: {st.demotions}")
+    cut = " (article truncated)" if st.truncated else ""
+    print(
+        f"tokens: {st.prompt_tokens} prompt{cut}, {st.completion_tokens} generated "
+        f"({res.finish_reason}); ttft {st.ttft_s:.2f} s, total {st.total_s:.2f} s"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The CLI; returns the exit status (2: a request or configuration error, printed)."""
+    args = _parser().parse_args(argv)
     from .config import RuntimeConfig
     from .engine import Engine, GenerationRequest
 
@@ -67,27 +95,11 @@ def main(argv: list[str] | None = None) -> int:
     except (HestError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    st = res.stats
     if args.json:
-        print(
-            json.dumps(
-                {"summary": res.text, "finish_reason": res.finish_reason, "stats": st.to_dict()}
-            )
-        )
-        return 0
-    print(res.text.strip())
-    print()
-    m = "measured" if st.measured_j is not None else "no hardware meter"
-    print(
-        f"energy: {st.modelled_j:.2f} J modelled of a {st.budget_j:.2f} J budget "
-        f"(ratio {st.budget_ratio:.2f} of the all-fp16 {st.fp16_cost_j:.2f} J); "
-        f"{st.estimated_j:.2f} J estimated (meter: {st.meter}, {m})"
-    )
-    print(f"paths: {st.paths}  demoted by the guard: {st.demotions}")
-    print(
-        f"tokens: {st.prompt_tokens} prompt{' (article truncated)' if st.truncated else ''}, "
-        f"{st.completion_tokens} generated ({res.finish_reason}); ttft {st.ttft_s:.2f} s, total {st.total_s:.2f} s"
-    )
+        out = {"summary": res.text, "finish_reason": res.finish_reason}
+        print(json.dumps(out | {"stats": res.stats.to_dict()}))
+    else:
+        _report(res)
     return 0
 
 

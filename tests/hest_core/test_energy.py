@@ -254,3 +254,17 @@ def test_decode_calibration_times_the_fused_layer_where_it_runs(monkeypatch):
     assert not calibrate._fused_decode(lean, 1)
     calibrate._phase(lean, EstimateMeter(30), 1, 96)
     assert len(seen) == (1 if fused_here else 0)
+
+
+def test_cli_summarize_text_and_bad_policy(tmp_path):
+    """The human-readable answer names energy, paths and tokens; an unknown policy is exit 2
+    with the registered policies listed (int4 among them only when HEST_PATHS registers it)."""
+    art = tmp_path / "a.txt"
+    art.write_text("The council voted to expand the bus network after record ridership. " * 5)
+    base = [sys.executable, "-m", "hest_core", "summarize", str(art), "--model", "tiny:llama"]
+    base += ["--adapter", "none", "--max-new-tokens", "4"]
+    r = subprocess.run([*base, "--policy", "int8"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "J modelled of a" in r.stdout and "paths: {" in r.stdout and "generated" in r.stdout
+    bad = subprocess.run([*base, "--policy", "int3"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "'fp16', 'int8', 'skip'" in bad.stderr

@@ -70,57 +70,31 @@ def summarize_run(result: RunResult, *, slo_s: float, label: str | None = None) 
     ok = [r for r in records if r.ok]
     wall_s = max([r.sent_s + r.latency_s for r in records if r.latency_s is not None] or [0.0])
     wall_s = wall_s or result.wall_s
-    within_slo = [r for r in ok if r.latency_s is not None and r.latency_s <= slo_s]
     completion = sum(r.completion_tokens or r.stream_deltas for r in ok)
     prompt = sum(r.prompt_tokens or 0 for r in ok)
-    meters = Counter(r.meter for r in ok if r.meter is not None)
     exhaustions = sum(r.finish_reason == "energy_budget" for r in ok)
     paths: Counter[str] = Counter()
     for r in ok:
         paths.update(r.paths)
-    cfg = result.config
+
+    def per_s(n: float) -> float | None:
+        return n / wall_s if wall_s else None
+
     return {
-        "label": label or result.target.url,
-        "target": result.target.url,
-        "api": result.target.api,
-        "endpoint": result.target.endpoint,
-        "stream": result.target.stream,
-        "max_new_tokens": result.target.max_new_tokens,
-        "started_at": result.started_at,
-        "server_info": result.server_info,
-        **cfg.describe(),
+        **_run_header(result, label),
         "wall_s": wall_s,
         "requests": {"sent": len(records), "ok": len(ok), "errors": len(records) - len(ok)},
         "errors_by_status": dict(Counter(_error_key(r) for r in records if not r.ok)),
         "latency_s": stats(_present(ok, "latency_s")),
         "ttft_s": stats(_present(ok, "ttft_s")),
         "ttft_source": dict(Counter(r.ttft_source for r in ok if r.ttft_source)),
-        "requests_per_s": len(ok) / wall_s if wall_s else None,
-        "completion_tokens_per_s": completion / wall_s if wall_s else None,
-        "prompt_tokens_per_s": prompt / wall_s if wall_s else None,
+        "requests_per_s": per_s(len(ok)),
+        "completion_tokens_per_s": per_s(completion),
+        "prompt_tokens_per_s": per_s(prompt),
         "completion_tokens": completion,
         "prompt_tokens": prompt,
-        "goodput": {
-            "slo_s": slo_s,
-            "ok_within_slo": len(within_slo),
-            "requests_per_s": len(within_slo) / wall_s if wall_s else None,
-            "fraction_of_sent": len(within_slo) / len(records) if records else None,
-        },
-        "energy": {
-            "modelled_j_per_request": stats(_present(ok, "modelled_j")),
-            "measured_j_per_request": stats(_present(ok, "measured_j")),
-            "estimated_j_per_request": stats(_present(ok, "estimated_j")),
-            "estimated_is_estimate": True,
-            "meters": dict(meters),
-            "budget_j_per_request": stats(_present(ok, "budget_j")),
-            "budget_ratio": stats(_present(ok, "budget_ratio")),
-            "fp16_cost_j_per_request": stats(_present(ok, "fp16_cost_j")),
-            "modelled_j_per_completion_token": (
-                sum(_present(ok, "modelled_j")) / completion
-                if completion and _present(ok, "modelled_j")
-                else None
-            ),
-        },
+        "goodput": _goodput(records, ok, slo_s, wall_s),
+        "energy": _energy(ok, completion),
         "budget_exhaustions": exhaustions,
         "budget_exhaustion_rate": exhaustions / len(ok) if ok else None,
         "budget_violations": sum(is_violation(r) for r in ok),
@@ -128,6 +102,51 @@ def summarize_run(result: RunResult, *, slo_s: float, label: str | None = None) 
         "finish_reasons": dict(Counter(str(r.finish_reason) for r in ok)),
         "paths": dict(paths),
         "per_budget": _per_budget(ok),
+    }
+
+
+def _run_header(result: RunResult, label: str | None) -> dict[str, Any]:
+    """What ran against what: target, API, endpoint, the run's configuration, server info."""
+    t = result.target
+    return {
+        "label": label or t.url,
+        "target": t.url,
+        "api": t.api,
+        "endpoint": t.endpoint,
+        "stream": t.stream,
+        "max_new_tokens": t.max_new_tokens,
+        "started_at": result.started_at,
+        "server_info": result.server_info,
+        **result.config.describe(),
+    }
+
+
+def _goodput(records, ok, slo_s: float, wall_s: float) -> dict[str, Any]:
+    """Requests answered within the SLO (end to end, seconds): count, per second, share of sent."""
+    within = [r for r in ok if r.latency_s is not None and r.latency_s <= slo_s]
+    return {
+        "slo_s": slo_s,
+        "ok_within_slo": len(within),
+        "requests_per_s": len(within) / wall_s if wall_s else None,
+        "fraction_of_sent": len(within) / len(records) if records else None,
+    }
+
+
+def _energy(ok: list[RequestRecord], completion: int) -> dict[str, Any]:
+    """Joules per request (modelled, measured, estimate: labelled), budgets, J per token."""
+    modelled = _present(ok, "modelled_j")
+    return {
+        "modelled_j_per_request": stats(modelled),
+        "measured_j_per_request": stats(_present(ok, "measured_j")),
+        "estimated_j_per_request": stats(_present(ok, "estimated_j")),
+        "estimated_is_estimate": True,
+        "meters": dict(Counter(r.meter for r in ok if r.meter is not None)),
+        "budget_j_per_request": stats(_present(ok, "budget_j")),
+        "budget_ratio": stats(_present(ok, "budget_ratio")),
+        "fp16_cost_j_per_request": stats(_present(ok, "fp16_cost_j")),
+        "modelled_j_per_completion_token": (
+            sum(modelled) / completion if completion and modelled else None
+        ),
     }
 
 

@@ -95,7 +95,11 @@ class SpectralZ(nn.Module):
 class TrainModel:
     """Frozen base weights + the forward the trainer differentiates."""
 
-    def __init__(self, hf, dtype: torch.dtype):
+    def __init__(self, hf, dtype: torch.dtype, q4_err: dict | None = None):
+        """hf: the (frozen) model; q4_err: {(layer, target): Q4_1(W) - W} of the weights *before*
+        an adapter's z was merged into hf (`--base-z`), so the int4 copy is the base's 4-bit
+        blocks plus z's change beside them, as the runtime's int4 path runs it (int4.py
+        "lowrank"); None: the int4 copy is Q4_1 of hf's weights as they are."""
         check_layout(hf)
         self.spec: ModelSpec = spec_of(hf)
         self.dtype = dtype
@@ -110,6 +114,13 @@ class TrainModel:
             return cast(fake_quant_weight(w))
 
         int4 = reg.find("int4") is not None
+
+        def q4(li: int, names: tuple[str, ...], w: torch.Tensor):
+            if not int4:
+                return None
+            if q4_err is None:
+                return cast(fake_quant_q4(w))
+            return cast(w + torch.cat([q4_err[(li, n)] for n in names]))
 
         self.layers: list[TrainLayer] = []
         for li, layer in enumerate(hf.model.layers):
@@ -137,8 +148,10 @@ class TrainModel:
                     q_norm=cast(qn.weight) if qn is not None else None,
                     k_norm=cast(kn.weight) if kn is not None else None,
                     fq4={
-                        k: cast(fake_quant_q4(v))
-                        for k, v in (("qkv", wqkv), ("o", wo), ("gu", wgu), ("down", wd))
+                        "qkv": q4(li, ("q_proj", "k_proj", "v_proj"), wqkv),
+                        "o": q4(li, ("o_proj",), wo),
+                        "gu": q4(li, ("gate_proj", "up_proj"), wgu),
+                        "down": q4(li, ("down_proj",), wd),
                     }
                     if int4
                     else None,

@@ -28,9 +28,17 @@ from hest_core.artifact import HestAdapter, HestConfig, load_adapter
 from hest_core.config import RuntimeConfig
 from hest_core.dtypes import resolve_dtype
 from hest_core.energy import CalibrationTable, EnergyModel
+from hest_core.gguf_blocks import quantize_q4_1
 from hest_core.loading import build_lean, fingerprint, load_hf_model, load_tokenizer, spec_of
 from hest_core.meters import pick_meter
-from hest_core.spectral import SvdCache, merge_into, spectrum_sizes, z_support
+from hest_core.spectral import (
+    TARGETS,
+    SvdCache,
+    merge_into,
+    spectrum_sizes,
+    target_module,
+    z_support,
+)
 
 from .data import Batches, Example
 from .forward import NEG, SpectralZ, TrainModel, forward
@@ -50,6 +58,17 @@ def energy_model(hf, fp: str, path: str | None) -> tuple[EnergyModel, Calibratio
             lean, fp, path, pick_meter("cpu", RuntimeConfig.from_env().meter), True
         )
     return EnergyModel(table), table
+
+
+def q4_errors(hf) -> dict[tuple[int, str], torch.Tensor]:
+    """{(layer, target): Q4_1(W) - W} (fp32, the shape of W) for every adapted target of hf, taken
+    before `--base-z` merges z, so TrainModel's int4 copy is the base's blocks + z's change."""
+    out = {}
+    for li in range(hf.config.num_hidden_layers):
+        for t in TARGETS:
+            w = target_module(hf, li, t).weight.detach().float()
+            out[(li, t)] = quantize_q4_1(w).dequantize().float() - w
+    return out
 
 
 def budget_at(step: int, seed: int, budgets: list[float]) -> float:
@@ -78,8 +97,10 @@ class GateTrainer:
         hf = load_hf_model(args.model, progress, seed=args.seed)
         self.spec, self.fp, self.sizes = spec_of(hf), fingerprint(hf), spectrum_sizes(hf)
         self.em, self.table = energy_model(hf, self.fp, args.calibration)
+        # int4 with a merged --base-z: the base's 4-bit blocks + z beside (the runtime's lowrank)
+        q4_err = q4_errors(hf) if reg.find("int4") and getattr(args, "base_z", None) else None
         self.base_z = self._merge_base_z(hf, progress)
-        self.tm = TrainModel(hf, resolve_dtype(args.dtype, CPU))
+        self.tm = TrainModel(hf, resolve_dtype(args.dtype, CPU), q4_err)
         self.zmod = self._spectral_z(hf, progress)
         del hf  # TrainModel holds what it needs
         self.ctl = method.controller(self.spec.hidden, self.spec.n_layers, args.k)

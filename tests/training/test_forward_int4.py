@@ -79,3 +79,40 @@ def test_twin_on_int4_matches_the_runtime(int4, hf, with_z):
     with torch.no_grad():
         f16 = forward(tm, ctl, zmod, PROMPT, SUMMARY, 0.0, 1.0, mask16, costs, 0.0, None)
     assert abs(float(fo.ce) - rt) < abs(float(f16.ce) - rt)
+
+
+def test_twin_with_a_merged_base_z_runs_int4_as_the_runtime(int4):
+    """`--base-z`: z is merged into the frozen base before the twin is built; the twin's int4
+    copy must still be the base's Q4_1 blocks + z's change (the runtime's "lowrank"), not Q4_1
+    of the merged weights (measured 0.24 CE worse on the default model, docs/runtime.md)."""
+    from hest_core.spectral import merge_into
+    from training.gated import q4_errors
+
+    base = load_hf_model("tiny:llama", progress=False)
+    svd = SvdCache(base, fingerprint(base), progress=False)
+    g = torch.Generator().manual_seed(5)
+    sizes = spectrum_sizes(base)
+    L = base.config.num_hidden_layers
+    z = {}
+    for t, n in sizes.items():  # (L, n): the top 4 directions of every layer
+        z[t] = torch.zeros(L, n)
+        z[t][:, :4] = torch.randn(L, 4, generator=g) * 0.3
+    rt = _runtime_ce(base, int4.index, z, svd)
+    merged = load_hf_model("tiny:llama", progress=False)
+    err = q4_errors(merged)
+    merge_into(merged, z, svd)
+    ctl = Controller(merged.config.hidden_size, merged.config.num_hidden_layers)
+    mask = torch.full((reg.n_paths(),), NEG)
+    mask[int4.index] = 0.0
+    costs = torch.tensor([[3.0, 2.0, 1.0, 1.5]] * L), torch.tensor([[30.0, 20.0, 10.0, 15.0]] * L)
+
+    def ce(tm):
+        with torch.no_grad():
+            return float(
+                forward(tm, ctl, None, PROMPT, SUMMARY, 0.0, 1.0, mask, costs, 0.0, None).ce
+            )
+
+    right = ce(TrainModel(merged, torch.float32, err))
+    requantised = ce(TrainModel(merged, torch.float32))
+    assert right == pytest.approx(rt, rel=2e-3)
+    assert abs(right - rt) < abs(requantised - rt)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import logging
 import threading
 import time
@@ -132,6 +133,9 @@ class Engine:
         cfg = config or RuntimeConfig.from_env()
         if paths is not None:
             cfg = dataclasses.replace(cfg, paths=tuple(paths))  # validated (ConfigError)
+        if extra := [p for p in cls._adapter_paths(adapter, model) if p not in cfg.paths]:
+            log.info("the adapter was trained with %s: registering it", ", ".join(extra))
+            cfg = dataclasses.replace(cfg, paths=(*cfg.paths, *extra))
         reg.enable(cfg.paths)
         cls._check_policy(policy, guard)
         threads = threads or cfg.threads
@@ -241,6 +245,24 @@ class Engine:
             for li, lw in enumerate(lean.layers):
                 lw.shortcut = (a[li].to(dev, dt), b[li].to(dev, dt))
         return lean, int4_info
+
+    @staticmethod
+    def _adapter_paths(adapter, model: str) -> list[str]:
+        """The paths an adapter artifact's controller was trained with (its config's `paths`;
+        absent: the built-in three), read before the registry is set, so an adapter trained
+        with an opt-in path (int4) registers it. [] for no adapter or one not found (loading
+        reports those)."""
+        if adapter is None or isinstance(adapter, HestAdapter):
+            return list(adapter.config.paths) if adapter is not None else []
+        d = DEFAULT_ADAPTER_DIR if str(adapter) == "default" else Path(adapter)
+        if str(adapter) == "default" and model != DEFAULT_MODEL:
+            return []
+        try:
+            cfg = json.loads((d / "adapter_config.json").read_text())
+        except (OSError, ValueError):
+            return []
+        got = cfg.get("paths", [])
+        return [p for p in got if isinstance(p, str) and p in reg.OPTIONAL]
 
     @staticmethod
     def _resolve_adapter(adapter, model: str) -> HestAdapter | None:

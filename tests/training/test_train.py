@@ -123,8 +123,7 @@ def builtin_paths():
 
 def test_four_path_run_records_int4_and_serves_it(pairs_file, tmp_path, builtin_paths, int4_tables):
     """`--paths fp16,int8,int4,skip`: the controller gets int4's output, the artifact records the
-    four paths, and an Engine with int4 registered loads it; one without int4 refuses it."""
-    from hest_core.errors import HestError
+    four paths, and an Engine loads it with int4 registered, asked for or not."""
     from training import train
 
     four = "fp16,int8,int4,skip"
@@ -139,8 +138,12 @@ def test_four_path_run_records_int4_and_serves_it(pairs_file, tmp_path, builtin_
         "tiny:llama", adapter=art, dtype="fp32", paths=four.split(","), calibration=int4_tables
     )
     assert "int4" in eng.info()["paths"]
-    with pytest.raises(HestError, match="int4"):
-        Engine.from_pretrained("tiny:llama", adapter=art, dtype="fp32")
+    # an engine given no path set registers the paths the adapter was trained with
+    from hest_core import paths as reg
+
+    reg.unregister("int4")
+    eng = Engine.from_pretrained("tiny:llama", adapter=art, dtype="fp32", calibration=int4_tables)
+    assert "int4" in eng.info()["paths"] and reg.find("int4") is not None
 
 
 def test_cost_jitter_lets_int4_cross_int8_and_keeps_skip_cheapest(tmp_path, builtin_paths):

@@ -328,3 +328,54 @@ def test_budget_holds_as_mates_join_and_leave(hest_shared: Engine, batch, seed, 
         assert t.st.guard.rebated >= 0 and t.st.guard.spent <= t.st.guard.charged
         assert s.prefill_j + s.decode_j == pytest.approx(s.modelled_j)
         assert math.isfinite(s.estimated_j) and s.estimated_j >= 0
+
+
+# ---- the real model: modelled energy of whole batched runs against the estimate meter -------------
+def _whole_run(e: Engine, rows: int, max_new: int) -> tuple[float, float]:
+    """(modelled J, estimate-meter J) of one static batch of `rows` requests, all fp16."""
+    reqs = [
+        GenerationRequest(
+            TEXTS[i % len(TEXTS)] + f" Report {i}.",
+            energy_budget_ratio=1.0,
+            max_new_tokens=max_new,
+            clean_end=False,
+        )
+        for i in range(rows)
+    ]
+    res = e.generate(reqs)
+    assert all(r.error is None for r in res)
+    return sum(r.stats.modelled_j for r in res), sum(r.stats.estimated_j for r in res)
+
+
+def _ratios(e: Engine, rows_list, max_new: int, tries: int) -> dict[int, float]:
+    """Per batch size, modelled / estimated joules of whole runs. The estimate meter is wall
+    time x watts: a busy machine only adds time, so of `tries` runs the least disturbed (the
+    largest ratio) is kept."""
+    out = {}
+    for rows in rows_list:
+        out[rows] = max(m / est for m, est in (_whole_run(e, rows, max_new) for _ in range(tries)))
+    return out
+
+
+def _check_against_meter(e: Engine, rows_list, max_new: int, tries: int) -> None:
+    """The modelled/estimate ratio at every batch size is within 15% of its 1-row value (the
+    table's absolute level is the calibration's business; the batch dependence is this issue's).
+    Without shared terms, 16 rows would be modelled several times their wall-time estimate."""
+    if not e.energy.shares:
+        pytest.skip("this machine's table has no batched-decode shares (calibrate with --rows)")
+    e.generate([GenerationRequest(TEXTS[0], energy_budget_ratio=1.0, max_new_tokens=4)])  # warm
+    r = _ratios(e, [1, *rows_list], max_new, tries)
+    rel = {k: v / r[1] for k, v in r.items()}
+    assert all(abs(v - 1) <= 0.15 for v in rel.values()), (r, rel)
+
+
+def test_batched_runs_are_modelled_within_15pct_of_the_estimate_meter(default_engine: Engine):
+    """Whole runs of 1, 4, 8 and 16 concurrent requests on the real default model: modelled
+    joules against the estimate meter's, each batch size against the 1-row ratio."""
+    _check_against_meter(default_engine, [4, 8, 16], max_new=24, tries=2)
+
+
+@pytest.mark.slow
+def test_batched_runs_against_the_estimate_meter_longer(default_engine: Engine):
+    """The same, longer runs and more tries (a quieter figure for a report)."""
+    _check_against_meter(default_engine, [2, 4, 8, 12, 16], max_new=64, tries=3)

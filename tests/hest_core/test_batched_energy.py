@@ -48,7 +48,7 @@ def _table(shared=None, head_shared=0.0) -> CalibrationTable:
         "cpu-test",
         "estimate",
         "estimate",
-        "2026-12-01",
+        "2026-11-30",
         "bf16",
         2,
         _phase([6e-4, 4e-4, 1e-4]),

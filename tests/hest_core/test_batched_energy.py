@@ -362,7 +362,10 @@ def _check_against_meter(e: Engine, rows_list, max_new: int, tries: int) -> None
     table's absolute level is the calibration's business; the batch dependence is this issue's).
     Without shared terms, 16 rows would be modelled several times their wall-time estimate."""
     if not e.energy.shares:
-        pytest.skip("this machine's table has no batched-decode shares (calibrate with --rows)")
+        pytest.skip(
+            "the table has no batched-decode shares: run `python tools/package_shares.py` (or "
+            "`make calibrate`) on a quiet machine (docs/runtime.md, 'Batched decode')"
+        )
     e.generate([GenerationRequest(TEXTS[0], energy_budget_ratio=1.0, max_new_tokens=4)])  # warm
     r = _ratios(e, [1, *rows_list], max_new, tries)
     rel = {k: v / r[1] for k, v in r.items()}

@@ -77,11 +77,20 @@ def _median_phase(cs: list[PhaseCosts]) -> PhaseCosts:
     med = statistics.median
     n_layers, n_paths = len(cs[0].unit), len(cs[0].unit[0])
     unit = [[med(c.unit[li][p] for c in cs) for p in range(n_paths)] for li in range(n_layers)]
+    shared = None
+    if all(c.shared is not None for c in cs):  # batched decode: the median share, <= the unit
+        shared = [
+            [min(unit[li][p], med(c.shared[li][p] for c in cs)) for p in range(n_paths)]
+            for li in range(n_layers)
+        ]
+    head = med(c.head for c in cs)
     return PhaseCosts(
         unit=unit,
         token_fixed=med(c.token_fixed for c in cs),
         attn_ctx=med(c.attn_ctx for c in cs),
-        head=med(c.head for c in cs),
+        head=head,
+        shared=shared,
+        head_shared=min(head, med(c.head_shared for c in cs)),
     )
 
 

@@ -10,6 +10,16 @@ as part of a compute-bound prefill GEMM or a memory-bound decode GEMV:
 A prefill of P tokens attends P(P+1)/2 positions; decode step i (context c) attends c.
 The modelled all-fp16 cost of a request = prefill + (max_new_tokens - 1) decode steps (the first
 generated token comes out of the prefill).
+
+Batched decode (optional, `calib_rows.py`): the rows of one decode step share its weight reads.
+  shared[l][p]       J per decode step of the part of unit[l][p] that m rows on path p in layer
+                     l pay once between them (the weight read, the per-call overhead)
+  head_shared        J per decode step of the part of head paid once by all the step's rows
+so a decode step with m >= 1 rows on path p in layer l costs shared + m (unit - shared) there,
+and each of those rows is attributed (unit - shared) + shared / m: at m = 1 exactly its unit
+cost, never more at any m. A table without them (shared all 0) is the batch-1 model. Only the
+decode phase has them (a prefill token's unit cost is measured per token of a 256-token GEMM,
+whose weight reads are already shared).
 """
 
 from __future__ import annotations
@@ -35,9 +45,15 @@ class PhaseCosts:
     token_fixed: float
     attn_ctx: float
     head: float
+    # (L, P) joules per decode step shared by the rows on a path (None: nothing shared, the
+    # batch-1 model of tables written before batched attribution); 0 <= shared <= unit
+    shared: list[list[float]] | None = None
+    head_shared: float = 0.0  # joules per decode step of the head shared by its rows
 
     def check(self, n_layers: int, phase: str) -> None:
-        """Raises CalibrationError unless unit is (n_layers, P) of finite costs >= 0."""
+        """Raises CalibrationError unless unit (and shared, where given) is (n_layers, P) of
+        finite costs >= 0, each shared part at most its unit cost and head_shared at most head;
+        the prefill phase shares nothing."""
         P = reg.n_paths()
         if len(self.unit) != n_layers or any(len(r) != P for r in self.unit):
             widths = sorted({len(r) for r in self.unit})
@@ -47,8 +63,33 @@ class PhaseCosts:
                 "with `python -m hest_core.calibrate`"
             )
         vals = [v for r in self.unit for v in r] + [self.token_fixed, self.attn_ctx, self.head]
+        vals.append(self.head_shared)
         if any(not math.isfinite(v) or v < 0 for v in vals):
             raise CalibrationError(f"calibration {phase} has negative or non-finite costs")
+        if phase == "prefill" and (self.shared is not None or self.head_shared):
+            raise CalibrationError(
+                "calibration prefill has shared costs: only decode steps share their weight "
+                "reads between rows (hest_core/energy.py); recalibrate"
+            )
+        if self.head_shared > self.head:
+            raise CalibrationError(
+                f"calibration {phase}.head_shared {self.head_shared:.4g} J is above its head "
+                f"cost {self.head:.4g} J: a shared part cannot exceed the whole; recalibrate"
+            )
+        if self.shared is None:
+            return
+        if len(self.shared) != n_layers or any(len(r) != P for r in self.shared):
+            raise CalibrationError(
+                f"calibration {phase}.shared must be {n_layers} rows of {P} costs like unit; "
+                "recalibrate with `python -m hest_core.calibrate`"
+            )
+        for r, u in zip(self.shared, self.unit, strict=True):
+            for v, c in zip(r, u, strict=True):
+                if not math.isfinite(v) or v < 0 or v > c:
+                    raise CalibrationError(
+                        f"calibration {phase}.shared cost {v!r} J is outside 0..its unit cost "
+                        f"{c:.4g} J; recalibrate with `python -m hest_core.calibrate`"
+                    )
 
 
 @dataclass
@@ -134,6 +175,17 @@ class EnergyModel:
                 outq[li] = acc
             self.min_after_q[k] = outq
 
+        # batched decode: picojoules per step shared by the rows on a path, rounded DOWN (less
+        # sharing: each row charged more), so a row's share w + ceil(s / m) <= its unit_q
+        dec = table.decode
+        sh = dec.shared or [[0.0] * P for _ in range(self.L)]
+        self.shared_q = [
+            tuple(min(u, math.floor(v * PJ)) for u, v in zip(ur, sr, strict=True))
+            for ur, sr in zip(self.unit_q["decode"], sh, strict=True)
+        ]
+        self.head_shared_q = min(math.floor(dec.head_shared * PJ), math.floor(dec.head * PJ))
+        self.shares = dec.shared is not None or self.head_shared_q > 0
+
         # a path no cheaper than a better one is never worth running (the registry's quality
         # order: fp16 > int8 > skip): sub[phase][l][p] = the best path costing no more than p
         self.sub = {k: [reg.best_within(r) for r in v] for k, v in self.unit_q.items()}
@@ -149,6 +201,42 @@ class EnergyModel:
                     if q != p:
                         out.setdefault(ph, {})[names[p]] = names[q]
         return out
+
+    # ---- batched decode: each row's share of a step (picojoules) ---------------------------------
+    def unit_rebate_q(self, li: int, p: int, m: int) -> int:
+        """What one row on path p in layer li pays less than its batch-1 unit cost unit_q when m
+        rows (m >= 1, itself included) ran that path in that layer of the decode step: it pays
+        its own work unit_q - s plus ceil(s / m) of the shared s, so the rebate is
+        s - ceil(s / m), 0 at m = 1 and never more than s. Picojoules."""
+        s = self.shared_q[li][p]
+        return s - -(-s // max(1, m))
+
+    def head_rebate_q(self, n: int) -> int:
+        """What one of n rows of a decode step pays less than its batch-1 head cost (its share of
+        the head's shared part, as `unit_rebate_q`). Picojoules."""
+        s = self.head_shared_q
+        return s - -(-s // max(1, n))
+
+    def decode_step_j(self, ctxs: list[int], paths: list[list[int]]) -> float:
+        """Modelled joules of one whole decode step of len(ctxs) rows: row i at context ctxs[i]
+        ran path paths[i][l] in layer l. Sums the fixed work per row, the head's shared part once
+        and the per-row part per row, and per (layer, path) in use the shared part once plus
+        the per-row part per row (the docstring's formula; float joules, for reports and
+        tests)."""
+        c = self.ph["decode"]
+        sh = c.shared
+        n = len(ctxs)
+        head_s = min(c.head_shared, c.head)
+        total = sum(c.token_fixed + c.attn_ctx * x for x in ctxs) + head_s + n * (c.head - head_s)
+        for li in range(self.L):
+            on = [0] * len(self.paths)
+            for row in paths:
+                on[row[li]] += 1
+            for p, m in enumerate(on):
+                if m:
+                    s = sh[li][p] if sh is not None else 0.0
+                    total += s + m * (self.unit["decode"][li][p] - s)
+        return total
 
     # ---- exact integer (picojoule) costs: what the guard charges ---------------------------------
     def prefill_fixed_q(self, p: int) -> int:

@@ -79,8 +79,9 @@ class RequestState:
     native_ctl: object = None  # NativeController for batch-1 decode (False: not applicable)
     error: HestError | None = None  # this request failed on its own; finish is "error"
     plan: EndingPlan = field(default_factory=EndingPlan)  # clean endings (endings.py)
-    step_mark: int | None = None  # guard.spent before the current decode step (picojoules)
-    step_cost: int | None = None  # what the last decode step cost (picojoules)
+    # guard.charged before the current decode step (picojoules, batch-1 prices)
+    step_mark: int | None = None
+    step_cost: int | None = None  # what the last decode step cost at batch-1 prices (picojoules)
     allowance: int | None = None  # tokens it may still generate after its last one
     prefill_q: int = 0  # what its prefill (and first token) cost, picojoules (guard.spent then)
     whole_char: bool = True  # its text does not end inside a multi-byte character
@@ -116,14 +117,19 @@ class BatchRunner:
         sub_rows, sub_t = e.path_sub.get(phase, (None, None))
         fixed = reg.find(e.policy)  # a fixed-path policy is a path's name
         n_rows = sum(g[1] for g in groups)
+        # batched decode: rows on one path in one layer share its weight reads (guard.share)
+        share = phase == "decode" and n_rows > 1 and e.energy.shares
         if fixed is not None:
             paths = torch.full((n_rows,), fixed, dtype=torch.long, device=e.device)
             counts = reg.one_hot(fixed, n_rows)
 
             def decide_fixed(li: int, h: torch.Tensor):
                 for _row0, n, st in groups:
-                    st.guard.commit(li, reg.one_hot(fixed, n))
+                    c = reg.one_hot(fixed, n)
+                    st.guard.commit(li, c)
                     st.layer_counts[li][fixed] += n
+                    if share:
+                        st.guard.share(li, c, counts)
                 return paths, counts
 
             return decide_fixed
@@ -170,16 +176,20 @@ class BatchRunner:
             if len(groups) == 1 and groups[0][1] == 1:  # batch-1 decode: stay in Python
                 return _one_row(groups[0][2], li, int(paths), paths, logits)
             total = reg.zeros()
-            parts = []
+            parts, mine = [], []
             for row0, n, st in groups:
                 sl = paths[row0 : row0 + n]
                 c = torch.bincount(sl, minlength=len(total)).tolist()
                 sl, c = st.guard.fit(li, sl, logits[row0 : row0 + n], c)
                 st.guard.commit(li, c)
                 parts.append(sl)
+                mine.append(c)
                 for q, k in enumerate(c):
                     st.layer_counts[li][q] += k
                     total[q] += k
+            if share:  # every row is fitted: each pays its share of what its path read once
+                for (_, _, st), c in zip(groups, mine, strict=True):
+                    st.guard.share(li, c, total)
             return torch.cat(parts), total
 
         return decide
@@ -210,21 +220,23 @@ class BatchRunner:
         if st.req.cancelled is not None and st.req.cancelled.is_set():
             st.finish = "cancelled"
         else:
-            st.step_mark = st.guard.spent
+            st.step_mark = st.guard.charged
             if not st.guard.try_start_decode(len(st.req.ids) + len(st.out_ids)):
                 st.finish = "energy_budget"
 
     def _allowance(self, st: RequestState) -> tuple[int, bool]:
         """(tokens this request can still generate after the current one, whether the budget
         rather than max_new_tokens is what binds): the budget's share at the cost per token the
-        request is paying now (its last decode step; before one, the all-fp16 step scaled by its
-        budget ratio, never below the cheapest step)."""
+        request is paying now (its last decode step at batch-1 prices, what it pays if its batch
+        mates leave; before one, the all-fp16 step scaled by its budget ratio, never below the
+        cheapest step)."""
         left = st.req.max_new - len(st.out_ids)
         g = st.guard
         if g.mode == "off":
             return left, False
         if st.step_mark is not None:
-            st.step_cost = g.spent - st.step_mark
+            # batch-1 prices: batch mates may leave, and the plan must hold alone too
+            st.step_cost = g.charged - st.step_mark
         cost = st.step_cost
         if not cost:
             em, ctx = g.em, len(st.req.ids) + len(st.out_ids)

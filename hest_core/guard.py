@@ -18,6 +18,14 @@ A decode step starts only if its cheapest form fits, else the request ends with
 finish_reason="energy_budget".
 * stop (mode "stop", for a fixed path: the fair baselines of the evaluation): nothing is demoted;
   every unit runs the request's one path, and a decode step starts only if it fits on that path.
+
+Batched decode (`EnergyModel.unit_rebate_q`): every limit, reservation and check above prices
+work at its batch-1 cost, and `commit` charges that; once a layer's rows are all fitted, `share`
+gives back what the request's units pay less because batch mates ran the same path in that
+layer (and `share_head`, the head's shared part). A rebate is never more than what was just
+charged for the same work, so the attributed spend is at most the batch-1 spend, which the
+checks kept within the budget: the invariant holds whoever joins or leaves the batch. The
+rebate raises `remaining_ratio`, so a budget-aware controller spends it on later tokens.
 """
 
 from __future__ import annotations
@@ -45,7 +53,8 @@ class BudgetGuard:
             raise ValueError('guard mode "stop" needs the path every unit runs')
         self.em, self.budget, self.mode, self.path = em, budget_q, mode, path
         self.P, self.max_new = prompt_len, max_new
-        self.spent = 0  # picojoules
+        self.spent = 0  # picojoules: attributed (batch-1 charges minus rebates)
+        self.rebated = 0  # picojoules given back for work shared with batch mates
         self.demotions = 0
         self._prompt_started = 0  # prompt tokens whose prefill round has begun
         self._prompt_later = 0  # prompt tokens of later rounds (reserved at their cheapest)
@@ -57,6 +66,12 @@ class BudgetGuard:
     @property
     def spent_j(self) -> float:
         return self.spent / 1e12
+
+    @property
+    def charged(self) -> int:
+        """Picojoules charged at batch-1 prices (spent plus every rebate): what the request
+        would have paid decoding alone for the same paths."""
+        return self.spent + self.rebated
 
     def remaining_ratio(self) -> float:
         """What the request has left over what its remaining work costs all on fp16: (budget -
@@ -123,6 +138,27 @@ class BudgetGuard:
         self.rem_fp16 -= n * c[self.em.ref]
         self.rem_min -= n * min(c)
         return cost
+
+    def share(self, li: int, counts: list[int], on_path: list[int]) -> int:
+        """After a decode step's layer li: give back this request's share of the work it shared.
+        counts (P,): its units on each path there (already committed); on_path (P,): the step's
+        units on each path there, every request's (>= counts). Returns the picojoules given
+        back (<= what `commit` charged for them)."""
+        back = 0
+        for p, n in enumerate(counts):
+            if n:
+                back += n * self.em.unit_rebate_q(li, p, on_path[p])
+        self.spent -= back
+        self.rebated += back
+        return back
+
+    def share_head(self, rows: int) -> int:
+        """After a decode step of `rows` rows (this request's included): give back its share of
+        the head's shared part (charged whole by `try_start_decode`). Returns the picojoules."""
+        back = self.em.head_rebate_q(rows)
+        self.spent -= back
+        self.rebated += back
+        return back
 
     def fit(
         self, li: int, paths: torch.Tensor, logits: torch.Tensor | None, counts: list[int]

@@ -297,6 +297,9 @@ class Scheduler(BatchRunner):
         cache = self._rows.decode_view(n)
         ids, pos = [t.cur for t in active], [s.pos0 for s in slots]
         logits = self._run_forward(active, ids, pos, slots, cache, decide, True, None)
+        if n > 1:  # the head's weight read was shared by the n rows (the units': `_decider`)
+            for t in active:
+                t.st.guard.share_head(n)
         nxt, lps = self._choose(logits, [t.st for t in active])
         for j, t in enumerate(active):
             t.cur = nxt[j]

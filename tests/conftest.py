@@ -15,6 +15,11 @@ per model fingerprint, `<fingerprint>.json`:
 (issue 13): per unit, halfway between int8's and skip's cost, so int4 sits in the cost order
 where its quality puts it. Pass its directory as `calibration=` to an engine built with int4.
 
+`shared_tables` (a fixture) writes the same tables with fixed batched-decode shares (issue 15):
+per decode unit SHARED_UNIT of its cost, and HEAD_SHARED of the head, are paid once per decode
+step by its rows, so a test can predict each row's attributed joules exactly. The default tables
+carry whatever shares the packaged table measured (scaled with the units for the tiny models).
+
 These are test inputs, not results. Tests of the calibration itself measure on their own.
 """
 
@@ -34,18 +39,33 @@ from hest_core.loading import TINY, fingerprint, load_hf_model
 REFERENCE = PACKAGED / "491473d3fa8f25ad-intel-r-xeon-r-processor-bf16-2t-native.json"
 
 
+SHARED_UNIT, HEAD_SHARED = 0.75, 0.9  # `shared_tables`: the shared parts of decode costs
+
+
+def _with_shares(t: dict) -> dict:
+    """A table whose decode steps share SHARED_UNIT of each unit and HEAD_SHARED of the head."""
+    t = json.loads(json.dumps(t))
+    t["method"] += f"; decode shares {SHARED_UNIT} of units, {HEAD_SHARED} of the head (fixed)"
+    d = t["decode"]
+    d["shared"] = [[v * SHARED_UNIT for v in r] for r in d["unit"]]
+    d["head_shared"] = d["head"] * HEAD_SHARED
+    return t
+
+
 def _with_int4(t: dict) -> dict:
     """A table with an int4 column (index 3): halfway between int8's (1) and skip's (2) cost."""
     t = json.loads(json.dumps(t))
     t["method"] += "; int4 column: halfway between int8 and skip (fixed test input)"
     for ph in ("prefill", "decode"):
         t[ph]["unit"] = [[*r, (r[1] + r[2]) / 2] for r in t[ph]["unit"]]
+        if t[ph].get("shared") is not None:
+            t[ph]["shared"] = [[*r, (r[1] + r[2]) / 2] for r in t[ph]["shared"]]
     return t
 
 
-def _write_fixed_tables(out: Path, int4: bool = False) -> None:
+def _write_fixed_tables(out: Path, int4: bool = False, shares: bool = False) -> None:
     ref = json.loads(REFERENCE.read_text())
-    fix = _with_int4 if int4 else (lambda t: t)
+    fix = _with_int4 if int4 else _with_shares if shares else (lambda t: t)
     (out / f"{ref['model_fingerprint']}.json").write_text(json.dumps(fix(ref)))
     for kind in TINY:
         hf = load_hf_model(kind)
@@ -56,6 +76,9 @@ def _write_fixed_tables(out: Path, int4: bool = False) -> None:
         for ph in ("prefill", "decode"):
             row = [v * ref["n_layers"] / n for v in ref[ph]["unit"][0]]
             t[ph]["unit"] = [list(row) for _ in range(n)]
+            if ref[ph].get("shared") is not None:  # measured shares scale with their units
+                row = [v * ref["n_layers"] / n for v in ref[ph]["shared"][0]]
+                t[ph]["shared"] = [list(row) for _ in range(n)]
         (out / f"{t['model_fingerprint']}.json").write_text(json.dumps(fix(t)))
 
 
@@ -72,6 +95,14 @@ def int4_tables(tmp_path_factory) -> Path:
     """A directory of the fixed tables with an int4 column (see the module docstring)."""
     out = tmp_path_factory.mktemp("calibration-int4")
     _write_fixed_tables(out, int4=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def shared_tables(tmp_path_factory) -> Path:
+    """A directory of the fixed tables with fixed batched-decode shares (module docstring)."""
+    out = tmp_path_factory.mktemp("calibration-shared")
+    _write_fixed_tables(out, shares=True)
     return out
 
 

@@ -11,7 +11,7 @@ import json
 import pytest
 import torch
 
-from hest_core import calib_check, calibrate
+from hest_core import calib_check, calib_measure, calibrate
 from hest_core.energy import CalibrationTable, PhaseCosts
 from hest_core.loading import build_lean, fingerprint, load_hf_model
 from hest_core.meters import EstimateMeter
@@ -74,7 +74,7 @@ def test_a_cached_bad_table_is_set_aside_and_never_cached_again(
     monkeypatch.setenv("HEST_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(calibrate, "PACKAGED", tmp_path / "packaged")  # none packaged
     monkeypatch.setattr(calib_check, "REPEATS", 2)  # bounded time on a busy machine
-    monkeypatch.setattr(calibrate, "WINDOW_SCALE", 0.2)
+    monkeypatch.setattr(calib_measure, "WINDOW_SCALE", 0.2)
     monkeypatch.setattr(calib_check, "MAX_REPEATS", 2)
     cached = tmp_path / "calibration" / calibrate.table_name(fp, lean)
     bad = _table(BAD_DECODE, n_layers=lean.spec.n_layers)
@@ -97,7 +97,7 @@ def test_a_machine_that_never_settles_caches_nothing(tiny_lean_fp, tmp_path, mon
     monkeypatch.setenv("HEST_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(calibrate, "PACKAGED", tmp_path / "packaged")  # none packaged
     monkeypatch.setattr(calib_check, "REPEATS", 2)  # bounded time on a busy machine
-    monkeypatch.setattr(calibrate, "WINDOW_SCALE", 0.2)
+    monkeypatch.setattr(calib_measure, "WINDOW_SCALE", 0.2)
     monkeypatch.setattr(calib_check, "MAX_REPEATS", 2)
     monkeypatch.setattr(calib_check, "TOLERANCE", 0.0)  # no two timings agree exactly
     table = calibrate.resolve(lean, fp, None, EstimateMeter(30), progress=False)

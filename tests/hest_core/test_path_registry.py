@@ -62,14 +62,14 @@ def table_file(copy_path, tmp_path_factory):
     """The tiny model calibrated with the 4th path measured, then its cost set apart from int8's
     (half the dearer-quality paths' least, so no better path substitutes for it), so what a
     request is charged shows which of the two it ran."""
-    import hest_core.calibrate as cal
+    import hest_core.calib_measure as cal
 
     hf = load_hf_model("tiny:llama")
     lean = build_lean(hf, torch.bfloat16, torch.device("cpu"), 512)
     old = cal.WINDOW_SCALE
     cal.WINDOW_SCALE = 0.05
     try:
-        table = calibrate(lean, fingerprint(hf), EstimateMeter(30), False, 1, 1)
+        table = calibrate(lean, fingerprint(hf), EstimateMeter(30), False, 1, 1, rows=(1,))
     finally:
         cal.WINDOW_SCALE = old
     i, c = reg.INT8, copy_path.index

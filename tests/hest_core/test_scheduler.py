@@ -10,6 +10,7 @@ import threading
 import pytest
 
 from hest_core import Engine, GenerationRequest, generation
+from hest_core.energy import PJ
 from hest_core.scheduler import Scheduler
 
 BASE = "The city council voted on Tuesday to expand the bus network after a year of delays. "
@@ -28,12 +29,20 @@ def _req(i: int, max_new: int = 16, **kw) -> GenerationRequest:
     return GenerationRequest(TEXTS[i], max_new_tokens=max_new, **kw)
 
 
-def _same(joined, alone) -> None:
+def _same(ticket, alone) -> None:
+    """The request of `ticket` wrote what `alone` wrote and, at batch-1 prices, was charged the
+    same joules; what batch mates shared with it (guard.rebated) is all that it paid less.
+    `ticket` may be a bare GenerationResult: then only that it paid no more."""
+    joined = getattr(ticket, "result", ticket)
     assert joined.error is None and alone.error is None
     assert (joined.text, joined.finish_reason) == (alone.text, alone.finish_reason)
     assert joined.stats.completion_tokens == alone.stats.completion_tokens
     assert joined.stats.paths == alone.stats.paths
-    assert joined.stats.modelled_j == pytest.approx(alone.stats.modelled_j, rel=1e-12)
+    if joined is not ticket:
+        g = ticket.st.guard
+        assert g.charged / PJ == pytest.approx(alone.stats.modelled_j, rel=1e-12)
+        assert joined.stats.modelled_j == pytest.approx(g.spent / PJ, rel=1e-12)
+    assert joined.stats.modelled_j <= alone.stats.modelled_j * (1 + 1e-12)
     assert joined.stats.prefill_j == pytest.approx(alone.stats.prefill_j, rel=1e-12)
 
 
@@ -58,7 +67,7 @@ def test_joining_mid_way_writes_what_it_writes_alone(tiny_engine: Engine, joiner
         rows.append(sched.step())
     assert max(rows) == joiners + 1, rows  # they really decoded together
     for t, a in zip(tickets, alone, strict=True):
-        _same(t.result, a)
+        _same(t, a)
 
 
 def test_rows_leave_and_waiting_requests_join(tiny_engine: Engine):
@@ -78,7 +87,7 @@ def test_rows_leave_and_waiting_requests_join(tiny_engine: Engine):
         rows.append(sched.step())
     assert max(rows) == 2 and sorted(done) == list(range(5))
     for t, a in zip(tickets, alone, strict=True):
-        _same(t.result, a)
+        _same(t, a)
 
 
 def test_long_prompt_prefill_interleaves_with_running_decodes(tiny_engine: Engine, monkeypatch):
@@ -104,8 +113,8 @@ def test_long_prompt_prefill_interleaves_with_running_decodes(tiny_engine: Engin
     assert rounds == -(-len(p.ids) // 32)
     while not sched.idle:
         sched.step()
-    _same(first.result, alone[0])
-    _same(second.result, alone[1])
+    _same(first, alone[0])
+    _same(second, alone[1])
     assert tokens, "the running request streamed while the other prefilled"
 
 
@@ -130,7 +139,7 @@ def test_a_failed_forward_ends_only_its_requests(tiny_engine: Engine, monkeypatc
     while not sched.idle:
         sched.step()
     assert bad.result.finish_reason == "error" and "injected" in str(bad.result.error)
-    _same(ok.result, alone)
+    _same(ok, alone)
 
 
 def test_cancelled_while_waiting_or_prefilling_spends_little(tiny_engine: Engine):
@@ -173,5 +182,5 @@ def test_static_batching_waits_for_the_running_batch(tiny_engine: Engine):
         assert second.st is None, "joined a running static batch"
     while not sched.idle:
         sched.step()
-    _same(first.result, alone[0])
-    _same(second.result, alone[1])
+    _same(first, alone[0])
+    _same(second, alone[1])

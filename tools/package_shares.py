@@ -1,0 +1,93 @@
+"""Add batched-decode shares to an existing calibration table (issue 15) without re-measuring its
+batch-1 costs.
+
+    python tools/package_shares.py [--table PATH] [--repeats 3] [--rows 1,2,4,8,16]
+
+Each repeat measures, on the default model here, the decode costs at batch 1
+(`calib_measure._phase`) and whole decode steps of 2..16 rows (`calib_rows.measure_rows`), and
+takes each path's shared FRACTION of its unit cost (and the head's). Fractions, not joules: a
+ratio measured within one run does not move with the machine's speed that day, so it applies
+to the table's own batch-1 costs (measured on another day). The table gets shared = median
+fraction x unit and head_shared = median fraction x head, and a record in
+kernels["batched_decode"] (the fractions of every repeat, the CPU, the load average, the date).
+Default table: the packaged one of this machine (`calibrate.table_name`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from hest_core import calib_measure, calib_rows  # noqa: E402
+from hest_core import paths as reg  # noqa: E402
+from hest_core.calibrate import DECODE_CTX, PACKAGED, apply_kernel_choices, table_name  # noqa: E402
+from hest_core.config import RuntimeConfig  # noqa: E402
+from hest_core.energy import CalibrationTable  # noqa: E402
+from hest_core.loading import build_lean, fingerprint, load_hf_model  # noqa: E402
+from hest_core.meters import EstimateMeter  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--table", default=None)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rows", default="1,2,4,8,16")
+    args = ap.parse_args()
+    rows = tuple(int(v) for v in args.rows.split(","))
+    cfg = RuntimeConfig.from_env()
+    hf = load_hf_model("default", config=cfg)
+    fp = fingerprint(hf)
+    lean = build_lean(hf, torch.bfloat16, torch.device("cpu"), max_positions=4096)
+    path = Path(args.table) if args.table else PACKAGED / table_name(fp, lean)
+    table = CalibrationTable.load(path)
+    apply_kernel_choices(lean, table)
+    meter = EstimateMeter(cfg.nominal_watts)
+    ctx = min(DECODE_CTX, lean.rope_cos.shape[0] - 1)
+    fracs, heads, fits = [], [], []
+    t0 = time.perf_counter()
+    for i in range(args.repeats):
+        d1 = calib_measure._phase(lean, meter, 1, ctx)
+        d, rec = calib_rows.measure_rows(
+            lean, meter, d1, ctx, rows, lambda m, i=i: print(f"[repeat {i + 1}] {m}", flush=True)
+        )
+        fracs.append([s / u for s, u in zip(d.shared[0], d.unit[0], strict=True)])
+        heads.append(d.head_shared / d.head)
+        fits.append(rec["fit_error"])
+        print(
+            f"[repeat {i + 1}] shared fractions "
+            + ", ".join(f"{n} {f:.3f}" for n, f in zip(reg.names(), fracs[-1], strict=True))
+            + f", head {heads[-1]:.3f}; fit error {rec['fit_error']}",
+            flush=True,
+        )
+    med = [statistics.median(f[p] for f in fracs) for p in range(reg.n_paths())]
+    head = statistics.median(heads)
+    dec = table.decode
+    dec.shared = [[f * u for f, u in zip(med, r, strict=True)] for r in dec.unit]
+    dec.head_shared = head * dec.head
+    table.kernels["batched_decode"] = {
+        "method": "tools/package_shares.py: shared fractions of the batch-1 costs measured in "
+        "the same run, median of the repeats, applied to this table's batch-1 costs",
+        "rows": list(rows),
+        "ctx": ctx,
+        "fractions": fracs,
+        "head_fractions": heads,
+        "fit_error": fits,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "load_avg_1m": round(os.getloadavg()[0], 2),
+        "cpu": calib_rows.cpu_record(),
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    table.save(path)
+    print(f"wrote {path}: shared fractions {med}, head {head:.3f}")
+
+
+if __name__ == "__main__":
+    main()

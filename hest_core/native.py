@@ -1,12 +1,14 @@
-"""Native decode kernels (`kernels/gemv.c`): small-M matrix-vector products for x86-64 AVX-512.
+"""Native decode kernels (`kernels/hest.c`: gemv.c, q4.c and the fused layer in layer.c, one
+library): small-M matrix-vector products for x86-64 AVX-512, and one decoder layer per call.
 
 At decode a step reads every weight once and does two flops per weight, so it is bound by
 memory bandwidth; oneDNN's GEMM reaches ~12 GB/s on it here, and a loop that streams the
 weights with software prefetch reaches ~20 GB/s, the bandwidth a plain read of memory gets
 (docs/runtime.md has the measurements). The kernels are C, built once with the machine's `gcc`
 (`-O3 -march=native -fopenmp`) into the cache (`~/.cache/hest/kernels/`) and called through
-ctypes. They run for the rows of a forward that fit them (decode steps, `MAX_ROWS` rows or
-fewer); everything else stays with PyTorch.
+ctypes. Single products run for the rows of a forward that fit them (`MAX_ROWS` rows or fewer,
+`fits`); the fused decode layer (fused.py) for decode steps of up to `FUSED_MAX_ROWS` rows;
+everything else stays with PyTorch.
 
 Off when: the CPU lacks AVX-512 (F, BW, VL), there is no C compiler, the build fails (a warning
 says why), or `HEST_NATIVE=0`. Nothing else changes then: the same paths run on oneDNN and
@@ -34,7 +36,7 @@ from .errors import NativeArgumentError
 
 log = logging.getLogger("hest.native")
 
-SOURCE = Path(__file__).parent / "kernels" / "gemv.c"
+SOURCE = Path(__file__).parent / "kernels" / "hest.c"  # includes the other kernels/*.c
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-fno-math-errno"]
 # HEST_NATIVE_SANITIZE=1 builds the kernels with AddressSanitizer and UBSan (tests: the process
 # must preload libasan, see tests/hest_core/test_native_sanitizer.py); never for serving.
@@ -45,6 +47,9 @@ NEEDED_FLAGS = ("avx512f", "avx512bw", "avx512vl")
 MAX_ROWS = 4
 MAX_ROWS_WIDE = 1
 WIDE_N = 16384
+# Rows of a decode step the fused layer (fused.py, `hest_decode_layer`) takes: all of them up to
+# gemv.c's limit (measured against the PyTorch loop at 1-16 rows: docs/runtime.md).
+FUSED_MAX_ROWS = 16
 # The most activation rows one native call accepts (HEST_MAX_ROWS in kernels/gemv.c).
 LIMIT_ROWS = 16
 # The error codes of kernels/gemv.c (HEST_E*): every exported function checks its arguments and
@@ -54,7 +59,8 @@ ERRORS = {
     -2: f"the row count is outside 1..{LIMIT_ROWS}, or the KV cache holds fewer rows than the step",
     -3: "a dimension is outside the supported range",
     -4: "a position is outside the KV cache (0..max_len-1) or past the rope table",
-    -5: "a path code the fused layer does not run (it knows 0 fp16, 1 int8, 2 skip; paths.py)",
+    -5: "a path code the fused layer does not run (0 fp16, 1 int8, 2 skip, 3 int4 where the layer "
+    "has int4 copies; paths.py native_code)",
     -6: "the scratch block is smaller than the call needs (or not 64-byte aligned)",
     -7: "threads < 1",
 }
@@ -99,7 +105,13 @@ class LayerArgs(ctypes.Structure):
             "sc_a",
             "sc_b",
         )
-    ] + [("R", _I)]
+    ] + [
+        ("R", _I),
+        ("q4", _P * 4),  # Q4_1 copies of qkv, o, gu, down (int4.py), or NULL
+        ("lr_a", _P * 4),  # their low-rank terms: a (R, K), b (N, R) bf16, or NULL
+        ("lr_b", _P * 4),
+        ("lr_R", _I * 4),
+    ]
 
 
 class StepArgs(ctypes.Structure):
@@ -244,8 +256,8 @@ class Native:
 
 def compile_kernels(source: Path, stem: str, extra: list[str] | tuple[str, ...] = ()):
     """Build `source` into a shared library (or find it built) in the cache:
-    `kernels/<stem>-<key>.so`, keyed by the source, the flags, the compiler's version and the
-    CPU flags; written atomically, so concurrent builds and readers see a whole file. Returns
+    `kernels/<stem>-<key>.so`, keyed by the source and every C file beside it (hest.c includes
+    them), the flags, the compiler's version and the CPU flags; written atomically, so concurrent builds and readers see a whole file. Returns
     (path, compiler version) or (None, "off (why)") where the kernels cannot run here."""
     # process-wide: built once, on first use (config.py)
     cfg = RuntimeConfig.from_env(only=("native", "cc", "cache_dir"))
@@ -266,9 +278,10 @@ def compile_kernels(source: Path, stem: str, extra: list[str] | tuple[str, ...] 
     except (OSError, subprocess.SubprocessError, IndexError) as e:
         return None, f"off ({cc} --version failed: {e})"
     cflags = [*CFLAGS, *extra]
+    texts = [f.read_text() for f in sorted(source.parent.glob("*.[ch]"))]  # hest.c includes
     key = hashlib.sha256(
         "\n".join(
-            [source.read_text(), " ".join(cflags), version, " ".join(sorted(_cpu_flags()))]
+            [source.read_text(), *texts, " ".join(cflags), version, " ".join(sorted(_cpu_flags()))]
         ).encode()
     ).hexdigest()[:16]
     out = cfg.cache_dir / "kernels" / f"{stem}-{key}.so"

@@ -76,7 +76,7 @@ OPTIONAL: dict[str, dict] = {
         quality=2,
         proj="int4",
         mlp="int4",
-        native_code=None,  # the fused C layer does not run it yet: decode takes the PyTorch loop
+        native_code=3,  # PATH_INT4 in kernels/layer.c: Q4_1 copies (+ their low-rank terms)
         prior=-1.0,
         description="all seven projections on 4-bit weights (Q4_1), 16-bit activations",
     ),

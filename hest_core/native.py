@@ -166,6 +166,14 @@ class Native:
         lib.hest_decode_scratch_bytes.restype = ctypes.c_size_t
         lib.hest_ctl_logits.argtypes = [_P, _P, _P, _P, _I, _I, _I, _P, _P]
         lib.hest_ctl_logits.restype = _I
+        lib.hest_amx_init.restype = _I
+        lib.hest_amx_enable.argtypes = [_I]
+        lib.hest_amx_enable.restype = _I
+        lib.hest_gemv_amx.argtypes = [_P] * 7 + [ctypes.c_size_t] + [_I] * 4
+        lib.hest_gemv_amx.restype = _I
+        self.amx = bool(lib.hest_amx_init())  # AMX tiles for the fused layer's many-row products
+        if self.amx:
+            note += ", amx"
         self._lib, self.path, self.note = lib, path, note
         self.ctl_logits = lib.hest_ctl_logits  # (w_tok, lay, A, a0, k, d, P, h, out)
         # (layer*, step*, paths, x, h, ln_next, kc, vc) -> 0 or an error code: see check()
@@ -196,6 +204,46 @@ class Native:
             f"d={d}, I={inter}, heads={heads}/{kv_heads}, head_dim={hd}, max_len={max_len}",
         )
         return n
+
+    def set_amx(self, on: bool) -> bool:
+        """Let the fused layer use the AMX tiles (where `hest_amx_init` found them) or not
+        (benchmarks and tests compare the two); returns whether they are used now."""
+        return bool(self._lib.hest_amx_enable(int(on)))
+
+    def gemv_amx(
+        self, x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, bias=None
+    ) -> torch.Tensor:
+        """The AMX tile product alone (kernels/amx.c): x (M, K) bf16 against w (N, K) bf16, or
+        int8 with fp32 `scale` (N,) -> (M, N) bf16. Raises NativeArgumentError where the tiles
+        do not take it (AMX off, N < 16, K not a multiple of 32)."""
+        x = x.contiguous()
+        m, k = x.shape
+        n = w.shape[0]
+        i8 = w.dtype == torch.int8
+        need(
+            x.dtype == torch.bfloat16 and w.is_contiguous() and w.shape[1] == k, "gemv_amx", "x, w"
+        )
+        need(not i8 or (scale is not None and scale.dtype == torch.float32), "gemv_amx", "scale")
+        need(_bias_ok(bias, n), "gemv_amx", f"bias must be contiguous bf16 of {n}")
+        y = torch.empty(m, n, dtype=torch.bfloat16)
+        scratch = torch.empty(k * 32 + 64, dtype=torch.uint8)
+        base = scratch.data_ptr() + (-scratch.data_ptr() % 64)
+        rc = self._lib.hest_gemv_amx(
+            None if i8 else w.data_ptr(),
+            w.data_ptr() if i8 else None,
+            scale.data_ptr() if i8 else None,
+            x.data_ptr(),
+            None if bias is None else bias.data_ptr(),
+            y.data_ptr(),
+            base,
+            k * 32,
+            m,
+            n,
+            k,
+            torch.get_num_threads(),
+        )
+        check(rc, "gemv_amx")
+        return y
 
     def gemv16(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """x (M, K) bf16, w (N, K) bf16 -> (M, N) bf16."""

@@ -28,6 +28,14 @@ enum { KIND_BF16, KIND_I8, KIND_Q4, KIND_NONE }; /* weight kinds; NONE: no MLP *
 static const int PROJ_KIND[N_PATH_CODES] = {KIND_BF16, KIND_I8, KIND_I8, KIND_Q4};
 static const int MLP_KIND[N_PATH_CODES] = {KIND_BF16, KIND_I8, KIND_NONE, KIND_Q4};
 enum { P_QKV, P_O, P_GU, P_DOWN }; /* the four (fused) products of a layer */
+/* Rows from which the bf16 and int8 products take the AMX tiles (amx.c), where the CPU has them
+ * (measured: docs/runtime.md, "The fused decode layer"). */
+#ifndef AMX_MIN_ROWS_BF16
+#define AMX_MIN_ROWS_BF16 5
+#endif
+#ifndef AMX_MIN_ROWS_I8
+#define AMX_MIN_ROWS_I8 5
+#endif
 
 typedef struct {
     const uint16_t *ln1, *ln2;                 /* (d) */
@@ -63,6 +71,7 @@ typedef struct {
     float *xs;         /* their scales */
     void *q4;          /* q4 activations (hest_q4_scratch_bytes) */
     uint16_t *lt, *lu; /* a low-rank term's (rows, R) and (rows, N) */
+    uint32_t *xb;      /* activations packed for the AMX tiles (amx.c) */
 } proj_scratch_t;
 
 /* One weight copy of one product: bf16 w; int8 w + scales s; Q4_1 w (+ low-rank a, b, R). */
@@ -112,13 +121,17 @@ static void proj_rows(int kind, const wref_t *w, const uint16_t *bias, const uin
         src = ps->gx;
         dst = ps->gy;
     }
-    if (kind == KIND_I8) {
+    if (kind == KIND_I8 && amx_fits(nr, N, K, AMX_MIN_ROWS_I8)) {
+        amx_product(NULL, (const int8_t *)w->w, w->s, src, ps->xb, bias, dst, nr, N, K);
+    } else if (kind == KIND_I8) {
 #pragma omp single
         quant_rows_i16(src, nr, K, ps->xq, ps->xs);
         gemv_i8_for((const int8_t *)w->w, w->s, ps->xq, ps->xs, bias, dst, nr, N, K);
     } else if (kind == KIND_Q4) {
         q4_gemv_region((const uint8_t *)w->w, src, bias, dst, ps->q4, nr, N, K);
         if (w->a) low_rank_add(w, src, dst, nr, N, K, ps);
+    } else if (amx_fits(nr, N, K, AMX_MIN_ROWS_BF16)) {
+        amx_product((const uint16_t *)w->w, NULL, NULL, src, ps->xb, bias, dst, nr, N, K);
     } else {
         gemv_bf16_for((const uint16_t *)w->w, src, bias, dst, nr, N, K);
     }
@@ -202,6 +215,7 @@ static size_t carve(char *base, int d, int I, int H, int KVH, int hd, int max_le
     TAKE(ps.q4, q4_scratch_max(M, d, qd, I) + 64);
     TAKE(ps.lt, (size_t)M * deepest * 2); /* R <= K <= deepest */
     TAKE(ps.lu, (size_t)M * widest * 2);
+    TAKE(ps.xb, (size_t)deepest * 32 + 64);
     TAKE(scores, (size_t)threads * H * (max_len + 16) * 4);
     TAKE(part, (size_t)M * H * CMAX * (hd + 2) * 4);
 #undef TAKE

@@ -69,6 +69,23 @@ def test_fused_layer_at_1_to_16_rows(rows, rank):
 
 
 @needs_native
+def test_fused_layer_at_16_rows_without_amx():
+    """The same at 16 rows on gemv.c's vdpbf16ps and VNNI loops (where the CPU has AMX, the
+    test above ran the tiles for the bf16 and int8 rows)."""
+    nat = native.get()
+    lean = _lean("tiny:llama", 4)
+    prompts = prompts_for(16)
+    dec = row_decider([i % 3 for i in range(16)])
+    nat.set_amx(False)
+    try:
+        a = decode(lean, prompts, 2, dec, fused=True)
+    finally:
+        nat.set_amx(True)  # back on where the CPU has the tiles
+    b = decode(lean, prompts, 2, dec, fused=False)
+    assert_agree(a, b, "no amx")
+
+
+@needs_native
 def test_fused_off_switch_and_fallbacks():
     lean = _lean("tiny:llama")
     ids = torch.tensor([5])

@@ -19,6 +19,12 @@ alike; the load average is printed before and after):
   it, / layers) (issue 15: <= 1.15).
 * `fused_vs_loop_{path}_b{1,8,16}`: the whole step on the fused layer over the PyTorch loop
   (`FusedDecode.enabled = False`), every row on one path: what `native.FUSED_MAX_ROWS` rests on.
+* `products_m{1,4,8,16}_ms`: the 120 layer products of a step (30 layers' own weights, so they
+  come from memory as at decode) per kernel: gemv.c's bf16 and int8 loops, the AMX tiles (bf16,
+  int8), q4.c, against oneDNN (prepacked bf16), `_weight_int8pack_mm` and W8A8 `_int_mm`.
+
+`--threads 1` times one core (the OpenMP barriers of a 2-thread step stall for whole scheduler
+slices when other jobs hold the cores: on a loaded machine only 1-thread figures mean much).
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from .config import RuntimeConfig
 from .engine import Engine
 from .loading import DEFAULT_MODEL, fingerprint, load_hf_model
 from .model import LeanModel, SeqSlot, const_decider, rms_norm
+from .quant import w8a8_matmul
 
 FOUR = ("fp16", "int8", "int4", "skip")
 BATCHES = (1, 8, 16)
@@ -129,6 +136,49 @@ def variants(lean: LeanModel, context: int) -> tuple[dict, dict]:
     return v, plans
 
 
+W16 = {"qkv": "wqkv", "o": "wo", "gu": "wgu", "down": "wdown"}  # LayerWeights names
+
+
+def _kernels(lean: LeanModel) -> dict:
+    """name -> fn(layer weights, product name, x): one product on that kernel."""
+    from . import q4 as q4mod
+
+    nat, k4, mm = native.get(), q4mod.get(), torch.ops.mkldnn._linear_pointwise
+    assert nat is not None
+
+    def i8(lw, n):
+        return getattr(lw, n + "8")
+
+    ks = {
+        "bf16_gemv": lambda lw, n, x: nat.gemv16(x, getattr(lw, W16[n]), None),
+        "bf16_onednn": lambda lw, n, x: mm(x, lw.packed[W16[n]], None, "none", [], ""),
+        "int8_vnni": lambda lw, n, x: nat.gemv8(x, i8(lw, n).q, i8(lw, n).scale, None),
+        "int8_woq_torch": lambda lw, n, x: torch.ops.aten._weight_int8pack_mm(
+            x, i8(lw, n).q, i8(lw, n).scale_half
+        ),
+        "int8_w8a8": lambda lw, n, x: w8a8_matmul(x, i8(lw, n).q, i8(lw, n).scale),
+    }
+    if nat.amx:
+        ks["bf16_amx"] = lambda lw, n, x: nat.gemv_amx(x, getattr(lw, W16[n]), None)
+        ks["int8_amx"] = lambda lw, n, x: nat.gemv_amx(x, i8(lw, n).q, i8(lw, n).scale)
+    if k4 is not None and lean.layers[0].qkv4 is not None:
+        ks["q4"] = lambda lw, n, x: k4.gemv(x, getattr(lw, n + "4").w)
+    return ks
+
+
+def product_variants(lean: LeanModel, rows=(1, 4, 8, 16)) -> dict:
+    """Callables doing the 120 products of one decode step on each kernel (module doc)."""
+    s = lean.spec
+    depth = {"qkv": s.hidden, "o": s.q_dim, "gu": s.hidden, "down": s.intermediate}
+    v: dict = {}
+    for m in rows:
+        xs = {n: torch.randn(m, k, dtype=torch.bfloat16) for n, k in depth.items()}
+        trip = [(lw, n, xs[n]) for lw in lean.layers for n in W16]
+        for name, fn in _kernels(lean).items():
+            v[f"p_{name}_m{m}"] = lambda fn=fn, trip=trip: [fn(*a) for a in trip]
+    return v
+
+
 def ratios(t: dict[str, float], plans: dict, n_layers: int) -> dict[str, tuple[float, str]]:
     """The reported ratios (value, target) from the medians `t`."""
     out = {
@@ -157,7 +207,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--json", default="results/bench_int4.json")
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--context", type=int, default=512, help="KV positions before the step")
+    ap.add_argument(
+        "--threads", type=int, default=None, help="torch/OpenMP threads (default: torch's)"
+    )
     args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     load0 = os.getloadavg()
     print(f"[bench_int4] load average {load0[0]:.2f}; building the model", flush=True)
@@ -165,6 +220,7 @@ def main(argv: list[str] | None = None) -> None:
     if native.get() is None:
         raise SystemExit(f"the native kernels are off here ({native.status()}): nothing to time")
     v, plans = variants(lean, args.context)
+    v |= product_variants(lean)
     print(f"[bench_int4] timing {len(v)} variants x {args.repeats}", flush=True)
     with torch.inference_mode():
         t = measure(v, args.repeats)
@@ -190,7 +246,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{k:36s} {val:8.3f}  {tg}")
     print()
     for k in sorted(t):
-        if k.startswith(("full_", "loop_", "ideal_", "layers_mix")):
+        if k.startswith(("full_", "loop_", "ideal_", "layers_mix", "p_")):
             print(f"{k:36s} {t[k] * 1e3:8.2f} ms/step")
     print(f"\nload average before {load0[0]:.2f}, after {r['load_avg_after'][0]:.2f}")
     print(f"wrote {out} in {r['bench_s']:.0f} s")

@@ -41,10 +41,11 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 INT4_COPIES = ("qkv4", "o4", "gu4", "down4")  # LayerWeights fields, in LayerArgs.q4's order
 
 
-def _set_int4(la: native.LayerArgs, lw: LayerWeights) -> None:
-    """Point `la` at the layer's Q4_1 copies and their low-rank terms (int4.Int4Linear); all NULL
-    where the int4 path was not built. Raises NativeArgumentError for a copy the C layer cannot
-    take (low-rank factors not bf16, a bias other than the 16-bit copy's)."""
+def _set_int4(la: native.LayerArgs, lw: LayerWeights, keep: list) -> None:
+    """Point `la` at the layer's Q4_1 copies and their low-rank terms (int4.Int4Linear: a, and b
+    transposed, made here and held in `keep`); all NULL where the int4 path was not built.
+    Raises NativeArgumentError for a copy the C layer cannot take (some of the four missing, low-
+    rank factors not bf16, a bias other than the 16-bit copy's)."""
     copies = [getattr(lw, n) for n in INT4_COPIES]
     if all(c is None for c in copies):
         return
@@ -61,7 +62,9 @@ def _set_int4(la: native.LayerArgs, lw: LayerWeights) -> None:
             a, b = c.low.a, c.low.b
             ok = a.dtype == b.dtype == torch.bfloat16 and b.shape == (c.w.n, a.shape[0])
             native.need(ok, "decode_layer", f"int4 low-rank term of {INT4_COPIES[i]}: bf16 a, b")
-            la.lr_a[i], la.lr_b[i], la.lr_R[i] = _ptr(a), _ptr(b), a.shape[0]
+            bt = b.t().contiguous()  # (R, N): the layer runs the second product along N
+            keep.append(bt)
+            la.lr_a[i], la.lr_b[i], la.lr_R[i] = _ptr(a), _ptr(bt), a.shape[0]
 
 
 class FusedDecode:
@@ -86,7 +89,9 @@ class FusedDecode:
     # ---- when it applies ---------------------------------------------------------------------
     @staticmethod
     def _layer_key(lw: LayerWeights) -> tuple:
-        return (id(lw.wqkv), id(lw.shortcut), *(id(getattr(lw, n)) for n in INT4_COPIES))
+        copies = [getattr(lw, n) for n in INT4_COPIES]
+        lows = (id(getattr(c, "low", None)) for c in copies)  # a term set after attach
+        return (id(lw.wqkv), id(lw.shortcut), *map(id, copies), *lows)
 
     def usable(self, ids: torch.Tensor, cache: KVCache) -> bool:
         lean = self.lean
@@ -116,7 +121,7 @@ class FusedDecode:
         if key == self._key:
             return
         lean = self.lean
-        layers = []
+        layers, keep = [], []
         for lw in lean.layers:
             sc = lw.shortcut
             la = native.LayerArgs(
@@ -141,9 +146,10 @@ class FusedDecode:
                 sc_b=None if sc is None else _ptr(sc[1]),
                 R=0 if sc is None else sc[0].shape[0],
             )
-            _set_int4(la, lw)
+            _set_int4(la, lw, keep)
             layers.append(la)
         self._layers = layers  # the blocks hold raw pointers: the tensors live in lean.layers
+        self._keep = keep  # and here (the low-rank terms' b transposed)
         self._addr = [ctypes.addressof(la) for la in layers]
         nxt = [lw.ln1 for lw in lean.layers[1:]] + [lean.norm]
         self._ln_next = [_ptr(t) for t in nxt]

@@ -108,7 +108,7 @@ class LayerArgs(ctypes.Structure):
     ] + [
         ("R", _I),
         ("q4", _P * 4),  # Q4_1 copies of qkv, o, gu, down (int4.py), or NULL
-        ("lr_a", _P * 4),  # their low-rank terms: a (R, K), b (N, R) bf16, or NULL
+        ("lr_a", _P * 4),  # their low-rank terms: a (R, K), b^T (R, N) bf16, or NULL
         ("lr_b", _P * 4),
         ("lr_R", _I * 4),
     ]

@@ -17,6 +17,7 @@
  *   1      int8      int8
  *   2      int8      none (the residual passes; or the rank-R shortcut sc_b (sc_a h))
  *   3      Q4_1      Q4_1, each Q4_1 product plus its low-rank term (x a^T) b^T where given
+ *                     (the layer takes b transposed, lr_b = b^T (R, N))
  *
  * Numerics follow the PyTorch loop op for op: every elementwise step computes in fp32 and rounds
  * to bf16 where PyTorch's bf16 operator would (norms, rope, residual adds, SiLU and its product,
@@ -34,7 +35,7 @@ enum { P_QKV, P_O, P_GU, P_DOWN }; /* the four (fused) products of a layer */
 #define AMX_MIN_ROWS_BF16 5
 #endif
 #ifndef AMX_MIN_ROWS_I8
-#define AMX_MIN_ROWS_I8 5
+#define AMX_MIN_ROWS_I8 9
 #endif
 
 typedef struct {
@@ -50,7 +51,7 @@ typedef struct {
     int R;
     const uint8_t *q4[4];                      /* Q4_1 copies (q4.c layout) of qkv, o, gu, down;
                                                 * all NULL where the int4 path is not built */
-    const uint16_t *lr_a[4], *lr_b[4];         /* low-rank term of each: a (lr_R, K), b (N, lr_R) */
+    const uint16_t *lr_a[4], *lr_b[4];         /* low-rank term of each: a (lr_R, K), b^T (lr_R, N) */
     int lr_R[4];                               /* bf16, or NULL and 0 where that copy has none */
 } hest_layer_t;
 
@@ -70,7 +71,7 @@ typedef struct {
     int16_t *xq;       /* int16 activations (int8 products) */
     float *xs;         /* their scales */
     void *q4;          /* q4 activations (hest_q4_scratch_bytes) */
-    uint16_t *lt, *lu; /* a low-rank term's (rows, R) and (rows, N) */
+    uint16_t *lt;      /* a low-rank term's x a^T (rows, R) */
     uint32_t *xb;      /* activations packed for the AMX tiles (amx.c) */
 } proj_scratch_t;
 
@@ -97,13 +98,31 @@ static wref_t weight_of(const hest_layer_t *L, int p, int kind) {
     return r;
 }
 
-/* y (nr, N) += (x a^T) b^T, each product rounded to bf16, then the add (as the PyTorch loop). */
+/* y (nr, N) += (x a^T) b^T, each product rounded to bf16, then the add (as the PyTorch loop).
+ * b comes transposed (bt: R x N), so the second product runs along N with t broadcast (R fused
+ * multiply-adds per 16 outputs, no horizontal sums: R is 16-48 here), fused with the add;
+ * items of (row, 256 outputs) over the threads. */
 static void low_rank_add(const wref_t *w, const uint16_t *x, uint16_t *y, int nr, int N, int K,
                          const proj_scratch_t *ps) {
-    gemv_bf16_for(w->a, x, NULL, ps->lt, nr, w->R, K);
-    gemv_bf16_for(w->b, ps->lt, NULL, ps->lu, nr, N, w->R);
+    const int R = w->R, chunks = (N + 255) / 256;
+    gemv_bf16_for(w->a, x, NULL, ps->lt, nr, R, K); /* t (nr, R) */
 #pragma omp for schedule(static)
-    for (int i = 0; i < nr * N; i++) y[i] = add_bf16(y[i], ps->lu[i]);
+    for (int it = 0; it < nr * chunks; it++) {
+        const int m = it / chunks, n0 = (it % chunks) * 256, n1 = n0 + 256 < N ? n0 + 256 : N;
+        const uint16_t *t = ps->lt + (size_t)m * R;
+        uint16_t *yr = y + (size_t)m * N;
+        for (int n = n0; n < n1; n += 16) {
+            const __mmask16 km = tail16(n1 - n);
+            __m512 acc = _mm512_setzero_ps();
+            for (int r = 0; r < R; r++)
+                acc = _mm512_fmadd_ps(_mm512_set1_ps(bf16_to_f32(t[r])),
+                                      widen_bf16(_mm256_maskz_loadu_epi16(km, w->b + (size_t)r * N + n)),
+                                      acc);
+            __m512 u = widen_bf16(round_bf16x16(acc)); /* the term, rounded as F.linear's output */
+            __m512 s = _mm512_add_ps(widen_bf16(_mm256_maskz_loadu_epi16(km, yr + n)), u);
+            _mm256_mask_storeu_epi16(yr + n, km, round_bf16x16(s));
+        }
+    }
 }
 
 /* y[rows] = x[rows] W^T (+ bias) for the nr listed rows of x (M, K) on weight copy w of `kind`.
@@ -214,7 +233,6 @@ static size_t carve(char *base, int d, int I, int H, int KVH, int hd, int max_le
     TAKE(ps.xs, (size_t)M * 4 + 64);
     TAKE(ps.q4, q4_scratch_max(M, d, qd, I) + 64);
     TAKE(ps.lt, (size_t)M * deepest * 2); /* R <= K <= deepest */
-    TAKE(ps.lu, (size_t)M * widest * 2);
     TAKE(ps.xb, (size_t)deepest * 32 + 64);
     TAKE(scores, (size_t)threads * H * (max_len + 16) * 4);
     TAKE(part, (size_t)M * H * CMAX * (hd + 2) * 4);

@@ -63,8 +63,22 @@ def _set_int4(la: native.LayerArgs, lw: LayerWeights, keep: list) -> None:
             ok = a.dtype == b.dtype == torch.bfloat16 and b.shape == (c.w.n, a.shape[0])
             native.need(ok, "decode_layer", f"int4 low-rank term of {INT4_COPIES[i]}: bf16 a, b")
             bt = b.t().contiguous()  # (R, N): the layer runs the second product along N
-            keep.append(bt)
+            span = _spans(bt)
+            keep += [bt, span]
             la.lr_a[i], la.lr_b[i], la.lr_R[i] = _ptr(a), _ptr(bt), a.shape[0]
+            la.lr_span[i] = _ptr(span)
+
+
+def _spans(bt: torch.Tensor) -> torch.Tensor:
+    """(R, 2) int32: per row of b^T (R, N) the columns [lo, hi) outside which it is zero (a fused
+    projection's targets own separate rows and columns; an all-zero row gets [0, 0))."""
+    nz = bt != 0
+    any_nz = nz.any(dim=1)
+    cols = torch.arange(bt.shape[1])
+    lo = torch.where(nz, cols, bt.shape[1]).min(dim=1).values
+    hi = torch.where(nz, cols + 1, 0).max(dim=1).values
+    lo = torch.where(any_nz, lo, 0)
+    return torch.stack([lo, hi], dim=1).to(torch.int32).contiguous()
 
 
 class FusedDecode:

@@ -79,43 +79,27 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
-class LayerArgs(ctypes.Structure):
-    """`hest_layer_t` in kernels/gemv.c: one decoder layer's weights (NULL where absent)."""
+# fmt: off
+_LAYER_PTRS = ("ln1", "ln2", "wqkv", "bqkv", "wo", "wgu", "wdown", "q_norm", "k_norm", "qkv8",
+               "o8", "gu8", "down8", "qkv8_s", "o8_s", "gu8_s", "down8_s", "sc_a", "sc_b")
+# fmt: on
 
-    _fields_ = [
-        (name, _P)
-        for name in (
-            "ln1",
-            "ln2",
-            "wqkv",
-            "bqkv",
-            "wo",
-            "wgu",
-            "wdown",
-            "q_norm",
-            "k_norm",
-            "qkv8",
-            "o8",
-            "gu8",
-            "down8",
-            "qkv8_s",
-            "o8_s",
-            "gu8_s",
-            "down8_s",
-            "sc_a",
-            "sc_b",
-        )
-    ] + [
+
+class LayerArgs(ctypes.Structure):
+    """`hest_layer_t` in kernels/layer.c: one decoder layer's weights (NULL where absent)."""
+
+    _fields_ = [(name, _P) for name in _LAYER_PTRS] + [
         ("R", _I),
         ("q4", _P * 4),  # Q4_1 copies of qkv, o, gu, down (int4.py), or NULL
         ("lr_a", _P * 4),  # their low-rank terms: a (R, K), b^T (R, N) bf16, or NULL
         ("lr_b", _P * 4),
         ("lr_R", _I * 4),
+        ("lr_span", _P * 4),  # per row of b^T its nonzero columns [lo, hi) (R, 2) int32, or NULL
     ]
 
 
 class StepArgs(ctypes.Structure):
-    """`hest_step_t` in kernels/gemv.c: the shapes and per-step inputs of one decode step."""
+    """`hest_step_t` in kernels/layer.c: the shapes and per-step inputs of one decode step."""
 
     _fields_ = [
         *((name, _I) for name in ("d", "I", "H", "KVH", "hd", "max_len", "M", "threads")),

@@ -53,6 +53,9 @@ typedef struct {
                                                 * all NULL where the int4 path is not built */
     const uint16_t *lr_a[4], *lr_b[4];         /* low-rank term of each: a (lr_R, K), b^T (lr_R, N) */
     int lr_R[4];                               /* bf16, or NULL and 0 where that copy has none */
+    const int32_t *lr_span[4];                 /* per row r of b^T, its nonzero columns [lo, hi)
+                                                * ((R, 2) int32; NULL: all N): a fused product's
+                                                * targets own separate rows and columns of b */
 } hest_layer_t;
 
 typedef struct {
@@ -81,6 +84,7 @@ typedef struct {
     const float *s;
     const uint16_t *a, *b;
     int R;
+    const int32_t *span;
 } wref_t;
 
 static wref_t weight_of(const hest_layer_t *L, int p, int kind) {
@@ -94,14 +98,16 @@ static wref_t weight_of(const hest_layer_t *L, int p, int kind) {
         r.w = w8[p], r.s = s8[p];
     } else if (kind == KIND_Q4) {
         r.w = L->q4[p], r.a = L->lr_a[p], r.b = L->lr_b[p], r.R = L->lr_R[p];
+        r.span = L->lr_span[p];
     }
     return r;
 }
 
 /* y (nr, N) += (x a^T) b^T, each product rounded to bf16, then the add (as the PyTorch loop).
  * b comes transposed (bt: R x N), so the second product runs along N with t broadcast (R fused
- * multiply-adds per 16 outputs, no horizontal sums: R is 16-48 here), fused with the add;
- * items of (row, 256 outputs) over the threads. */
+ * multiply-adds per 16 outputs, no horizontal sums: R is 16-48 here), fused with the add,
+ * skipping the rows of b^T that are zero over the 16 outputs (span); items of (row, 256
+ * outputs) over the threads. */
 static void low_rank_add(const wref_t *w, const uint16_t *x, uint16_t *y, int nr, int N, int K,
                          const proj_scratch_t *ps) {
     const int R = w->R, chunks = (N + 255) / 256;
@@ -114,10 +120,12 @@ static void low_rank_add(const wref_t *w, const uint16_t *x, uint16_t *y, int nr
         for (int n = n0; n < n1; n += 16) {
             const __mmask16 km = tail16(n1 - n);
             __m512 acc = _mm512_setzero_ps();
-            for (int r = 0; r < R; r++)
+            for (int r = 0; r < R; r++) {
+                if (w->span && (n + 16 <= w->span[2 * r] || n >= w->span[2 * r + 1])) continue;
                 acc = _mm512_fmadd_ps(_mm512_set1_ps(bf16_to_f32(t[r])),
                                       widen_bf16(_mm256_maskz_loadu_epi16(km, w->b + (size_t)r * N + n)),
                                       acc);
+            }
             __m512 u = widen_bf16(round_bf16x16(acc)); /* the term, rounded as F.linear's output */
             __m512 s = _mm512_add_ps(widen_bf16(_mm256_maskz_loadu_epi16(km, yr + n)), u);
             _mm256_mask_storeu_epi16(yr + n, km, round_bf16x16(s));
@@ -261,7 +269,7 @@ static int check_q4(const hest_layer_t *L, const hest_step_t *S) {
     for (int p = 0; p < 4; p++) have += L->q4[p] != NULL;
     if (have == 0) {
         for (int p = 0; p < 4; p++)
-            if (L->lr_a[p] || L->lr_b[p]) return HEST_ENULL; /* a term beside no copy */
+            if (L->lr_a[p] || L->lr_b[p] || L->lr_span[p]) return HEST_ENULL; /* beside no copy */
         return HEST_OK;
     }
     if (have != 4) return HEST_ENULL;
@@ -269,6 +277,12 @@ static int check_q4(const hest_layer_t *L, const hest_step_t *S) {
         if (K[p] % 32) return HEST_ESHAPE;
         if ((L->lr_a[p] == NULL) != (L->lr_b[p] == NULL)) return HEST_ENULL;
         if (L->lr_a[p] && (L->lr_R[p] < 1 || L->lr_R[p] > K[p])) return HEST_ESHAPE;
+        if (L->lr_span[p] && !L->lr_a[p]) return HEST_ENULL;
+        const int N[4] = {S->H * S->hd + 2 * S->KVH * S->hd, S->d, 2 * S->I, S->d};
+        for (int r = 0; L->lr_span[p] && r < L->lr_R[p]; r++) {
+            int lo = L->lr_span[p][2 * r], hi = L->lr_span[p][2 * r + 1];
+            if (lo < 0 || hi < lo || hi > N[p]) return HEST_ESHAPE;
+        }
     }
     return HEST_OK;
 }

@@ -224,13 +224,17 @@ def test_default_model_on_its_own_q4_blocks(int4, int4_tables):
 # ---- the fused decode layer on int4 (kernels/layer.c, path code 3) ---------------------------------
 def _with_low_rank(lean, rank: int, seed: int) -> None:
     """A random low-rank term (x a^T) b^T of `rank` beside every int4 copy of `lean` (as
-    `int4.attach` builds from an adapter's z in the "lowrank" mode), big enough to show."""
+    `int4.attach` builds from an adapter's z in the "lowrank" mode: each target of a fused
+    projection its own rows of b and its own columns), big enough to show."""
     g = torch.Generator().manual_seed(seed)
     for lw in lean.layers:
         for m in (lw.qkv4, lw.o4, lw.gu4, lw.down4):
             k, n = m.w.k, m.w.n
             a = torch.randn(rank, k, generator=g) / k**0.5
             b = torch.randn(n, rank, generator=g) * (0.3 / rank**0.5)
+            h = rank // 2  # two "targets", as a fused projection's: rows of b apart, columns apart
+            b[: n // 3, h:] = 0
+            b[n // 3 :, :h] = 0
             m.low = LowRank(a.bfloat16().contiguous(), b.bfloat16().contiguous())
 
 

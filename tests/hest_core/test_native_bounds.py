@@ -234,11 +234,24 @@ def _low_rank(i: int, rank: int, real_rank: int | None = None):
     return mutate
 
 
+def _span(lo: int, hi: int):
+    """A low-rank term on product 2 (gu, N = 256 here) whose first row spans [lo, hi)."""
+
+    def mutate(la, keep):
+        _low_rank(2, 4)(la, keep)
+        span = torch.tensor([[lo, hi]] + [[0, 256]] * 3, dtype=torch.int32)
+        keep.append(span)
+        la.lr_span[2] = span.data_ptr()
+
+    return mutate
+
+
 @needs_native
 def test_raw_int4_layer_call_checks_its_arguments(lean4):
     """The int4 arguments of hest_layer_t (Q4_1 copies, low-rank terms) and the path code 3."""
     assert _raw_int4_call(lean4, lambda la, keep: None) == 0  # int4 beside fp16 runs
     assert _raw_int4_call(lean4, _low_rank(2, 4)) == 0  # with a low-rank term
+    assert _raw_int4_call(lean4, _span(3, 100)) == 0  # and the columns of its rows
     assert _raw_int4_call(lean4, lambda la, keep: None, codes=(4, 0)) == -5  # no path 4
 
     def no_int4(la, keep):
@@ -262,6 +275,9 @@ def test_raw_int4_layer_call_checks_its_arguments(lean4):
         ),
         "low-rank rank 0": (_low_rank(0, 4, real_rank=0), -3),
         "low-rank rank past K": (_low_rank(3, 4, real_rank=129), -3),
+        "a span past N": (_span(0, 257), -3),
+        "a span backwards": (_span(9, 8), -3),
+        "a negative span": (_span(-1, 8), -3),
     }
     for name, (mutate, code) in cases.items():
         assert _raw_int4_call(lean4, mutate) == code, name

@@ -7,8 +7,9 @@ The default model as the engine builds it with `HEST_PATHS=fp16,int8,int4,skip` 
 the shipped adapter's z merged into the 16-bit and int8 copies, the int4 copies on the GGUF's
 Q4_1 blocks with the adapter's low-rank term beside them, `int4.DEFAULT_MODE`), bf16, torch's
 threads, every row at position `--context` of its KV cache. Measured (medians of `--repeats`
-samples; the samples of all variants interleaved, so load from other jobs spreads over them
-alike; the load average is printed before and after):
+samples, each an untimed call then two timed ones in a row, as a decode loop repeats its step;
+the samples of all variants interleaved, so load from other jobs spreads over them alike; the
+load average is printed before and after):
 
 * `int4_vs_int8_decode_b1`: a whole decode step (`LeanModel.forward`: embedding, the fused
   layers, the lm_head) with every unit on int4, over the same on int8 (issue 13: <= 0.8);
@@ -104,16 +105,19 @@ def plan_decider(p: list[torch.Tensor]):
     return decide
 
 
-def measure(variants: dict, repeats: int) -> dict[str, float]:
-    """Median seconds of each zero-argument callable; samples interleaved round-robin."""
-    for fn in variants.values():
-        fn()  # warm-up (scratch, caches, first-use builds)
+def measure(variants: dict, repeats: int, inner: int = 2) -> dict[str, float]:
+    """Median seconds per call of each zero-argument callable. Each sample is one untimed call
+    then `inner` timed ones in a row (the steady state of a decode loop, which repeats the same
+    step: the weights it read last step may still be in the last-level cache); the samples of all
+    variants interleaved round-robin, so load from other jobs spreads over them alike."""
     ts: dict[str, list[float]] = {k: [] for k in variants}
     for _ in range(repeats):
         for k, fn in variants.items():
-            t0 = time.perf_counter()
             fn()
-            ts[k].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            ts[k].append((time.perf_counter() - t0) / inner)
     return {k: statistics.median(v) for k, v in ts.items()}
 
 

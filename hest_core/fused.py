@@ -1,4 +1,4 @@
-"""Decode steps with one native call per decoder layer (`hest_decode_layer`, kernels/gemv.c).
+"""Decode steps with one native call per decoder layer (`hest_decode_layer`, kernels/layer.c).
 
 The products of a decode step already run in the native kernels; what was left was ~30 small
 PyTorch operators per layer around them (norms, rope, cache writes, attention, residuals), each a
@@ -6,9 +6,13 @@ dispatch of its own: 5-8 ms of a ~20 ms step on this machine. Here each layer is
 and one OpenMP region. Between layers Python still calls the decider (the controller and the
 budget guard), on the normalised input the previous call wrote.
 
-Used for decode steps of up to `native.MAX_ROWS` rows on CPU with bf16 weights when the kernels
-are built and every int8 copy runs weight-only at that row count (the calibration's choice, as
-the unfused loop would). Anything else, and `HEST_FUSED=0` (`RuntimeConfig.fused`), takes the PyTorch loop in model.py.
+Used for decode steps of 1..`native.FUSED_MAX_ROWS` rows on CPU with bf16 weights when the
+kernels are built and every registered path has a `native_code` (paths.py: fp16, int8, skip and
+the opt-in int4, whose rows run on the Q4_1 copies plus the adapter's low-rank term where
+`int4.attach` built one). Rows of one step may take any mix of paths. int8 rows run the
+weight-only kernel (int16 activations) at every row count, whatever the calibration chose for
+the PyTorch loop's products. Anything else, and `HEST_FUSED=0` (`RuntimeConfig.fused`), takes
+the PyTorch loop in model.py.
 """
 
 from __future__ import annotations
@@ -34,6 +38,49 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return t.data_ptr()
 
 
+INT4_COPIES = ("qkv4", "o4", "gu4", "down4")  # LayerWeights fields, in LayerArgs.q4's order
+
+
+def _set_int4(la: native.LayerArgs, lw: LayerWeights, keep: list) -> None:
+    """Point `la` at the layer's Q4_1 copies and their low-rank terms (int4.Int4Linear: a, and b
+    transposed, made here and held in `keep`); all NULL where the int4 path was not built.
+    Raises NativeArgumentError for a copy the C layer cannot take (some of the four missing, low-
+    rank factors not bf16, a bias other than the 16-bit copy's)."""
+    copies = [getattr(lw, n) for n in INT4_COPIES]
+    if all(c is None for c in copies):
+        return
+    ok = all(c is not None for c in copies)
+    native.need(ok, "decode_layer", "a layer has some int4 copies but not all four")
+    for i, c in enumerate(copies):
+        native.need(
+            c.w.data.dtype == torch.uint8 and c.bias is (lw.bqkv if i == 0 else None),
+            "decode_layer",
+            f"int4 copy {INT4_COPIES[i]}: packed uint8 data, the 16-bit copy's bias (qkv) or none",
+        )
+        la.q4[i] = _ptr(c.w.data)
+        if c.low is not None:
+            a, b = c.low.a, c.low.b
+            ok = a.dtype == b.dtype == torch.bfloat16 and b.shape == (c.w.n, a.shape[0])
+            native.need(ok, "decode_layer", f"int4 low-rank term of {INT4_COPIES[i]}: bf16 a, b")
+            bt = b.t().contiguous()  # (R, N): the layer runs the second product along N
+            span = _spans(bt)
+            keep += [bt, span]
+            la.lr_a[i], la.lr_b[i], la.lr_R[i] = _ptr(a), _ptr(bt), a.shape[0]
+            la.lr_span[i] = _ptr(span)
+
+
+def _spans(bt: torch.Tensor) -> torch.Tensor:
+    """(R, 2) int32: per row of b^T (R, N) the columns [lo, hi) outside which it is zero (a fused
+    projection's targets own separate rows and columns; an all-zero row gets [0, 0))."""
+    nz = bt != 0
+    any_nz = nz.any(dim=1)
+    cols = torch.arange(bt.shape[1])
+    lo = torch.where(nz, cols, bt.shape[1]).min(dim=1).values
+    hi = torch.where(nz, cols + 1, 0).max(dim=1).values
+    lo = torch.where(any_nz, lo, 0)
+    return torch.stack([lo, hi], dim=1).to(torch.int32).contiguous()
+
+
 class FusedDecode:
     """The per-layer argument blocks of one LeanModel, built on first use and rebuilt when a
     layer's weights or kernel choices change (an adapter's shortcut, a calibration)."""
@@ -54,12 +101,11 @@ class FusedDecode:
         self._cache_ok: tuple | None = None
 
     # ---- when it applies ---------------------------------------------------------------------
-    def _layer_key(self, lw: LayerWeights) -> tuple:
-        return (
-            id(lw.wqkv),
-            id(lw.shortcut),
-            min((m.woq_max_rows for m in lw.int8_linears()), default=0),
-        )
+    @staticmethod
+    def _layer_key(lw: LayerWeights) -> tuple:
+        copies = [getattr(lw, n) for n in INT4_COPIES]
+        lows = (id(getattr(c, "low", None)) for c in copies)  # a term set after attach
+        return (id(lw.wqkv), id(lw.shortcut), *map(id, copies), *lows)
 
     def usable(self, ids: torch.Tensor, cache: KVCache) -> bool:
         lean = self.lean
@@ -76,20 +122,20 @@ class FusedDecode:
         ):
             return False
         n = ids.shape[0]
-        if n > native.MAX_ROWS or cache.k[0].shape[0] != n:
+        if not 1 <= n <= native.FUSED_MAX_ROWS or cache.k[0].shape[0] != n:
             return False
         probe = lean.embed[:1]
         if not native.fits(probe, s.hidden) or native.get() is None:
             return False
         self._sync()
-        return self._woq_rows >= n
+        return True
 
     def _sync(self) -> None:
         key = tuple(self._layer_key(lw) for lw in self.lean.layers)
         if key == self._key:
             return
         lean = self.lean
-        layers = []
+        layers, keep = [], []
         for lw in lean.layers:
             sc = lw.shortcut
             la = native.LayerArgs(
@@ -114,12 +160,13 @@ class FusedDecode:
                 sc_b=None if sc is None else _ptr(sc[1]),
                 R=0 if sc is None else sc[0].shape[0],
             )
+            _set_int4(la, lw, keep)
             layers.append(la)
         self._layers = layers  # the blocks hold raw pointers: the tensors live in lean.layers
+        self._keep = keep  # and here (the low-rank terms' b transposed)
         self._addr = [ctypes.addressof(la) for la in layers]
         nxt = [lw.ln1 for lw in lean.layers[1:]] + [lean.norm]
         self._ln_next = [_ptr(t) for t in nxt]
-        self._woq_rows = min(k[2] for k in key)
         self._key = key
 
     # ---- one decode step -------------------------------------------------------------------------

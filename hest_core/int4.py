@@ -215,10 +215,4 @@ def attach_for_model(lean: LeanModel, hf, model: str, z=None, svd: SvdCache | No
     """`attach` as the engine and `python -m hest_core.calibrate` do it: the GGUF blocks of the
     default model (read ~2 s), quantization at load for any other; `DEFAULT_MODE` for z."""
     gguf = read_gguf_q4() if model == DEFAULT_MODEL else None
-    out = attach(lean, hf, gguf, z, svd)
-    if lean.fused.enabled:
-        log.warning(
-            "the int4 path is enabled: the fused native decode layer does not run it yet, so "
-            "every decode step takes the PyTorch loop (all paths)"
-        )
-    return out
+    return attach(lean, hf, gguf, z, svd)

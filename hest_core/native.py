@@ -1,12 +1,14 @@
-"""Native decode kernels (`kernels/gemv.c`): small-M matrix-vector products for x86-64 AVX-512.
+"""Native decode kernels (`kernels/hest.c`: gemv.c, q4.c and the fused layer in layer.c, one
+library): small-M matrix-vector products for x86-64 AVX-512, and one decoder layer per call.
 
 At decode a step reads every weight once and does two flops per weight, so it is bound by
 memory bandwidth; oneDNN's GEMM reaches ~12 GB/s on it here, and a loop that streams the
 weights with software prefetch reaches ~20 GB/s, the bandwidth a plain read of memory gets
 (docs/runtime.md has the measurements). The kernels are C, built once with the machine's `gcc`
 (`-O3 -march=native -fopenmp`) into the cache (`~/.cache/hest/kernels/`) and called through
-ctypes. They run for the rows of a forward that fit them (decode steps, `MAX_ROWS` rows or
-fewer); everything else stays with PyTorch.
+ctypes. Single products run for the rows of a forward that fit them (`MAX_ROWS` rows or fewer,
+`fits`); the fused decode layer (fused.py) for decode steps of up to `FUSED_MAX_ROWS` rows;
+everything else stays with PyTorch.
 
 Off when: the CPU lacks AVX-512 (F, BW, VL), there is no C compiler, the build fails (a warning
 says why), or `HEST_NATIVE=0`. Nothing else changes then: the same paths run on oneDNN and
@@ -34,7 +36,7 @@ from .errors import NativeArgumentError
 
 log = logging.getLogger("hest.native")
 
-SOURCE = Path(__file__).parent / "kernels" / "gemv.c"
+SOURCE = Path(__file__).parent / "kernels" / "hest.c"  # includes the other kernels/*.c
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-fno-math-errno"]
 # HEST_NATIVE_SANITIZE=1 builds the kernels with AddressSanitizer and UBSan (tests: the process
 # must preload libasan, see tests/hest_core/test_native_sanitizer.py); never for serving.
@@ -45,6 +47,9 @@ NEEDED_FLAGS = ("avx512f", "avx512bw", "avx512vl")
 MAX_ROWS = 4
 MAX_ROWS_WIDE = 1
 WIDE_N = 16384
+# Rows of a decode step the fused layer (fused.py, `hest_decode_layer`) takes: all of them up to
+# gemv.c's limit (measured against the PyTorch loop at 1-16 rows: docs/runtime.md).
+FUSED_MAX_ROWS = 16
 # The most activation rows one native call accepts (HEST_MAX_ROWS in kernels/gemv.c).
 LIMIT_ROWS = 16
 # The error codes of kernels/gemv.c (HEST_E*): every exported function checks its arguments and
@@ -54,7 +59,8 @@ ERRORS = {
     -2: f"the row count is outside 1..{LIMIT_ROWS}, or the KV cache holds fewer rows than the step",
     -3: "a dimension is outside the supported range",
     -4: "a position is outside the KV cache (0..max_len-1) or past the rope table",
-    -5: "a path code the fused layer does not run (it knows 0 fp16, 1 int8, 2 skip; paths.py)",
+    -5: "a path code the fused layer does not run (0 fp16, 1 int8, 2 skip, 3 int4 where the layer "
+    "has int4 copies; paths.py native_code)",
     -6: "the scratch block is smaller than the call needs (or not 64-byte aligned)",
     -7: "threads < 1",
 }
@@ -73,37 +79,27 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
-class LayerArgs(ctypes.Structure):
-    """`hest_layer_t` in kernels/gemv.c: one decoder layer's weights (NULL where absent)."""
+# fmt: off
+_LAYER_PTRS = ("ln1", "ln2", "wqkv", "bqkv", "wo", "wgu", "wdown", "q_norm", "k_norm", "qkv8",
+               "o8", "gu8", "down8", "qkv8_s", "o8_s", "gu8_s", "down8_s", "sc_a", "sc_b")
+# fmt: on
 
-    _fields_ = [
-        (name, _P)
-        for name in (
-            "ln1",
-            "ln2",
-            "wqkv",
-            "bqkv",
-            "wo",
-            "wgu",
-            "wdown",
-            "q_norm",
-            "k_norm",
-            "qkv8",
-            "o8",
-            "gu8",
-            "down8",
-            "qkv8_s",
-            "o8_s",
-            "gu8_s",
-            "down8_s",
-            "sc_a",
-            "sc_b",
-        )
-    ] + [("R", _I)]
+
+class LayerArgs(ctypes.Structure):
+    """`hest_layer_t` in kernels/layer.c: one decoder layer's weights (NULL where absent)."""
+
+    _fields_ = [(name, _P) for name in _LAYER_PTRS] + [
+        ("R", _I),
+        ("q4", _P * 4),  # Q4_1 copies of qkv, o, gu, down (int4.py), or NULL
+        ("lr_a", _P * 4),  # their low-rank terms: a (R, K), b^T (R, N) bf16, or NULL
+        ("lr_b", _P * 4),
+        ("lr_R", _I * 4),
+        ("lr_span", _P * 4),  # per row of b^T its nonzero columns [lo, hi) (R, 2) int32, or NULL
+    ]
 
 
 class StepArgs(ctypes.Structure):
-    """`hest_step_t` in kernels/gemv.c: the shapes and per-step inputs of one decode step."""
+    """`hest_step_t` in kernels/layer.c: the shapes and per-step inputs of one decode step."""
 
     _fields_ = [
         *((name, _I) for name in ("d", "I", "H", "KVH", "hd", "max_len", "M", "threads")),
@@ -154,6 +150,14 @@ class Native:
         lib.hest_decode_scratch_bytes.restype = ctypes.c_size_t
         lib.hest_ctl_logits.argtypes = [_P, _P, _P, _P, _I, _I, _I, _P, _P]
         lib.hest_ctl_logits.restype = _I
+        lib.hest_amx_init.restype = _I
+        lib.hest_amx_enable.argtypes = [_I]
+        lib.hest_amx_enable.restype = _I
+        lib.hest_gemv_amx.argtypes = [_P] * 7 + [ctypes.c_size_t] + [_I] * 4
+        lib.hest_gemv_amx.restype = _I
+        self.amx = bool(lib.hest_amx_init())  # AMX tiles for the fused layer's many-row products
+        if self.amx:
+            note += ", amx"
         self._lib, self.path, self.note = lib, path, note
         self.ctl_logits = lib.hest_ctl_logits  # (w_tok, lay, A, a0, k, d, P, h, out)
         # (layer*, step*, paths, x, h, ln_next, kc, vc) -> 0 or an error code: see check()
@@ -184,6 +188,46 @@ class Native:
             f"d={d}, I={inter}, heads={heads}/{kv_heads}, head_dim={hd}, max_len={max_len}",
         )
         return n
+
+    def set_amx(self, on: bool) -> bool:
+        """Let the fused layer use the AMX tiles (where `hest_amx_init` found them) or not
+        (benchmarks and tests compare the two); returns whether they are used now."""
+        return bool(self._lib.hest_amx_enable(int(on)))
+
+    def gemv_amx(
+        self, x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, bias=None
+    ) -> torch.Tensor:
+        """The AMX tile product alone (kernels/amx.c): x (M, K) bf16 against w (N, K) bf16, or
+        int8 with fp32 `scale` (N,) -> (M, N) bf16. Raises NativeArgumentError where the tiles
+        do not take it (AMX off, N < 16, K not a multiple of 32)."""
+        x = x.contiguous()
+        m, k = x.shape
+        n = w.shape[0]
+        i8 = w.dtype == torch.int8
+        need(
+            x.dtype == torch.bfloat16 and w.is_contiguous() and w.shape[1] == k, "gemv_amx", "x, w"
+        )
+        need(not i8 or (scale is not None and scale.dtype == torch.float32), "gemv_amx", "scale")
+        need(_bias_ok(bias, n), "gemv_amx", f"bias must be contiguous bf16 of {n}")
+        y = torch.empty(m, n, dtype=torch.bfloat16)
+        scratch = torch.empty(k * 32 + 64, dtype=torch.uint8)
+        base = scratch.data_ptr() + (-scratch.data_ptr() % 64)
+        rc = self._lib.hest_gemv_amx(
+            None if i8 else w.data_ptr(),
+            w.data_ptr() if i8 else None,
+            scale.data_ptr() if i8 else None,
+            x.data_ptr(),
+            None if bias is None else bias.data_ptr(),
+            y.data_ptr(),
+            base,
+            k * 32,
+            m,
+            n,
+            k,
+            torch.get_num_threads(),
+        )
+        check(rc, "gemv_amx")
+        return y
 
     def gemv16(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """x (M, K) bf16, w (N, K) bf16 -> (M, N) bf16."""
@@ -244,8 +288,8 @@ class Native:
 
 def compile_kernels(source: Path, stem: str, extra: list[str] | tuple[str, ...] = ()):
     """Build `source` into a shared library (or find it built) in the cache:
-    `kernels/<stem>-<key>.so`, keyed by the source, the flags, the compiler's version and the
-    CPU flags; written atomically, so concurrent builds and readers see a whole file. Returns
+    `kernels/<stem>-<key>.so`, keyed by the source and every C file beside it (hest.c includes
+    them), the flags, the compiler's version and the CPU flags; written atomically, so concurrent builds and readers see a whole file. Returns
     (path, compiler version) or (None, "off (why)") where the kernels cannot run here."""
     # process-wide: built once, on first use (config.py)
     cfg = RuntimeConfig.from_env(only=("native", "cc", "cache_dir"))
@@ -266,9 +310,10 @@ def compile_kernels(source: Path, stem: str, extra: list[str] | tuple[str, ...] 
     except (OSError, subprocess.SubprocessError, IndexError) as e:
         return None, f"off ({cc} --version failed: {e})"
     cflags = [*CFLAGS, *extra]
+    texts = [f.read_text() for f in sorted(source.parent.glob("*.[ch]"))]  # hest.c includes
     key = hashlib.sha256(
         "\n".join(
-            [source.read_text(), " ".join(cflags), version, " ".join(sorted(_cpu_flags()))]
+            [source.read_text(), *texts, " ".join(cflags), version, " ".join(sorted(_cpu_flags()))]
         ).encode()
     ).hexdigest()[:16]
     out = cfg.cache_dir / "kernels" / f"{stem}-{key}.so"

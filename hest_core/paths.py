@@ -17,7 +17,7 @@ is a subset of int8's, so timing noise must not make it dearer), and the attenti
 fused decode is measured on the first path whose MLP is skipped (`lightest()`).
 `quality` orders the outputs (0 best): the energy model runs a better path where a device's table
 says it costs no more (`EnergyModel.sub`). The guard demotes along each device's *cost* order.
-`native_code` is the path code the fused C layer (`hest_decode_layer`, kernels/gemv.c) runs the
+`native_code` is the path code the fused C layer (`hest_decode_layer`, kernels/layer.c) runs the
 unit with; None: the fused layer cannot run it and such steps take the PyTorch loop.
 
 Index order is fixed: the built-in three come first (0 fp16, 1 int8, 2 skip), as calibration
@@ -76,7 +76,7 @@ OPTIONAL: dict[str, dict] = {
         quality=2,
         proj="int4",
         mlp="int4",
-        native_code=None,  # the fused C layer does not run it yet: decode takes the PyTorch loop
+        native_code=3,  # PATH_INT4 in kernels/layer.c: Q4_1 copies (+ their low-rank terms)
         prior=-1.0,
         description="all seven projections on 4-bit weights (Q4_1), 16-bit activations",
     ),

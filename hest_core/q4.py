@@ -4,7 +4,7 @@
   file, or made by `quantize_q4_1` at load) out the way `hest_gemv_q4` streams them: 20 bytes
   per 32 weights, codes reordered so that each vpdpwssd lane belongs to one block (q4.c's header
   has the layout and the numerics). `unpack` inverts it.
-* `get()` builds the kernel once, as native.py builds gemv.c (the machine's
+* `get()` builds the kernel once, as native.py builds hest.c (the machine's
   `gcc -O3 -march=native -fopenmp`, cached under `cache_dir()/kernels/` keyed by source, flags,
   compiler and CPU flags) and returns `Q4Kernels`, or None where it is off: `status()` says why
   (no AVX-512 F/BW/VL, no x86-64, no compiler, a failed build, or `HEST_NATIVE=0`).

@@ -47,7 +47,8 @@ from .results import failed_result, result_of
 
 log = logging.getLogger("hest.scheduler")
 
-DEFAULT_MAX_ROWS = 8  # requests decoded at once by default (the server's HEST_MAX_BATCH_SIZE)
+DEFAULT_MAX_ROWS = 16  # requests decoded at once by default (the server's HEST_MAX_BATCH_SIZE): as
+# many as the fused decode layer takes (native.FUSED_MAX_ROWS; docs/runtime.md has the measurements)
 
 
 @dataclass(eq=False)

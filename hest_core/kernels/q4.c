@@ -338,6 +338,22 @@ static void q4_gemv_for(const uint8_t *W, const int16_t *xq, const float *xsum, 
     }
 }
 
+/* y = x W^T (+ bias) inside a parallel region (every thread calls it; the fused decode layer
+ * in layer.c does, between its other steps): the activation rows are prepared (split over the
+ * threads), then the weight rows. scratch: hest_q4_scratch_bytes(M, K) bytes, shared. No checks:
+ * the caller's. */
+static void q4_gemv_region(const uint8_t *W, const uint16_t *x, const uint16_t *bias, uint16_t *y,
+                           void *scratch, int M, int N, int K) {
+    const int nsb = q4_superblocks(K / 32);
+    int16_t *xq = (int16_t *)scratch;
+    float *xsum = (float *)(xq + (size_t)M * K);
+    float *sx = xsum + (size_t)M * nsb * 16;
+#pragma omp for schedule(static)
+    for (int m = 0; m < M; m++)
+        q4_prep_row(x + (size_t)m * K, K, xq + (size_t)m * K, xsum + (size_t)m * nsb * 16, sx + m);
+    q4_gemv_for(W, xq, xsum, sx, bias, y, M, N, K);
+}
+
 /* W: packed rows (q4.py), x: (M, K) bf16, bias: (N) bf16 or NULL, y: (M, N) bf16, scratch:
  * scratch_bytes >= hest_q4_scratch_bytes(M, K). Returns 0, or a Q4_E* code without reading or
  * writing anything. */
@@ -348,17 +364,8 @@ int hest_gemv_q4(const uint8_t *W, const uint16_t *x, const uint16_t *bias, uint
     if (N < 1 || K < 32 || K % 32 != 0 || K > (1 << 24)) return Q4_ESHAPE;
     if (threads < 1) return Q4_ETHREADS;
     if (scratch_bytes < hest_q4_scratch_bytes(M, K)) return Q4_ESCRATCH;
-    const int nsb = q4_superblocks(K / 32);
-    int16_t *xq = (int16_t *)scratch;
-    float *xsum = (float *)(xq + (size_t)M * K);
-    float *sx = xsum + (size_t)M * nsb * 16;
 #pragma omp parallel num_threads(threads)
-    {
-#pragma omp for schedule(static)
-        for (int m = 0; m < M; m++)
-            q4_prep_row(x + (size_t)m * K, K, xq + (size_t)m * K, xsum + (size_t)m * nsb * 16, sx + m);
-        q4_gemv_for(W, xq, xsum, sx, bias, y, M, N, K);
-    }
+    q4_gemv_region(W, x, bias, y, scratch, M, N, K);
     return 0;
 }
 

@@ -1,4 +1,4 @@
-"""The fused decode layer (hest_core/fused.py, `hest_decode_layer` in kernels/gemv.c) against the
+"""The fused decode layer (hest_core/fused.py, `hest_decode_layer` in kernels/layer.c) against the
 PyTorch loop, the C controller against `Controller`, and batches of unequal prompts."""
 
 from __future__ import annotations
@@ -11,8 +11,9 @@ from hest_core.controller import Controller
 from hest_core.engine import Engine, GenerationRequest
 from hest_core.fused import NativeController
 from hest_core.loading import TINY, build_lean, load_hf_model
-from hest_core.model import SeqSlot, const_decider
+from hest_core.model import const_decider
 from hest_core.paths import FP16, INT8, SKIP
+from tests.hest_core.decode_steps import assert_agree, decode, prompts_for, row_decider
 
 needs_native = pytest.mark.skipif(native.get() is None, reason=f"native {native.status()}")
 
@@ -22,7 +23,7 @@ def _lean(kind: str, rank: int = 0):
     lean = build_lean(load_hf_model(kind), torch.bfloat16, torch.device("cpu"), 64)
     for lw in lean.layers:
         for m in lw.int8_linears():
-            m.woq_max_rows = 4  # weight-only int8 at decode, as the calibration picks here
+            m.woq_max_rows = 16  # weight-only int8 at decode in the loop, as the fused layer
         if rank:
             d = lean.spec.hidden
             lw.shortcut = (
@@ -30,48 +31,6 @@ def _lean(kind: str, rank: int = 0):
                 (torch.randn(d, rank) / rank**0.5).bfloat16(),
             )
     return lean
-
-
-def _row_decider(paths: list[int]):
-    """Each row of a step on its own path (a batch mixing all three)."""
-    p = torch.tensor(paths)
-
-    def decide(li, h):
-        n = h.shape[0]
-        q = p[:n]
-        return q, torch.bincount(q, minlength=3).tolist()
-
-    return decide
-
-
-def _decode(lean, prompts: list[list[int]], steps: int, decide, fused: bool):
-    """Prefill each prompt (rows at different positions), then `steps` teacher-forced decode
-    steps of all rows together; returns the decode logits (steps, rows, vocab)."""
-    lean.fused.enabled = fused
-    b = len(prompts)
-    cache = lean.new_cache(b, max(map(len, prompts)) + steps)
-    out = []
-    with torch.inference_mode():
-        for i, p in enumerate(prompts):
-            one = lean.new_cache(1, cache.max_len)
-            lean.forward(
-                torch.tensor(p),
-                torch.arange(len(p)),
-                [SeqSlot(0, len(p), 0, 0)],
-                one,
-                const_decider(FP16),
-                False,
-            )
-            for li in range(lean.spec.n_layers):
-                cache.k[li][i] = one.k[li][0]
-                cache.v[li][i] = one.v[li][0]
-        for t in range(steps):
-            pos = [len(p) + t for p in prompts]
-            ids = torch.tensor([(7 * i + 3 * t + 11) % 500 for i in range(b)])
-            slots = [SeqSlot(i, 1, i, pos[i]) for i in range(b)]
-            assert lean.fused.usable(ids, cache) == fused
-            out.append(lean.forward(ids, torch.tensor(pos), slots, cache, decide, True))
-    return torch.stack(out)
 
 
 @needs_native
@@ -85,16 +44,45 @@ def test_fused_layer_matches_pytorch_loop(kind, rank):
         ([list(range(5, 17))], const_decider(FP16)),
         ([list(range(5, 17))], const_decider(INT8)),
         ([list(range(5, 17))], const_decider(SKIP)),
-        ([list(range(5, 17)), list(range(40, 45)), list(range(90, 119))], _row_decider([0, 1, 2])),
-        ([list(range(5, 9)), list(range(40, 77))], _row_decider([2, 2])),
+        ([list(range(5, 17)), list(range(40, 45)), list(range(90, 119))], row_decider([0, 1, 2])),
+        ([list(range(5, 9)), list(range(40, 77))], row_decider([2, 2])),
     ]
     for prompts, dec in cases:
-        a = _decode(lean, prompts, 4, dec, fused=True)
-        b = _decode(lean, prompts, 4, dec, fused=False)
-        assert torch.isfinite(a).all()
-        cos = torch.nn.functional.cosine_similarity(a.flatten(0, 1), b.flatten(0, 1))
-        assert (cos > 0.9995).all(), (kind, rank, cos.min())
-        assert (a - b).abs().max() < 0.05 * b.abs().max(), (kind, rank)
+        a = decode(lean, prompts, 4, dec, fused=True)
+        b = decode(lean, prompts, 4, dec, fused=False)
+        assert_agree(a, b, (kind, rank))
+
+
+@needs_native
+@pytest.mark.parametrize("rows", [1, 4, 8, 16])
+@pytest.mark.parametrize("rank", [0, 4])
+def test_fused_layer_at_1_to_16_rows(rows, rank):
+    """Up to native.FUSED_MAX_ROWS rows in one step, each row at its own position, the paths
+    mixed row by row (and every row on one path): the fused layer equals the PyTorch loop."""
+    lean = _lean("tiny:qwen3", rank)
+    prompts = prompts_for(rows)
+    mixed = [(i * 5 + rows) % 3 for i in range(rows)]
+    for dec in (row_decider(mixed), const_decider(FP16), const_decider(INT8)):
+        a = decode(lean, prompts, 2, dec, fused=True)
+        b = decode(lean, prompts, 2, dec, fused=False)
+        assert_agree(a, b, (rows, rank))
+
+
+@needs_native
+def test_fused_layer_at_16_rows_without_amx():
+    """The same at 16 rows on gemv.c's vdpbf16ps and VNNI loops (where the CPU has AMX, the
+    test above ran the tiles for the bf16 and int8 rows)."""
+    nat = native.get()
+    lean = _lean("tiny:llama", 4)
+    prompts = prompts_for(16)
+    dec = row_decider([i % 3 for i in range(16)])
+    nat.set_amx(False)
+    try:
+        a = decode(lean, prompts, 2, dec, fused=True)
+    finally:
+        nat.set_amx(True)  # back on where the CPU has the tiles
+    b = decode(lean, prompts, 2, dec, fused=False)
+    assert_agree(a, b, "no amx")
 
 
 @needs_native
@@ -106,11 +94,13 @@ def test_fused_off_switch_and_fallbacks():
     lean.fused.enabled = False
     assert not lean.fused.usable(ids, cache)
     lean.fused.enabled = True
-    for lw in lean.layers:  # an int8 copy on W8A8 at this row count: the PyTorch loop runs it
+    for lw in lean.layers:  # W8A8 for the loop's int8 products: the fused layer runs weight-only
         lw.gu8.woq_max_rows = 0
-    assert not lean.fused.usable(ids, cache)
-    five = lean.new_cache(5, 8)  # more rows than the native kernels take
-    assert not lean.fused.usable(torch.arange(5), five)
+    assert lean.fused.usable(ids, cache)
+    n = native.FUSED_MAX_ROWS
+    assert lean.fused.usable(torch.arange(n), lean.new_cache(n, 8))
+    over = lean.new_cache(n + 1, 8)  # more rows than the fused layer takes
+    assert not lean.fused.usable(torch.arange(n + 1), over)
     with native.disabled():
         assert not lean.fused.usable(ids, lean.new_cache(1, 8))
 

@@ -10,15 +10,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import hest_core.calibrate as cal
-from hest_core import Engine, GenerationRequest, q4
+from hest_core import Engine, GenerationRequest, native, q4
 from hest_core import paths as reg
 from hest_core.config import ConfigError, RuntimeConfig
 from hest_core.errors import CalibrationError
 from hest_core.gguf_blocks import quantize_q4_1
-from hest_core.int4 import attach
+from hest_core.int4 import LowRank, attach
 from hest_core.loading import build_lean, fingerprint, load_hf_model
 from hest_core.meters import EstimateMeter
 from hest_core.model import Routing, SeqSlot, const_decider
+from tests.hest_core.decode_steps import assert_agree, decode, prompts_for, row_decider
 
 FOUR = ("fp16", "int8", "int4", "skip")
 ARTICLE = "The council voted on Tuesday to expand the bus network after a year of delays. " * 4
@@ -135,7 +136,8 @@ def test_generation_on_int4_and_on_mixed_paths(int4, int4_tables):
     e = _engine(int4_tables, "int4")
     assert e.info()["paths"] == list(FOUR[:2]) + ["skip", "int4"]
     assert "quantized at load" in e.info()["int4"]["weights"]
-    assert not e.lean.fused.usable(torch.zeros(1, dtype=torch.long), e.lean.new_cache(1, 4))
+    usable = e.lean.fused.usable(torch.zeros(1, dtype=torch.long), e.lean.new_cache(1, 4))
+    assert usable == (native.get() is not None)  # int4 runs in the fused layer too
     r = e.generate([req])[0]
     n = sum(r.stats.paths.values())
     assert r.text and r.stats.paths["int4"] == n > 0
@@ -220,3 +222,66 @@ def test_default_model_on_its_own_q4_blocks(int4, int4_tables):
     req = GenerationRequest(ARTICLE, energy_budget_ratio=1.0, max_new_tokens=16, clean_end=False)
     r = e.generate([req])[0]
     assert len(r.text.split()) >= 3 and r.stats.paths["int4"] == sum(r.stats.paths.values())
+
+
+# ---- the fused decode layer on int4 (kernels/layer.c, path code 3) ---------------------------------
+def _with_low_rank(lean, rank: int, seed: int) -> None:
+    """A random low-rank term (x a^T) b^T of `rank` beside every int4 copy of `lean` (as
+    `int4.attach` builds from an adapter's z in the "lowrank" mode: each target of a fused
+    projection its own rows of b and its own columns), big enough to show."""
+    g = torch.Generator().manual_seed(seed)
+    for lw in lean.layers:
+        for m in (lw.qkv4, lw.o4, lw.gu4, lw.down4):
+            k, n = m.w.k, m.w.n
+            a = torch.randn(rank, k, generator=g) / k**0.5
+            b = torch.randn(n, rank, generator=g) * (0.3 / rank**0.5)
+            h = rank // 2  # two "targets", as a fused projection's: rows of b apart, columns apart
+            b[: n // 3, h:] = 0
+            b[n // 3 :, :h] = 0
+            m.low = LowRank(a.bfloat16().contiguous(), b.bfloat16().contiguous())
+
+
+@pytest.fixture(scope="module")
+def lean4_fused(int4, hf):
+    """Two leans with int4 copies (weight-only int8 at every row count, as the fused layer):
+    without and with a rank-16 low-rank term beside every Q4_1 product."""
+    out = {}
+    for rank in (0, 16):
+        lean = build_lean(hf, torch.bfloat16, torch.device("cpu"), 512)
+        attach(lean, hf)
+        for lw in lean.layers:
+            for m in lw.int8_linears():
+                m.woq_max_rows = 16
+        if rank:
+            _with_low_rank(lean, rank, seed=rank)
+        out[rank] = lean
+    return out
+
+
+@pytest.mark.skipif(native.get() is None, reason=f"native kernels {native.status()}")
+@pytest.mark.parametrize("rows", [1, 4, 8, 16])
+@pytest.mark.parametrize("rank", [0, 16])
+def test_fused_layer_runs_int4_like_the_pytorch_loop(int4, lean4_fused, rows, rank):
+    """All rows on int4, and the four paths mixed row by row: the fused layer (Q4_1 products
+    plus the low-rank term, in C) equals the PyTorch loop (Int4Linear) within the fused tests'
+    tolerance."""
+    lean = lean4_fused[rank]
+    assert reg.native_codes() == list(range(reg.n_paths()))  # the registry's rule accepts int4
+    prompts = prompts_for(rows)
+    mixed = [(int4.index + i) % reg.n_paths() for i in range(rows)]  # int4 first, then the rest
+    for dec in (const_decider(int4.index), row_decider(mixed)):
+        a = decode(lean, prompts, 2, dec, fused=True)
+        b = decode(lean, prompts, 2, dec, fused=False)
+        assert_agree(a, b, (rows, rank))
+
+
+@pytest.mark.skipif(native.get() is None, reason=f"native kernels {native.status()}")
+def test_fused_low_rank_term_is_not_ignored(int4, lean4_fused):
+    """The same step with and without the term differs (so the tolerance above is not what hides
+    a missing term), and the fused layer follows the term."""
+    prompts = prompts_for(2)
+    dec = const_decider(int4.index)
+    plain = decode(lean4_fused[0], prompts, 1, dec, fused=True)
+    low = decode(lean4_fused[16], prompts, 1, dec, fused=True)
+    low_loop = decode(lean4_fused[16], prompts, 1, dec, fused=False)
+    assert (low - plain).abs().max() > 5 * (low - low_loop).abs().max()

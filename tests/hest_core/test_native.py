@@ -118,3 +118,54 @@ def test_env_switch_turns_them_off():
     assert out.strip() == "off (HEST_NATIVE=0)"
     with native.disabled():
         assert not native.fits(torch.zeros(1, 8, dtype=torch.bfloat16), 8)
+
+
+needs_amx = pytest.mark.skipif(NAT is None or not NAT.amx, reason="no AMX tiles here")
+
+
+@needs_amx
+@pytest.mark.parametrize("m,n,k", [(5, 960, 576), (16, 33, 1536), (8, 16, 32), (16, 3072, 64)])
+@pytest.mark.parametrize("int8", [False, True])
+def test_amx_product_matches_fp32(m, n, k, int8):
+    """The AMX tile product (kernels/amx.c) the fused layer runs at many rows: bf16 and int8
+    weights, N not a multiple of the 16-row block (the last block overlaps), a bias."""
+    from hest_core.quant import quantize_weight
+
+    g = torch.Generator().manual_seed(m * 1000 + n + k)
+    x = torch.randn(m, k, generator=g).bfloat16()
+    w = (torch.randn(n, k, generator=g) / k**0.5).bfloat16()
+    b = torch.randn(n, generator=g).bfloat16()
+    if int8:
+        q, s = quantize_weight(w)
+        ref = x.float() @ (q.float() * s[:, None]).t() + b.float()
+        y = NAT.gemv_amx(x, q, s, b)
+    else:
+        ref = x.float() @ w.float().t() + b.float()
+        y = NAT.gemv_amx(x, w, None, b)
+    assert ((y.float() - ref).abs() <= _bf16_bound(ref)).all()
+
+
+@needs_amx
+def test_amx_product_refuses_what_the_tiles_do_not_take():
+    lib = NAT._lib
+    x, w = torch.zeros(4, 64, dtype=torch.bfloat16), torch.zeros(32, 64, dtype=torch.bfloat16)
+    y = torch.full((4, 32), 7.0, dtype=torch.bfloat16)
+    s = torch.zeros(64 * 32 + 64, dtype=torch.uint8)
+    sp = s.data_ptr() + (-s.data_ptr() % 64)
+    wp, xp, yp = w.data_ptr(), x.data_ptr(), y.data_ptr()
+    assert lib.hest_gemv_amx(wp, None, None, xp, None, yp, sp, 64 * 32, 4, 32, 64, 1) == 0
+    y.fill_(7.0)
+    assert lib.hest_gemv_amx(wp, wp, None, xp, None, yp, sp, 64 * 32, 4, 32, 64, 1) == -1  # two
+    assert lib.hest_gemv_amx(None, wp, None, xp, None, yp, sp, 64 * 32, 4, 32, 64, 1) == -1
+    assert lib.hest_gemv_amx(wp, None, None, xp, None, yp, sp, 64 * 32, 17, 32, 64, 1) == -2
+    assert lib.hest_gemv_amx(wp, None, None, xp, None, yp, sp, 64 * 32, 4, 15, 64, 1) == -3
+    assert lib.hest_gemv_amx(wp, None, None, xp, None, yp, sp, 64 * 32, 4, 32, 48, 1) == -3
+    assert lib.hest_gemv_amx(wp, None, None, xp, None, yp, sp, 100, 4, 32, 64, 1) == -6
+    assert lib.hest_gemv_amx(wp, None, None, xp, None, yp, sp + 1, 64 * 32, 4, 32, 64, 1) == -6
+    assert lib.hest_gemv_amx(wp, None, None, xp, None, yp, sp, 64 * 32, 4, 32, 64, 0) == -7
+    assert torch.equal(y, torch.full((4, 32), 7.0, dtype=torch.bfloat16))  # nothing written
+    assert NAT.set_amx(False) is False
+    try:
+        assert lib.hest_gemv_amx(wp, None, None, xp, None, yp, sp, 64 * 32, 4, 32, 64, 1) == -3
+    finally:
+        assert NAT.set_amx(True) is True

@@ -12,6 +12,7 @@ import torch
 
 from hest_core import native
 from hest_core.errors import CacheOverflowError, NativeArgumentError
+from hest_core.int4 import attach
 from hest_core.loading import build_lean, load_hf_model
 from hest_core.model import SeqSlot, const_decider
 from hest_core.paths import FP16
@@ -108,7 +109,8 @@ def test_position_outside_the_cache_is_refused(lean, bad):
 @needs_native
 @pytest.mark.parametrize("code", [3, -1, 7, 2**40])
 def test_unknown_path_code_is_refused(lean, code):
-    """A row whose path code is not 0, 1 or 2 was once silently dropped; now it is an error."""
+    """A row whose path code is not 0..3 (3 int4: only where the layer has int4 copies, which
+    this one has not) was once silently dropped; now it is an error."""
     x, h, cache, slots = _step_inputs(lean, 3)
     before = _snapshot(x, h, cache)
 
@@ -175,6 +177,110 @@ def test_raw_layer_call_checks_every_bound(lean):
         assert _raw_layer_call(lean, mutate) == code, name
         with pytest.raises(NativeArgumentError):
             native.check(code, "decode_layer")
+
+
+@pytest.fixture(scope="module")
+def lean4():
+    """A tiny model with int4 copies (the int4 path's code 3 is valid on it)."""
+    torch.manual_seed(0)
+    hf = load_hf_model("tiny:llama")
+    lean = build_lean(hf, torch.bfloat16, torch.device("cpu"), 64)
+    attach(lean, hf)
+    return lean
+
+
+def _raw_int4_call(lean4, mutate, codes=(3, 0)) -> int:
+    """One raw hest_decode_layer call on layer 0 of `lean4` with its LayerArgs changed by
+    `mutate(layer_args, keep)` (keep: a list that holds tensors the mutation points at) and rows
+    on `codes`; returns the C return code, x, h and the cache checked untouched on failure."""
+    fused = lean4.fused
+    x, h, cache, slots = _step_inputs(lean4, 2)
+    pos = torch.tensor([3, 4])
+    fused.forward(x, h, pos, slots, cache, const_decider(FP16))  # builds the layer blocks
+    la = native.LayerArgs.from_buffer_copy(fused._layers[0])
+    keep: list = []
+    mutate(la, keep)
+    st = native.StepArgs.from_buffer_copy(fused._step)
+    st.pos = pos.data_ptr()
+    paths = torch.tensor(codes, dtype=torch.long)
+    before = _snapshot(x, h, cache)
+    rc = NAT.decode_layer(
+        ctypes.addressof(la),
+        ctypes.addressof(st),
+        paths.data_ptr(),
+        x.data_ptr(),
+        h.data_ptr(),
+        fused._ln_next[0],
+        cache.k[0].data_ptr(),
+        cache.v[0].data_ptr(),
+    )
+    if rc:
+        assert _unchanged(before, x, h, cache)
+    return rc
+
+
+def _low_rank(i: int, rank: int, real_rank: int | None = None):
+    """A mutation giving product i (0 qkv, 1 o, 2 gu, 3 down) a low-rank term of `rank` rows
+    (declared as `real_rank` when given)."""
+
+    def mutate(la, keep):
+        d = 64  # tiny:llama's hidden size; K and N of each product are at most 4 d here
+        a = torch.zeros(max(rank, 1), 4 * d, dtype=torch.bfloat16)
+        b = torch.zeros(4 * d, max(rank, 1), dtype=torch.bfloat16)
+        keep += [a, b]
+        la.lr_a[i], la.lr_b[i] = a.data_ptr(), b.data_ptr()
+        la.lr_R[i] = rank if real_rank is None else real_rank
+
+    return mutate
+
+
+def _span(lo: int, hi: int):
+    """A low-rank term on product 2 (gu, N = 256 here) whose first row spans [lo, hi)."""
+
+    def mutate(la, keep):
+        _low_rank(2, 4)(la, keep)
+        span = torch.tensor([[lo, hi]] + [[0, 256]] * 3, dtype=torch.int32)
+        keep.append(span)
+        la.lr_span[2] = span.data_ptr()
+
+    return mutate
+
+
+@needs_native
+def test_raw_int4_layer_call_checks_its_arguments(lean4):
+    """The int4 arguments of hest_layer_t (Q4_1 copies, low-rank terms) and the path code 3."""
+    assert _raw_int4_call(lean4, lambda la, keep: None) == 0  # int4 beside fp16 runs
+    assert _raw_int4_call(lean4, _low_rank(2, 4)) == 0  # with a low-rank term
+    assert _raw_int4_call(lean4, _span(3, 100)) == 0  # and the columns of its rows
+    assert _raw_int4_call(lean4, lambda la, keep: None, codes=(4, 0)) == -5  # no path 4
+
+    def no_int4(la, keep):
+        for i in range(4):
+            la.q4[i] = None
+
+    assert _raw_int4_call(lean4, no_int4) == -5  # code 3 on a layer without int4 copies
+    assert _raw_int4_call(lean4, no_int4, codes=(1, 2)) == 0  # other rows still run
+
+    def some_int4(la, keep):
+        la.q4[2] = None
+
+    cases = {
+        "three of the four int4 copies": (some_int4, -1),
+        "a low-rank a without b": (
+            lambda la, keep: (
+                _low_rank(1, 4)(la, keep),
+                setattr(la, "lr_b", (ctypes.c_void_p * 4)()),
+            ),
+            -1,
+        ),
+        "low-rank rank 0": (_low_rank(0, 4, real_rank=0), -3),
+        "low-rank rank past K": (_low_rank(3, 4, real_rank=129), -3),
+        "a span past N": (_span(0, 257), -3),
+        "a span backwards": (_span(9, 8), -3),
+        "a negative span": (_span(-1, 8), -3),
+    }
+    for name, (mutate, code) in cases.items():
+        assert _raw_int4_call(lean4, mutate) == code, name
 
 
 @needs_native

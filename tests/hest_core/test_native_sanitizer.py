@@ -2,7 +2,8 @@
 fused layer write past its KV cache). A child pytest loads kernels built with
 `-fsanitize=address,undefined` (HEST_NATIVE_SANITIZE=1) with libasan preloaded, and runs the
 bounds tests, the fused layer against the PyTorch loop, and generation over random text and
-batches: any out-of-bounds access or undefined behaviour aborts it. A sanitizer alone misses a
+batches (1..16 rows, int4 rows with and without their low-rank term): any out-of-bounds access
+or undefined behaviour aborts it. A sanitizer alone misses a
 write that stays inside an allocation (another row or head of the cache): test_native_bounds.py
 checks those with explicit positions, rows and path codes."""
 
@@ -47,6 +48,8 @@ def test_kernels_under_address_sanitizer(tmp_path):
     tests = [
         str(HERE / "test_native_bounds.py"),
         str(HERE / "test_fused.py") + "::test_fused_layer_matches_pytorch_loop",
+        str(HERE / "test_fused.py") + "::test_fused_layer_at_1_to_16_rows",
+        str(HERE / "test_int4.py") + "::test_fused_layer_runs_int4_like_the_pytorch_loop",
         str(HERE / "test_generation_limits.py")
         + "::test_limit_holds_for_any_text_policy_and_batch",
         str(HERE / "test_native_sanitizer.py") + "::test_loaded_kernels_are_sanitized",

@@ -9,7 +9,7 @@ import threading
 
 import pytest
 
-from hest_core import Engine, GenerationRequest, generation
+from hest_core import Engine, GenerationRequest, generation, native
 from hest_core.energy import PJ
 from hest_core.scheduler import Scheduler
 
@@ -50,11 +50,18 @@ def _steps(sched: Scheduler, n: int) -> list[int]:
     return [sched.step() for _ in range(n)]
 
 
-@pytest.mark.parametrize("joiners", [1, 5], ids=["fused-rows", "past-native-rows"])
-def test_joining_mid_way_writes_what_it_writes_alone(tiny_engine: Engine, joiners: int):
-    """Greedy: request 0 runs, the others join at different steps (5 joiners take the decode
-    past the fused layer's 4 rows, onto the PyTorch loop); every one writes the same tokens,
-    paths and joules as alone."""
+@pytest.mark.parametrize(
+    "joiners,fused_rows",
+    [(1, 16), (5, 16), (5, 4)],
+    ids=["fused-rows", "fused-amx-rows", "past-fused-rows"],
+)
+def test_joining_mid_way_writes_what_it_writes_alone(
+    tiny_engine: Engine, joiners: int, fused_rows: int, monkeypatch
+):
+    """Greedy: request 0 runs, the others join at different steps (5 joiners: 6 rows, on the fused
+    layer's AMX products where the CPU has them; with the fused layer held to 4 rows, past it onto
+    the PyTorch loop); every one writes the same tokens, paths and joules as alone."""
+    monkeypatch.setattr(native, "FUSED_MAX_ROWS", fused_rows)
     reqs = [_req(0, max_new=40)] + [_req(i, max_new=12) for i in range(1, joiners + 1)]
     alone = [tiny_engine.generate([r])[0] for r in reqs]
     sched = tiny_engine.scheduler(max_rows=8)

@@ -373,7 +373,7 @@ async def test_health_ready_info(tiny_engine) -> None:
     for key in ("model", "adapter", "device", "meter", "policy", "calibration", "server"):
         assert key in info
     assert {"source", "date"} <= set(info["calibration"])
-    assert info["server"]["max_batch_size"] == 8
+    assert info["server"]["max_batch_size"] == 16
 
 
 def contract_metric_names() -> set[str]:
@@ -417,7 +417,7 @@ def test_settings_defaults_and_env(monkeypatch) -> None:
         "cpu",
         "hest",
     )
-    assert (s.max_batch_size, s.default_budget_ratio) == (8, 0.6)
+    assert (s.max_batch_size, s.default_budget_ratio) == (16, 0.6)
     monkeypatch.setenv("HEST_PORT", "9123")
     monkeypatch.setenv("HEST_ADAPTER", "none")
     monkeypatch.setenv("HEST_LOG_LEVEL", "WARNING")

@@ -30,6 +30,7 @@ import torch
 
 from . import calib_measure as cm
 from . import paths as reg
+from .dtypes import cpu_model_name
 from .energy import PhaseCosts
 from .meters import Meter
 from .model import LeanModel, SeqSlot, const_decider, linear16, rms_norm
@@ -139,14 +140,7 @@ def measure_rows(
 
 def cpu_record() -> dict:
     """What the CPU is (model name, logical CPUs, torch threads, machine), for the table."""
-    name = platform.processor() or "unknown"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    name = cpu_model_name() or platform.processor() or "unknown"
     return {
         "model_name": name,
         "logical_cpus": os.cpu_count(),

@@ -25,7 +25,7 @@ from . import calib_check, calib_measure, calib_rows, native
 from . import paths as reg
 from .calib_measure import _kernel_choice, _phase
 from .config import RuntimeConfig
-from .dtypes import dtype_name
+from .dtypes import cpu_model_name, dtype_name
 from .energy import CalibrationTable, PhaseCosts
 from .meters import EstimateMeter, Meter, pick_meter
 from .model import LeanModel
@@ -41,14 +41,7 @@ def device_key(device: torch.device) -> str:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
-        name = "cpu"
-        try:
-            for line in open("/proc/cpuinfo"):
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-        except OSError:
-            pass
+        name = cpu_model_name() or "cpu"
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:48]
 
 

@@ -51,3 +51,15 @@ def resolve_dtype(name: str | torch.dtype | None, device: torch.device) -> torch
 
 def dtype_name(dtype: torch.dtype) -> str:
     return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[dtype]
+
+
+def cpu_model_name() -> str | None:
+    """The CPU's model name from /proc/cpuinfo ("model name"), or None where it cannot be read."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None

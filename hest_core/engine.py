@@ -27,7 +27,8 @@ from .guard import MODES
 from .loading import DEFAULT_MODEL, build_lean, fingerprint, load_hf_model, load_tokenizer
 from .meters import pick_meter
 from .model import SeqSlot, const_decider
-from .prompt import fit_prompt, stop_token_ids
+from .prompt import build_prompt, fit_prompt, stop_token_ids, template_tokens
+from .reading import READ_MODES, plan_read
 from .request import (  # the request types live in request.py; re-exported here
     GenerationRequest,
     GenerationResult,
@@ -62,6 +63,15 @@ def _flag(v, name: str) -> bool:
             f"{name}={v!r} must be true or false", param=name, code=f"invalid_{name}"
         )
     return v  # "skip": every unit skipped (benchmarks only)
+
+
+def _read_mode(v) -> str:
+    """A request's `read` field: one of reading.READ_MODES, else InvalidInputError."""
+    if v not in READ_MODES:
+        raise InvalidInputError(
+            f"read={v!r} must be one of {', '.join(READ_MODES)}", param="read", code="invalid_read"
+        )
+    return v
 
 
 class Engine:
@@ -312,6 +322,7 @@ class Engine:
         )
         options = check_options(r)
         clean_end = _flag(r.clean_end, "clean_end")
+        read = _read_mode(r.read)
         with self.tokenizer_lock:  # HF fast tokenizers are not safe across threads
             check_system(self.tokenizer, r.system)
             ids, truncated = fit_prompt(
@@ -322,15 +333,28 @@ class Engine:
                 system=r.system,
                 truncate=_flag(r.truncate, "truncate"),
             )
-        fp16_q = self.energy.request_cost_q(len(ids), max_new, 0)
+            template = template_tokens(self.tokenizer, r.system)
+        article = max(0, len(ids) - template)  # the article's tokens in the prompt
+        fp16_q = self.energy.request_cost_q(len(ids), max_new, 0)  # the ratio's reference
+        budget_q = budget_q_of(budget_param, budget_val, fp16_q)
+        read_n, truncated_by = article, "context" if truncated else None
+        if read == "budget" and self.guard_mode != "off" and article:
+            plan = plan_read(self.energy, budget_q, template, article, max_new, path=self.stop_path)
+            if plan.cut:
+                with self.tokenizer_lock:
+                    ids, _ = build_prompt(self.tokenizer, r.text, plan.read, system=r.system)
+                read_n, truncated, truncated_by = plan.read, True, "budget"
         return PreparedRequest(  # raises BudgetTooLowError below the minimum (guarded)
             ids=ids,
             max_new=max_new,
-            budget_q=budget_q_of(budget_param, budget_val, fp16_q),
+            budget_q=budget_q,
             fp16_q=fp16_q,
             min_q=self.energy.min_feasible_q(len(ids), max_new, self.stop_path),
             min_path=self.policy if self.stop_path is not None else None,
             truncated=truncated,
+            article_tokens=article,
+            article_read=read_n,
+            truncated_by=truncated_by,
             cancelled=r.cancelled,
             budget_param=budget_param,
             guarded=self.guard_mode != "off",

@@ -67,6 +67,13 @@ def build_prompt(
     return list(ids), truncated
 
 
+def template_tokens(tokenizer, system: str | None = None) -> int:
+    """Prompt tokens around the article: the chat template, the instruction and the system turn
+    (`build_prompt` of an empty article; tokenisation at the article's edges may shift it by a
+    token)."""
+    return len(build_prompt(tokenizer, "", None, system=system)[0])
+
+
 def fit_prompt(
     tokenizer,
     article: str,

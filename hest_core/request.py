@@ -28,6 +28,11 @@ class PreparedRequest:
     min_q: int  # the cheapest feasible work (EnergyModel.min_feasible_q), picojoules
     truncated: bool
     cancelled: threading.Event | None = None
+    # the article's tokens and how many of them the prompt holds (the read plan, reading.py);
+    # truncated_by: "context" (cut to the model's context, asked with truncate) or "budget"
+    article_tokens: int = 0
+    article_read: int = 0
+    truncated_by: str | None = None
     budget_param: str = "energy_budget_ratio"  # the request field the budget came from
     guarded: bool = True  # False under a fixed policy (guard off): no minimum is enforced
     min_path: str | None = None  # the one path min_q is costed on (guard "stop"); None: cheapest
@@ -108,6 +113,9 @@ class GenerationRequest:
     # a prompt over the context (minus max_new_tokens) is refused with the numbers unless this
     # asks to cut the article to fit (then stats.truncated is true)
     truncate: bool = False
+    # "budget": where the budget cannot pay for the whole article and a summary, read the
+    # article's head that leaves the summary paid for (reading.py); "whole": read everything
+    read: str = "budget"
 
 
 @dataclass
@@ -127,6 +135,9 @@ class RequestStats:
     paths_per_layer: list[dict[str, int]]
     demotions: int
     truncated: bool
+    article_tokens: int = 0  # the article's tokens (after any cut to the context)
+    article_tokens_read: int = 0  # ... of which the prompt held (the read plan)
+    truncated_by: str | None = None  # "context" | "budget" | None
     ttft_s: float = 0.0
     prefill_s: float = 0.0
     decode_s: float = 0.0

@@ -33,6 +33,9 @@ def result_of(engine, st: RequestState, measured_j: float, estimated_j: float) -
         paths_per_layer=per_layer,
         demotions=st.guard.demotions,
         truncated=st.req.truncated,
+        article_tokens=st.req.article_tokens,
+        article_tokens_read=st.req.article_read,
+        truncated_by=st.req.truncated_by,
         ttft_s=st.ttft_s,
         prefill_s=st.prefill_s,
         decode_s=max(0.0, done - st.prefill_s),
@@ -61,5 +64,8 @@ def failed_result(engine, p: PreparedRequest, err: HestError) -> GenerationResul
         paths_per_layer=[dict.fromkeys(engine.energy.paths, 0) for _ in range(n_layers)],
         demotions=0,
         truncated=p.truncated,
+        article_tokens=p.article_tokens,
+        article_tokens_read=p.article_read,
+        truncated_by=p.truncated_by,
     )
     return GenerationResult("", "error", stats, None, err)

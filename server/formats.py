@@ -62,8 +62,14 @@ def summarize_response(job: Job, result: GenerationResult) -> SummarizeResponse:
         finish_reason=result.finish_reason,  # type: ignore[arg-type]
         finish_detail=result.finish_detail,
         energy=energy_report(job, result),
-        usage=Usage(prompt_tokens=s.prompt_tokens, completion_tokens=s.completion_tokens),
+        usage=Usage(
+            prompt_tokens=s.prompt_tokens,
+            completion_tokens=s.completion_tokens,
+            article_tokens=s.article_tokens,
+            article_tokens_read=s.article_tokens_read,
+        ),
         paths=paths(result),
         timings=timings(job, result),
         truncated=s.truncated,
+        truncated_by=s.truncated_by,
     )

@@ -50,6 +50,9 @@ def chat_usage(job: Job, result: GenerationResult) -> ChatUsage:
         prompt_tokens=s.prompt_tokens,
         completion_tokens=s.completion_tokens,
         total_tokens=s.prompt_tokens + s.completion_tokens,
+        article_tokens=s.article_tokens,
+        article_tokens_read=s.article_tokens_read,
+        truncated_by=s.truncated_by,
         energy=energy,
     )
 

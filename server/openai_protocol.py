@@ -19,11 +19,13 @@ from .protocol import (
     MAX_INPUT_CHARS,
     NON_BLANK,
     ONE_BUDGET,
+    READ_DOC,
     BudgetJ,
     BudgetRatio,
     EnergyReport,
     MaxNewTokens,
     Paths,
+    Read,
     strict_int,
 )
 
@@ -269,6 +271,7 @@ class ChatCompletionRequest(_Strict):
         description="HEST extension: end on a sentence boundary, never mid-sentence because "
         "max_tokens or the budget ran out, and before a repeated sentence (docs/server.md)",
     )
+    read: Read = Field("budget", description="HEST extension: " + READ_DOC)
 
 
 # ---- responses -----------------------------------------------------------------------------------
@@ -307,6 +310,14 @@ class ChatUsage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    article_tokens: int = Field(description="HEST extension: the text's tokens")
+    article_tokens_read: int = Field(
+        description="HEST extension: the text's tokens the prompt held (fewer when the read plan "
+        "or truncate cut it; truncated_by says which)"
+    )
+    truncated_by: Literal["context", "budget"] | None = Field(
+        None, description="HEST extension: context (truncate: true), budget (the read plan)"
+    )
     energy: ChatEnergyUsage
 
 

@@ -62,6 +62,14 @@ def strict_int(**constraints: Any) -> Any:
 MaxNewTokens = strict_int(ge=1, json_schema_extra={"maximum": MAX_NEW_TOKENS})
 
 
+Read = Literal["budget", "whole"]
+READ_DOC = (
+    "budget (default): where the budget cannot pay for reading the whole article and a summary, "
+    "read the article's head that leaves the summary paid for (usage.article_tokens_read says "
+    "how much; docs/contracts.md); whole: read every token, whatever is left for the summary"
+)
+
+
 # both budget fields as numbers: refused (conflicting_budget); the schema says so
 ONE_BUDGET = {
     "not": {
@@ -120,6 +128,7 @@ class SummarizeRequest(_Request):
         description="end on a sentence boundary, never mid-sentence because max_new_tokens or "
         "the budget ran out, and before a repeated sentence",
     )
+    read: Read = Field("budget", description=READ_DOC)
     stream: Annotated[bool, Field(strict=True)] = Field(
         False, description="server-sent events: text deltas, then the full response"
     )
@@ -148,6 +157,11 @@ class EnergyReport(BaseModel):
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
+    article_tokens: int = Field(description="the article's tokens (after any cut to the context)")
+    article_tokens_read: int = Field(
+        description="the article tokens the prompt held: fewer than article_tokens when the read "
+        "plan (read: budget) or truncate cut it"
+    )
 
 
 class Paths(RootModel[dict[str, int]]):
@@ -179,7 +193,12 @@ class SummarizeResponse(BaseModel):
     usage: Usage
     paths: Paths
     timings: Timings
-    truncated: bool = Field(description="the article was cut to the model's article limit")
+    truncated: bool = Field(description="the article was cut: see truncated_by")
+    truncated_by: Literal["context", "budget"] | None = Field(
+        None,
+        description="context: cut to the model's context (truncate: true); budget: the read plan "
+        "read the article's head because the budget could not pay for all of it and a summary",
+    )
 
 
 # ---- health / info --------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ def runtime_request(body: SummarizeRequest | ChatCompletionRequest) -> Generatio
         energy_budget_ratio=body.energy_budget_ratio,
         clean_end=body.clean_end,
         truncate=body.truncate,
+        read=body.read,
         **fields,
     )
 

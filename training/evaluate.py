@@ -26,6 +26,7 @@ from hest_core import Engine, GenerationRequest
 from hest_core import paths as reg
 from hest_core.endings import ends_sentence
 from hest_core.errors import BudgetTooLowError
+from hest_core.reading import READ_MODES
 
 from .data import Pair, load_pairs
 from .lora import lora_params
@@ -78,6 +79,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--no-clean-end",
         action="store_true",
         help="let limits cut summaries mid-sentence (clean endings off, as before session 5)",
+    )
+    ap.add_argument(
+        "--read",
+        choices=READ_MODES,
+        default="budget",
+        help="budget (the server's default): a budget that cannot pay for the whole article and "
+        "a summary reads the article's head (hest_core/reading.py); whole: read every token",
     )
     ap.add_argument(
         "--shard",
@@ -164,6 +172,7 @@ def run_one(engines: Engines, policy: str, ratio: float | None, pair: Pair, args
         energy_budget_ratio=ratio,
         max_new_tokens=args.max_new_tokens,
         clean_end=not args.no_clean_end,
+        read=args.read,
     )
     try:
         res = eng.generate([req])[0]
@@ -187,6 +196,8 @@ def run_one(engines: Engines, policy: str, ratio: float | None, pair: Pair, args
         "estimated_j": st.estimated_j,
         "meter": st.meter,
         "prompt_tokens": st.prompt_tokens,
+        "article_tokens": st.article_tokens,
+        "article_tokens_read": st.article_tokens_read,
         "completion_tokens": st.completion_tokens,
         "paths": st.paths,
         "paths_per_layer": st.paths_per_layer,
@@ -278,6 +289,7 @@ def evaluate(args: argparse.Namespace) -> dict:
         "n": len(ids),
         "max_new_tokens": args.max_new_tokens,
         "max_article_tokens": args.max_article_tokens,
+        "read": args.read,
         "calibration": engines.calibration,
         "engines": {p: e.info() for p, e in engines.e.items()},
         "rows": summary,

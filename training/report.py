@@ -62,10 +62,17 @@ def summarise(name: str, policy: str, recs: list[dict], longest: set[str]) -> di
         overshoot_longest_max=max(over) if over else None,
         overshoot_longest_mean=mean(over) if over else None,
         controller_params=recs[0]["controller_params"],
+        # the share of the article read (the read plan; older sample files lack it: None)
+        read_share=mean(read) if (read := _read_shares(recs)) else None,
         path_shares={p: v / tot for p, v in paths.items()},
         path_shares_per_layer=grid,
     )
     return out
+
+
+def _read_shares(recs: list[dict]) -> list[float]:
+    """Per sample with an article: the share of its tokens the prompt held."""
+    return [r["article_tokens_read"] / r["article_tokens"] for r in recs if r.get("article_tokens")]
 
 
 def markdown(rows: list[dict], n: int) -> str:
@@ -78,9 +85,9 @@ def markdown(rows: list[dict], n: int) -> str:
         "| row | n | R-1 | R-2 | R-L | R-Lsum | modelled J/sample | measured J | wall s/sample | "
         "p50 s | p99 s | violations | budget stops | overshoot longest 10% (max) | "
         f"paths {'/'.join(reg.names())} | ctrl params | tokens | sentence ends | budget-ended | J/budget | "
-        "refused | empty |"
+        "refused | empty | read |"
     )
-    lines = [head, "|" + " --- |" * 22]
+    lines = [head, "|" + " --- |" * 23]
     for r in rows:
         sh = r.get("path_shares")
         shares = "/".join(f"{sh[p]:.2f}" for p in reg.names()) if sh else "-"
@@ -97,7 +104,7 @@ def markdown(rows: list[dict], n: int) -> str:
             f"{f(r.get('overshoot_longest_max'), 3)} | {shares} | {r.get('controller_params', '-')} | "
             f"{f(r.get('completion_tokens'))} | {f(r.get('sentence_end_share'), 2)} | "
             f"{f(r.get('budget_ended_share'), 2)} | {f(r.get('spent_over_budget'), 2)} | "
-            f"{r.get('refused', '-')} | {r.get('empty', '-')} |"
+            f"{r.get('refused', '-')} | {r.get('empty', '-')} | {f(r.get('read_share'), 2)} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -63,16 +63,21 @@ def test_bad_input_is_a_clear_error(tiny_engine: Engine, req, code, param):
 
 
 def test_budget_below_minimum_quotes_it(tiny_engine: Engine):
-    p = tiny_engine.check(GenerationRequest(ARTICLE, energy_budget_ratio=1.0, max_new_tokens=8))
+    """Reading the whole article (read: whole); the read plan's floor is test_reading's."""
+    p = tiny_engine.check(
+        GenerationRequest(ARTICLE, energy_budget_ratio=1.0, max_new_tokens=8, read="whole")
+    )
     with pytest.raises(BudgetTooLowError) as ei:
         tiny_engine.check(
-            GenerationRequest(ARTICLE, energy_budget_j=p.min_j * 0.99, max_new_tokens=8)
+            GenerationRequest(
+                ARTICLE, energy_budget_j=p.min_j * 0.99, max_new_tokens=8, read="whole"
+            )
         )
     assert ei.value.minimum_j == pytest.approx(p.min_j)
     assert f"{p.min_j:.6g}" in str(ei.value)
     # exactly the minimum is accepted and runs
     res = tiny_engine.generate(
-        [GenerationRequest(ARTICLE, energy_budget_j=p.min_j, max_new_tokens=8)]
+        [GenerationRequest(ARTICLE, energy_budget_j=p.min_j, max_new_tokens=8, read="whole")]
     )[0]
     assert res.stats.modelled_j <= p.min_j
     assert res.stats.completion_tokens >= 1
@@ -84,12 +89,14 @@ def test_whole_documents_up_to_the_context_never_cut_silently(tiny_engine: Engin
     when it asks for that, and then flagged."""
     ctx = tiny_engine.context_tokens
     assert ctx == 2048 and tiny_engine.info()["max_context_tokens"] == ctx
-    long = tiny_engine.check(GenerationRequest(ARTICLE * 8, max_new_tokens=8))
+    long = tiny_engine.check(GenerationRequest(ARTICLE * 8, max_new_tokens=8, read="whole"))
     assert not long.truncated and 1000 < len(long.ids) <= ctx - 8
     with pytest.raises(InvalidInputError, match=r"the prompt is \d+ tokens") as err:
         tiny_engine.check(GenerationRequest(ARTICLE * 40, max_new_tokens=8))
     assert err.value.code == "context_length_exceeded" and err.value.param == "text"
-    cut = tiny_engine.check(GenerationRequest(ARTICLE * 40, max_new_tokens=8, truncate=True))
+    cut = tiny_engine.check(
+        GenerationRequest(ARTICLE * 40, max_new_tokens=8, truncate=True, read="whole")
+    )
     assert cut.truncated and ctx - 8 - 4 <= len(cut.ids) <= ctx - 8
     res = tiny_engine.generate([cut])[0]
     assert res.stats.truncated and res.stats.completion_tokens <= 8

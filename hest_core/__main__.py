@@ -46,7 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--policy",
         default="hest",
-        help="hest, or a fixed path: fp16, int8, skip, and int4 when HEST_PATHS registers it",
+        help="hest, or a fixed path: fp16, int8, skip, and int4 when registered (HEST_PATHS, or an "
+        "adapter trained with it, as the default one is)",
     )
     s.add_argument("--device", default="cpu")
     s.add_argument("--json", action="store_true", help="print one JSON object")

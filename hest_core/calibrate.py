@@ -45,12 +45,17 @@ def device_key(device: torch.device) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")[:48]
 
 
+def paths_suffix() -> str:
+    """The registered opt-in paths as a name suffix ("-int4"; "" for the built-in three): they
+    add columns, so their tables are named apart from the built-in three's."""
+    return "".join(f"-{n}" for n in reg.names()[len(reg.BUILTIN_NAMES) :])
+
+
 def table_name(fp: str, lean: LeanModel) -> str:
     threads = torch.get_num_threads() if lean.device.type == "cpu" else 0
     # the native decode kernels change the costs: tables with and without them are apart
     nat = "-native" if lean.device.type == "cpu" and native.get() is not None else ""
-    # opt-in paths (int4) add columns: their tables are apart from the built-in three's
-    extra = "".join(f"-{n}" for n in reg.names()[len(reg.BUILTIN_NAMES) :])
+    extra = paths_suffix()
     return f"{fp}-{device_key(lean.device)}-{dtype_name(lean.dtype)}-{threads}t{nat}{extra}.json"
 
 
@@ -184,7 +189,9 @@ def resolve(
 
     1. `path` (or `config.calibration`, $HEST_CALIBRATION; config None: from the environment,
        as is the cache directory): a table file, or a directory searched for this device's
-       table name and then `<fingerprint>.json` (a table for this model from any device);
+       table name, then `<fingerprint><paths_suffix()>.json` (a table for this model and this
+       path set from any device, e.g. `<fingerprint>-int4.json` with int4 registered), then
+       `<fingerprint>.json`;
     2. this device's cached table, unless it fails `calib_check.problems` (then it is set aside
        as `*.rejected` and measured again);
     3. the table packaged for this device;
@@ -200,7 +207,7 @@ def resolve(
         p = Path(path)
         if not p.is_dir():
             return CalibrationTable.load(p)
-        for cand in (p / name, p / f"{fp}.json"):
+        for cand in (p / name, p / f"{fp}{paths_suffix()}.json", p / f"{fp}.json"):
             if cand.is_file():
                 return CalibrationTable.load(cand)
     cached = cfg.cache_dir / "calibration" / name

@@ -143,8 +143,14 @@ class Engine:
         cfg = config or RuntimeConfig.from_env()
         if paths is not None:
             cfg = dataclasses.replace(cfg, paths=tuple(paths))  # validated (ConfigError)
+        # an adapter's paths are registered even where the path set (HEST_PATHS, `paths`) leaves
+        # them out: its controller chooses them (docs/runtime.md, "The int4 path")
         if extra := [p for p in cls._adapter_paths(adapter, model) if p not in cfg.paths]:
-            log.info("the adapter was trained with %s: registering it", ", ".join(extra))
+            log.info(
+                "the adapter was trained with %s: registering it beside the paths asked for (%s)",
+                ", ".join(extra),
+                ",".join(cfg.paths),
+            )
             cfg = dataclasses.replace(cfg, paths=(*cfg.paths, *extra))
         reg.enable(cfg.paths)
         cls._check_policy(policy, guard)

@@ -245,3 +245,16 @@ def registered(name: str, **fields) -> Iterator[Path]:
         yield p
     finally:
         unregister(name)
+
+
+@contextmanager
+def restored() -> Iterator[tuple[str, ...]]:
+    """Run a with-block, then put the registry back as it was before it, whatever was
+    registered or enabled inside (tests: an engine loading a four-path adapter registers int4
+    for the process). Yields the names before. Engines built inside must not be used after."""
+    global PATHS
+    before = PATHS
+    try:
+        yield names()
+    finally:
+        PATHS = before

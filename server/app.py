@@ -81,7 +81,7 @@ def create_app(
     app = FastAPI(
         title="HEST serving",
         version="0.1.0",
-        summary="Summaries under a per-request energy budget (HEST: per-token fp16/int8/skip)",
+        summary="Summaries under a per-request energy budget (HEST: a path per token and layer)",
         lifespan=lifespan,
     )
     init_state(app, settings, metrics, engine, background_load)

@@ -194,8 +194,12 @@ class Metrics:
         for source in ("modelled", "estimated"):
             self.energy_total.labels(source, meter)
             self.request_energy.labels(source, meter)
+        # the engine's paths: loading it may have registered more (an adapter trained with int4)
+        paths = info.get("paths") or path_names()
+        for path in paths:
+            self.units.labels(path)
         for layer in range(int(info.get("n_layers") or 0)):
-            for path in info.get("paths") or path_names():
+            for path in paths:
                 self.layer_units.labels(str(layer), path)
 
     def observe_result(

@@ -11,9 +11,18 @@ per model fingerprint, `<fingerprint>.json`:
   head as it does on the real model (the tiny model's own 49152-row head would otherwise be
   ~95% of a token and no path choice would matter).
 
-`int4_tables` (a fixture) writes the same tables with a 4th column for the opt-in `int4` path
-(issue 13): per unit, halfway between int8's and skip's cost, so int4 sits in the cost order
-where its quality puts it. Pass its directory as `calibration=` to an engine built with int4.
+Beside each `<fingerprint>.json` (the built-in three paths) lies `<fingerprint>-int4.json`, the
+same table with a 4th column for the opt-in `int4` path (issue 13): per unit, halfway between
+int8's and skip's cost, so int4 sits in the cost order where its quality puts it. An engine picks
+the one with a column per registered path (`calibrate.resolve`), so an engine that registers int4
+(`paths=`, `HEST_PATHS`, or an adapter trained with it, as the shipped default adapter is) gets
+four columns without being told. `int4_tables` (a fixture) is a directory of the same files for
+tests that pass `calibration=` explicitly.
+
+The path registry is process-wide (hest_core/paths.py): whatever a test module or a test
+registers (an engine on the four-path default adapter registers int4) is taken back after it
+(`_registry_per_module`, `_registry_per_test`), so every other test runs on the built-in three.
+Session-scoped engines are built on the built-in three and must be used only there.
 
 `shared_tables` (a fixture) writes the same tables with fixed batched-decode shares (issue 15):
 per decode unit SHARED_UNIT of its cost, and HEAD_SHARED of the head, are paid once per decode
@@ -33,6 +42,7 @@ from pathlib import Path
 import pytest
 
 from hest_core import Engine
+from hest_core import paths as reg
 from hest_core.calibrate import PACKAGED
 from hest_core.loading import TINY, fingerprint, load_hf_model
 
@@ -63,10 +73,16 @@ def _with_int4(t: dict) -> dict:
     return t
 
 
-def _write_fixed_tables(out: Path, int4: bool = False, shares: bool = False) -> None:
+def _write(out: Path, t: dict, shares: bool) -> None:
+    """`<fingerprint>.json` (the built-in three paths) and `<fingerprint>-int4.json` of `t`."""
+    t = _with_shares(t) if shares else t
+    (out / f"{t['model_fingerprint']}.json").write_text(json.dumps(t))
+    (out / f"{t['model_fingerprint']}-int4.json").write_text(json.dumps(_with_int4(t)))
+
+
+def _write_fixed_tables(out: Path, shares: bool = False) -> None:
     ref = json.loads(REFERENCE.read_text())
-    fix = _with_int4 if int4 else _with_shares if shares else (lambda t: t)
-    (out / f"{ref['model_fingerprint']}.json").write_text(json.dumps(fix(ref)))
+    _write(out, ref, shares)
     for kind in TINY:
         hf = load_hf_model(kind)
         n = hf.config.num_hidden_layers
@@ -79,7 +95,7 @@ def _write_fixed_tables(out: Path, int4: bool = False, shares: bool = False) -> 
             if ref[ph].get("shared") is not None:  # measured shares scale with their units
                 row = [v * ref["n_layers"] / n for v in ref[ph]["shared"][0]]
                 t[ph]["shared"] = [list(row) for _ in range(n)]
-        (out / f"{t['model_fingerprint']}.json").write_text(json.dumps(fix(t)))
+        _write(out, t, shares)
 
 
 def pytest_configure(config) -> None:
@@ -94,7 +110,7 @@ def pytest_configure(config) -> None:
 def int4_tables(tmp_path_factory) -> Path:
     """A directory of the fixed tables with an int4 column (see the module docstring)."""
     out = tmp_path_factory.mktemp("calibration-int4")
-    _write_fixed_tables(out, int4=True)
+    _write_fixed_tables(out)
     return out
 
 
@@ -106,12 +122,35 @@ def shared_tables(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _registry_per_module():
+    """The path registry as it was before the module (module docstring)."""
+    with reg.restored():
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _registry_per_test():
+    """The path registry as it was before the test (its module's fixtures' paths stay)."""
+    with reg.restored():
+        yield
+
+
+def builtin_engine(*args, **kw) -> Engine:
+    """A session-scoped engine: built on the built-in three paths (module docstring)."""
+    assert reg.names() == reg.BUILTIN_NAMES, (
+        f"a session-scoped engine built while {reg.names()} are registered would break every "
+        "later test; request it from a module that registers no optional path"
+    )
+    return Engine.from_pretrained(*args, **kw)
+
+
 @pytest.fixture(scope="session")
 def tiny_engine() -> Engine:
-    return Engine.from_pretrained("tiny:llama", adapter=None, progress=False)
+    return builtin_engine("tiny:llama", adapter=None, progress=False)
 
 
 @pytest.fixture(scope="session")
 def default_engine() -> Engine:
     """The real default model (SmolLM2-135M-Instruct), no adapter."""
-    return Engine.from_pretrained("default", adapter=None, progress=False)
+    return builtin_engine("default", adapter=None, progress=False)

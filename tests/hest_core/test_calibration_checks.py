@@ -126,6 +126,7 @@ def test_explicit_directory_holds_tables_by_fingerprint(tiny_lean_fp, tmp_path):
     t = _table([6.9e-4, 7.1e-4, 6.1e-4], n_layers=lean.spec.n_layers)
     t.model_fingerprint = fp
     t.save(tmp_path / f"{fp}.json")
+    (tmp_path / f"{fp}-int4.json").write_text("{}")  # another path set's: never read here
     got = calibrate.resolve(lean, fp, tmp_path, EstimateMeter(30), progress=False)
     assert got.source == str(tmp_path / f"{fp}.json")
     assert json.loads((tmp_path / f"{fp}.json").read_text())["decode"] == copy.deepcopy(

@@ -4,6 +4,9 @@ module (`int4` fixture), so every other test keeps the built-in three."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -66,9 +69,20 @@ def _engine(tables, policy: str, **kw) -> Engine:
     )
 
 
-def test_three_column_table_is_refused_with_int4(int4):
+def test_tables_by_path_set_and_a_three_column_one_is_refused(int4, hf, tmp_path):
+    """A directory of tables holds one per path set (`<fingerprint>-int4.json` beside
+    `<fingerprint>.json`, tests/conftest.py): the four-path engine takes the four-column one;
+    given only the three-column table it refuses it."""
+    fp = fingerprint(hf)
+    e = Engine.from_pretrained("tiny:llama", adapter=None, progress=False, paths=FOUR)
+    assert e.info()["calibration"]["source"].endswith(f"{fp}-int4.json")
+    (tmp_path / f"{fp}.json").write_text(
+        (Path(os.environ["HEST_CALIBRATION"]) / f"{fp}.json").read_text()
+    )
     with pytest.raises(CalibrationError, match="recalibrate"):
-        Engine.from_pretrained("tiny:llama", adapter=None, progress=False, paths=FOUR)
+        Engine.from_pretrained(
+            "tiny:llama", adapter=None, progress=False, paths=FOUR, calibration=tmp_path
+        )
 
 
 def test_int4_linear_matches_its_dequantized_weights(hf, lean4):

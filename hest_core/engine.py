@@ -14,21 +14,20 @@ import torch
 
 from . import native
 from . import paths as reg
+from .admission import admit
 from .artifact import HestAdapter, load_adapter
-from .budget import budget_q_of, requested_budget
 from .compiled import enable_compile
 from .config import RuntimeConfig
 from .controller import Controller
-from .decoding import TokenTexts, check_options, check_system
+from .decoding import TokenTexts
 from .dtypes import dtype_name, resolve_device, resolve_dtype
 from .energy import EnergyModel
-from .errors import HestError, InvalidInputError
+from .errors import HestError
 from .guard import MODES
 from .loading import DEFAULT_MODEL, build_lean, fingerprint, load_hf_model, load_tokenizer
 from .meters import pick_meter
 from .model import SeqSlot, const_decider
-from .prompt import build_prompt, fit_prompt, stop_token_ids, template_tokens
-from .reading import READ_MODES, plan_read
+from .prompt import stop_token_ids
 from .request import (  # the request types live in request.py; re-exported here
     GenerationRequest,
     GenerationResult,
@@ -55,23 +54,6 @@ DEFAULT_MAX_NEW_TOKENS = 128
 # the most positions an engine serves (the model's own limit if lower): rope tables and a long
 # prompt's prefill stay bounded; SmolLM2-135M reads 8,192
 MAX_CONTEXT = 32768
-
-
-def _flag(v, name: str) -> bool:
-    if not isinstance(v, bool):
-        raise InvalidInputError(
-            f"{name}={v!r} must be true or false", param=name, code=f"invalid_{name}"
-        )
-    return v  # "skip": every unit skipped (benchmarks only)
-
-
-def _read_mode(v) -> str:
-    """A request's `read` field: one of reading.READ_MODES, else InvalidInputError."""
-    if v not in READ_MODES:
-        raise InvalidInputError(
-            f"read={v!r} must be one of {', '.join(READ_MODES)}", param="read", code="invalid_read"
-        )
-    return v
 
 
 class Engine:
@@ -300,73 +282,9 @@ class Engine:
 
     # ---- validation -------------------------------------------------------------------------------
     def check(self, r: GenerationRequest) -> PreparedRequest:
-        if not isinstance(r.text, str) or not r.text.strip():
-            raise InvalidInputError(
-                "text is empty; send the article to summarise", param="text", code="empty_text"
-            )
-        if len(r.text) > self.max_input_chars:
-            raise InvalidInputError(
-                f"text has {len(r.text)} characters, over the limit of {self.max_input_chars}; "
-                f"send at most {self.max_input_chars} (the model reads {self.context_tokens} "
-                "tokens at most)",
-                param="text",
-                code="text_too_long",
-            )
-        max_new = self.default_max_new_tokens if r.max_new_tokens is None else r.max_new_tokens
-        if (
-            isinstance(max_new, bool)
-            or not isinstance(max_new, int)
-            or not 1 <= max_new <= self.max_new_tokens_limit
-        ):
-            raise InvalidInputError(
-                f"max_new_tokens={max_new!r} must be an integer in 1..{self.max_new_tokens_limit}",
-                param="max_new_tokens",
-                code="invalid_max_new_tokens",
-            )
-        budget_param, budget_val = requested_budget(
-            r.energy_budget_j, r.energy_budget_ratio, self.default_budget_ratio
-        )
-        options = check_options(r)
-        clean_end = _flag(r.clean_end, "clean_end")
-        read = _read_mode(r.read)
-        with self.tokenizer_lock:  # HF fast tokenizers are not safe across threads
-            check_system(self.tokenizer, r.system)
-            ids, truncated = fit_prompt(
-                self.tokenizer,
-                r.text,
-                self.context_tokens - max_new,
-                max_article_tokens=self.max_article_tokens,
-                system=r.system,
-                truncate=_flag(r.truncate, "truncate"),
-            )
-            template = template_tokens(self.tokenizer, r.system)
-        article = max(0, len(ids) - template)  # the article's tokens in the prompt
-        fp16_q = self.energy.request_cost_q(len(ids), max_new, 0)  # the ratio's reference
-        budget_q = budget_q_of(budget_param, budget_val, fp16_q)
-        read_n, truncated_by = article, "context" if truncated else None
-        if read == "budget" and self.guard_mode != "off" and article:
-            plan = plan_read(self.energy, budget_q, template, article, max_new, path=self.stop_path)
-            if plan.cut:
-                with self.tokenizer_lock:
-                    ids, _ = build_prompt(self.tokenizer, r.text, plan.read, system=r.system)
-                read_n, truncated, truncated_by = plan.read, True, "budget"
-        return PreparedRequest(  # raises BudgetTooLowError below the minimum (guarded)
-            ids=ids,
-            max_new=max_new,
-            budget_q=budget_q,
-            fp16_q=fp16_q,
-            min_q=self.energy.min_feasible_q(len(ids), max_new, self.stop_path),
-            min_path=self.policy if self.stop_path is not None else None,
-            truncated=truncated,
-            article_tokens=article,
-            article_read=read_n,
-            truncated_by=truncated_by,
-            cancelled=r.cancelled,
-            budget_param=budget_param,
-            guarded=self.guard_mode != "off",
-            clean_end=clean_end,
-            **options,
-        )
+        """Validate and tokenise a request (admission.py): InvalidInputError for bad input,
+        BudgetTooLowError below its minimum."""
+        return admit(self, r)
 
     # ---- generation -------------------------------------------------------------------------------
     def generate(

@@ -304,7 +304,7 @@ def _markdown(
     lines = [
         "# Load test report",
         "",
-        f"Created {report['created_at']}; command: `python -m loadtest {' '.join(report['argv'])}`",
+        f"Created {report['created_at']}; command: `{_command(report)}`",
         "",
         f"Latency SLO for goodput: {report['slo_s']:g} s. `estimated` joules are the server's "
         "time x nominal watts (an estimate); `busy time x W` joules are the same estimate made by "
@@ -329,6 +329,13 @@ def _markdown(
         rel = plot.relative_to(base) if plot.is_relative_to(base) else plot
         lines += ["", f"![{plot.stem}]({rel})"]
     return "\n".join(lines) + "\n"
+
+
+def _command(report: dict[str, Any]) -> str:
+    """The command that made the report: the peer's where it started the servers."""
+    own = f"python -m loadtest {' '.join(report['argv'])}"
+    setup = report.get("setup") or {}
+    return f"{setup['command']}` (it ran `{own}" if "command" in setup else own
 
 
 def _cell(value: Any) -> str:

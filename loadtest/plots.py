@@ -1,10 +1,12 @@
-"""PNG plots: latency CDF, p99 latency against arrival rate, joules per request against budget."""
+"""PNG plots: latency CDF; p99 latency and goodput against offered load (arrival rate for open
+loops, workers for closed ones), every target on one figure; joules per request against budget."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+from loadtest.report import lookup
 from loadtest.runner import RunResult
 
 
@@ -26,6 +28,12 @@ def write_plots(
     rates = {s["rate_rps"] for s in summaries if s["rate_rps"] is not None}
     if len(rates) > 1:
         written.append(p99_vs_rate(summaries, out_dir / "p99_vs_rate.png"))
+        written.append(vs_load(summaries, "rate_rps", GOODPUT, out_dir / "goodput_vs_rate.png"))
+    workers = {s["concurrency"] for s in summaries if s["concurrency"] is not None}
+    if len(workers) > 1:
+        for metric, name in ((P99, "p99"), (GOODPUT, "goodput")):
+            path = out_dir / f"{name}_vs_concurrency.png"
+            written.append(vs_load(summaries, "concurrency", metric, path))
     if any(r.modelled_j is not None for res in results for r in res.records):
         written.append(joules_vs_budget(results, summaries, out_dir / "joules_vs_budget.png"))
     return written
@@ -56,20 +64,40 @@ def latency_cdf(results: list[RunResult], summaries: list[dict[str, Any]], path:
     return path
 
 
+# (y-axis title, path into a run summary)
+P99 = ("p99 latency (s)", ("latency_s", "p99"))
+GOODPUT = ("goodput (answered within the SLO, requests/s)", ("goodput", "requests_per_s"))
+LOADS = {"rate_rps": "offered load (requests/s)", "concurrency": "closed-loop workers"}
+
+
 def p99_vs_rate(summaries: list[dict[str, Any]], path: Path) -> Path:
+    return vs_load(summaries, "rate_rps", P99, path)
+
+
+def vs_load(
+    summaries: list[dict[str, Any]], load: str, metric: tuple[str, tuple[str, ...]], path: Path
+) -> Path:
+    """One line per target: `metric` against `load` ("rate_rps" or "concurrency")."""
     plt = _pyplot()
+    ylabel, keys = metric
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label in dict.fromkeys(s["label"] for s in summaries):
         runs = sorted(
-            (s for s in summaries if s["label"] == label and s["rate_rps"] is not None),
-            key=lambda s: s["rate_rps"],
+            (s for s in summaries if s["label"] == label and s[load] is not None),
+            key=lambda s: s[load],
         )
-        xs = [s["rate_rps"] for s in runs if s["latency_s"]["p99"] is not None]
-        ys = [s["latency_s"]["p99"] for s in runs if s["latency_s"]["p99"] is not None]
-        ax.plot(xs, ys, marker="o", label=label)
-    ax.set_xlabel("offered load (requests/s)")
-    ax.set_ylabel("p99 latency (s)")
-    ax.set_title("p99 latency against arrival rate")
+        points = [(s[load], lookup(s, keys)) for s in runs if lookup(s, keys) is not None]
+        if points:
+            xs, ys = zip(*points, strict=True)
+            ax.plot(xs, ys, marker="o", label=label)
+    if "goodput" in keys and load == "rate_rps":
+        top = max(s[load] for s in summaries if s[load] is not None)
+        ax.plot([0, top], [0, top], color="grey", linestyle="--", linewidth=1, label="offered")
+    if load == "concurrency":  # the worker counts run, not a fractional scale
+        ax.set_xticks(sorted({s[load] for s in summaries if s[load] is not None}))
+    ax.set_xlabel(LOADS[load])
+    ax.set_ylabel(ylabel)
+    ax.set_title(f"{ylabel.split(' (')[0]} against {LOADS[load].split(' (')[0]}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

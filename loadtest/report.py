@@ -3,6 +3,8 @@
 Energy labels follow the server: `modelled_j` is the energy model's figure for the work executed,
 `measured_j` comes from a hardware meter (NVML, RAPL) and is null where there is none, and
 `estimated_j` is time x nominal watts — an estimate, reported as one and never as measured.
+For servers that report no energy at all (llama.cpp's `llama-server`), `client_estimated_j` is the
+same estimate made here from the client's timings (`busy_time_joules`), for every server alike.
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ from loadtest.client import RequestRecord
 from loadtest.runner import RunResult
 
 VIOLATION_TOLERANCE_J = 1e-9
+# The estimate meter's nominal power: hest_core.meters.DEFAULT_NOMINAL_WATTS (not imported: the load
+# generator installs without torch; tests/loadtest/test_lt_peer.py checks the two agree)
+NOMINAL_WATTS = 30.0
 
 # Dotted paths every run summary holds (the figures issue 5 asks for); tests check them all.
 SUMMARY_FIELDS = (
@@ -25,10 +30,14 @@ SUMMARY_FIELDS = (
     "goodput.slo_s", "goodput.requests_per_s", "goodput.ok_within_slo",
     "energy.modelled_j_per_request.mean", "energy.measured_j_per_request.mean",
     "energy.estimated_j_per_request.mean", "energy.meters", "energy.budget_j_per_request.mean",
+    "energy.client_estimated_j_per_request.mean", "energy.client_estimate.watts",
     "budget_exhaustions", "budget_exhaustion_rate", "budget_violations",
     "errors_by_status", "requests.sent", "requests.ok", "requests.errors",
     "finish_reasons", "per_budget",
 )  # fmt: skip
+# Also in every summary, not null where requests streamed at least two text deltas (TBT) and
+# generated at least two tokens (TPOT); issue 15. tests/loadtest/test_lt_peer.py checks them.
+TOKEN_FIELDS = ("tbt_s.p50", "tbt_s.p99", "tpot_s.p50", "tpot_s.p99")
 
 
 def stats(values: list[float]) -> dict[str, float | int | None]:
@@ -64,8 +73,29 @@ def is_violation(record: RequestRecord) -> bool:
     )
 
 
-def summarize_run(result: RunResult, *, slo_s: float, label: str | None = None) -> dict[str, Any]:
-    """Every reported figure for one run; see docs/loadtest.md for each field."""
+def busy_time_joules(records: list[RequestRecord], watts: float) -> list[float | None]:
+    """Per request, its share of `watts` x the run's busy time, from the client's timings: at each
+    moment the watts are split equally among the requests in flight (sent, last byte not yet in).
+    The shape of the server's estimate meter (busy wall time x nominal watts, shared among the
+    requests in the batch) for a server that reports no energy; an estimate. Shares add up to
+    watts x the time at least one request was in flight. None for a request with no latency."""
+    spans = [
+        (r.sent_s, r.sent_s + r.latency_s) if r.latency_s is not None else None for r in records
+    ]
+    bounds = sorted({t for span in spans if span for t in span})
+    joules = [0.0 if span else None for span in spans]
+    for lo, hi in zip(bounds, bounds[1:], strict=False):
+        live = [i for i, span in enumerate(spans) if span and span[0] <= lo and span[1] >= hi]
+        for i in live:
+            joules[i] += (hi - lo) * watts / len(live)  # type: ignore[operator]
+    return joules
+
+
+def summarize_run(
+    result: RunResult, *, slo_s: float, label: str | None = None, watts: float = NOMINAL_WATTS
+) -> dict[str, Any]:
+    """Every reported figure for one run; see docs/loadtest.md for each field. `watts`: the
+    nominal power behind the client-side estimate (`energy.client_estimated_j_per_request`)."""
     records = result.records
     ok = [r for r in records if r.ok]
     wall_s = max([r.sent_s + r.latency_s for r in records if r.latency_s is not None] or [0.0])
@@ -88,13 +118,15 @@ def summarize_run(result: RunResult, *, slo_s: float, label: str | None = None) 
         "latency_s": stats(_present(ok, "latency_s")),
         "ttft_s": stats(_present(ok, "ttft_s")),
         "ttft_source": dict(Counter(r.ttft_source for r in ok if r.ttft_source)),
+        "tbt_s": stats([gap for r in ok for gap in r.tbt_s]),
+        "tpot_s": stats([t for r in ok if (t := _tpot(r)) is not None]),
         "requests_per_s": per_s(len(ok)),
         "completion_tokens_per_s": per_s(completion),
         "prompt_tokens_per_s": per_s(prompt),
         "completion_tokens": completion,
         "prompt_tokens": prompt,
         "goodput": _goodput(records, ok, slo_s, wall_s),
-        "energy": _energy(ok, completion),
+        "energy": _energy(records, ok, completion, watts),
         "budget_exhaustions": exhaustions,
         "budget_exhaustion_rate": exhaustions / len(ok) if ok else None,
         "budget_violations": sum(is_violation(r) for r in ok),
@@ -103,6 +135,15 @@ def summarize_run(result: RunResult, *, slo_s: float, label: str | None = None) 
         "paths": dict(paths),
         "per_budget": _per_budget(ok),
     }
+
+
+def _tpot(record: RequestRecord) -> float | None:
+    """Time per output token after the first, (latency - TTFT) / (completion tokens - 1), vLLM's
+    TPOT: every generated token counts, also those a server held back or cut at a clean ending."""
+    n = record.completion_tokens
+    if record.ttft_s is None or record.latency_s is None or not n or n < 2:
+        return None
+    return (record.latency_s - record.ttft_s) / (n - 1)
 
 
 def _run_header(result: RunResult, label: str | None) -> dict[str, Any]:
@@ -132,14 +173,25 @@ def _goodput(records, ok, slo_s: float, wall_s: float) -> dict[str, Any]:
     }
 
 
-def _energy(ok: list[RequestRecord], completion: int) -> dict[str, Any]:
+def _energy(
+    records: list[RequestRecord], ok: list[RequestRecord], completion: int, watts: float
+) -> dict[str, Any]:
     """Joules per request (modelled, measured, estimate: labelled), budgets, J per token."""
     modelled = _present(ok, "modelled_j")
+    shares = dict(zip(map(id, records), busy_time_joules(records, watts), strict=True))
+    client = [j for r in ok if (j := shares[id(r)]) is not None]
     return {
         "modelled_j_per_request": stats(modelled),
         "measured_j_per_request": stats(_present(ok, "measured_j")),
         "estimated_j_per_request": stats(_present(ok, "estimated_j")),
         "estimated_is_estimate": True,
+        "client_estimated_j_per_request": stats(client),
+        "client_estimate": {
+            "watts": watts,
+            "busy_s": sum(j for j in shares.values() if j is not None) / watts,
+            "basis": "estimate: busy wall time x nominal watts, split among the requests in flight "
+            "(client timings)",
+        },
         "meters": dict(Counter(r.meter for r in ok if r.meter is not None)),
         "budget_j_per_request": stats(_present(ok, "budget_j")),
         "budget_ratio": stats(_present(ok, "budget_ratio")),
@@ -178,12 +230,21 @@ ROWS: list[tuple[str, tuple[str, ...], str]] = [
     ("TTFT p50 s", ("ttft_s", "p50"), ".3f"),
     ("TTFT p90 s", ("ttft_s", "p90"), ".3f"),
     ("TTFT p99 s", ("ttft_s", "p99"), ".3f"),
+    ("TBT p50 s", ("tbt_s", "p50"), ".4f"),
+    ("TBT p99 s", ("tbt_s", "p99"), ".4f"),
+    ("TPOT p50 s", ("tpot_s", "p50"), ".4f"),
+    ("TPOT p99 s", ("tpot_s", "p99"), ".4f"),
     ("requests/s", ("requests_per_s",), ".3f"),
     ("completion tokens/s", ("completion_tokens_per_s",), ".2f"),
     ("goodput req/s (<= SLO)", ("goodput", "requests_per_s"), ".3f"),
     ("modelled J/request", ("energy", "modelled_j_per_request", "mean"), ".3f"),
     ("measured J/request", ("energy", "measured_j_per_request", "mean"), ".3f"),
     ("estimated J/request (estimate)", ("energy", "estimated_j_per_request", "mean"), ".3f"),
+    (
+        "busy time x W J/request (client estimate)",
+        ("energy", "client_estimated_j_per_request", "mean"),
+        ".3f",
+    ),
     ("budget J/request", ("energy", "budget_j_per_request", "mean"), ".3f"),
     ("budget ratio (applied)", ("energy", "budget_ratio", "mean"), ".3f"),
     ("fp16 cost J/request", ("energy", "fp16_cost_j_per_request", "mean"), ".3f"),
@@ -221,16 +282,17 @@ def _ratio(a: Any, b: Any) -> str:
 
 
 def table_rows(summaries: list[dict[str, Any]], *, ratios: bool = False) -> list[list[str]]:
-    """Header + one row per metric; a last column B/A when `ratios` (two summaries)."""
+    """Header + one row per metric; with `ratios`, a column X/A for each summary after the first
+    (A): B/A for two, B/A and C/A for three."""
     header = ["metric", *[_run_title(s) for s in summaries]]
-    if ratios:
-        header.append("B/A")
+    others = "BCDEFGHIJKLMNOPQRSTUVWXYZ"[: len(summaries) - 1] if ratios else ""
+    header += [f"{x}/A" for x in others]
     rows = [header]
     for title, path, fmt in ROWS:
         values = [lookup(s, path) for s in summaries]
         row = [title, *[_fmt(v, fmt) for v in values]]
-        if ratios:
-            row.append(_ratio(values[0], values[1]) if title in RATIO_ROWS else "")
+        for value in values[1 : len(others) + 1]:
+            row.append(_ratio(values[0], value) if title in RATIO_ROWS else "")
         rows.append(row)
     return rows
 

@@ -38,6 +38,7 @@ class RunConfig:
     request_timeout_s: float = 120.0
     warmup: int = 0  # requests sent (one at a time) before the measured run, not counted
     seed: int = 0
+    keepalive: bool = True  # reuse connections (False: a new connection per request)
     budget: BudgetSpec = field(default_factory=BudgetSpec)
     prompts: PromptSource = field(default_factory=PromptSource.generated)
 
@@ -67,6 +68,7 @@ class RunConfig:
             "request_timeout_s": self.request_timeout_s,
             "warmup": self.warmup,
             "seed": self.seed,
+            "keepalive": self.keepalive,
             "budget": self.budget.describe(),
             "prompts": self.prompts.origin,
         }
@@ -122,7 +124,11 @@ def make_records(
 
 def _client(config: RunConfig, pool: int) -> httpx.AsyncClient:
     timeout = httpx.Timeout(config.request_timeout_s, connect=10.0)
-    limits = httpx.Limits(max_connections=pool, max_keepalive_connections=pool)
+    # without keep-alive every request opens its own connection: llama-server (cpp-httplib) now and
+    # then closes a kept-alive connection just as the next request goes out on it, which reads as
+    # RemoteProtocolError here (1 of 40 streamed requests in a test); a new connection never does
+    keep = pool if config.keepalive else 0
+    limits = httpx.Limits(max_connections=pool, max_keepalive_connections=keep)
     # trust_env=False: no proxy from the environment; requests go to the given URL only
     return httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False)
 

@@ -308,10 +308,14 @@ class BatchRunner:
             if seen == "repeat":
                 st.finish = "stop"
             elif seen == "boundary" and st.finish is None and st.plan.should_end(allowance):
-                st.finish = "energy_budget" if by_budget else "length"
+                # the budget decided the end only where max_new_tokens alone would not have
+                left = st.req.max_new - len(st.out_ids)
+                decided = by_budget and left >= st.plan.expected_sentence()
+                st.finish = "energy_budget" if decided else "length"
             elif st.forced_end and st.finish is None:  # the steered last token ended it
                 st.plan.reason = "steered"
-                st.finish = "energy_budget" if by_budget else "length"
+                decided = by_budget and st.req.max_new - len(st.out_ids) > 1
+                st.finish = "energy_budget" if decided else "length"
         self._send(i, st, st.plan.visible(st.full[:safe], allowance))
 
     def _finish_text(self, i: int, st: RequestState) -> None:

@@ -171,3 +171,30 @@ def test_real_model_ends_on_a_sentence_boundary_under_a_limit(hest_engine, ratio
         out = default_engine.generate([raw])[0]
         raw_mid += out.finish_reason in ("length", "energy_budget") and not ends_sentence(out.text)
     assert raw_mid >= 1  # the limit does cut these summaries when nothing plans the end
+
+
+def test_the_budget_is_named_only_where_it_decided_the_end():
+    """finish_reason "energy_budget" only where the budget ended the text before max_new_tokens
+    would have: a fixed path (one token stream whatever the budget, read whole) ends at some
+    ratios exactly where it ends unconstrained, and those say "length", as unconstrained does
+    (on 20 validation articles at r = 0.6, 7 of 10 "energy_budget" ends were such ends)."""
+    from hest_core import BudgetTooLowError, Engine, GenerationRequest
+
+    eng = Engine.from_pretrained(
+        "default", adapter=None, policy="int8", guard="stop", progress=False
+    )
+    seen = set()
+    for art in _train_articles(2):
+        free = eng.generate([GenerationRequest(art, energy_budget_ratio=1.0, read="whole")])[0]
+        for ratio in (0.45, 0.55, 0.7, 0.85):
+            req = GenerationRequest(art, energy_budget_ratio=ratio, read="whole")
+            try:
+                res = eng.generate([req])[0]
+            except BudgetTooLowError:  # a long prompt on int8 alone: below its minimum
+                continue
+            seen.add(res.finish_reason)
+            if res.finish_reason == "energy_budget":
+                assert len(res.text) < len(free.text), (ratio, res.text[-60:])
+            elif res.finish_reason == free.finish_reason:
+                assert res.text == free.text
+    assert "energy_budget" in seen  # the sweep reaches budgets that decide ends

@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from . import native, q4
+from .dtypes import cpu_model_name
 from .gguf_blocks import Q4Blocks, quantize_q4_1, read_gguf_q4
 from .quant import quantize_weight
 
@@ -41,14 +42,7 @@ KINDS = ("q4", "i8", "bf16")
 
 
 def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return cpu_model_name() or platform.processor() or platform.machine()
 
 
 class Calls:

@@ -65,15 +65,17 @@ def admit(engine, r: GenerationRequest) -> PreparedRequest:
     read = _read_mode(r.read)
     with engine.tokenizer_lock:  # HF fast tokenizers are not safe across threads
         check_system(engine.tokenizer, r.system)
+        check_system(engine.tokenizer, r.instruction, param="instruction")
         ids, truncated = fit_prompt(
             engine.tokenizer,
             r.text,
             engine.context_tokens - max_new,
             max_article_tokens=engine.max_article_tokens,
             system=r.system,
+            instruction=r.instruction,
             truncate=_flag(r.truncate, "truncate"),
         )
-        template = template_tokens(engine.tokenizer, r.system)
+        template = template_tokens(engine.tokenizer, r.system, r.instruction)
     article = max(0, len(ids) - template)  # the article's tokens in the prompt
     fp16_q = engine.energy.request_cost_q(len(ids), max_new, 0)  # the ratio's reference
     budget_q = budget_q_of(budget_param, budget_val, fp16_q)
@@ -82,7 +84,9 @@ def admit(engine, r: GenerationRequest) -> PreparedRequest:
         plan = plan_read(engine.energy, budget_q, template, article, max_new, path=engine.stop_path)
         if plan.cut:
             with engine.tokenizer_lock:
-                ids, _ = build_prompt(engine.tokenizer, r.text, plan.read, system=r.system)
+                ids, _ = build_prompt(
+                    engine.tokenizer, r.text, plan.read, system=r.system, instruction=r.instruction
+                )
             read_n, truncated, truncated_by = plan.read, True, "budget"
     return PreparedRequest(  # raises BudgetTooLowError below the minimum (guarded)
         ids=ids,

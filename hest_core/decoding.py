@@ -101,23 +101,25 @@ def check_options(r) -> dict:
             "seed": seed}  # fmt: skip
 
 
-def check_system(tokenizer, system: str | None) -> None:
-    """A system instruction is a non-blank string of at most MAX_SYSTEM_TOKENS tokens."""
+def check_system(tokenizer, system: str | None, param: str = "system") -> None:
+    """A system instruction (or, with `param="instruction"`, the instruction before the text) is
+    None or a non-blank string of at most MAX_SYSTEM_TOKENS tokens; else InvalidInputError
+    (code `empty_<param>` or `<param>_too_long`)."""
     if system is None:
         return
+    what = "system instruction" if param == "system" else param
     if not isinstance(system, str) or not system.strip():
         raise InvalidInputError(
-            "the system instruction is empty; send text or leave it out",
-            param="system",
-            code="empty_system",
+            f"the {what} is empty; send text or leave it out",
+            param=param,
+            code=f"empty_{param}",
         )
     n = len(tokenizer.encode(system, add_special_tokens=False))
     if n > MAX_SYSTEM_TOKENS:
         raise InvalidInputError(
-            f"the system instruction has {n} tokens, over the limit of {MAX_SYSTEM_TOKENS}; "
-            "shorten it",
-            param="system",
-            code="system_too_long",
+            f"the {what} has {n} tokens, over the limit of {MAX_SYSTEM_TOKENS}; shorten it",
+            param=param,
+            code=f"{param}_too_long",
         )
 
 

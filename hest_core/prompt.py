@@ -46,19 +46,22 @@ def build_prompt(
     article: str,
     max_article_tokens: int | None = DEFAULT_MAX_ARTICLE_TOKENS,
     system: str | None = None,
+    instruction: str | None = None,
 ):
     """Chat-template prompt ids for one article cut to `max_article_tokens` tokens (None: the
     whole article).
 
     Returns (ids: list[int], truncated: bool). The article is cut on token boundaries before it
     goes into the template, so the instruction and the assistant turn are never cut. `system`, when
-    given, is the system turn (it replaces the template's default system prompt, if any).
+    given, is the system turn (it replaces the template's default system prompt, if any);
+    `instruction`, when given, replaces INSTRUCTION before the article in the user turn.
     """
     art_ids = tokenizer.encode(article.strip(), add_special_tokens=False)
     truncated = max_article_tokens is not None and len(art_ids) > max_article_tokens
     if truncated:
         article = tokenizer.decode(art_ids[:max_article_tokens])
-    messages = [{"role": "user", "content": INSTRUCTION + article.strip()}]
+    head = INSTRUCTION if instruction is None else instruction.strip() + "\n\n"
+    messages = [{"role": "user", "content": head + article.strip()}]
     if system is not None:
         messages.insert(0, {"role": "system", "content": system.strip()})
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
@@ -67,11 +70,11 @@ def build_prompt(
     return list(ids), truncated
 
 
-def template_tokens(tokenizer, system: str | None = None) -> int:
+def template_tokens(tokenizer, system: str | None = None, instruction: str | None = None) -> int:
     """Prompt tokens around the article: the chat template, the instruction and the system turn
     (`build_prompt` of an empty article; tokenisation at the article's edges may shift it by a
     token)."""
-    return len(build_prompt(tokenizer, "", None, system=system)[0])
+    return len(build_prompt(tokenizer, "", None, system=system, instruction=instruction)[0])
 
 
 def fit_prompt(
@@ -81,6 +84,7 @@ def fit_prompt(
     *,
     max_article_tokens: int | None = None,
     system: str | None = None,
+    instruction: str | None = None,
     truncate: bool = False,
 ) -> tuple[list[int], bool]:
     """The prompt of `article` within `room` tokens (the model's context minus the tokens the
@@ -89,7 +93,9 @@ def fit_prompt(
     Over the room: raises InvalidInputError (code `context_length_exceeded`) quoting the prompt's
     length, the room and the context, unless `truncate`, which cuts the article (never the
     instruction or the system turn) to fit. Never cuts silently."""
-    ids, truncated = build_prompt(tokenizer, article, max_article_tokens, system=system)
+    ids, truncated = build_prompt(
+        tokenizer, article, max_article_tokens, system=system, instruction=instruction
+    )
     over = len(ids) - room
     if over <= 0:
         return ids, truncated
@@ -107,13 +113,13 @@ def fit_prompt(
     if keep <= 0:
         raise InvalidInputError(
             f"the instruction and system turn alone take {len(ids) - n_art} tokens, leaving no room "
-            f"for the article within {room} tokens: shorten the system message or lower "
+            f"for the article within {room} tokens: shorten the system message or the instruction, or lower "
             "max_new_tokens",
             param="text",
             code="context_length_exceeded",
         )
-    ids, _ = build_prompt(tokenizer, article, keep, system=system)
+    ids, _ = build_prompt(tokenizer, article, keep, system=system, instruction=instruction)
     while len(ids) > room and keep > 1:  # re-tokenising at the cut can add a token or two
         keep -= max(1, len(ids) - room)
-        ids, _ = build_prompt(tokenizer, article, keep, system=system)
+        ids, _ = build_prompt(tokenizer, article, keep, system=system, instruction=instruction)
     return ids, True

@@ -107,6 +107,9 @@ class GenerationRequest:
     top_p: float | None = None  # nucleus of the sampling (0..1)
     seed: int | None = None  # the sampling generator's seed
     system: str | None = None  # a system instruction for the chat template (replaces its default)
+    # the instruction before the text in the user turn (replaces prompt.INSTRUCTION, "Summarize
+    # the following news article in 3 sentences."); e.g. a digest's "Summarize each of ..."
+    instruction: str | None = None
     # end on a sentence boundary, never mid-sentence because a limit ran out, and before a
     # repeated sentence (hest_core/endings.py); on by default for summaries
     clean_end: bool = True

@@ -117,6 +117,13 @@ class SummarizeRequest(_Request):
         "the server's default ratio applies when neither budget field is given",
     )
     max_new_tokens: MaxNewTokens | None = Field(None, description="generated tokens at most")
+    instruction: Annotated[str, Field(strict=True, min_length=1, max_length=4096)] | None = Field(
+        None,
+        description='the instruction before the text, replacing the default "Summarize the '
+        'following news article in 3 sentences." (e.g. "Summarize each of the following news '
+        'articles in one or two sentences." for a digest); at most 1024 tokens',
+        json_schema_extra={"pattern": NON_BLANK},
+    )
     truncate: Annotated[bool, Field(strict=True)] = Field(
         False,
         description="a text over the model's context (minus max_new_tokens; /v1/info gives "

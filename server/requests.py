@@ -39,8 +39,13 @@ def runtime_request(body: SummarizeRequest | ChatCompletionRequest) -> Generatio
 
 
 def native_fields(body: SummarizeRequest) -> dict[str, Any]:
-    """`POST /v1/summarize`: the text as it is; decoding is greedy."""
-    return {"text": body.text, "max_new_tokens": body.max_new_tokens}
+    """`POST /v1/summarize`: the text as it is, under the request's instruction if it gives one;
+    decoding is greedy."""
+    return {
+        "text": body.text,
+        "max_new_tokens": body.max_new_tokens,
+        "instruction": body.instruction,
+    }
 
 
 def _text(msg: SystemMessage | UserMessage) -> str:

@@ -37,6 +37,10 @@ class Pair:
     id: str
     article: str
     highlights: str  # reference summary, one sentence per line
+    # a long-input set's own prompt (training/digests.py): the instruction that replaces the
+    # default one, and the tokens its summary may take; None: the evaluation's defaults
+    instruction: str | None = None
+    max_new_tokens: int | None = None
 
 
 @dataclass(frozen=True)
@@ -58,7 +62,12 @@ def _check(row: object, where: str) -> Pair:
             f"{where}: missing or non-string field(s) {missing}; each line needs {FIELDS}",
             param="data",
         )
-    return Pair(str(row.get("id", where)), row["article"], row["highlights"])
+    instruction, max_new = row.get("instruction"), row.get("max_new_tokens")
+    if instruction is not None and not (isinstance(instruction, str) and instruction.strip()):
+        raise DataError(f"{where}: instruction must be a non-blank string", param="data")
+    if max_new is not None and (isinstance(max_new, bool) or not isinstance(max_new, int)):
+        raise DataError(f"{where}: max_new_tokens must be an integer", param="data")
+    return Pair(str(row.get("id", where)), row["article"], row["highlights"], instruction, max_new)
 
 
 def load_jsonl(path: str | Path, limit: int | None = None) -> list[Pair]:

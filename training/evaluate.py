@@ -65,7 +65,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="the path set, e.g. fp16,int8,int4,skip for an int4 row (default: HEST_PATHS)",
     )
-    ap.add_argument("--max-new-tokens", type=int, default=96)
+    ap.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=96,
+        help="tokens per summary at most (a row's own max_new_tokens, as in a digest file, wins)",
+    )
     ap.add_argument(
         "--max-article-tokens",
         type=int,
@@ -170,7 +175,8 @@ def run_one(engines: Engines, policy: str, ratio: float | None, pair: Pair, args
     req = GenerationRequest(
         pair.article,
         energy_budget_ratio=ratio,
-        max_new_tokens=args.max_new_tokens,
+        max_new_tokens=pair.max_new_tokens or args.max_new_tokens,
+        instruction=pair.instruction,
         clean_end=not args.no_clean_end,
         read=args.read,
     )

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from hest_core import Engine, GenerationRequest, InvalidInputError
 from hest_core.decoding import MAX_SYSTEM_TOKENS, TokenTexts, cut_at_stop, sample
 from hest_core.loading import load_hf_model
+from hest_core.prompt import INSTRUCTION, template_tokens
 
 TEXT = "The city council voted on Tuesday to expand the bus network after a year of delays."
 
@@ -175,6 +176,22 @@ def test_system_instruction_enters_the_prompt(tiny_engine: Engine) -> None:
     assert p.fp16_cost_j != plain.fp16_cost_j  # the budget is priced on the prompt as sent
 
 
+def test_an_instruction_replaces_the_default_one(tiny_engine: Engine) -> None:
+    """`instruction` replaces "Summarize the following news article in 3 sentences." in the user
+    turn (a digest's "Summarize each of ..."); the read plan's template count includes it."""
+    plain = tiny_engine.check(GenerationRequest(TEXT))
+    mine = "Summarize each of the following news articles in one or two sentences."
+    p = tiny_engine.check(GenerationRequest(TEXT, instruction=mine))
+    prompt, default = tiny_engine.tokenizer.decode(p.ids), tiny_engine.tokenizer.decode(plain.ids)
+    assert mine in prompt and mine not in default
+    assert INSTRUCTION.strip() in default and INSTRUCTION.strip() not in prompt
+    # the article is counted without it (tokenisation at its edge may move a token)
+    assert abs(p.article_tokens - plain.article_tokens) <= 1
+    assert template_tokens(tiny_engine.tokenizer, None, mine) > template_tokens(
+        tiny_engine.tokenizer
+    )
+
+
 @pytest.mark.parametrize(
     ("kw", "param", "code"),
     [
@@ -188,6 +205,9 @@ def test_system_instruction_enters_the_prompt(tiny_engine: Engine) -> None:
         ({"seed": "7"}, "seed", "invalid_seed"),
         ({"system": "  "}, "system", "empty_system"),
         ({"system": "word " * (MAX_SYSTEM_TOKENS + 1)}, "system", "system_too_long"),
+        ({"instruction": " \n"}, "instruction", "empty_instruction"),
+        ({"instruction": 7}, "instruction", "empty_instruction"),
+        ({"instruction": "word " * (MAX_SYSTEM_TOKENS + 1)}, "instruction", "instruction_too_long"),
     ],
 )
 def test_bad_decoding_options_are_clear_errors(tiny_engine: Engine, kw, param, code) -> None:

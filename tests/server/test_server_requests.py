@@ -20,6 +20,10 @@ CASES = [  # (body, the runtime request it maps to)
         SummarizeRequest(text="t", energy_budget_ratio=0.4, clean_end=False, stream=True),
         GenerationRequest("t", energy_budget_ratio=0.4, clean_end=False),
     ),
+    (  # a digest's own instruction replaces the default one
+        SummarizeRequest(text="t", instruction="Summarize each article in one sentence."),
+        GenerationRequest("t", instruction="Summarize each article in one sentence."),
+    ),
     (  # the leading "Summarize ..." paragraph goes (the server's prompt has the instruction)
         ChatCompletionRequest(model="m", messages=[USER]),
         GenerationRequest("The council voted."),

@@ -96,7 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="watts behind the client-side estimate of joules per request (busy time x W; "
         "default: the server's estimate meter's)",
     )
-    out.add_argument("--out", help="directory for report.json, report.md and PNG plots")
+    out.add_argument(
+        "--out",
+        help="directory for report.json, report.md and PNG plots, and partial.jsonl (each load's "
+        "summary and requests as it ends)",
+    )
     out.add_argument("--json", help="write the JSON report here")
     out.add_argument("--markdown", help="write the markdown report here")
     out.add_argument("--no-plots", action="store_true")
@@ -205,9 +209,21 @@ async def _run_all(
         for target in targets:
             await wait_ready(target, args.wait_ready)
     results = []
+    partial = Path(args.out) / "partial.jsonl" if args.out else None
+    if partial:
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text("")
     for config in configs:
         for target in targets:  # one after the other: the two servers never share the load
-            results.append(await run_load(target, config, progress=not args.no_progress))
+            result = await run_load(target, config, progress=not args.no_progress)
+            results.append(result)
+            if partial:  # each load as it ends: an interrupted sweep keeps what it measured
+                summary = summarize_run(
+                    result, slo_s=args.slo, label=target.label, watts=args.nominal_watts
+                )
+                line = {"summary": summary, "requests": [r.to_dict() for r in result.records]}
+                with partial.open("a") as f:
+                    f.write(json.dumps(line, default=str) + "\n")
     return results
 
 

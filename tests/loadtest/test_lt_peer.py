@@ -101,6 +101,10 @@ def test_three_targets_closed_loop_at_two_concurrencies(fake_server, tmp_path) -
     for name in ("latency_cdf", "p99_vs_concurrency", "goodput_vs_concurrency"):
         assert (tmp_path / f"{name}.png").stat().st_size > 0
     assert "busy time x W J/request (client estimate)" in (tmp_path / "report.md").read_text()
+    # each load was written as it ended, the same as the report's (an interrupted run keeps them)
+    partial = [json.loads(ln) for ln in (tmp_path / "partial.jsonl").read_text().splitlines()]
+    assert [p["summary"] for p in partial] == json.loads(json.dumps(runs, default=str))
+    assert [len(p["requests"]) for p in partial] == [len(r["requests"]) for r in report["runs"]]
 
 
 def test_goodput_plot_for_an_open_loop_sweep(fake_server, tmp_path) -> None:

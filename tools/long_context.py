@@ -54,7 +54,10 @@ def one_policy(policy: str, texts: dict[int, str], args) -> list[dict]:
     for n, text in texts.items():
         runs = []
         for _ in range(args.repeats):
-            req = GenerationRequest(text, max_new_tokens=args.max_new, clean_end=False)
+            # read whole: the read plan would read a long prompt's head under a tight budget
+            req = GenerationRequest(
+                text, max_new_tokens=args.max_new, clean_end=False, read="whole"
+            )
             runs.append(eng.generate([req])[0].stats)
         p = runs[0].prompt_tokens
         pre = em.ph["prefill"]
@@ -110,7 +113,7 @@ def server_memory(text: str, port: int, max_new: int) -> dict:
         # reset the high-water mark (Linux: "5" > clear_refs), so the peak is this request's and
         # not the load's or the warm-up's
         Path(f"/proc/{proc.pid}/clear_refs").write_text("5")
-        body = json.dumps({"text": text, "max_new_tokens": max_new}).encode()
+        body = json.dumps({"text": text, "max_new_tokens": max_new, "read": "whole"}).encode()
         req = urllib.request.Request(
             url + "/v1/summarize", body, {"Content-Type": "application/json"}
         )

@@ -10,7 +10,9 @@ ratio measured within one run does not move with the machine's speed that day, s
 to the table's own batch-1 costs (measured on another day). The table gets shared = median
 fraction x unit and head_shared = median fraction x head, and a record in
 kernels["batched_decode"] (the fractions of every repeat, the CPU, the load average, the date).
-Default table: the packaged one of this machine (`calibrate.table_name`).
+Default table: the packaged one of this machine (`calibrate.table_name`) for the path set of
+`HEST_PATHS` (`HEST_PATHS=fp16,int8,int4,skip`: the four-column table the default adapter loads,
+measured on the model as the engine builds it, with the int4 copies).
 """
 
 from __future__ import annotations
@@ -43,9 +45,15 @@ def main() -> None:
     args = ap.parse_args()
     rows = tuple(int(v) for v in args.rows.split(","))
     cfg = RuntimeConfig.from_env()
+    reg.enable(cfg.paths)  # HEST_PATHS=fp16,int8,int4,skip: the four-column table
     hf = load_hf_model("default", config=cfg)
     fp = fingerprint(hf)
-    lean = build_lean(hf, torch.bfloat16, torch.device("cpu"), max_positions=4096)
+    if "int4" in cfg.paths:  # int4 rows need the Q4_1 copies, as the engine builds them
+        from hest_core.bench_int4 import build
+
+        lean, _ = build(progress=False)
+    else:
+        lean = build_lean(hf, torch.bfloat16, torch.device("cpu"), max_positions=4096)
     path = Path(args.table) if args.table else PACKAGED / table_name(fp, lean)
     table = CalibrationTable.load(path)
     apply_kernel_choices(lean, table)

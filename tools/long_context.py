@@ -54,9 +54,14 @@ def one_policy(policy: str, texts: dict[int, str], args) -> list[dict]:
     for n, text in texts.items():
         runs = []
         for _ in range(args.repeats):
-            # read whole: the read plan would read a long prompt's head under a tight budget
+            # read whole at r = 1: under the default r = 0.6 the read plan would read a long
+            # prompt's head, and a whole long prompt with few new tokens costs more than 0.6
             req = GenerationRequest(
-                text, max_new_tokens=args.max_new, clean_end=False, read="whole"
+                text,
+                energy_budget_ratio=1.0,
+                max_new_tokens=args.max_new,
+                clean_end=False,
+                read="whole",
             )
             runs.append(eng.generate([req])[0].stats)
         p = runs[0].prompt_tokens
@@ -113,7 +118,13 @@ def server_memory(text: str, port: int, max_new: int) -> dict:
         # reset the high-water mark (Linux: "5" > clear_refs), so the peak is this request's and
         # not the load's or the warm-up's
         Path(f"/proc/{proc.pid}/clear_refs").write_text("5")
-        body = json.dumps({"text": text, "max_new_tokens": max_new, "read": "whole"}).encode()
+        body = {
+            "text": text,
+            "max_new_tokens": max_new,
+            "read": "whole",
+            "energy_budget_ratio": 1.0,
+        }
+        body = json.dumps(body).encode()
         req = urllib.request.Request(
             url + "/v1/summarize", body, {"Content-Type": "application/json"}
         )
@@ -138,6 +149,7 @@ def main() -> None:
     ap.add_argument("--data", default=str(ROOT.parent / "shared/data/cnndm/train.jsonl"))
     ap.add_argument("--skip", type=int, default=100)
     ap.add_argument("--server-memory", action="store_true")
+    ap.add_argument("--memory-only", action="store_true", help="only the server's memory")
     ap.add_argument("--port", type=int, default=8791)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
@@ -148,9 +160,10 @@ def main() -> None:
     articles = [json.loads(ln)["article"] for ln in lines]
     lengths = [int(x) for x in args.lengths.split(",")]
     texts = {n: prompt_of(tok, articles, n) for n in lengths}
-    rows = [r for pol in args.policies.split(",") for r in one_policy(pol, texts, args)]
+    policies = [] if args.memory_only else args.policies.split(",")
+    rows = [r for pol in policies for r in one_policy(pol, texts, args)]
     out: dict = {"lengths": lengths, "rows": rows, "cpu": _cpu(), "load_at_start": os.getloadavg()}
-    if args.server_memory:
+    if args.server_memory or args.memory_only:
         out["server_memory"] = server_memory(texts[max(lengths)], args.port, args.max_new)
         print(out["server_memory"], flush=True)
     if args.json:

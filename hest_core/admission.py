@@ -30,22 +30,24 @@ def _read_mode(v) -> str:
     return v
 
 
-def admit(engine, r: GenerationRequest) -> PreparedRequest:
-    """The checked request of `r` on `engine` (an Engine: its tokenizer, energy model, limits
-    and policy). Raises InvalidInputError (a bad field: its `param`), BudgetTooLowError (a budget
-    below the request's minimum, quoted)."""
-    if not isinstance(r.text, str) or not r.text.strip():
+def _check_text(engine, text) -> None:
+    """The article: a non-empty string within the engine's character limit."""
+    if not isinstance(text, str) or not text.strip():
         raise InvalidInputError(
             "text is empty; send the article to summarise", param="text", code="empty_text"
         )
-    if len(r.text) > engine.max_input_chars:
+    if len(text) > engine.max_input_chars:
         raise InvalidInputError(
-            f"text has {len(r.text)} characters, over the limit of {engine.max_input_chars}; "
+            f"text has {len(text)} characters, over the limit of {engine.max_input_chars}; "
             f"send at most {engine.max_input_chars} (the model reads {engine.context_tokens} "
             "tokens at most)",
             param="text",
             code="text_too_long",
         )
+
+
+def _max_new(engine, r: GenerationRequest) -> int:
+    """The request's max_new_tokens (the engine's default where unset), checked."""
     max_new = engine.default_max_new_tokens if r.max_new_tokens is None else r.max_new_tokens
     if (
         isinstance(max_new, bool)
@@ -57,12 +59,12 @@ def admit(engine, r: GenerationRequest) -> PreparedRequest:
             param="max_new_tokens",
             code="invalid_max_new_tokens",
         )
-    budget_param, budget_val = requested_budget(
-        r.energy_budget_j, r.energy_budget_ratio, engine.default_budget_ratio
-    )
-    options = check_options(r)
-    clean_end = _flag(r.clean_end, "clean_end")
-    read = _read_mode(r.read)
+    return max_new
+
+
+def _fit(engine, r: GenerationRequest, max_new: int) -> tuple[list[int], bool, int]:
+    """The prompt's token ids within the context that leaves room for max_new tokens: (ids,
+    whether the article was truncated, tokens of the template around the article)."""
     with engine.tokenizer_lock:  # HF fast tokenizers are not safe across threads
         check_system(engine.tokenizer, r.system)
         ids, truncated = fit_prompt(
@@ -74,6 +76,22 @@ def admit(engine, r: GenerationRequest) -> PreparedRequest:
             truncate=_flag(r.truncate, "truncate"),
         )
         template = template_tokens(engine.tokenizer, r.system)
+    return ids, truncated, template
+
+
+def admit(engine, r: GenerationRequest) -> PreparedRequest:
+    """The checked request of `r` on `engine` (an Engine: its tokenizer, energy model, limits
+    and policy). Raises InvalidInputError (a bad field: its `param`), BudgetTooLowError (a budget
+    below the request's minimum, quoted)."""
+    _check_text(engine, r.text)
+    max_new = _max_new(engine, r)
+    budget_param, budget_val = requested_budget(
+        r.energy_budget_j, r.energy_budget_ratio, engine.default_budget_ratio
+    )
+    options = check_options(r)
+    clean_end = _flag(r.clean_end, "clean_end")
+    read = _read_mode(r.read)
+    ids, truncated, template = _fit(engine, r, max_new)
     article = max(0, len(ids) - template)  # the article's tokens in the prompt
     fp16_q = engine.energy.request_cost_q(len(ids), max_new, 0)  # the ratio's reference
     budget_q = budget_q_of(budget_param, budget_val, fp16_q)

@@ -16,7 +16,7 @@ import torch
 from . import paths as reg
 from .controller import NEG_LOGIT, Controller, build_controller
 from .errors import AdapterMismatchError, HestError
-from .model import TARGETS, ModelSpec
+from .weights import TARGETS, ModelSpec
 
 ADAPTER_VERSION = 1
 WEIGHTS_FILE = "adapter.safetensors"

@@ -43,9 +43,12 @@ from . import native
 from . import paths as reg
 from .config import RuntimeConfig
 from .engine import Engine
+from .kvcache import SeqSlot
 from .loading import DEFAULT_MODEL, fingerprint, load_hf_model
-from .model import LeanModel, SeqSlot, const_decider, rms_norm
+from .model import LeanModel
+from .ops import rms_norm
 from .quant import w8a8_matmul
+from .routing import const_decider
 
 FOUR = ("fp16", "int8", "int4", "skip")
 BATCHES = (1, 8, 16)

@@ -16,6 +16,7 @@ table is measured in repeats and kept only when:
 
 from __future__ import annotations
 
+import os
 import statistics
 
 from . import paths as reg
@@ -121,3 +122,34 @@ def settle(tables: list[CalibrationTable], n: int | None = None) -> CalibrationT
     if len(last) < n or any(problems(t) for t in last) or disagreements(last):
         return None
     return median_table(last)
+
+
+def load_avg() -> float:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return -1.0
+
+
+def sanity(prefill: PhaseCosts, decode: PhaseCosts) -> list[str]:
+    """Physical orderings a calibration should show; a busy machine can break them."""
+    out = []
+    ps = reg.PATHS
+    by_quality = sorted(ps, key=lambda p: (p.quality, p.index))
+    for name, c in (("prefill", prefill), ("decode", decode)):
+        u = c.unit[0]
+        costs = [u[p.index] for p in by_quality]
+        if any(a.quality < b.quality and u[a.index] < u[b.index] for a in ps for b in ps):
+            order = " >= ".join(p.name for p in by_quality)
+            vals = ", ".join(f"{v:.3g}" for v in costs)
+            out.append(
+                f"{name} unit costs are not ordered {order} ({vals} J): "
+                "int8 is not cheaper here, or the machine was busy; rerun `python -m hest_core.calibrate` "
+                "on a quiet machine"
+            )
+    load, cores = load_avg(), os.cpu_count() or 1
+    if load > 0.75 * cores:
+        out.append(
+            f"load average {load:.1f} on {cores} cores while calibrating: timings are disturbed"
+        )
+    return out

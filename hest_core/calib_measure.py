@@ -13,7 +13,9 @@ import torch.nn.functional as F
 from . import paths as reg
 from .energy import PhaseCosts
 from .meters import EstimateMeter, Meter
-from .model import LeanModel, apply_rope, const_decider, linear16, rms_norm
+from .model import LeanModel
+from .ops import apply_rope, linear16, rms_norm
+from .routing import const_decider
 
 # Scales every timing window. 1.0 for real tables; the test suite lowers it to measure the tiny
 # models quickly (their tables are then noisier, which the repeat checks are there to catch).
@@ -153,7 +155,7 @@ def _phase_fused_decode(lean: LeanModel, meter: Meter, m: int, ctx: int) -> Phas
     what the runtime runs beside the layers (the C controller at batch 1); the head is timed on
     its own; the norms, rope and residuals land in the unit costs (every path pays them)."""
     from .controller import Controller
-    from .fused import NativeController
+    from .native_controller import NativeController
 
     s, dev, dt = lean.spec, lean.device, lean.dtype
     with torch.inference_mode():
@@ -193,7 +195,7 @@ def _head_j(lean: LeanModel, meter: Meter, x1: torch.Tensor) -> float:
 def _forward_j(lean: LeanModel, meter: Meter, m: int, ctx: int | None, path: int) -> float:
     """Joules of one whole forward pass (embedding, every layer on `path`, the head): m prompt
     rows from position 0, or (ctx given) one decode step of m rows at context ctx."""
-    from .model import SeqSlot
+    from .kvcache import SeqSlot
 
     s, dev = lean.spec, lean.device
     decode = ctx is not None

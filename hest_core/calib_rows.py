@@ -32,8 +32,11 @@ from . import calib_measure as cm
 from . import paths as reg
 from .dtypes import cpu_model_name
 from .energy import PhaseCosts
+from .kvcache import SeqSlot
 from .meters import Meter
-from .model import LeanModel, SeqSlot, const_decider, linear16, rms_norm
+from .model import LeanModel
+from .ops import linear16, rms_norm
+from .routing import const_decider
 
 ROWS = (1, 2, 4, 8, 16)  # rows per decode step measured (1 is the table's own batch-1 cost)
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import re
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ from . import paths as reg
 from .calib_measure import _kernel_choice, _phase
 from .config import RuntimeConfig
 from .dtypes import cpu_model_name, dtype_name
-from .energy import CalibrationTable, PhaseCosts
+from .energy import CalibrationTable
 from .meters import EstimateMeter, Meter, pick_meter
 from .model import LeanModel
 
@@ -64,37 +63,6 @@ def apply_kernel_choices(lean: LeanModel, table: CalibrationTable) -> None:
     for lw in lean.layers:
         for m in lw.int8_linears():
             m.woq_max_rows = rows
-
-
-def _load_avg() -> float:
-    try:
-        return os.getloadavg()[0]
-    except OSError:
-        return -1.0
-
-
-def _sanity(prefill: PhaseCosts, decode: PhaseCosts) -> list[str]:
-    """Physical orderings a calibration should show; a busy machine can break them."""
-    out = []
-    ps = reg.PATHS
-    by_quality = sorted(ps, key=lambda p: (p.quality, p.index))
-    for name, c in (("prefill", prefill), ("decode", decode)):
-        u = c.unit[0]
-        costs = [u[p.index] for p in by_quality]
-        if any(a.quality < b.quality and u[a.index] < u[b.index] for a in ps for b in ps):
-            order = " >= ".join(p.name for p in by_quality)
-            vals = ", ".join(f"{v:.3g}" for v in costs)
-            out.append(
-                f"{name} unit costs are not ordered {order} ({vals} J): "
-                "int8 is not cheaper here, or the machine was busy; rerun `python -m hest_core.calibrate` "
-                "on a quiet machine"
-            )
-    load, cores = _load_avg(), os.cpu_count() or 1
-    if load > 0.75 * cores:
-        out.append(
-            f"load average {load:.1f} on {cores} cores while calibrating: timings are disturbed"
-        )
-    return out
 
 
 def calibrate(
@@ -139,8 +107,8 @@ def calibrate(
         last = tables[-repeats:]
         k["unsettled"] = [p for t in last for p in calib_check.problems(t)]
         k["unsettled"] += calib_check.disagreements(last)
-    k["load_avg_1m"] = round(_load_avg(), 2)
-    k["warnings"] = _sanity(table.prefill, table.decode)
+    k["load_avg_1m"] = round(calib_check.load_avg(), 2)
+    k["warnings"] = calib_check.sanity(table.prefill, table.decode)
     for w in k["warnings"]:
         say(f"warning: {w}")
     k["calibration_s"] = round(time.perf_counter() - t0, 2)
@@ -204,20 +172,13 @@ def resolve(
     cfg = config or RuntimeConfig.from_env()
     path = path or cfg.calibration
     if path is not None:
-        p = Path(path)
-        if not p.is_dir():
-            return CalibrationTable.load(p)
-        for cand in (p / name, p / f"{fp}{paths_suffix()}.json", p / f"{fp}.json"):
-            if cand.is_file():
-                return CalibrationTable.load(cand)
+        explicit = _explicit_table(Path(path), name, fp)
+        if explicit is not None:
+            return explicit
     cached = cfg.cache_dir / "calibration" / name
-    if cached.is_file():
-        table = CalibrationTable.load(cached)
-        bad = calib_check.problems(table)
-        if not bad:
-            return table
-        log.warning("cached calibration %s fails its checks (%s): measuring again", cached, bad)
-        cached.replace(cached.with_suffix(".rejected"))
+    table = _checked_cache(cached)
+    if table is not None:
+        return table
     if (PACKAGED / name).is_file():
         return CalibrationTable.load(PACKAGED / name)
     table = calibrate(lean, fp, meter, progress)
@@ -225,6 +186,37 @@ def resolve(
         table.save(cached)
         table.source = str(cached)
         return table
+    return _unsettled(table, fp, lean)
+
+
+def _explicit_table(p: Path, name: str, fp: str) -> CalibrationTable | None:
+    """The table a given path names: the file itself, or in a directory this device's table,
+    then this model's for this path set, then this model's; None where the directory has none."""
+    if not p.is_dir():
+        return CalibrationTable.load(p)
+    for cand in (p / name, p / f"{fp}{paths_suffix()}.json", p / f"{fp}.json"):
+        if cand.is_file():
+            return CalibrationTable.load(cand)
+    return None
+
+
+def _checked_cache(cached: Path) -> CalibrationTable | None:
+    """This device's cached table where it passes `calib_check.problems`; one that fails is set
+    aside as `*.rejected` (None: measure again)."""
+    if not cached.is_file():
+        return None
+    table = CalibrationTable.load(cached)
+    bad = calib_check.problems(table)
+    if not bad:
+        return table
+    log.warning("cached calibration %s fails its checks (%s): measuring again", cached, bad)
+    cached.replace(cached.with_suffix(".rejected"))
+    return None
+
+
+def _unsettled(table: CalibrationTable, fp: str, lean: LeanModel) -> CalibrationTable:
+    """A measurement whose repeats did not settle: the packaged table of this CPU family where
+    one exists, else the measurement itself for this process only (nothing is cached)."""
     why = "; ".join(table.kernels.get("unsettled", [])) or "repeats disagree"
     family = packaged_family(fp, lean)
     if family is not None:
@@ -258,7 +250,7 @@ def packaged_family(fp: str, lean: LeanModel) -> Path | None:
     return None
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="python -m hest_core.calibrate", description=__doc__.split("\n\n")[0]
     )
@@ -301,20 +293,26 @@ def main(argv: list[str] | None = None) -> None:
         default=1.0,
         help="scale every timing window (below 1: faster and noisier; tests use 0.2)",
     )
-    args = ap.parse_args(argv)
+    return ap
+
+
+def _rows(ap: argparse.ArgumentParser, spec: str) -> tuple[int, ...]:
+    """--rows as row counts (1,2,4,...); exits with the parser's error on anything else."""
     try:
-        rows = tuple(int(v) for v in args.rows.split(",") if v.strip())
+        rows = tuple(int(v) for v in spec.split(",") if v.strip())
     except ValueError:
-        ap.error(f"--rows {args.rows!r}: give row counts like 1,2,4,8,16")
+        ap.error(f"--rows {spec!r}: give row counts like 1,2,4,8,16")
     if not rows or min(rows) < 1:
-        ap.error(f"--rows {args.rows!r}: every row count must be >= 1")
-    calib_measure.WINDOW_SCALE = args.window_scale
+        ap.error(f"--rows {spec!r}: every row count must be >= 1")
+    return rows
+
+
+def _load(args, cfg: RuntimeConfig):
+    """The model the table is for: (lean model, fingerprint, device), int4 copies built where
+    the path is registered."""
     from .dtypes import resolve_device, resolve_dtype
     from .loading import build_lean, fingerprint, load_hf_model
 
-    cfg = (
-        RuntimeConfig.from_env()
-    )  # this command's boundary: HEST_METER, _NOMINAL_WATTS, _CACHE_DIR
     dev = resolve_device(args.device)
     reg.enable(cfg.paths)  # HEST_PATHS: opt-in paths are measured too
     hf = load_hf_model(args.model, config=cfg)
@@ -324,27 +322,11 @@ def main(argv: list[str] | None = None) -> None:
         from .int4 import attach_for_model
 
         attach_for_model(lean, hf, args.model)  # the base weights' blocks (tables hold no z)
-    meter = (
-        EstimateMeter(args.watts or cfg.nominal_watts)
-        if args.meter == "estimate" or args.watts
-        else pick_meter(dev.type, args.meter or cfg.meter, cfg.nominal_watts)
-    )
-    table = calibrate(
-        lean, fp, meter, repeats=args.repeats, max_repeats=args.max_repeats, rows=rows
-    )
-    name = table_name(fp, lean)
-    out = (
-        Path(args.out)
-        if args.out
-        else (PACKAGED if args.package else cfg.cache_dir / "calibration") / name
-    )
-    if not table.kernels.get("settled") and not args.force:
-        raise SystemExit(
-            f"the calibration did not settle after {table.kernels['repeats']} repeats "
-            f"({'; '.join(table.kernels.get('unsettled', []))}): nothing written. Rerun on a "
-            "quiet machine, or pass --force to write it anyway"
-        )
-    table.save(out)
+    return lean, fp, dev
+
+
+def _print_table(table: CalibrationTable, lean: LeanModel, out: Path) -> None:
+    """What was measured: unit costs per path, decode shares of a step's rows, kernel choice."""
     s = lean.spec
     for ph in ("prefill", "decode"):
         c = getattr(table, ph)
@@ -367,6 +349,39 @@ def main(argv: list[str] | None = None) -> None:
         )
     print(f"kernel choice: weight-only int8 up to {table.kernels['woq_max_rows']} rows, W8A8 above")
     print(f"wrote {out} ({table.method})")
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    rows = _rows(ap, args.rows)
+    calib_measure.WINDOW_SCALE = args.window_scale
+    cfg = (
+        RuntimeConfig.from_env()
+    )  # this command's boundary: HEST_METER, _NOMINAL_WATTS, _CACHE_DIR
+    lean, fp, dev = _load(args, cfg)
+    meter = (
+        EstimateMeter(args.watts or cfg.nominal_watts)
+        if args.meter == "estimate" or args.watts
+        else pick_meter(dev.type, args.meter or cfg.meter, cfg.nominal_watts)
+    )
+    table = calibrate(
+        lean, fp, meter, repeats=args.repeats, max_repeats=args.max_repeats, rows=rows
+    )
+    name = table_name(fp, lean)
+    out = (
+        Path(args.out)
+        if args.out
+        else (PACKAGED if args.package else cfg.cache_dir / "calibration") / name
+    )
+    if not table.kernels.get("settled") and not args.force:
+        raise SystemExit(
+            f"the calibration did not settle after {table.kernels['repeats']} repeats "
+            f"({'; '.join(table.kernels.get('unsettled', []))}): nothing written. Rerun on a "
+            "quiet machine, or pass --force to write it anyway"
+        )
+    table.save(out)
+    _print_table(table, lean, out)
 
 
 if __name__ == "__main__":

@@ -15,8 +15,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .model import LayerWeights, ModelSpec, apply_rope, rms_norm
+from .ops import apply_rope, rms_norm
 from .paths import Path
+from .weights import LayerWeights, ModelSpec
 
 
 def _q8(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

@@ -24,9 +24,9 @@ from .dtypes import dtype_name, resolve_device, resolve_dtype
 from .energy import EnergyModel
 from .errors import HestError
 from .guard import MODES
+from .kvcache import SeqSlot
 from .loading import DEFAULT_MODEL, build_lean, fingerprint, load_hf_model, load_tokenizer
 from .meters import pick_meter
-from .model import SeqSlot, const_decider
 from .prompt import stop_token_ids
 from .request import (  # the request types live in request.py; re-exported here
     GenerationRequest,
@@ -34,6 +34,7 @@ from .request import (  # the request types live in request.py; re-exported here
     PreparedRequest,
     RequestStats,  # noqa: F401  (re-exported)
 )
+from .routing import const_decider
 from .scheduler import DEFAULT_MAX_ROWS, Scheduler
 from .spectral import SvdCache, make_weight_fn, z_support
 
@@ -122,18 +123,7 @@ class Engine:
         given here win over it. Raises HestError (bad policy/guard), ConfigError (bad paths),
         MeterUnavailableError, ModelLoadError, AdapterMismatchError, CalibrationError (a table
         without a column per path: recalibrate)."""
-        cfg = config or RuntimeConfig.from_env()
-        if paths is not None:
-            cfg = dataclasses.replace(cfg, paths=tuple(paths))  # validated (ConfigError)
-        # an adapter's paths are registered even where the path set (HEST_PATHS, `paths`) leaves
-        # them out: its controller chooses them (docs/runtime.md, "The int4 path")
-        if extra := [p for p in cls._adapter_paths(adapter, model) if p not in cfg.paths]:
-            log.info(
-                "the adapter was trained with %s: registering it beside the paths asked for (%s)",
-                ", ".join(extra),
-                ",".join(cfg.paths),
-            )
-            cfg = dataclasses.replace(cfg, paths=(*cfg.paths, *extra))
+        cfg = cls._config_of(config, paths, adapter, model)
         reg.enable(cfg.paths)
         cls._check_policy(policy, guard)
         threads = threads or cfg.threads
@@ -152,24 +142,16 @@ class Engine:
         lean, int4_info = cls._build(hf, fp, model, ad, dev, dt, cfg, progress, compile)
         ctl = ad.controller if ad is not None else Controller(lean.spec.hidden, lean.spec.n_layers)
         ctl = ctl.to(dev).eval()
-        from . import (
-            calibrate as calib,  # lazy: `python -m hest_core.calibrate` runs it as __main__
-        )
-
-        table = calib.resolve(lean, fp, calibration, m, progress, cfg)
-        calib.apply_kernel_choices(lean, table)
+        table = cls._table(lean, fp, calibration, m, progress, cfg)
         del hf
         info = cls._info_of(lean, fp, adapter, ad, dev, dt, policy, guard, m, table, ctl)
         info.update(compiled_decode=bool(compile), int4=int4_info)
         info["load_s"] = round(time.perf_counter() - t0, 2)
-        em = EnergyModel(table)
-        if hasattr(ctl, "set_costs"):  # a controller that reads this device's relative costs
-            ctl.set_costs(torch.tensor(em.unit["prefill"]), torch.tensor(em.unit["decode"]))
         return cls(
             tokenizer=tok,
             lean=lean,
             controller=ctl,
-            energy=em,
+            energy=cls._energy_of(table, ctl),
             meter=m,
             policy=policy,
             # a fixed policy keeps a budget only by stopping (guard "stop"), or ignores it
@@ -177,6 +159,45 @@ class Engine:
             info=info,
             config=cfg,
         )
+
+    @classmethod
+    def _config_of(cls, config, paths, adapter, model) -> RuntimeConfig:
+        """The configuration to run under: `config` (None: from the environment) with `paths`
+        and the adapter's own paths (which it may choose) in its path set."""
+        cfg = config or RuntimeConfig.from_env()
+        if paths is not None:
+            cfg = dataclasses.replace(cfg, paths=tuple(paths))  # validated (ConfigError)
+        # an adapter's paths are registered even where the path set (HEST_PATHS, `paths`) leaves
+        # them out: its controller chooses them (docs/runtime.md, "The int4 path")
+        if extra := [p for p in cls._adapter_paths(adapter, model) if p not in cfg.paths]:
+            log.info(
+                "the adapter was trained with %s: registering it beside the paths asked for (%s)",
+                ", ".join(extra),
+                ",".join(cfg.paths),
+            )
+            cfg = dataclasses.replace(cfg, paths=(*cfg.paths, *extra))
+        return cfg
+
+    @staticmethod
+    def _table(lean, fp, calibration, m, progress, cfg):
+        """The calibration table the engine runs under (`calibrate.resolve`), its kernel choices
+        applied to the model."""
+        from . import (
+            calibrate as calib,  # lazy: `python -m hest_core.calibrate` runs it as __main__
+        )
+
+        table = calib.resolve(lean, fp, calibration, m, progress, cfg)
+        calib.apply_kernel_choices(lean, table)
+        return table
+
+    @staticmethod
+    def _energy_of(table, ctl) -> EnergyModel:
+        """The energy model of `table`, its unit costs handed to a controller that reads this
+        device's relative costs."""
+        em = EnergyModel(table)
+        if hasattr(ctl, "set_costs"):
+            ctl.set_costs(torch.tensor(em.unit["prefill"]), torch.tensor(em.unit["decode"]))
+        return em
 
     @staticmethod
     def _info_of(lean, fp, adapter, ad, dev, dt, policy, guard, m, table, ctl) -> dict:

@@ -18,7 +18,6 @@ the PyTorch loop in model.py.
 from __future__ import annotations
 
 import ctypes
-import weakref
 from typing import TYPE_CHECKING
 
 import torch
@@ -28,7 +27,10 @@ from . import paths as reg
 from .config import RuntimeConfig
 
 if TYPE_CHECKING:
-    from .model import Decider, KVCache, LayerWeights, LeanModel, SeqSlot
+    from .kvcache import KVCache, SeqSlot
+    from .model import LeanModel
+    from .routing import Decider
+    from .weights import LayerWeights
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -181,7 +183,6 @@ class FusedDecode:
     ) -> None:
         """x (N, d) residual stream, h (N, d) the first layer's normalised input; both updated
         in place: on return h is the final norm of x, ready for the lm_head."""
-        lean, s = self.lean, self.lean.spec
         nat = native.get()
         assert nat is not None
         n = x.shape[0]
@@ -189,36 +190,12 @@ class FusedDecode:
         if self._key is None:
             self._sync()  # usable() syncs every step; a direct caller may not have called it
         threads = torch.get_num_threads()
-        skey = (n, cache.max_len, threads)
-        if skey != self._scratch_key:
-            nbytes = nat.scratch_bytes(
-                s.hidden,
-                s.intermediate,
-                s.n_heads,
-                s.n_kv_heads,
-                s.head_dim,
-                cache.max_len,
-                n,
-                threads,
-            )
-            self._scratch = torch.empty(nbytes + 64, dtype=torch.uint8)
-            self._scratch_key = skey
-        assert self._scratch is not None
-        positions = positions.to(torch.long).contiguous()
-        st = self._step
-        st.d, st.I, st.H, st.KVH = s.hidden, s.intermediate, s.n_heads, s.n_kv_heads
-        st.hd, st.max_len, st.M, st.threads, st.eps = s.head_dim, cache.max_len, n, threads, s.eps
-        st.pos = positions.data_ptr()
-        st.cos, st.sin = lean.rope_cos.data_ptr(), lean.rope_sin.data_ptr()
-        st.rope_len = lean.rope_cos.shape[0]
-        st.cache_rows = cache.k[0].shape[0]
-        base = self._scratch.data_ptr()
-        st.scratch = base + (-base % 64)
-        st.scratch_bytes = self._scratch.numel() - (st.scratch - base)
+        self._ensure_scratch(nat, n, cache.max_len, threads)
+        positions = self._fill_step(positions, n, cache, threads)  # held: the step points at it
         xp, hp = x.data_ptr(), h.data_ptr()
         call, step, addr, ln_next = nat.decode_layer, self._step_addr, self._addr, self._ln_next
         ks, vs = cache.k, cache.v
-        for li in range(s.n_layers):
+        for li in range(self.lean.spec.n_layers):
             paths, _counts = decide(li, h)
             if paths.dtype != torch.long or not paths.is_contiguous():
                 paths = paths.to(torch.long).contiguous()
@@ -236,6 +213,42 @@ class FusedDecode:
             )
             if rc:
                 native.check(rc, "decode_layer")
+
+    def _ensure_scratch(self, nat, n: int, max_len: int, threads: int) -> None:
+        """The working memory of a `decode_layer` call of n rows (kept while the shapes stay)."""
+        s = self.lean.spec
+        skey = (n, max_len, threads)
+        if skey != self._scratch_key:
+            nbytes = nat.scratch_bytes(
+                s.hidden,
+                s.intermediate,
+                s.n_heads,
+                s.n_kv_heads,
+                s.head_dim,
+                max_len,
+                n,
+                threads,
+            )
+            self._scratch = torch.empty(nbytes + 64, dtype=torch.uint8)
+            self._scratch_key = skey
+        assert self._scratch is not None
+
+    def _fill_step(self, positions, n: int, cache: KVCache, threads: int) -> torch.Tensor:
+        """Write this step's shapes and inputs into the step block; returns the (n,) int64
+        positions it points at (the caller holds them for the step)."""
+        lean, s = self.lean, self.lean.spec
+        positions = positions.to(torch.long).contiguous()
+        st = self._step
+        st.d, st.I, st.H, st.KVH = s.hidden, s.intermediate, s.n_heads, s.n_kv_heads
+        st.hd, st.max_len, st.M, st.threads, st.eps = s.head_dim, cache.max_len, n, threads, s.eps
+        st.pos = positions.data_ptr()
+        st.cos, st.sin = lean.rope_cos.data_ptr(), lean.rope_sin.data_ptr()
+        st.rope_len = lean.rope_cos.shape[0]
+        st.cache_rows = cache.k[0].shape[0]
+        base = self._scratch.data_ptr()
+        st.scratch = base + (-base % 64)
+        st.scratch_bytes = self._scratch.numel() - (st.scratch - base)
+        return positions
 
     def _check_step(self, x, h, positions, slots, cache: KVCache) -> None:
         """What the native layer cannot see for itself: that the tensors it is handed hold the
@@ -258,83 +271,3 @@ class FusedDecode:
             ok = tuple(t.shape) == shape and t.dtype == bf16 and t.is_contiguous()
             need(ok, "decode_layer", f"KV cache layers must be contiguous bf16 {shape}")
         self._cache_ok = key
-
-
-class NativeController:
-    """A controller's logits for one row at decode, in C (hest_ctl_logits): one call per layer
-    instead of ~8 PyTorch operators. For the factorised `Controller`, `lay` = sigmoid(w_layer +
-    u beta) is made once per request and the additive term is a0 at every layer; for the
-    `AdaptiveController`, `update(beta)` remakes both (L, k) and (L, P) at every decode step
-    (its beta is the request's remaining ratio). Other classes (the baselines') stay in PyTorch."""
-
-    _weights: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-    def __init__(self, ctl, beta: float):
-        w = self._weights.get(ctl)
-        if w is None:
-            with torch.no_grad():
-                w = tuple(t.detach().float().contiguous() for t in (ctl.hest_w_tok, ctl.hest_a))
-            self._weights[ctl] = w
-        self._keep, self.ctl = w, ctl
-        self.adaptive = bool(getattr(ctl, "uses_remaining", False))
-        self.k, self.d = ctl.k, ctl.hidden
-        L, P = ctl.hest_w_layer.shape[0], ctl.hest_a.shape[0]  # layers, paths
-        self.P = P
-        self.lay = torch.empty(L, self.k, dtype=torch.float32)
-        self.bias = torch.empty(L, P, dtype=torch.float32)
-        self.update(beta)
-        self.out = (ctypes.c_float * P)()
-        self._args = (w[0].data_ptr(), w[1].data_ptr())
-        self._lay0, self._bias0 = self.lay.data_ptr(), self.bias.data_ptr()
-        self._out = ctypes.addressof(self.out)
-        nat = native.get()
-        assert nat is not None
-        self._call = nat.ctl_logits
-
-    def update(self, beta: float) -> None:
-        """Set the request's beta for the next decode step (in place: the pointers stay)."""
-        ctl = self.ctl
-        with torch.no_grad():
-            if self.adaptive:
-                lay, bias = ctl.native_parts(beta, 1)
-            else:
-                lay = torch.sigmoid(ctl.hest_w_layer + ctl.hest_u * beta)
-                bias = ctl.hest_a0.expand(self.bias.shape)
-            self.lay.copy_(lay)
-            self.bias.copy_(bias)
-
-    @classmethod
-    def of(cls, ctl, beta: float) -> NativeController | None:
-        from .controller import AdaptiveController, Controller
-
-        if type(ctl) not in (Controller, AdaptiveController) or native.get() is None:
-            return None
-        if getattr(native._off, "v", False) or ctl.hest_a.shape[0] > 16:
-            return None
-        if ctl.k > 256 or ctl.hidden > 4096 or ctl.hest_w_tok.device.type != "cpu":
-            return None
-        return cls(ctl, beta)
-
-    def logits(self, li: int, h: torch.Tensor) -> list[float]:
-        """(P,) logits of one row. h: (1, d) contiguous bf16 on CPU; li in 0..n_layers-1.
-        Raises NativeArgumentError for another h or layer."""
-        if not h.is_contiguous():
-            h = h.contiguous()
-        ok = h.dtype == torch.bfloat16 and h.numel() == self.d and 0 <= li < self.lay.shape[0]
-        if not ok:
-            native.need(False, "ctl_logits", f"h must be bf16 of {self.d}, layer {li} known")
-        w_tok, a = self._args
-        rc = self._call(
-            w_tok,
-            self._lay0 + li * self.k * 4,
-            a,
-            self._bias0 + li * self.P * 4,
-            self.k,
-            self.d,
-            self.P,
-            h.data_ptr(),
-            self._out,
-        )
-        if rc:
-            native.check(rc, "ctl_logits")
-        return self.out[:]

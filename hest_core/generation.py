@@ -19,8 +19,8 @@ from . import paths as reg
 from .decoding import RowDecoding, TextDelta, TokenLogprob, choose, cut_at_stop
 from .endings import EndingPlan
 from .errors import HestError, RequestFailedError
-from .fused import NativeController
 from .guard import BudgetGuard
+from .native_controller import NativeController
 from .request import PreparedRequest  # re-exported: the type lives in request.py
 
 _ROW: dict[int, torch.Tensor] = {}  # path index -> a (1,) tensor of it: one row on it (read-only)
@@ -120,22 +120,34 @@ class BatchRunner:
         # batched decode: rows on one path in one layer share its weight reads (guard.share)
         share = phase == "decode" and n_rows > 1 and e.energy.shares
         if fixed is not None:
-            paths = torch.full((n_rows,), fixed, dtype=torch.long, device=e.device)
-            counts = reg.one_hot(fixed, n_rows)
-
-            def decide_fixed(li: int, h: torch.Tensor):
-                for _row0, n, st in groups:
-                    c = reg.one_hot(fixed, n)
-                    st.guard.commit(li, c)
-                    st.layer_counts[li][fixed] += n
-                    if share:
-                        st.guard.share(li, c, counts)
-                return paths, counts
-
-            return decide_fixed
-
-        one = groups[0][2] if len(groups) == 1 and groups[0][1] == 1 else None
+            return self._fixed_decider(groups, fixed, n_rows, share)
         betas = [_beta(e.controller, st) for _, _, st in groups]
+        in_c = self._native_decider(groups, betas, phase, sub_rows)
+        if in_c is not None:
+            return in_c
+        return self._controller_decider(groups, betas, phase, sub_t, share)
+
+    def _fixed_decider(self, groups, fixed: int, n_rows: int, share: bool):
+        """Every row on the policy's one path."""
+        paths = torch.full((n_rows,), fixed, dtype=torch.long, device=self.e.device)
+        counts = reg.one_hot(fixed, n_rows)
+
+        def decide_fixed(li: int, h: torch.Tensor):
+            for _row0, n, st in groups:
+                c = reg.one_hot(fixed, n)
+                st.guard.commit(li, c)
+                st.layer_counts[li][fixed] += n
+                if share:
+                    st.guard.share(li, c, counts)
+            return paths, counts
+
+        return decide_fixed
+
+    def _native_decider(self, groups, betas: list[float], phase: str, sub_rows):
+        """Batch-1 decode with a controller that has a native form: its logits in C (None where
+        that does not apply)."""
+        e = self.e
+        one = groups[0][2] if len(groups) == 1 and groups[0][1] == 1 else None
         nctl = None
         if one is not None and phase == "decode" and h_native_ok(e.lean):
             if one.native_ctl is None:
@@ -143,22 +155,25 @@ class BatchRunner:
             nctl = one.native_ctl or None
             if nctl is not None and nctl.adaptive:
                 nctl.update(betas[0])
+        if nctl is None:
+            return None
+        assert one is not None
+        st = one
 
-        if nctl is not None:
-            assert one is not None
-            st = one
+        def decide_native(li: int, h: torch.Tensor):
+            # batch-1 decode with the default controller: logits in C, the rest in Python
+            lg = nctl.logits(li, h)
+            p = max(range(len(lg)), key=lg.__getitem__)  # argmax, first max
+            if sub_rows is not None:
+                p = sub_rows[li][p]
+            # at one row the guard never needs the logits (nothing to rank)
+            return _one_row(st, li, p, _row_on(p), None)
 
-            def decide_native(li: int, h: torch.Tensor):
-                # batch-1 decode with the default controller: logits in C, the rest in Python
-                lg = nctl.logits(li, h)
-                p = max(range(len(lg)), key=lg.__getitem__)  # argmax, first max
-                if sub_rows is not None:
-                    p = sub_rows[li][p]
-                # at one row the guard never needs the logits (nothing to rank)
-                return _one_row(st, li, p, _row_on(p), None)
+        return decide_native
 
-            return decide_native
-
+    def _controller_decider(self, groups, betas: list[float], phase: str, sub_t, share: bool):
+        """The controller's paths for every row, each request's guard fitting its own rows."""
+        e = self.e
         beta = torch.cat(
             [
                 torch.full((n,), b, dtype=torch.float32, device=e.device)

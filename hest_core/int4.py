@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from . import q4
 from .gguf_blocks import Q4Blocks, quantize_q4_1, read_gguf_q4
 from .loading import DEFAULT_MODEL
-from .spectral import merge_delta, target_module
+from .weights import merge_delta, target_module
 
 if TYPE_CHECKING:
     from .model import LeanModel

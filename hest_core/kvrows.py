@@ -15,7 +15,7 @@ stale values are finite, so they never reach an output (zeros start every new al
 
 from __future__ import annotations
 
-from .model import KVCache
+from .kvcache import KVCache
 
 
 class CacheRows:

@@ -26,7 +26,8 @@ import torch
 from .cachedirs import cache_dir
 from .config import RuntimeConfig
 from .errors import ModelLoadError
-from .model import LayerWeights, LeanModel, ModelSpec
+from .model import LeanModel
+from .weights import LayerWeights, ModelSpec
 
 log = logging.getLogger("hest.loading")
 
@@ -210,6 +211,28 @@ def fingerprint(hf) -> str:
 WeightFn = Callable[[int, str, torch.Tensor], torch.Tensor]
 
 
+def _layer_weights(layer, li: int, spec, w, to) -> LayerWeights:
+    """One HF decoder layer's weights as the runtime holds them (fused q|k|v and gate|up), `w`
+    reading a target weight (as `weight_fn` rewrites it), `to` casting into the model's dtype."""
+    at, mlp = layer.self_attn, layer.mlp
+    wqkv = torch.cat(
+        [w(li, "q_proj", at.q_proj), w(li, "k_proj", at.k_proj), w(li, "v_proj", at.v_proj)]
+    )
+    biases = [getattr(at, n).bias for n in ("q_proj", "k_proj", "v_proj")]
+    bqkv = None if biases[0] is None else to(torch.cat([b.detach().float() for b in biases]))
+    return LayerWeights(
+        ln1=to(layer.input_layernorm.weight),
+        ln2=to(layer.post_attention_layernorm.weight),
+        wqkv=to(wqkv),
+        bqkv=bqkv,
+        wo=to(w(li, "o_proj", at.o_proj)),
+        wgu=to(torch.cat([w(li, "gate_proj", mlp.gate_proj), w(li, "up_proj", mlp.up_proj)])),
+        wdown=to(w(li, "down_proj", mlp.down_proj)),
+        q_norm=to(at.q_norm.weight) if spec.qk_norm else None,
+        k_norm=to(at.k_norm.weight) if spec.qk_norm else None,
+    )
+
+
 def build_lean(
     hf,
     dtype: torch.dtype,
@@ -236,23 +259,7 @@ def build_lean(
 
     layers = []
     for li, layer in enumerate(hf.model.layers):
-        at, mlp = layer.self_attn, layer.mlp
-        wqkv = torch.cat(
-            [w(li, "q_proj", at.q_proj), w(li, "k_proj", at.k_proj), w(li, "v_proj", at.v_proj)]
-        )
-        biases = [getattr(at, n).bias for n in ("q_proj", "k_proj", "v_proj")]
-        bqkv = None if biases[0] is None else to(torch.cat([b.detach().float() for b in biases]))
-        lw = LayerWeights(
-            ln1=to(layer.input_layernorm.weight),
-            ln2=to(layer.post_attention_layernorm.weight),
-            wqkv=to(wqkv),
-            bqkv=bqkv,
-            wo=to(w(li, "o_proj", at.o_proj)),
-            wgu=to(torch.cat([w(li, "gate_proj", mlp.gate_proj), w(li, "up_proj", mlp.up_proj)])),
-            wdown=to(w(li, "down_proj", mlp.down_proj)),
-            q_norm=to(at.q_norm.weight) if spec.qk_norm else None,
-            k_norm=to(at.k_norm.weight) if spec.qk_norm else None,
-        )
+        lw = _layer_weights(layer, li, spec, w, to)
         lw.build_int8(dtype)
         layers.append(lw)
 

@@ -5,238 +5,22 @@ Weights are pulled out of a Hugging Face model once: fused q/k/v and gate/up pro
 works on a flat list of tokens from any number of sequences, so every path runs as one matmul
 over the rows of the whole batch that chose it.
 
-Paths, their indices and how each runs: `paths.py` (the registry).
+Paths, their indices and how each runs: `paths.py` (the registry). The pieces it is built from:
+`weights.py` (what it holds), `ops.py` (norm, rope, the 16-bit product), `kvcache.py` (slots and
+the cache), `routing.py` (path decisions per layer).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 
-from . import native
 from . import paths as reg
-from .errors import CacheOverflowError, HestError
 from .fused import FusedDecode
-from .quant import Int8Linear
-
-if TYPE_CHECKING:
-    from .int4 import Int4Linear
-
-TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    name: str
-    model_type: str
-    n_layers: int
-    hidden: int
-    intermediate: int
-    n_heads: int
-    n_kv_heads: int
-    head_dim: int
-    vocab: int
-    eps: float
-    qk_norm: bool
-    max_positions: int
-
-    @property
-    def q_dim(self) -> int:
-        return self.n_heads * self.head_dim
-
-    @property
-    def kv_dim(self) -> int:
-        return self.n_kv_heads * self.head_dim
-
-
-@dataclass
-class LayerWeights:
-    ln1: torch.Tensor  # (d,)
-    ln2: torch.Tensor  # (d,)
-    wqkv: torch.Tensor  # (q_dim + 2 kv_dim, d)
-    bqkv: torch.Tensor | None
-    wo: torch.Tensor  # (d, q_dim)
-    wgu: torch.Tensor  # (2 I, d)
-    wdown: torch.Tensor  # (d, I)
-    q_norm: torch.Tensor | None = None  # (head_dim,) Qwen3
-    k_norm: torch.Tensor | None = None
-    qkv8: Int8Linear | None = None
-    o8: Int8Linear | None = None
-    gu8: Int8Linear | None = None
-    down8: Int8Linear | None = None
-    qkv4: Int4Linear | None = None  # Q4_1 copies, built by int4.attach where int4 is enabled
-    o4: Int4Linear | None = None
-    gu4: Int4Linear | None = None
-    down4: Int4Linear | None = None
-    shortcut: tuple[torch.Tensor, torch.Tensor] | None = None  # (R, d), (d, R)
-    packed: dict[str, torch.Tensor] = field(default_factory=dict)  # oneDNN-prepacked 16-bit weights
-
-    def pack(self) -> None:
-        """Prepack the dense 16-bit weights for oneDNN (CPU): same results as F.linear, bit for
-        bit, without re-laying the weight out on every call."""
-        for name in ("wqkv", "wo", "wgu", "wdown"):
-            self.packed[name] = torch.ops.mkldnn._reorder_linear_weight(getattr(self, name), 1)
-
-    def build_int8(self, act_dtype: torch.dtype) -> None:
-        self.qkv8 = Int8Linear.from_weight(self.wqkv, self.bqkv, act_dtype)
-        self.o8 = Int8Linear.from_weight(self.wo, None, act_dtype)
-        self.gu8 = Int8Linear.from_weight(self.wgu, None, act_dtype)
-        self.down8 = Int8Linear.from_weight(self.wdown, None, act_dtype)
-
-    def int8_linears(self) -> list[Int8Linear]:
-        return [m for m in (self.qkv8, self.o8, self.gu8, self.down8) if m is not None]
-
-    def int4(self, name: str) -> Int4Linear:
-        """The int4 copy `name` (qkv4, o4, gu4, down4); raises HestError where none was built."""
-        m = getattr(self, name)
-        if m is None:
-            raise HestError(
-                "a unit took the int4 path but this model has no int4 weights: enable the path "
-                "before loading (HEST_PATHS=fp16,int8,int4,skip or Engine.from_pretrained(paths=...))"
-            )
-        return m
-
-
-def linear16(
-    x: torch.Tensor, w: torch.Tensor, packed: torch.Tensor | None, bias=None
-) -> torch.Tensor:
-    """x (M, K) @ w (N, K)^T in 16-bit: the native small-M kernel at decode where it is built,
-    oneDNN with prepacked weights on CPU otherwise, F.linear elsewhere."""
-    if x.device.type == "cpu" and native.fits(x, w.shape[0]):
-        nat = native.get()
-        if nat is not None:
-            return nat.gemv16(x, w, bias)
-    if packed is not None:
-        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
-    return F.linear(x, w, bias)
-
-
-def can_pack(device: torch.device, dtype: torch.dtype) -> bool:
-    return device.type == "cpu" and dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """As HF LlamaRMSNorm: statistics in fp32, result cast back, then scaled."""
-    xf = x.float()
-    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * xf.to(x.dtype)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    h = x.shape[-1] // 2
-    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (N, heads, hd); cos/sin: (N, 1, hd) in x's dtype."""
-    return x * cos + _rotate_half(x) * sin
-
-
-@dataclass
-class Routing:
-    """Rows of one layer grouped by path (indices of the registry, `paths.py`). `only` is set
-    when every row took one path; `idx[p]` (n_p,) are the rows on path p (None: none)."""
-
-    paths: torch.Tensor  # (N,) int64
-    only: int | None
-    idx: list[torch.Tensor | None] = field(default_factory=list)
-
-    @classmethod
-    def of(cls, paths: torch.Tensor, counts: list[int]) -> Routing:
-        """paths (N,) path indices, counts (P,) rows per path."""
-        n = paths.shape[0]
-        for p, c in enumerate(counts):
-            if c == n:
-                return cls(paths=paths, only=p)
-        idx = [(paths == p).nonzero().squeeze(1) if c else None for p, c in enumerate(counts)]
-        return cls(paths=paths, only=None, idx=idx)
-
-    def rows(self, on: list[int]) -> torch.Tensor | None:
-        """(n,) the rows on any of the paths `on` (in path order), None where there are none."""
-        parts = [self.idx[p] for p in on if self.idx[p] is not None]
-        if not parts:
-            return None
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-
-@dataclass
-class SeqSlot:
-    """Where one sequence's rows sit in the flat batch and in the KV cache."""
-
-    row0: int  # first row in the flat token batch
-    n: int  # rows of this sequence in this call
-    cache_row: int  # batch row in the KV cache
-    pos0: int  # position of its first row
-
-
-class KVCache:
-    """Static per-layer cache: k, v each (B, kv_heads, max_len, head_dim)."""
-
-    def __init__(self, spec: ModelSpec, batch: int, max_len: int, dtype, device):
-        shape = (batch, spec.n_kv_heads, max_len, spec.head_dim)
-        # zeros, not empty: a batch row attends over the span of the longest row with its own
-        # tail masked, and masked garbage (NaN bit patterns) would still reach SDPA's P @ V
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(spec.n_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(spec.n_layers)]
-        self.max_len = max_len
-
-    def keep_rows(self, rows: torch.Tensor) -> None:
-        """Drop finished sequences: keep only these batch rows (in this order)."""
-        self.k = [t.index_select(0, rows) for t in self.k]
-        self.v = [t.index_select(0, rows) for t in self.v]
-
-    def first_rows(self, n: int) -> KVCache:
-        """A cache over this one's first n batch rows, sharing its memory (still contiguous: the
-        batch is the outer dimension), for a decode batch smaller than the allocation."""
-        view = object.__new__(KVCache)
-        view.k = [t[:n] for t in self.k]
-        view.v = [t[:n] for t in self.v]
-        view.max_len = self.max_len
-        return view
-
-    def move_rows(self, src: list[int]) -> None:
-        """Row j becomes what row src[j] holds, for j < len(src) (the rest are left as they
-        are); a permutation that compacts or reorders sequences in place."""
-        if src == list(range(len(src))):
-            return
-        idx = torch.tensor(src, dtype=torch.long, device=self.k[0].device)
-        for t in (*self.k, *self.v):
-            t[: len(src)] = t.index_select(0, idx)  # index_select copies first: overlap is safe
-
-
-def _check_slots(slots: list[SeqSlot], cache: KVCache, n_rows: int) -> None:
-    """Every slot writes inside the cache it was given; raises CacheOverflowError otherwise."""
-    rows = cache.k[0].shape[0]
-    covered = 0
-    for sl in slots:
-        if not (0 <= sl.cache_row < rows and sl.pos0 >= 0 and sl.pos0 + sl.n <= cache.max_len):
-            raise CacheOverflowError(
-                f"a sequence slot (cache row {sl.cache_row}, positions {sl.pos0}.."
-                f"{sl.pos0 + sl.n - 1}) is outside the KV cache ({rows} rows x {cache.max_len} "
-                "positions): generation ran past what was allocated for the request"
-            )
-        covered += sl.n
-    if covered != n_rows:
-        raise CacheOverflowError(f"slots cover {covered} tokens, the forward has {n_rows}")
-
-
-# decide(layer, h) -> (paths (N,) int64, counts (P,)) ; h is the normalised attention input
-Decider = Callable[[int, torch.Tensor], tuple[torch.Tensor, list[int]]]
-
-
-def const_decider(path: int) -> Decider:
-    """Every unit on one path (calibration, benchmarks, warm-up)."""
-
-    def decide(li: int, h: torch.Tensor):
-        n = h.shape[0]
-        paths = torch.full((n,), path, dtype=torch.long, device=h.device)
-        return paths, reg.one_hot(path, n)
-
-    return decide
+from .kvcache import KVCache, SeqSlot, check_slots
+from .ops import apply_rope, can_pack, linear16, rms_norm
+from .routing import Decider, Routing
+from .weights import LayerWeights, ModelSpec
 
 
 class LeanModel:
@@ -401,7 +185,7 @@ class LeanModel:
     ) -> torch.Tensor:
         """ids, positions: (N,). Returns logits (len(logits_rows), vocab) in fp32."""
         s = self.spec
-        _check_slots(slots, cache, ids.shape[0])
+        check_slots(slots, cache, ids.shape[0])
         x = self.embed[ids]  # (N, d)
         if decode and self.fused.usable(ids, cache):
             h = rms_norm(x, self.layers[0].ln1, s.eps)

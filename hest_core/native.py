@@ -5,8 +5,8 @@ At decode a step reads every weight once and does two flops per weight, so it is
 memory bandwidth; oneDNN's GEMM reaches ~12 GB/s on it here, and a loop that streams the
 weights with software prefetch reaches ~20 GB/s, the bandwidth a plain read of memory gets
 (docs/runtime.md has the measurements). The kernels are C, built once with the machine's `gcc`
-(`-O3 -march=native -fopenmp`) into the cache (`~/.cache/hest/kernels/`) and called through
-ctypes. Single products run for the rows of a forward that fit them (`MAX_ROWS` rows or fewer,
+(`-O3 -march=native -fopenmp`) into the cache (`~/.cache/hest/kernels/`: kernel_build.py) and
+called through ctypes. Single products run for the rows of a forward that fit them (`MAX_ROWS` rows or fewer,
 `fits`); the fused decode layer (fused.py) for decode steps of up to `FUSED_MAX_ROWS` rows;
 everything else stays with PyTorch.
 
@@ -19,13 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
 import threading
 from pathlib import Path
 
@@ -33,15 +26,9 @@ import torch
 
 from .config import RuntimeConfig
 from .errors import NativeArgumentError
-
-log = logging.getLogger("hest.native")
+from .kernel_build import SANITIZE, Lazy, load_library
 
 SOURCE = Path(__file__).parent / "kernels" / "hest.c"  # includes the other kernels/*.c
-CFLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-fno-math-errno"]
-# HEST_NATIVE_SANITIZE=1 builds the kernels with AddressSanitizer and UBSan (tests: the process
-# must preload libasan, see tests/hest_core/test_native_sanitizer.py); never for serving.
-SANITIZE = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=all"]
-NEEDED_FLAGS = ("avx512f", "avx512bw", "avx512vl")
 # Rows up to which the native kernels beat oneDNN (measured at decode shapes, docs/runtime.md):
 # at 1-4 rows for the layer weights; the 49152-row lm_head only at 1 row.
 MAX_ROWS = 4
@@ -66,17 +53,6 @@ ERRORS = {
 }
 
 _P, _I = ctypes.c_void_p, ctypes.c_int
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
 
 
 # fmt: off
@@ -284,88 +260,6 @@ class Native:
         )
         check(rc, "gemv_i8")
         return y
-
-
-def compile_kernels(source: Path, stem: str, extra: list[str] | tuple[str, ...] = ()):
-    """Build `source` into a shared library (or find it built) in the cache:
-    `kernels/<stem>-<key>.so`, keyed by the source and every C file beside it (hest.c includes
-    them), the flags, the compiler's version and the CPU flags; written atomically, so concurrent builds and readers see a whole file. Returns
-    (path, compiler version) or (None, "off (why)") where the kernels cannot run here."""
-    # process-wide: built once, on first use (config.py)
-    cfg = RuntimeConfig.from_env(only=("native", "cc", "cache_dir"))
-    if not cfg.native:
-        return None, "off (HEST_NATIVE=0)"
-    if platform.machine() not in ("x86_64", "AMD64"):
-        return None, f"off (no kernels for {platform.machine()})"
-    missing = [f for f in NEEDED_FLAGS if f not in _cpu_flags()]
-    if missing:
-        return None, f"off (CPU lacks {', '.join(missing)})"
-    cc = cfg.cc or shutil.which("gcc") or shutil.which("cc")
-    if cc is None:
-        return None, "off (no C compiler: install gcc for faster decode)"
-    try:
-        version = subprocess.run(
-            [cc, "--version"], capture_output=True, text=True, timeout=30
-        ).stdout.splitlines()[0]
-    except (OSError, subprocess.SubprocessError, IndexError) as e:
-        return None, f"off ({cc} --version failed: {e})"
-    cflags = [*CFLAGS, *extra]
-    texts = [f.read_text() for f in sorted(source.parent.glob("*.[ch]"))]  # hest.c includes
-    key = hashlib.sha256(
-        "\n".join(
-            [source.read_text(), *texts, " ".join(cflags), version, " ".join(sorted(_cpu_flags()))]
-        ).encode()
-    ).hexdigest()[:16]
-    out = cfg.cache_dir / "kernels" / f"{stem}-{key}.so"
-    if not out.is_file():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-        os.close(fd)
-        try:
-            r = subprocess.run(
-                [cc, *cflags, "-o", tmp, str(source)], capture_output=True, text=True, timeout=300
-            )
-            if r.returncode != 0:
-                log.warning("%s failed to build:\n%s", source.name, r.stderr[-2000:])
-                return None, f"off (build failed: {r.stderr.strip().splitlines()[-1:]})"
-            os.replace(tmp, out)  # atomic: a concurrent build or reader sees a whole file
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    return out, version
-
-
-def load_library(cls, source: Path, stem: str, extra, label: str):
-    """Build (or take from the cache) `source` and load it as `cls(path, note)`: (library or None,
-    "on" or "off (why)"). A library that fails to load is logged and off, never raised."""
-    out, version = compile_kernels(source, stem, extra)
-    if out is None:
-        return None, version
-    try:
-        return cls(out, f"avx512 {label} ({version.split()[0]}, {out.name})"), "on"
-    except OSError as e:
-        log.warning("%s kernels failed to load (%s), using PyTorch's", label, e)
-        return None, f"off (load failed: {e})"
-
-
-class Lazy:
-    """A native library built once, on first use, by `build() -> (library or None, why)`."""
-
-    def __init__(self, build):
-        self._build, self._lock, self._state = build, threading.Lock(), None
-
-    def get(self):
-        """The library; None where it is off (see `status()`)."""
-        if self._state is None:
-            with self._lock:
-                if self._state is None:
-                    self._state = self._build()
-        return self._state[0]
-
-    def status(self) -> str:
-        """What runs: a note on the loaded library, or "off (why)"."""
-        lib = self.get()
-        return lib.note if lib is not None else self._state[1]
 
 
 def _build() -> tuple[Native | None, str]:

@@ -4,7 +4,7 @@
   file, or made by `quantize_q4_1` at load) out the way `hest_gemv_q4` streams them: 20 bytes
   per 32 weights, codes reordered so that each vpdpwssd lane belongs to one block (q4.c's header
   has the layout and the numerics). `unpack` inverts it.
-* `get()` builds the kernel once, as native.py builds hest.c (the machine's
+* `get()` builds the kernel once, as native.py builds hest.c (kernel_build.py: the machine's
   `gcc -O3 -march=native -fopenmp`, cached under `cache_dir()/kernels/` keyed by source, flags,
   compiler and CPU flags) and returns `Q4Kernels`, or None where it is off: `status()` says why
   (no AVX-512 F/BW/VL, no x86-64, no compiler, a failed build, or `HEST_NATIVE=0`).
@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import native
+from . import kernel_build
 from .errors import NativeArgumentError
 from .gguf_blocks import BLOCK, Q4Blocks, quantize_q4_1
 
@@ -235,10 +235,10 @@ class Q4Kernels:
 def build(extra: tuple[str, ...] = ()) -> tuple[Q4Kernels | None, str]:
     """Build (or load from the cache) q4.c, with extra compiler flags for variants (bench_q4
     `--flag=-DQ4_PD=2048`, the tests' `-mno-avx512vnni`); (kernels or None, why)."""
-    return native.load_library(Q4Kernels, SOURCE, "q4", extra, "q4")
+    return kernel_build.load_library(Q4Kernels, SOURCE, "q4", extra, "q4")
 
 
-_kernels = native.Lazy(build)
+_kernels = kernel_build.Lazy(build)
 
 
 def get() -> Q4Kernels | None:

@@ -24,53 +24,27 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
 from . import generation
-from .budget import q_to_min_j
 from .decoding import TextDelta
-from .endings import EndingPlan
-from .errors import BudgetTooLowError, HestError, RequestFailedError
-from .generation import BatchRunner, RequestState
-from .guard import BudgetGuard
+from .errors import HestError, RequestFailedError
+from .generation import BatchRunner
+from .kvcache import SeqSlot
 from .kvrows import CacheRows
-from .model import SeqSlot
 from .request import GenerationResult, PreparedRequest
 from .results import failed_result, result_of
+from .tickets import ForwardFailed, Ticket, budget_error, run_state, share_reading
 
 log = logging.getLogger("hest.scheduler")
 
 DEFAULT_MAX_ROWS = 16  # requests decoded at once by default (the server's HEST_MAX_BATCH_SIZE): as
 # many as the fused decode layer takes (native.FUSED_MAX_ROWS; docs/runtime.md has the measurements)
-
-
-@dataclass(eq=False)
-class Ticket:
-    """One request inside the scheduler; `result` is set once it ended."""
-
-    key: int
-    req: PreparedRequest
-    on_token: Callable[[TextDelta], None] | None
-    on_done: Callable[[GenerationResult], None] | None
-    st: RequestState | None = None
-    t0: float = 0.0  # perf_counter at submit: its ttft_s, prefill_s, total_s count from here
-    pos: int = 0  # prompt tokens prefilled so far
-    cur: int = 0  # its last token: the input of its next decode step
-    mark: int = 0  # guard.spent (picojoules) when the current meter window opened
-    measured_j: float = 0.0  # its share of the meter's windows (by modelled spend)
-    estimated_j: float = 0.0
-    result: GenerationResult | None = None
-
-
-class _ForwardFailed(Exception):
-    """A batched forward raised; its requests were ended with finish "error"."""
 
 
 class Scheduler(BatchRunner):
@@ -179,7 +153,7 @@ class Scheduler(BatchRunner):
                 self._prefill_round()
             if self._active:
                 rows = self._decode_step()
-        except _ForwardFailed as err:
+        except ForwardFailed as err:
             failed = err.__cause__
         self._retire()
         if failed is not None and self.reraise:
@@ -196,7 +170,7 @@ class Scheduler(BatchRunner):
             return
         ok = []
         for t in new:
-            err = self._check_budget(t.req)
+            err = budget_error(self.e, t.req)
             if err is None:
                 ok.append(t)
             else:  # a budget changed below its minimum after check() (a brownout): no work
@@ -209,38 +183,11 @@ class Scheduler(BatchRunner):
         if self._window is None:
             self._window = self.e.meter.begin()
         for t in ok:
-            t.st = self._state_of(t.req)
+            t.st = run_state(self.e, t.req, self.L)
             t.st.guard.start_prefill()  # the whole prompt's fixed work is charged up front
             self._rows.take(t)
             self._by_key[t.key] = t
             self._prefilling.append(t)
-
-    def _check_budget(self, p: PreparedRequest) -> HestError | None:
-        """A request prepared by another engine (another table or guard) may sit below this
-        engine's minimum: it fails alone. One prepared here cannot (PreparedRequest refuses to
-        be built below its minimum, and `tighten` clamps at it)."""
-        e = self.e
-        need = e.energy.min_feasible_q(len(p.ids), p.max_new, e.stop_path)
-        if e.guard_mode != "off" and p.budget_q < need:
-            return BudgetTooLowError(
-                f"budget {p.budget_j:.6g} J is below this request's minimum "
-                f"{q_to_min_j(need):.6g} J on this engine",
-                minimum_j=q_to_min_j(need),
-                param="energy_budget_j",
-            )
-        return None
-
-    def _state_of(self, p: PreparedRequest) -> RequestState:
-        e = self.e
-        return RequestState(
-            req=p,
-            guard=BudgetGuard(
-                e.energy, p.budget_q, len(p.ids), p.max_new, e.guard_mode, e.stop_path
-            ),
-            beta=math.log(p.budget_ratio),
-            layer_counts=[[0] * len(e.energy.paths) for _ in range(self.L)],
-            plan=EndingPlan(enabled=p.clean_end),
-        )
 
     def _prefill_round(self) -> None:
         """Each prefilling request's next chunk (at most PREFILL_CHUNK tokens) in one flat
@@ -322,7 +269,7 @@ class Scheduler(BatchRunner):
         except Exception as err:
             log.exception("a batched forward of %d requests failed", len(tickets))
             self._fail(tickets, err)
-            raise _ForwardFailed from err
+            raise ForwardFailed from err
 
     def _fail(self, tickets: list[Ticket], err: BaseException, force: bool = False) -> None:
         """End these requests with finish "error" (those that ended already too if `force`)."""
@@ -374,15 +321,7 @@ class Scheduler(BatchRunner):
             return
         reading = self.e.meter.end(self._window)
         live = self._prefilling + self._active
-        everyone = live + leaving
-        spent = [t.st.guard.spent - t.mark for t in everyone]
-        total = sum(spent)
-        watts = self.e._nominal_watts()
-        for t, q in zip(everyone, spent, strict=True):
-            share = q / total if total else 1 / len(everyone)
-            t.measured_j += reading.energy_j * share
-            t.estimated_j += reading.elapsed_s * watts * share
-            t.mark = t.st.guard.spent
+        share_reading(live + leaving, reading, self.e._nominal_watts())
         self._window = self.e.meter.begin() if live else None
 
     def _hand_back(self, t: Ticket) -> None:

@@ -14,15 +14,9 @@ import torch
 
 from .cachedirs import cache_dir
 from .config import RuntimeConfig
-from .model import TARGETS
+from .weights import TARGETS, merge_delta, target_module
 
 log = logging.getLogger("hest.spectral")
-
-
-def target_module(hf, li: int, target: str) -> torch.nn.Linear:
-    layer = hf.model.layers[li]
-    part = layer.self_attn if target in ("q_proj", "k_proj", "v_proj", "o_proj") else layer.mlp
-    return getattr(part, target)
 
 
 def spectrum_sizes(hf) -> dict[str, int]:
@@ -94,13 +88,6 @@ def merge_into(hf, z: dict[str, torch.Tensor], svd: SvdCache) -> None:
             for t in z:
                 m = target_module(hf, li, t)
                 m.weight.copy_(fn(li, t, m.weight.detach().float()).to(m.weight.dtype))
-
-
-def merge_delta(
-    u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, z: torch.Tensor
-) -> torch.Tensor:
-    """U diag(s z) V^T: (out, r) (r,) (r, in) (r,) -> (out, in)."""
-    return (u * (s * z)[None, :]) @ vh
 
 
 def z_support(z: dict[str, torch.Tensor]) -> int:

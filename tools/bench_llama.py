@@ -166,7 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"CPU: {cpu_model_name()} ({os.cpu_count()} logical CPUs), threads {args.threads}")
     print(f"llama-server: {llama_server_version(binary)}")
     print(f"load average before {load_before[0]:.2f}, after {load_after[0]:.2f}")
-    print(f"{'target':<14} {'decode ms/tok':>13} {'x llama':>8} {'prefill ms/tok':>15} {'x llama':>8}")
+    print(
+        f"{'target':<14} {'decode ms/tok':>13} {'x llama':>8} {'prefill ms/tok':>15} {'x llama':>8}"
+    )
     for r in rows:
         print(
             f"{r['target']:<14} {r['decode_ms_per_token']:>13.2f} {r['decode_vs_llama']:>8.2f} "

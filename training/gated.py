@@ -31,14 +31,8 @@ from hest_core.energy import CalibrationTable, EnergyModel
 from hest_core.gguf_blocks import quantize_q4_1
 from hest_core.loading import build_lean, fingerprint, load_hf_model, load_tokenizer, spec_of
 from hest_core.meters import pick_meter
-from hest_core.spectral import (
-    TARGETS,
-    SvdCache,
-    merge_into,
-    spectrum_sizes,
-    target_module,
-    z_support,
-)
+from hest_core.spectral import TARGETS, SvdCache, merge_into, spectrum_sizes, z_support
+from hest_core.weights import target_module
 
 from .data import Batches, Example
 from .forward import NEG, SpectralZ, TrainModel, forward

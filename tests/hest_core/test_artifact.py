@@ -16,7 +16,8 @@ from hest_core import (
     load_adapter,
 )
 from hest_core.loading import fingerprint, load_hf_model, spec_of
-from hest_core.spectral import SvdCache, merge_delta, spectrum_sizes
+from hest_core.spectral import SvdCache, spectrum_sizes
+from hest_core.weights import merge_delta
 
 
 @pytest.fixture(scope="module")

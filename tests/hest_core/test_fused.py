@@ -9,10 +9,10 @@ import torch
 from hest_core import native
 from hest_core.controller import Controller
 from hest_core.engine import Engine, GenerationRequest
-from hest_core.fused import NativeController
 from hest_core.loading import TINY, build_lean, load_hf_model
-from hest_core.model import const_decider
+from hest_core.native_controller import NativeController
 from hest_core.paths import FP16, INT8, SKIP
+from hest_core.routing import const_decider
 from tests.hest_core.decode_steps import assert_agree, decode, prompts_for, row_decider
 
 needs_native = pytest.mark.skipif(native.get() is None, reason=f"native {native.status()}")

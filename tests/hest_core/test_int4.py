@@ -19,9 +19,10 @@ from hest_core.config import ConfigError, RuntimeConfig
 from hest_core.errors import CalibrationError
 from hest_core.gguf_blocks import quantize_q4_1
 from hest_core.int4 import LowRank, attach
+from hest_core.kvcache import SeqSlot
 from hest_core.loading import build_lean, fingerprint, load_hf_model
 from hest_core.meters import EstimateMeter
-from hest_core.model import Routing, SeqSlot, const_decider
+from hest_core.routing import Routing, const_decider
 from tests.hest_core.decode_steps import assert_agree, decode, prompts_for, row_decider
 
 FOUR = ("fp16", "int8", "int4", "skip")

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 from hest_core import Engine, GenerationRequest, generation
+from hest_core.kvcache import SeqSlot
 from hest_core.loading import build_lean, load_hf_model
-from hest_core.model import SeqSlot, const_decider
 from hest_core.paths import FP16, INT8
+from hest_core.routing import const_decider
 
 
 @pytest.mark.parametrize("path", [FP16, INT8])

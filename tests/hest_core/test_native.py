@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from hest_core import native
+from hest_core.kvcache import SeqSlot
 from hest_core.loading import TINY, build_lean, load_hf_model
-from hest_core.model import SeqSlot, const_decider
 from hest_core.paths import FP16, INT8
 from hest_core.quant import Int8Linear
+from hest_core.routing import const_decider
 
 NAT = native.get()
 needs_native = pytest.mark.skipif(NAT is None, reason=f"native kernels {native.status()}")

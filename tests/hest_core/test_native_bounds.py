@@ -13,9 +13,10 @@ import torch
 from hest_core import native
 from hest_core.errors import CacheOverflowError, NativeArgumentError
 from hest_core.int4 import attach
+from hest_core.kvcache import SeqSlot
 from hest_core.loading import build_lean, load_hf_model
-from hest_core.model import SeqSlot, const_decider
 from hest_core.paths import FP16
+from hest_core.routing import const_decider
 
 NAT = native.get()
 needs_native = pytest.mark.skipif(NAT is None, reason=f"native kernels {native.status()}")

@@ -19,9 +19,10 @@ from hest_core.controller import NEG_LOGIT
 from hest_core.energy import PJ, CalibrationTable
 from hest_core.errors import NativeArgumentError
 from hest_core.guard import demote
+from hest_core.kvcache import SeqSlot
 from hest_core.loading import build_lean, fingerprint, load_hf_model
 from hest_core.meters import EstimateMeter
-from hest_core.model import SeqSlot, const_decider
+from hest_core.routing import const_decider
 from hest_core.spectral import spectrum_sizes
 from server import Settings, create_app
 

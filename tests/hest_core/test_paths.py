@@ -8,8 +8,10 @@ import torch
 import torch.nn.functional as F
 
 from hest_core.compiled import enable_compile
+from hest_core.kvcache import SeqSlot
 from hest_core.loading import TINY, build_lean, load_hf_model
-from hest_core.model import LeanModel, SeqSlot, apply_rope, rms_norm
+from hest_core.model import LeanModel
+from hest_core.ops import apply_rope, rms_norm
 from hest_core.paths import FP16, INT8, SKIP, one_hot
 from hest_core.quant import Int8Linear
 

@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from hest_core.controller import Controller
+from hest_core.kvcache import SeqSlot
 from hest_core.loading import build_lean, fingerprint, load_hf_model
-from hest_core.model import SeqSlot
 from hest_core.spectral import SvdCache, spectrum_sizes
 from training.forward import NEG, SpectralZ, TrainModel, forward
 

@@ -10,8 +10,9 @@ import torch.nn.functional as F
 from hest_core import paths as reg
 from hest_core.controller import Controller
 from hest_core.int4 import attach
+from hest_core.kvcache import SeqSlot
 from hest_core.loading import build_lean, fingerprint, load_hf_model
-from hest_core.model import SeqSlot, const_decider
+from hest_core.routing import const_decider
 from hest_core.spectral import SvdCache, spectrum_sizes
 from training.forward import NEG, SpectralZ, TrainModel, forward
 

@@ -1,4 +1,4 @@
-"""A differentiable twin of `hest_core.model.LeanModel` for training (teacher forcing).
+"""A differentiable twin of `hest_core.exec.model.LeanModel` for training (teacher forcing).
 
 One sequence at a time (no padding), every (layer, token) gated by a straight-through Gumbel
 sample over the three paths. Instead of running fp16/int8/skip separately for each token, each
@@ -24,11 +24,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from hest_core import paths as reg
-from hest_core.gguf_blocks import quantize_q4_1
-from hest_core.loading import check_layout, spec_of
-from hest_core.ops import apply_rope, rms_norm
-from hest_core.quant import fake_quant_rows, fake_quant_weight
-from hest_core.weights import TARGETS, ModelSpec, target_module
+from hest_core.exec.gguf_blocks import quantize_q4_1
+from hest_core.exec.loading import check_layout, spec_of
+from hest_core.exec.ops import apply_rope, rms_norm
+from hest_core.exec.quant import fake_quant_rows, fake_quant_weight
+from hest_core.exec.weights import TARGETS, ModelSpec, target_module
 
 NEG = -1e4  # logit of a path a method may not use
 
@@ -52,7 +52,7 @@ class TrainLayer:
 
 
 def fake_quant_q4(w: torch.Tensor) -> torch.Tensor:
-    """Q4_1 quantise-dequantise (hest_core.gguf_blocks.quantize_q4_1) with a straight-through
+    """Q4_1 quantise-dequantise (hest_core.exec.gguf_blocks.quantize_q4_1) with a straight-through
     gradient: (N, K) -> (N, K), K a multiple of 32."""
     wq = quantize_q4_1(w.detach()).dequantize().to(w.dtype)
     return w + (wq - w).detach()

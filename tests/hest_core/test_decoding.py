@@ -13,8 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hest_core import Engine, GenerationRequest, InvalidInputError
-from hest_core.decoding import MAX_SYSTEM_TOKENS, TokenTexts, cut_at_stop, sample
-from hest_core.loading import load_hf_model
+from hest_core.exec.loading import load_hf_model
+from hest_core.runtime.decoding import MAX_SYSTEM_TOKENS, TokenTexts, cut_at_stop, sample
 
 TEXT = "The city council voted on Tuesday to expand the bus network after a year of delays."
 

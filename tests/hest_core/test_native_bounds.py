@@ -10,13 +10,13 @@ import ctypes
 import pytest
 import torch
 
-from hest_core import native
 from hest_core.errors import CacheOverflowError, NativeArgumentError
-from hest_core.int4 import attach
-from hest_core.kvcache import SeqSlot
-from hest_core.loading import build_lean, load_hf_model
+from hest_core.exec import native
+from hest_core.exec.int4 import attach
+from hest_core.exec.kvcache import SeqSlot
+from hest_core.exec.loading import build_lean, load_hf_model
+from hest_core.exec.routing import const_decider
 from hest_core.paths import FP16
-from hest_core.routing import const_decider
 
 NAT = native.get()
 needs_native = pytest.mark.skipif(NAT is None, reason=f"native kernels {native.status()}")

@@ -33,7 +33,7 @@ bench: $(STAMP)
 	$(PY) -m hest_core.bench --json results/bench_core.json
 
 calibrate: $(STAMP)
-	$(PY) -m hest_core.calibrate
+	$(PY) -m hest_core.energy.calibrate
 
 clean-venv:
 	rm -rf $(VENV)

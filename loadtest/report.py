@@ -18,7 +18,7 @@ from loadtest.client import RequestRecord
 from loadtest.runner import RunResult
 
 VIOLATION_TOLERANCE_J = 1e-9
-# The estimate meter's nominal power: hest_core.meters.DEFAULT_NOMINAL_WATTS (not imported: the load
+# The estimate meter's nominal power: hest_core.config.DEFAULT_NOMINAL_WATTS (not imported: the load
 # generator installs without torch; tests/loadtest/test_lt_peer.py checks the two agree)
 NOMINAL_WATTS = 30.0
 

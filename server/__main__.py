@@ -16,7 +16,7 @@ from pydantic import ValidationError
 
 from hest_core import MeterUnavailableError
 from hest_core.config import ConfigError
-from hest_core.meters import pick_meter
+from hest_core.energy.meters import pick_meter
 
 from .app import create_app
 from .serving import Serving

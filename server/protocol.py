@@ -14,10 +14,10 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, RootModel
 
 from hest_core import path_names
-from hest_core.budget import MAX_BUDGET_J, MAX_BUDGET_RATIO
+from hest_core.runtime.budget import MAX_BUDGET_J, MAX_BUDGET_RATIO
 
 # The budget fields are JSON numbers here (strict, finite: the type); their range (> 0, at most
-# MAX_BUDGET_J / MAX_BUDGET_RATIO) is checked once, by the runtime (hest_core/budget.py), and
+# MAX_BUDGET_J / MAX_BUDGET_RATIO) is checked once, by the runtime (hest_core/runtime/budget.py), and
 # stated in the schema as MaxNewTokens' maximum is.
 BudgetJ = Annotated[
     float,

@@ -1,6 +1,6 @@
 """Serving logic: validation, the bounded queue, continuous batching, brownout and drain.
 
-The runtime's scheduler (`hest_core.scheduler.Scheduler`) runs in ONE engine thread
+The runtime's scheduler (`hest_core.runtime.scheduler.Scheduler`) runs in ONE engine thread
 (`serve_forever`) and works per iteration: between decode steps, requests that ended leave and
 waiting ones join, their prompts prefilled in chunks between the running requests' decode steps.
 One asyncio task here feeds it: it takes a request from the bounded queue whenever fewer than

@@ -10,7 +10,7 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from hest_core.config import RuntimeConfig
-from hest_core.engine import DEFAULT_BUDGET_RATIO, DEFAULT_MAX_NEW_TOKENS
+from hest_core.runtime.engine import DEFAULT_BUDGET_RATIO, DEFAULT_MAX_NEW_TOKENS
 
 
 class Settings(BaseSettings):

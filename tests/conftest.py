@@ -43,8 +43,8 @@ import pytest
 
 from hest_core import Engine
 from hest_core import paths as reg
-from hest_core.calibrate import PACKAGED
-from hest_core.loading import TINY, fingerprint, load_hf_model
+from hest_core.energy.calibrate import PACKAGED
+from hest_core.exec.loading import TINY, fingerprint, load_hf_model
 
 REFERENCE = PACKAGED / "491473d3fa8f25ad-intel-r-xeon-r-processor-bf16-2t-native.json"
 

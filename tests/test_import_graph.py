@@ -1,6 +1,7 @@
 """No import cycles in the project's packages (issue 12): an edge for every import a module runs,
 at module level or inside a function (a lazy import that only breaks a cycle is still a cycle);
-imports under `if TYPE_CHECKING:` never run and are not edges."""
+imports under `if TYPE_CHECKING:` never run and are not edges. And hest_core's layers (its
+`__init__.py`): no module imports a layer above its own."""
 
 from __future__ import annotations
 
@@ -11,6 +12,23 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("hest_core", "server", "training", "loadtest")
+# hest_core's layers, lowest first (hest_core/__init__.py): the foundation modules at the top
+# level, then each subpackage, then the entry points. A module may import its own layer and those
+# below it, never one above; a new top-level module must be placed here.
+LAYERS = (
+    (
+        "hest_core.errors",
+        "hest_core.paths",
+        "hest_core.config",
+        "hest_core.cachedirs",
+        "hest_core.dtypes",
+    ),
+    ("hest_core.exec",),
+    ("hest_core.adapter",),
+    ("hest_core.energy",),
+    ("hest_core.runtime",),
+    ("hest_core", "hest_core.__main__", "hest_core.bench"),
+)
 
 
 def _module(path: Path) -> str:
@@ -80,3 +98,36 @@ def test_no_import_cycles(package):
 
     for mod in sorted(graph):
         visit(mod, [])
+
+
+def _layer(mod: str) -> int | None:
+    """The layer of a hest_core module: its longest prefix in LAYERS ("hest_core" alone only for
+    the package itself)."""
+    best: tuple[int, int] | None = None
+    for i, prefixes in enumerate(LAYERS):
+        for p in prefixes:
+            inside = mod == p or (p != "hest_core" and mod.startswith(p + "."))
+            if inside and (best is None or len(p) > best[1]):
+                best = (i, len(p))
+    return None if best is None else best[0]
+
+
+def test_hest_core_layers():
+    files = sorted((ROOT / "hest_core").rglob("*.py"))
+    modules = {_module(f) for pkg in PACKAGES for f in (ROOT / pkg).rglob("*.py")}
+    unplaced = [_module(f) for f in files if _layer(_module(f)) is None]
+    assert not unplaced, f"modules in no layer of LAYERS: {unplaced}"
+    upward = [
+        f"{_module(f)} -> {dep}"
+        for f in files
+        for dep in sorted(_edges(f, modules))
+        if dep.startswith("hest_core") and _layer(dep) > _layer(_module(f))
+    ]
+    assert not upward, "imports of a higher layer: " + "; ".join(upward)
+
+
+def test_every_hest_core_package_says_what_it_owns_and_may_import():
+    for init in sorted((ROOT / "hest_core").rglob("__init__.py")):
+        doc = ast.get_docstring(ast.parse(init.read_text()))
+        assert doc, f"{init.relative_to(ROOT)} has no docstring"
+        assert "may import" in doc.lower(), f"{init.relative_to(ROOT)}: say what it may import"

@@ -5,10 +5,10 @@
         [--json docs/results/attention_fit.json] [--plot docs/results/attention_fit.png] [--write]
 
 The energy model charges a prompt of p tokens `attn_ctx * p (p + 1) / 2` joules of attention (all
-layers; `EnergyModel`, energy.py): one constant per attended position. The calibration measures
+layers; `EnergyModel`, energy/model.py): one constant per attended position. The calibration measures
 that constant once, on a 256-token causal attention. Here, for each prompt length L, the attention
 the runtime runs for the whole prompt is timed: `LeanModel._attend` (one layer, scaled by the
-layers), in the chunks the runtime prefills (`generation.PREFILL_CHUNK` tokens per round, each
+layers), in the chunks the runtime prefills (`runtime/generation.PREFILL_CHUNK` tokens per round, each
 chunk attending to the cache before it and causally within itself), q/k/v random in the model's
 dtype. Joules: the estimate meter (time x nominal watts), as the packaged CPU table. The fit is
 the one constant that minimises the squared *relative* error over the lengths (a = sum(P/J) /
@@ -34,15 +34,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hest_core import paths as reg  # noqa: E402
-from hest_core.calib_measure import measure  # noqa: E402
-from hest_core.calibrate import PACKAGED, table_name  # noqa: E402
 from hest_core.config import RuntimeConfig  # noqa: E402
 from hest_core.dtypes import cpu_model_name  # noqa: E402
-from hest_core.energy import CalibrationTable  # noqa: E402
-from hest_core.generation import PREFILL_CHUNK  # noqa: E402
-from hest_core.loading import build_lean, fingerprint, load_hf_model  # noqa: E402
-from hest_core.meters import EstimateMeter  # noqa: E402
-from hest_core.model import SeqSlot  # noqa: E402
+from hest_core.energy.calib_measure import measure  # noqa: E402
+from hest_core.energy.calibrate import PACKAGED, table_name  # noqa: E402
+from hest_core.energy.meters import EstimateMeter  # noqa: E402
+from hest_core.energy.model import CalibrationTable  # noqa: E402
+from hest_core.exec.kvcache import SeqSlot  # noqa: E402
+from hest_core.exec.loading import build_lean, fingerprint, load_hf_model  # noqa: E402
+from hest_core.runtime.generation import PREFILL_CHUNK  # noqa: E402
 
 
 def prompt_attention(lean, length: int, chunk: int = PREFILL_CHUNK):

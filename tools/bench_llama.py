@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 
 from hest_core import Engine, GenerationRequest  # noqa: E402
 from hest_core.dtypes import cpu_model_name  # noqa: E402
-from hest_core.prompt import build_prompt  # noqa: E402
+from hest_core.runtime.prompt import build_prompt  # noqa: E402
 from loadtest.peer import find_gguf, find_llama_server, llama_process, llama_server_version  # noqa: E402
 
 

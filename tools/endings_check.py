@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hest_core import Engine, GenerationRequest  # noqa: E402
-from hest_core.endings import ends_sentence  # noqa: E402
+from hest_core.runtime.endings import ends_sentence  # noqa: E402
 
 
 def main() -> None:

@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hest_core import Engine, GenerationRequest  # noqa: E402
-from hest_core.meters import NvmlMeter  # noqa: E402
+from hest_core.energy.meters import NvmlMeter  # noqa: E402
 
 
 def nvml_probe(seconds: float = 1.0) -> dict:

@@ -17,13 +17,13 @@ import torch
 
 from hest_core import Engine
 from hest_core import paths as reg
-from hest_core.artifact import load_adapter
-from hest_core.engine import DEFAULT_ADAPTER_DIR
-from hest_core.gguf_blocks import read_gguf_q4
-from hest_core.int4 import MODES, attach
-from hest_core.loading import fingerprint, load_hf_model
-from hest_core.model import SeqSlot, const_decider
-from hest_core.spectral import SvdCache, z_support
+from hest_core.adapter.artifact import DEFAULT_ADAPTER_DIR, load_adapter
+from hest_core.adapter.spectral import SvdCache, z_support
+from hest_core.exec.gguf_blocks import read_gguf_q4
+from hest_core.exec.int4 import MODES, attach
+from hest_core.exec.kvcache import SeqSlot
+from hest_core.exec.loading import fingerprint, load_hf_model
+from hest_core.exec.routing import const_decider
 
 FOUR = ("fp16", "int8", "int4", "skip")
 

@@ -153,7 +153,7 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=8791)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    from hest_core.loading import load_tokenizer
+    from hest_core.exec.loading import load_tokenizer
 
     tok = load_tokenizer("default", progress=False)
     lines = Path(args.data).read_text().splitlines()[args.skip : args.skip + 60]

@@ -28,13 +28,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hest_core import calib_measure, calib_rows  # noqa: E402
 from hest_core import paths as reg  # noqa: E402
-from hest_core.calibrate import DECODE_CTX, PACKAGED, apply_kernel_choices, table_name  # noqa: E402
 from hest_core.config import RuntimeConfig  # noqa: E402
-from hest_core.energy import CalibrationTable  # noqa: E402
-from hest_core.loading import build_lean, fingerprint, load_hf_model  # noqa: E402
-from hest_core.meters import EstimateMeter  # noqa: E402
+from hest_core.energy import calib_measure, calib_rows
+from hest_core.energy.calibrate import DECODE_CTX, PACKAGED, apply_kernel_choices, table_name  # noqa: E402
+from hest_core.energy.meters import EstimateMeter  # noqa: E402
+from hest_core.energy.model import CalibrationTable
+from hest_core.exec.loading import build_lean, fingerprint, load_hf_model  # noqa: E402
 
 
 def main() -> None:
@@ -49,7 +49,7 @@ def main() -> None:
     hf = load_hf_model("default", config=cfg)
     fp = fingerprint(hf)
     if "int4" in cfg.paths:  # int4 rows need the Q4_1 copies, as the engine builds them
-        from hest_core.bench_int4 import build
+        from hest_core.bench.int4 import build
 
         lean, _ = build(progress=False)
     else:

@@ -13,7 +13,7 @@ into the base (as the runtime serves it), articles cut to 384 tokens, references
 
 `--int4` adds every unit on the opt-in int4 path (registered here; the twin's Q4_1 fake
 quantisation, 16-bit activations), with the adapter's z either way the runtime can serve it
-(hest_core/int4.py): "merged" = W' = W + U diag(s z) V^T requantized to Q4_1; "lowrank" = the
+(hest_core/exec/int4.py): "merged" = W' = W + U diag(s z) V^T requantized to Q4_1; "lowrank" = the
 base weight's Q4_1 blocks (the GGUF's own, for the default model) plus x V diag(s z) U^T beside.
 `--int4-only` runs only those rows and fp16 (the reference).
 """
@@ -28,15 +28,9 @@ import time
 import torch
 
 from hest_core import paths as reg
-from hest_core.artifact import load_adapter
-from hest_core.engine import DEFAULT_ADAPTER_DIR
-from hest_core.loading import fingerprint, load_hf_model, load_tokenizer
-from hest_core.spectral import (
-    SvdCache,
-    merge_into,
-    spectrum_sizes,
-    z_support,
-)
+from hest_core.adapter.artifact import DEFAULT_ADAPTER_DIR, load_adapter
+from hest_core.adapter.spectral import SvdCache, merge_into, spectrum_sizes, z_support
+from hest_core.exec.loading import fingerprint, load_hf_model, load_tokenizer
 from training.data import load_pairs, tokenize
 from training.forward import SpectralZ, TrainModel, forward
 

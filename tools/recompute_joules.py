@@ -15,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hest_core import paths as reg  # noqa: E402
-from hest_core.energy import CalibrationTable, EnergyModel  # noqa: E402
+from hest_core.energy.model import CalibrationTable, EnergyModel  # noqa: E402
 from training.methods import METHODS  # noqa: E402
 
 # rows that run one path everywhere (training/methods.py): fp16, int8, lora-r8

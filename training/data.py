@@ -3,8 +3,8 @@
 One loader for both sources:
 * a local JSONL path: one object per line with `id`, `article`, `highlights`;
 * ``"hub:abisee/cnn_dailymail:<split>"`` (config 3.0.0) through `datasets` (needs network).
-Prompts always come from `hest_core.prompt.build_prompt`, the one format shared with the server,
-and every target summary ends on `hest_core.prompt.end_of_turn_id`, a token generation stops on.
+Prompts always come from `hest_core.runtime.prompt.build_prompt`, the one format shared with the server,
+and every target summary ends on `hest_core.runtime.prompt.end_of_turn_id`, a token generation stops on.
 `Batches` is the deterministic example order every trainer uses.
 """
 
@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from hest_core.errors import HestError
-from hest_core.prompt import build_prompt, end_of_turn_id
+from hest_core.runtime.prompt import build_prompt, end_of_turn_id
 
 HUB_PREFIX = "hub:"
 HUB_DATASET = "abisee/cnn_dailymail"

@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--per-length", type=int, default=5, help="digests per length")
     ap.add_argument("--out", default="runs/digests", help="folder for digests_<length>.jsonl")
     args = ap.parse_args(argv)
-    from hest_core.loading import load_tokenizer
+    from hest_core.exec.loading import load_tokenizer
 
     tok = load_tokenizer("default", progress=False)
 

@@ -24,9 +24,9 @@ from tqdm import tqdm
 
 from hest_core import Engine, GenerationRequest
 from hest_core import paths as reg
-from hest_core.endings import ends_sentence
 from hest_core.errors import BudgetTooLowError
-from hest_core.reading import READ_MODES
+from hest_core.runtime.endings import ends_sentence
+from hest_core.runtime.reading import READ_MODES
 
 from .data import Pair, load_pairs
 from .lora import lora_params
@@ -90,7 +90,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=READ_MODES,
         default="budget",
         help="budget (the server's default): a budget that cannot pay for the whole article and "
-        "a summary reads the article's head (hest_core/reading.py); whole: read every token",
+        "a summary reads the article's head (hest_core/runtime/reading.py); whole: read every token",
     )
     ap.add_argument(
         "--shard",

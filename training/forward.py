@@ -1,4 +1,4 @@
-"""A differentiable twin of `hest_core.model.LeanModel` for training (teacher forcing).
+"""A differentiable twin of `hest_core.exec.model.LeanModel` for training (teacher forcing).
 
 One sequence at a time (no padding), every (layer, token) gated by a straight-through Gumbel
 sample over the three paths. Instead of running fp16/int8/skip separately for each token, each
@@ -24,11 +24,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from hest_core import paths as reg
-from hest_core.gguf_blocks import quantize_q4_1
-from hest_core.loading import check_layout, spec_of
-from hest_core.model import TARGETS, ModelSpec, apply_rope, rms_norm
-from hest_core.quant import fake_quant_rows, fake_quant_weight
-from hest_core.spectral import target_module
+from hest_core.exec.gguf_blocks import quantize_q4_1
+from hest_core.exec.loading import check_layout, spec_of
+from hest_core.exec.ops import apply_rope, rms_norm
+from hest_core.exec.quant import fake_quant_rows, fake_quant_weight
+from hest_core.exec.weights import TARGETS, ModelSpec, target_module
 
 NEG = -1e4  # logit of a path a method may not use
 
@@ -52,7 +52,7 @@ class TrainLayer:
 
 
 def fake_quant_q4(w: torch.Tensor) -> torch.Tensor:
-    """Q4_1 quantise-dequantise (hest_core.gguf_blocks.quantize_q4_1) with a straight-through
+    """Q4_1 quantise-dequantise (hest_core.exec.gguf_blocks.quantize_q4_1) with a straight-through
     gradient: (N, K) -> (N, K), K a multiple of 32."""
     wq = quantize_q4_1(w.detach()).dequantize().to(w.dtype)
     return w + (wq - w).detach()
@@ -92,6 +92,62 @@ class SpectralZ(nn.Module):
         return out
 
 
+def _cast(t, dtype: torch.dtype):
+    return None if t is None else t.detach().to(dtype).contiguous()
+
+
+def _train_layer(hf, li: int, dtype: torch.dtype, int4: bool, q4_err: dict | None) -> TrainLayer:
+    """Layer li's frozen weights for the trainer: the 16-bit copies, their int8 fake-quantised
+    twins and (int4 registered) their Q4_1 twins (`TrainModel`'s q4_err says how)."""
+    layer = hf.model.layers[li]
+
+    def get(t: str) -> torch.Tensor:
+        return target_module(hf, li, t).weight.detach().float()
+
+    def cast(t):
+        return _cast(t, dtype)
+
+    def fq(w):
+        return cast(fake_quant_weight(w))
+
+    def q4(names: tuple[str, ...], w: torch.Tensor):
+        if q4_err is None:
+            return cast(fake_quant_q4(w))
+        return cast(w + torch.cat([q4_err[(li, n)] for n in names]))
+
+    at = layer.self_attn
+    wqkv = torch.cat([get("q_proj"), get("k_proj"), get("v_proj")])
+    wgu = torch.cat([get("gate_proj"), get("up_proj")])
+    wo, wd = get("o_proj"), get("down_proj")
+    b = [getattr(at, n).bias for n in ("q_proj", "k_proj", "v_proj")]
+    bqkv = None if b[0] is None else torch.cat([x.detach().float() for x in b])
+    qn = getattr(at, "q_norm", None)
+    kn = getattr(at, "k_norm", None)
+    return TrainLayer(
+        ln1=cast(layer.input_layernorm.weight),
+        ln2=cast(layer.post_attention_layernorm.weight),
+        wqkv=cast(wqkv),
+        bqkv=cast(bqkv),
+        wo=cast(wo),
+        wgu=cast(wgu),
+        wdown=cast(wd),
+        fq_qkv=fq(wqkv),
+        fq_o=fq(wo),
+        fq_gu=fq(wgu),
+        fq_down=fq(wd),
+        q_norm=cast(qn.weight) if qn is not None else None,
+        k_norm=cast(kn.weight) if kn is not None else None,
+        fq4={
+            "qkv": q4(("q_proj", "k_proj", "v_proj"), wqkv),
+            "o": q4(("o_proj",), wo),
+            "gu": q4(("gate_proj", "up_proj"), wgu),
+            "down": q4(("down_proj",), wd),
+        }
+        if int4
+        else None,
+    )
+
+
 class TrainModel:
     """Frozen base weights + the forward the trainer differentiates."""
 
@@ -104,62 +160,13 @@ class TrainModel:
         self.spec: ModelSpec = spec_of(hf)
         self.dtype = dtype
 
-        def get(li: int, t: str) -> torch.Tensor:
-            return target_module(hf, li, t).weight.detach().float()
-
-        def cast(t):
-            return None if t is None else t.detach().to(dtype).contiguous()
-
-        def fq(w):
-            return cast(fake_quant_weight(w))
-
         int4 = reg.find("int4") is not None
-
-        def q4(li: int, names: tuple[str, ...], w: torch.Tensor):
-            if not int4:
-                return None
-            if q4_err is None:
-                return cast(fake_quant_q4(w))
-            return cast(w + torch.cat([q4_err[(li, n)] for n in names]))
-
-        self.layers: list[TrainLayer] = []
-        for li, layer in enumerate(hf.model.layers):
-            at = layer.self_attn
-            wqkv = torch.cat([get(li, "q_proj"), get(li, "k_proj"), get(li, "v_proj")])
-            wgu = torch.cat([get(li, "gate_proj"), get(li, "up_proj")])
-            wo, wd = get(li, "o_proj"), get(li, "down_proj")
-            b = [getattr(at, n).bias for n in ("q_proj", "k_proj", "v_proj")]
-            bqkv = None if b[0] is None else torch.cat([x.detach().float() for x in b])
-            qn = getattr(at, "q_norm", None)
-            kn = getattr(at, "k_norm", None)
-            self.layers.append(
-                TrainLayer(
-                    ln1=cast(layer.input_layernorm.weight),
-                    ln2=cast(layer.post_attention_layernorm.weight),
-                    wqkv=cast(wqkv),
-                    bqkv=cast(bqkv),
-                    wo=cast(wo),
-                    wgu=cast(wgu),
-                    wdown=cast(wd),
-                    fq_qkv=fq(wqkv),
-                    fq_o=fq(wo),
-                    fq_gu=fq(wgu),
-                    fq_down=fq(wd),
-                    q_norm=cast(qn.weight) if qn is not None else None,
-                    k_norm=cast(kn.weight) if kn is not None else None,
-                    fq4={
-                        "qkv": q4(li, ("q_proj", "k_proj", "v_proj"), wqkv),
-                        "o": q4(li, ("o_proj",), wo),
-                        "gu": q4(li, ("gate_proj", "up_proj"), wgu),
-                        "down": q4(li, ("down_proj",), wd),
-                    }
-                    if int4
-                    else None,
-                )
-            )
-        self.embed = cast(hf.model.embed_tokens.weight)
-        self.lm_head = cast(hf.lm_head.weight)
-        self.norm = cast(hf.model.norm.weight)
+        self.layers: list[TrainLayer] = [
+            _train_layer(hf, li, dtype, int4, q4_err) for li in range(len(hf.model.layers))
+        ]
+        self.embed = _cast(hf.model.embed_tokens.weight, dtype)
+        self.lm_head = _cast(hf.lm_head.weight, dtype)
+        self.norm = _cast(hf.model.norm.weight, dtype)
         self.rotary = hf.model.rotary_emb
 
     def rope(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:

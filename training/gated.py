@@ -22,23 +22,17 @@ from pathlib import Path
 
 import torch
 
-from hest_core import calibrate
 from hest_core import paths as reg
-from hest_core.artifact import HestAdapter, HestConfig, load_adapter
+from hest_core.adapter.artifact import HestAdapter, HestConfig, load_adapter
+from hest_core.adapter.spectral import SvdCache, merge_into, spectrum_sizes, z_support
 from hest_core.config import RuntimeConfig
 from hest_core.dtypes import resolve_dtype
-from hest_core.energy import CalibrationTable, EnergyModel
-from hest_core.gguf_blocks import quantize_q4_1
-from hest_core.loading import build_lean, fingerprint, load_hf_model, load_tokenizer, spec_of
-from hest_core.meters import pick_meter
-from hest_core.spectral import (
-    TARGETS,
-    SvdCache,
-    merge_into,
-    spectrum_sizes,
-    target_module,
-    z_support,
-)
+from hest_core.energy import calibrate
+from hest_core.energy.meters import pick_meter
+from hest_core.energy.model import CalibrationTable, EnergyModel
+from hest_core.exec.gguf_blocks import quantize_q4_1
+from hest_core.exec.loading import build_lean, fingerprint, load_hf_model, load_tokenizer, spec_of
+from hest_core.exec.weights import TARGETS, target_module
 
 from .data import Batches, Example
 from .forward import NEG, SpectralZ, TrainModel, forward

@@ -18,8 +18,8 @@ import torch
 
 from hest_core import paths as reg
 from hest_core.dtypes import resolve_dtype
-from hest_core.loading import load_hf_model, load_tokenizer
-from hest_core.model import TARGETS, ModelSpec
+from hest_core.exec.loading import load_hf_model, load_tokenizer
+from hest_core.exec.weights import TARGETS, ModelSpec
 
 from .data import Batches, Example
 from .objective import Method

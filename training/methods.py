@@ -6,7 +6,7 @@ the tests and the methods table of docs/training.md all read it:
     python -m training.methods        # prints that table (a test checks the docs hold it)
 
 Adding a method: one `Method(...)` here (and, for a new controller class, its entry in
-`hest_core.controller.CONTROLLERS`, which loads its artifacts; a test checks they agree).
+`hest_core.adapter.controller.CONTROLLERS`, which loads its artifacts; a test checks they agree).
 """
 
 from __future__ import annotations
@@ -14,14 +14,14 @@ from __future__ import annotations
 import dataclasses
 
 from hest_core import paths as reg
-from hest_core.config import RuntimeConfig
-from hest_core.controller import (
+from hest_core.adapter.controller import (
     AdaptiveController,
     BhspController,
     Controller,
     TabsController,
     UnfactorisedController,
 )
+from hest_core.config import RuntimeConfig
 
 from .gated import GateTrainer
 from .lora import LoraTrainer

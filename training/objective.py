@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from hest_core import paths as reg
-from hest_core.energy import EnergyModel
+from hest_core.energy.model import EnergyModel
 
 from .forward import NEG
 
@@ -63,7 +63,7 @@ class Method:
     about: str  # one line for the docs table and `--help`
     paths: tuple[str, ...]  # path names (hest_core/paths.py) the method may use
     evaluation: Evaluation
-    controller: type[nn.Module] | None = None  # hest_core.controller class of its artifacts
+    controller: type[nn.Module] | None = None  # hest_core.adapter.controller class of its artifacts
     trainer: type | None = None  # takes (method, args); None: evaluated only, never trained
     penalty: str = "none"  # "energy" (Lagrangian) | "flops" (TABS) | "ce" (CE only) | "none"
     dual: bool = False  # dual ascent on lambda (False: fixed `--lambda-fixed`)
@@ -72,10 +72,10 @@ class Method:
 
     @property
     def controller_key(self) -> str:
-        """The controller's name in hest_core.controller.CONTROLLERS (what the artifact records
+        """The controller's name in hest_core.adapter.controller.CONTROLLERS (what the artifact records
         as `controller`): the method's own name where it is registered with this class, else the
         name the class is registered under."""
-        from hest_core.controller import CONTROLLERS
+        from hest_core.adapter.controller import CONTROLLERS
 
         if self.controller is None:
             return ""

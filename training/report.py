@@ -9,7 +9,7 @@ import math
 from pathlib import Path
 
 from hest_core import paths as reg
-from hest_core.endings import ends_sentence
+from hest_core.runtime.endings import ends_sentence
 
 from .methods import METHODS
 from .metrics import KEYS, mean, percentile

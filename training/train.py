@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from hest_core.engine import DEFAULT_MAX_NEW_TOKENS
+from hest_core.runtime.engine import DEFAULT_MAX_NEW_TOKENS
 
 from .loop import run
 from .methods import METHODS, enable_paths, require_paths, trainable

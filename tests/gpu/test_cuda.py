@@ -15,10 +15,12 @@ import torch
 
 from hest_core import Engine, GenerationRequest
 from hest_core.dtypes import dtype_name, resolve_dtype
-from hest_core.loading import TINY, build_lean, load_hf_model
-from hest_core.model import LeanModel, SeqSlot, const_decider
+from hest_core.exec.kvcache import SeqSlot
+from hest_core.exec.loading import TINY, build_lean, load_hf_model
+from hest_core.exec.model import LeanModel
+from hest_core.exec.quant import Int8Linear
+from hest_core.exec.routing import const_decider
 from hest_core.paths import FP16, INT8, SKIP
-from hest_core.quant import Int8Linear
 
 # HEST_GPU_TEST_DEVICE=cpu dry-runs this file on a machine without a GPU (bf16 then)
 CUDA = torch.device(os.environ.get("HEST_GPU_TEST_DEVICE", "cuda"))

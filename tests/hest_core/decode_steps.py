@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 
 from hest_core import paths as reg
-from hest_core.model import SeqSlot, const_decider
+from hest_core.exec.kvcache import SeqSlot
+from hest_core.exec.routing import const_decider
 
 
 def row_decider(paths: list[int]):

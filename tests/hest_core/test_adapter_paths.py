@@ -11,14 +11,14 @@ import logging
 
 import pytest
 
-from hest_core import Engine, calib_check, calib_measure, calibrate
+from hest_core import Engine
 from hest_core import paths as reg
-from hest_core.artifact import HestAdapter, load_adapter
+from hest_core.adapter.artifact import DEFAULT_ADAPTER_DIR, HestAdapter, load_adapter
+from hest_core.adapter.spectral import spectrum_sizes
 from hest_core.config import RuntimeConfig
-from hest_core.energy import CalibrationTable
-from hest_core.engine import DEFAULT_ADAPTER_DIR
-from hest_core.loading import DEFAULT_MODEL, fingerprint, load_hf_model, spec_of
-from hest_core.spectral import spectrum_sizes
+from hest_core.energy import calib_check, calib_measure, calibrate
+from hest_core.energy.model import CalibrationTable
+from hest_core.exec.loading import DEFAULT_MODEL, fingerprint, load_hf_model, spec_of
 
 FOUR = ("fp16", "int8", "int4", "skip")
 ARTICLE = "The council voted on Tuesday to expand the bus network after a year of delays. " * 4

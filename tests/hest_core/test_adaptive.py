@@ -11,12 +11,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hest_core import Engine, GenerationRequest
-from hest_core.artifact import HestAdapter
-from hest_core.controller import AdaptiveController
+from hest_core.adapter.artifact import HestAdapter
+from hest_core.adapter.controller import AdaptiveController
+from hest_core.adapter.spectral import spectrum_sizes
 from hest_core.errors import BudgetTooLowError, HestError
-from hest_core.guard import BudgetGuard
-from hest_core.loading import fingerprint, load_hf_model, spec_of
-from hest_core.spectral import spectrum_sizes
+from hest_core.exec.loading import fingerprint, load_hf_model, spec_of
+from hest_core.runtime.guard import BudgetGuard
 
 ARTICLE = (
     "The council voted on Tuesday to extend the bus network to the new estates. Officials "
@@ -194,7 +194,7 @@ def test_budget_holds_across_prefill_rounds(adaptive_engine: Engine, ratio, chun
     """The named case (session 6, 30 validation articles): prompts over PREFILL_CHUNK tokens
     overspent at r = 0.3 and 0.4 (12 of 60 requests, up to 1.047x), because a round's limit
     reserved nothing for the prompt's later rounds. Here every prompt runs in several rounds."""
-    from hest_core import generation
+    from hest_core.runtime import generation
 
     e = adaptive_engine
     _randomize(e.controller, seed, 2.0)

@@ -15,8 +15,9 @@ from hest_core import (
     HestAdapter,
     load_adapter,
 )
-from hest_core.loading import fingerprint, load_hf_model, spec_of
-from hest_core.spectral import SvdCache, merge_delta, spectrum_sizes
+from hest_core.adapter.spectral import SvdCache, spectrum_sizes
+from hest_core.exec.loading import fingerprint, load_hf_model, spec_of
+from hest_core.exec.weights import merge_delta
 
 
 @pytest.fixture(scope="module")

@@ -14,10 +14,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hest_core import Engine, GenerationRequest, calib_rows
+from hest_core import Engine, GenerationRequest
 from hest_core import paths as reg
-from hest_core.calibrate import PACKAGED
-from hest_core.energy import PJ, CalibrationTable, EnergyModel, PhaseCosts
+from hest_core.energy import calib_rows
+from hest_core.energy.calibrate import PACKAGED
+from hest_core.energy.model import PJ, CalibrationTable, EnergyModel, PhaseCosts
 from hest_core.errors import CalibrationError
 from tests.conftest import HEAD_SHARED, REFERENCE, SHARED_UNIT
 

@@ -1,6 +1,6 @@
 """The runtime owns a request's budget in one unit, integer picojoules (issue 12, item 1):
 `PreparedRequest.budget_q` with joules and ratio as views, `tighten` lowering it and clamping at
-the request's minimum, and one validation of the budget fields (hest_core/budget.py)."""
+the request's minimum, and one validation of the budget fields (hest_core/runtime/budget.py)."""
 
 from __future__ import annotations
 
@@ -10,14 +10,14 @@ from dataclasses import FrozenInstanceError, replace
 import pytest
 
 from hest_core import BudgetTooLowError, GenerationRequest, InvalidInputError, PreparedRequest
-from hest_core.budget import (
+from hest_core.energy.model import PJ
+from hest_core.runtime.budget import (
     MAX_BUDGET_J,
     MAX_BUDGET_RATIO,
     budget_q_of,
     q_to_min_j,
     requested_budget,
 )
-from hest_core.energy import PJ
 
 FP16_Q = 3_000_000_000_017  # ~3 J, not a round number of pJ
 MIN_Q = 1_000_000_000_003

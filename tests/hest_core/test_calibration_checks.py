@@ -11,10 +11,10 @@ import json
 import pytest
 import torch
 
-from hest_core import calib_check, calib_measure, calibrate
-from hest_core.energy import CalibrationTable, PhaseCosts
-from hest_core.loading import build_lean, fingerprint, load_hf_model
-from hest_core.meters import EstimateMeter
+from hest_core.energy import calib_check, calib_measure, calibrate
+from hest_core.energy.meters import EstimateMeter
+from hest_core.energy.model import CalibrationTable, PhaseCosts
+from hest_core.exec.loading import build_lean, fingerprint, load_hf_model
 
 BAD_DECODE = [1.2e-08, 1.2e-05, 1.2e-08]  # the cached table of the issue
 

@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 
 from hest_core import Engine
-from hest_core.config import ENV, ConfigError, RuntimeConfig
-from hest_core.meters import DEFAULT_NOMINAL_WATTS
+from hest_core.config import DEFAULT_NOMINAL_WATTS, ENV, ConfigError, RuntimeConfig
 
 HEST_CORE = Path(__file__).resolve().parents[2] / "hest_core"
 

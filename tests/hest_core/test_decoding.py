@@ -13,9 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hest_core import Engine, GenerationRequest, InvalidInputError
-from hest_core.decoding import MAX_SYSTEM_TOKENS, TokenTexts, cut_at_stop, sample
-from hest_core.loading import load_hf_model
-from hest_core.prompt import INSTRUCTION, template_tokens
+from hest_core.exec.loading import load_hf_model
+from hest_core.runtime.decoding import MAX_SYSTEM_TOKENS, TokenTexts, cut_at_stop, sample
+from hest_core.runtime.prompt import INSTRUCTION, template_tokens
 
 TEXT = "The city council voted on Tuesday to expand the bus network after a year of delays."
 

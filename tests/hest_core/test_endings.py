@@ -1,11 +1,11 @@
-"""The clean-ending plan (hest_core/endings.py) on its own: boundaries, the plan to stop before a
+"""The clean-ending plan (hest_core/runtime/endings.py) on its own: boundaries, the plan to stop before a
 sentence that would not fit, repeats, and what streaming may show."""
 
 from __future__ import annotations
 
 import pytest
 
-from hest_core.endings import FIRST_SENTENCE_TOKENS, EndingPlan, ends_sentence
+from hest_core.runtime.endings import FIRST_SENTENCE_TOKENS, EndingPlan, ends_sentence
 
 
 @pytest.mark.parametrize(

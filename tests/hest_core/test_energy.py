@@ -9,9 +9,9 @@ import sys
 import pytest
 
 from hest_core.config import RuntimeConfig
-from hest_core.energy import CalibrationTable, EnergyModel, PhaseCosts
+from hest_core.energy.meters import EstimateMeter, NvmlMeter, RaplMeter, pick_meter
+from hest_core.energy.model import CalibrationTable, EnergyModel, PhaseCosts
 from hest_core.errors import CalibrationError, MeterUnavailableError
-from hest_core.meters import EstimateMeter, NvmlMeter, RaplMeter, pick_meter
 
 
 def table(L=4) -> CalibrationTable:
@@ -138,7 +138,7 @@ def test_calibrate_command_writes_a_loadable_table(tmp_path):
         [
             sys.executable,
             "-m",
-            "hest_core.calibrate",
+            "hest_core.energy.calibrate",
             "--model",
             "tiny:llama",
             "--out",
@@ -232,8 +232,9 @@ def test_decode_calibration_times_the_fused_layer_where_it_runs(monkeypatch):
     which decode no longer runs)."""
     import torch
 
-    from hest_core import calib_measure, native
-    from hest_core.loading import build_lean, load_hf_model
+    from hest_core.energy import calib_measure
+    from hest_core.exec import native
+    from hest_core.exec.loading import build_lean, load_hf_model
 
     calibrate = calib_measure  # the measurements moved out of calibrate.py (its size limit)
     monkeypatch.setattr(calibrate, "WINDOW_SCALE", 0.2)  # what is timed matters here, not how well

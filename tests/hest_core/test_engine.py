@@ -225,7 +225,7 @@ def test_paths_dearer_than_fp16_on_this_device_run_as_fp16(tiny_engine: Engine, 
     stop early."""
     import torch
 
-    from hest_core.energy import CalibrationTable
+    from hest_core.energy.model import CalibrationTable
 
     t = CalibrationTable.load(tiny_engine.info()["calibration"]["source"])
     f = t.decode.unit[0][0]

@@ -1,4 +1,4 @@
-"""The fused decode layer (hest_core/fused.py, `hest_decode_layer` in kernels/layer.c) against the
+"""The fused decode layer (hest_core/exec/fused.py, `hest_decode_layer` in kernels/layer.c) against the
 PyTorch loop, the C controller against `Controller`, and batches of unequal prompts."""
 
 from __future__ import annotations
@@ -6,13 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hest_core import native
-from hest_core.controller import Controller
-from hest_core.engine import Engine, GenerationRequest
-from hest_core.fused import NativeController
-from hest_core.loading import TINY, build_lean, load_hf_model
-from hest_core.model import const_decider
+from hest_core.adapter.controller import Controller
+from hest_core.adapter.native_controller import NativeController
+from hest_core.exec import native
+from hest_core.exec.loading import TINY, build_lean, load_hf_model
+from hest_core.exec.routing import const_decider
 from hest_core.paths import FP16, INT8, SKIP
+from hest_core.runtime.engine import Engine, GenerationRequest
 from tests.hest_core.decode_steps import assert_agree, decode, prompts_for, row_decider
 
 needs_native = pytest.mark.skipif(native.get() is None, reason=f"native {native.status()}")
@@ -127,7 +127,7 @@ def test_native_controller_matches_controller():
 @needs_native
 def test_native_adaptive_controller_matches_pytorch():
     """The budget-adaptive controller in C: a per-layer additive term, remade per step."""
-    from hest_core.controller import AdaptiveController
+    from hest_core.adapter.controller import AdaptiveController
 
     torch.manual_seed(2)
     ctl = AdaptiveController(96, 5, k=32)

@@ -12,16 +12,18 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import hest_core.calibrate as cal
-from hest_core import Engine, GenerationRequest, native, q4
+import hest_core.energy.calibrate as cal
+from hest_core import Engine, GenerationRequest
 from hest_core import paths as reg
 from hest_core.config import ConfigError, RuntimeConfig
+from hest_core.energy.meters import EstimateMeter
 from hest_core.errors import CalibrationError
-from hest_core.gguf_blocks import quantize_q4_1
-from hest_core.int4 import LowRank, attach
-from hest_core.loading import build_lean, fingerprint, load_hf_model
-from hest_core.meters import EstimateMeter
-from hest_core.model import Routing, SeqSlot, const_decider
+from hest_core.exec import native, q4
+from hest_core.exec.gguf_blocks import quantize_q4_1
+from hest_core.exec.int4 import LowRank, attach
+from hest_core.exec.kvcache import SeqSlot
+from hest_core.exec.loading import build_lean, fingerprint, load_hf_model
+from hest_core.exec.routing import Routing, const_decider
 from tests.hest_core.decode_steps import assert_agree, decode, prompts_for, row_decider
 
 FOUR = ("fp16", "int8", "int4", "skip")
@@ -174,7 +176,7 @@ def test_generation_on_int4_and_on_mixed_paths(int4, int4_tables):
 
 
 def test_calibration_measures_an_int4_column(int4, hf, lean4):
-    from hest_core import calib_measure  # the timing windows live there (calibrate.py's size)
+    from hest_core.energy import calib_measure
 
     old = calib_measure.WINDOW_SCALE
     calib_measure.WINDOW_SCALE = 0.05

@@ -6,10 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hest_core import Engine, GenerationRequest, generation
-from hest_core.loading import build_lean, load_hf_model
-from hest_core.model import SeqSlot, const_decider
+from hest_core import Engine, GenerationRequest
+from hest_core.exec.kvcache import SeqSlot
+from hest_core.exec.loading import build_lean, load_hf_model
+from hest_core.exec.routing import const_decider
 from hest_core.paths import FP16, INT8
+from hest_core.runtime import generation
 
 
 @pytest.mark.parametrize("path", [FP16, INT8])

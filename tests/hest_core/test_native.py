@@ -1,4 +1,4 @@
-"""The native decode kernels (hest_core/kernels/gemv.c) against fp32 references."""
+"""The native decode kernels (hest_core/exec/kernels/gemv.c) against fp32 references."""
 
 from __future__ import annotations
 
@@ -10,11 +10,12 @@ import sys
 import pytest
 import torch
 
-from hest_core import native
-from hest_core.loading import TINY, build_lean, load_hf_model
-from hest_core.model import SeqSlot, const_decider
+from hest_core.exec import native
+from hest_core.exec.kvcache import SeqSlot
+from hest_core.exec.loading import TINY, build_lean, load_hf_model
+from hest_core.exec.quant import Int8Linear
+from hest_core.exec.routing import const_decider
 from hest_core.paths import FP16, INT8
-from hest_core.quant import Int8Linear
 
 NAT = native.get()
 needs_native = pytest.mark.skipif(NAT is None, reason=f"native kernels {native.status()}")
@@ -109,7 +110,7 @@ def test_decode_steps_native_vs_pytorch_kernels(kind):
 def test_env_switch_turns_them_off():
     env = {**os.environ, "HEST_NATIVE": "0"}
     out = subprocess.run(
-        [sys.executable, "-c", "from hest_core import native; print(native.status())"],
+        [sys.executable, "-c", "from hest_core.exec import native; print(native.status())"],
         capture_output=True,
         text=True,
         env=env,
@@ -129,7 +130,7 @@ needs_amx = pytest.mark.skipif(NAT is None or not NAT.amx, reason="no AMX tiles 
 def test_amx_product_matches_fp32(m, n, k, int8):
     """The AMX tile product (kernels/amx.c) the fused layer runs at many rows: bf16 and int8
     weights, N not a multiple of the 16-row block (the last block overlaps), a bias."""
-    from hest_core.quant import quantize_weight
+    from hest_core.exec.quant import quantize_weight
 
     g = torch.Generator().manual_seed(m * 1000 + n + k)
     x = torch.randn(m, k, generator=g).bfloat16()

@@ -10,11 +10,12 @@ import ctypes
 import pytest
 import torch
 
-from hest_core import native
 from hest_core.errors import CacheOverflowError, NativeArgumentError
-from hest_core.int4 import attach
-from hest_core.loading import build_lean, load_hf_model
-from hest_core.model import SeqSlot, const_decider
+from hest_core.exec import native
+from hest_core.exec.int4 import attach
+from hest_core.exec.kvcache import SeqSlot
+from hest_core.exec.loading import build_lean, load_hf_model
+from hest_core.exec.routing import const_decider
 from hest_core.paths import FP16
 
 NAT = native.get()

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from hest_core import native
+from hest_core.exec import native
 
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).parent

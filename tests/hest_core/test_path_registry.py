@@ -11,18 +11,20 @@ import httpx
 import pytest
 import torch
 
-from hest_core import Engine, GenerationRequest, native
+from hest_core import Engine, GenerationRequest
 from hest_core import paths as reg
-from hest_core.artifact import HestAdapter, load_adapter
-from hest_core.calibrate import calibrate
-from hest_core.controller import NEG_LOGIT
-from hest_core.energy import PJ, CalibrationTable
+from hest_core.adapter.artifact import HestAdapter, load_adapter
+from hest_core.adapter.controller import NEG_LOGIT
+from hest_core.adapter.spectral import spectrum_sizes
+from hest_core.energy.calibrate import calibrate
+from hest_core.energy.meters import EstimateMeter
+from hest_core.energy.model import PJ, CalibrationTable
 from hest_core.errors import NativeArgumentError
-from hest_core.guard import demote
-from hest_core.loading import build_lean, fingerprint, load_hf_model
-from hest_core.meters import EstimateMeter
-from hest_core.model import SeqSlot, const_decider
-from hest_core.spectral import spectrum_sizes
+from hest_core.exec import native
+from hest_core.exec.kvcache import SeqSlot
+from hest_core.exec.loading import build_lean, fingerprint, load_hf_model
+from hest_core.exec.routing import const_decider
+from hest_core.runtime.guard import demote
 from server import Settings, create_app
 
 COPY = dict(quality=1, proj="int8", mlp="int8", native_code=None, prior=0.0)
@@ -62,7 +64,7 @@ def table_file(copy_path, tmp_path_factory):
     """The tiny model calibrated with the 4th path measured, then its cost set apart from int8's
     (half the dearer-quality paths' least, so no better path substitutes for it), so what a
     request is charged shows which of the two it ran."""
-    import hest_core.calib_measure as cal
+    import hest_core.energy.calib_measure as cal
 
     hf = load_hf_model("tiny:llama")
     lean = build_lean(hf, torch.bfloat16, torch.device("cpu"), 512)

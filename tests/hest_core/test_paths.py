@@ -7,11 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hest_core.compiled import enable_compile
-from hest_core.loading import TINY, build_lean, load_hf_model
-from hest_core.model import LeanModel, SeqSlot, apply_rope, rms_norm
+from hest_core.exec.compiled import enable_compile
+from hest_core.exec.kvcache import SeqSlot
+from hest_core.exec.loading import TINY, build_lean, load_hf_model
+from hest_core.exec.model import LeanModel
+from hest_core.exec.ops import apply_rope, rms_norm
+from hest_core.exec.quant import Int8Linear
 from hest_core.paths import FP16, INT8, SKIP, one_hot
-from hest_core.quant import Int8Linear
 
 # int8 bound: per-channel weights + per-token activations; measured ~1.2% of max|y| here
 INT8_REL_BOUND = 0.03
@@ -167,7 +169,7 @@ def test_default_model_shapes(path):
     transformers forward (fp16) or stays close (int8)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from hest_core.loading import default_model_dir
+    from hest_core.exec.loading import default_model_dir
 
     cfg = AutoConfig.from_pretrained(default_model_dir())
     cfg.num_hidden_layers = 2  # real shapes, fewer layers: fast

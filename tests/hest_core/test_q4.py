@@ -1,5 +1,5 @@
 """The int4 path's foundation: Q4_1 blocks (GGUF and quantised at load), their packing, and the
-kernel `hest_gemv_q4` (hest_core/kernels/q4.c) against a dequantise-then-fp32 reference."""
+kernel `hest_gemv_q4` (hest_core/exec/kernels/q4.c) against a dequantise-then-fp32 reference."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import importlib.util
 import pytest
 import torch
 
-from hest_core import q4
 from hest_core.errors import NativeArgumentError
-from hest_core.gguf_blocks import Q4Blocks, quantize_q4_1, unpermute_rows
-from hest_core.loading import build_lean, load_hf_model
+from hest_core.exec import q4
+from hest_core.exec.gguf_blocks import Q4Blocks, quantize_q4_1, unpermute_rows
+from hest_core.exec.loading import build_lean, load_hf_model
 
 K4 = q4.get()
 needs_q4 = pytest.mark.skipif(K4 is None, reason=f"int4 kernel {q4.status()}")
@@ -135,7 +135,7 @@ def test_gguf_blocks_are_the_runtime_weights(default_engine):
     """The default model's Q4_1 blocks, dequantised (and bf16-rounded), are bit for bit the
     16-bit weights the runtime loads, for all 210 linear weights; the kernel runs layer 0's
     blocks as they are (exact weights, no bf16 rounding of them)."""
-    from hest_core.gguf_blocks import read_gguf_q4
+    from hest_core.exec.gguf_blocks import read_gguf_q4
 
     layers = read_gguf_q4()
     assert len(layers) == len(default_engine.lean.layers) == 30

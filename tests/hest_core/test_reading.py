@@ -1,4 +1,4 @@
-"""The read plan (hest_core/reading.py): where the budget cannot pay for the whole article and a
+"""The read plan (hest_core/runtime/reading.py): where the budget cannot pay for the whole article and a
 summary, a request reads the article's head that leaves the summary paid for; never silently."""
 
 from __future__ import annotations
@@ -7,7 +7,13 @@ import pytest
 
 from hest_core import BudgetTooLowError, Engine, GenerationRequest, InvalidInputError
 from hest_core import paths as reg
-from hest_core.reading import MIN_READ_TOKENS, SUMMARY_TOKENS, plan_paths, plan_read, summary_cost_q
+from hest_core.runtime.reading import (
+    MIN_READ_TOKENS,
+    SUMMARY_TOKENS,
+    plan_paths,
+    plan_read,
+    summary_cost_q,
+)
 
 ARTICLE = (
     "The council met on Tuesday to discuss the new bus network. Residents asked for later "

@@ -9,7 +9,7 @@ import pytest
 
 from hest_core import BudgetTooLowError, Engine, GenerationRequest
 from hest_core.errors import RequestFailedError
-from hest_core.generation import BatchRunner
+from hest_core.runtime.generation import BatchRunner
 
 TEXTS = [
     "The council voted to expand the bus network after a year of delays and public meetings.",

@@ -1,4 +1,4 @@
-"""Continuous batching (hest_core/scheduler.py) on the real tiny model: a request that joins a
+"""Continuous batching (hest_core/runtime/scheduler.py) on the real tiny model: a request that joins a
 running batch writes what it writes alone, rows leave and join between decode steps, a long
 prompt's prefill rounds interleave with the running decodes, and a failed forward ends only the
 requests in it."""
@@ -9,9 +9,11 @@ import threading
 
 import pytest
 
-from hest_core import Engine, GenerationRequest, generation, native
-from hest_core.energy import PJ
-from hest_core.scheduler import Scheduler
+from hest_core import Engine, GenerationRequest
+from hest_core.energy.model import PJ
+from hest_core.exec import native
+from hest_core.runtime import generation
+from hest_core.runtime.scheduler import Scheduler
 
 BASE = "The city council voted on Tuesday to expand the bus network after a year of delays. "
 TEXTS = [

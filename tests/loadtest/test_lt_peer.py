@@ -39,7 +39,7 @@ needs_llama = pytest.mark.skipif(
 
 
 def test_nominal_watts_are_the_estimate_meters() -> None:
-    from hest_core.meters import DEFAULT_NOMINAL_WATTS
+    from hest_core.config import DEFAULT_NOMINAL_WATTS
 
     assert NOMINAL_WATTS == DEFAULT_NOMINAL_WATTS
 

@@ -10,7 +10,7 @@ import pytest
 from server_helpers import CNNDM, in_process
 
 from hest_core import Engine
-from hest_core.endings import ends_sentence
+from hest_core.runtime.endings import ends_sentence
 
 TRAIN = CNNDM.with_name("train.jsonl")
 

@@ -309,7 +309,7 @@ async def test_engine_exception_for_one_row_fails_that_request_only(
     """Per-request fault isolation: an engine exception injected for one row of a batch; the
     others get their summaries (an exception of the batched forward still fails its batch:
     test_engine_exception_fails_one_batch_only)."""
-    from hest_core.generation import BatchRunner
+    from hest_core.runtime.generation import BatchRunner
 
     real = BatchRunner._emit
     marker = tiny_engine.check(

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 from server_helpers import ServerProcess
 
-from hest_core.meters import NvmlMeter
+from hest_core.energy.meters import NvmlMeter
 
 
 def _nvml_readable() -> bool:

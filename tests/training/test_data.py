@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from hest_core.loading import load_tokenizer
+from hest_core.exec.loading import load_tokenizer
 from training import data
 from training.data import DataError, load_pairs, target_text, tokenize
 
@@ -50,7 +50,7 @@ def test_hub_offline_is_a_clear_error(monkeypatch):
 
 
 def test_tokenize_uses_the_shared_prompt(pairs_file):
-    from hest_core.prompt import build_prompt, end_of_turn_id
+    from hest_core.runtime.prompt import build_prompt, end_of_turn_id
 
     tok = load_tokenizer("tiny:llama", progress=False)
     pair = load_pairs(pairs_file)[0]
@@ -62,8 +62,8 @@ def test_tokenize_uses_the_shared_prompt(pairs_file):
 
 
 def test_targets_end_on_a_token_the_engine_stops_on(tiny_engine, pairs_file):
-    """One definition of the end of a turn (hest_core/prompt.py) for training and serving."""
-    from hest_core.prompt import end_of_turn_id, stop_token_ids
+    """One definition of the end of a turn (hest_core/runtime/prompt.py) for training and serving."""
+    from hest_core.runtime.prompt import end_of_turn_id, stop_token_ids
 
     tok = tiny_engine.tokenizer
     ex = tokenize(tok, load_pairs(pairs_file)[0], max_article_tokens=16, max_summary_tokens=64)

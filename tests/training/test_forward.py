@@ -6,10 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hest_core.controller import Controller
-from hest_core.loading import build_lean, fingerprint, load_hf_model
-from hest_core.model import SeqSlot
-from hest_core.spectral import SvdCache, spectrum_sizes
+from hest_core.adapter.controller import Controller
+from hest_core.adapter.spectral import SvdCache, spectrum_sizes
+from hest_core.exec.kvcache import SeqSlot
+from hest_core.exec.loading import build_lean, fingerprint, load_hf_model
 from training.forward import NEG, SpectralZ, TrainModel, forward
 
 PROMPT = [1, 17, 99, 512, 7, 3000, 42, 8, 8, 15]

@@ -8,11 +8,12 @@ import torch
 import torch.nn.functional as F
 
 from hest_core import paths as reg
-from hest_core.controller import Controller
-from hest_core.int4 import attach
-from hest_core.loading import build_lean, fingerprint, load_hf_model
-from hest_core.model import SeqSlot, const_decider
-from hest_core.spectral import SvdCache, spectrum_sizes
+from hest_core.adapter.controller import Controller
+from hest_core.adapter.spectral import SvdCache, spectrum_sizes
+from hest_core.exec.int4 import attach
+from hest_core.exec.kvcache import SeqSlot
+from hest_core.exec.loading import build_lean, fingerprint, load_hf_model
+from hest_core.exec.routing import const_decider
 from training.forward import NEG, SpectralZ, TrainModel, forward
 
 PROMPT = [1, 17, 99, 512, 7, 3000, 42, 8, 8, 15]
@@ -85,7 +86,7 @@ def test_twin_with_a_merged_base_z_runs_int4_as_the_runtime(int4):
     """`--base-z`: z is merged into the frozen base before the twin is built; the twin's int4
     copy must still be the base's Q4_1 blocks + z's change (the runtime's "lowrank"), not Q4_1
     of the merged weights (measured 0.24 CE worse on the default model, docs/runtime.md)."""
-    from hest_core.spectral import merge_into
+    from hest_core.adapter.spectral import merge_into
     from training.gated import q4_errors
 
     base = load_hf_model("tiny:llama", progress=False)

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from hest_core import load_adapter
-from hest_core.controller import CONTROLLERS
+from hest_core.adapter.controller import CONTROLLERS
 from tests.training.conftest import train_argv
 from training import evaluate, train
 from training.methods import METHODS, markdown_table, trainable

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hest_core.quant import fake_quant_rows, fake_quant_weight
+from hest_core.exec.quant import fake_quant_rows, fake_quant_weight
 from training.forward import st_gumbel
 from training.methods import METHODS
 from training.objective import Duals, fixed_cost, path_mask, tau_at

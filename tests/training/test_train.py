@@ -61,7 +61,7 @@ def test_artifact_round_trips_and_serves(trained):
 
 def test_controller_sizes_at_the_default_shape():
     """HEST's factorised controller vs TABS's per-layer routers at d=576, L=30, k=32."""
-    from hest_core.controller import CONTROLLERS, Controller
+    from hest_core.adapter.controller import CONTROLLERS, Controller
 
     def count(m):
         return sum(p.numel() for p in CONTROLLERS[m](576, 30, 32).parameters())

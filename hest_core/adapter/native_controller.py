@@ -1,0 +1,90 @@
+"""The controller's per-row logits at decode in C (`hest_ctl_logits`, kernels/layer.c), for the
+controller classes that have a native form (`NativeController.of` says which)."""
+
+from __future__ import annotations
+
+import ctypes
+import weakref
+
+import torch
+
+from ..exec import native
+from .controller import AdaptiveController, Controller
+
+
+class NativeController:
+    """A controller's logits for one row at decode, in C (hest_ctl_logits): one call per layer
+    instead of ~8 PyTorch operators. For the factorised `Controller`, `lay` = sigmoid(w_layer +
+    u beta) is made once per request and the additive term is a0 at every layer; for the
+    `AdaptiveController`, `update(beta)` remakes both (L, k) and (L, P) at every decode step
+    (its beta is the request's remaining ratio). Other classes (the baselines') stay in PyTorch."""
+
+    _weights: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def __init__(self, ctl, beta: float):
+        w = self._weights.get(ctl)
+        if w is None:
+            with torch.no_grad():
+                w = tuple(t.detach().float().contiguous() for t in (ctl.hest_w_tok, ctl.hest_a))
+            self._weights[ctl] = w
+        self._keep, self.ctl = w, ctl
+        self.adaptive = bool(getattr(ctl, "uses_remaining", False))
+        self.k, self.d = ctl.k, ctl.hidden
+        L, P = ctl.hest_w_layer.shape[0], ctl.hest_a.shape[0]  # layers, paths
+        self.P = P
+        self.lay = torch.empty(L, self.k, dtype=torch.float32)
+        self.bias = torch.empty(L, P, dtype=torch.float32)
+        self.update(beta)
+        self.out = (ctypes.c_float * P)()
+        self._args = (w[0].data_ptr(), w[1].data_ptr())
+        self._lay0, self._bias0 = self.lay.data_ptr(), self.bias.data_ptr()
+        self._out = ctypes.addressof(self.out)
+        nat = native.get()
+        assert nat is not None
+        self._call = nat.ctl_logits
+
+    def update(self, beta: float) -> None:
+        """Set the request's beta for the next decode step (in place: the pointers stay)."""
+        ctl = self.ctl
+        with torch.no_grad():
+            if self.adaptive:
+                lay, bias = ctl.native_parts(beta, 1)
+            else:
+                lay = torch.sigmoid(ctl.hest_w_layer + ctl.hest_u * beta)
+                bias = ctl.hest_a0.expand(self.bias.shape)
+            self.lay.copy_(lay)
+            self.bias.copy_(bias)
+
+    @classmethod
+    def of(cls, ctl, beta: float) -> NativeController | None:
+        if type(ctl) not in (Controller, AdaptiveController) or native.get() is None:
+            return None
+        if getattr(native._off, "v", False) or ctl.hest_a.shape[0] > 16:
+            return None
+        if ctl.k > 256 or ctl.hidden > 4096 or ctl.hest_w_tok.device.type != "cpu":
+            return None
+        return cls(ctl, beta)
+
+    def logits(self, li: int, h: torch.Tensor) -> list[float]:
+        """(P,) logits of one row. h: (1, d) contiguous bf16 on CPU; li in 0..n_layers-1.
+        Raises NativeArgumentError for another h or layer."""
+        if not h.is_contiguous():
+            h = h.contiguous()
+        ok = h.dtype == torch.bfloat16 and h.numel() == self.d and 0 <= li < self.lay.shape[0]
+        if not ok:
+            native.need(False, "ctl_logits", f"h must be bf16 of {self.d}, layer {li} known")
+        w_tok, a = self._args
+        rc = self._call(
+            w_tok,
+            self._lay0 + li * self.k * 4,
+            a,
+            self._bias0 + li * self.P * 4,
+            self.k,
+            self.d,
+            self.P,
+            h.data_ptr(),
+            self._out,
+        )
+        if rc:
+            native.check(rc, "ctl_logits")
+        return self.out[:]

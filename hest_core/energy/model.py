@@ -1,0 +1,303 @@
+"""The energy model: calibrated per-unit costs, summed over the work actually executed.
+
+Costs are per phase, because the same unit costs very different joules per token when it runs
+as part of a compute-bound prefill GEMM or a memory-bound decode GEMV:
+  unit[phase][l][p]  J for one token through layer l's gated linear work on path p (the
+                     registry's index order, `paths.py`; on disk a row of P costs)
+  token_fixed[phase] J per token for ungated work (embedding, norms, rope, residual adds)
+  attn_ctx[phase]    J per token per attended position, summed over layers (softmax(QK)V)
+  head[phase]        J per row of logits (final norm + lm_head)
+A prefill of P tokens attends P(P+1)/2 positions; decode step i (context c) attends c.
+The modelled all-fp16 cost of a request = prefill + (max_new_tokens - 1) decode steps (the first
+generated token comes out of the prefill).
+
+Batched decode (optional, `calib_rows.py`): the rows of one decode step share its weight reads.
+  shared[l][p]       J per decode step of the part of unit[l][p] that m rows on path p in layer
+                     l pay once between them (the weight read, the per-call overhead)
+  head_shared        J per decode step of the part of head paid once by all the step's rows
+so a decode step with m >= 1 rows on path p in layer l costs shared + m (unit - shared) there,
+and each of those rows is attributed (unit - shared) + shared / m: at m = 1 exactly its unit
+cost, never more at any m. A table without them (shared all 0) is the batch-1 model. Only the
+decode phase has them (a prefill token's unit cost is measured per token of a 256-token GEMM,
+whose weight reads are already shared).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .. import paths as reg
+from ..errors import CalibrationError
+
+CALIBRATION_VERSION = 1
+PHASES = ("prefill", "decode")
+PJ = (
+    10**12
+)  # the budget guard keeps its ledger in integer picojoules: exact sums, no rounding slack
+
+
+@dataclass
+class PhaseCosts:
+    unit: list[list[float]]  # (L, P) joules per token per unit, paths in registry order
+    token_fixed: float
+    attn_ctx: float
+    head: float
+    # (L, P) joules per decode step shared by the rows on a path (None: nothing shared, the
+    # batch-1 model of tables written before batched attribution); 0 <= shared <= unit
+    shared: list[list[float]] | None = None
+    head_shared: float = 0.0  # joules per decode step of the head shared by its rows
+
+    def check(self, n_layers: int, phase: str) -> None:
+        """Raises CalibrationError unless unit (and shared, where given) is (n_layers, P) of
+        finite costs >= 0, each shared part at most its unit cost and head_shared at most head;
+        the prefill phase shares nothing."""
+        P = reg.n_paths()
+        if len(self.unit) != n_layers or any(len(r) != P for r in self.unit):
+            widths = sorted({len(r) for r in self.unit})
+            raise CalibrationError(
+                f"calibration {phase}.unit must be {n_layers} rows of {P} costs (paths "
+                f"{', '.join(reg.names())}), got {len(self.unit)} rows of {widths}; recalibrate "
+                "with `python -m hest_core.energy.calibrate`"
+            )
+        vals = [v for r in self.unit for v in r] + [self.token_fixed, self.attn_ctx, self.head]
+        vals.append(self.head_shared)
+        if any(not math.isfinite(v) or v < 0 for v in vals):
+            raise CalibrationError(f"calibration {phase} has negative or non-finite costs")
+        if phase == "prefill" and (self.shared is not None or self.head_shared):
+            raise CalibrationError(
+                "calibration prefill has shared costs: only decode steps share their weight "
+                "reads between rows (hest_core/energy/model.py); recalibrate"
+            )
+        if self.head_shared > self.head:
+            raise CalibrationError(
+                f"calibration {phase}.head_shared {self.head_shared:.4g} J is above its head "
+                f"cost {self.head:.4g} J: a shared part cannot exceed the whole; recalibrate"
+            )
+        if self.shared is None:
+            return
+        if len(self.shared) != n_layers or any(len(r) != P for r in self.shared):
+            raise CalibrationError(
+                f"calibration {phase}.shared must be {n_layers} rows of {P} costs like unit; "
+                "recalibrate with `python -m hest_core.energy.calibrate`"
+            )
+        for r, u in zip(self.shared, self.unit, strict=True):
+            for v, c in zip(r, u, strict=True):
+                if not math.isfinite(v) or v < 0 or v > c:
+                    raise CalibrationError(
+                        f"calibration {phase}.shared cost {v!r} J is outside 0..its unit cost "
+                        f"{c:.4g} J; recalibrate with `python -m hest_core.energy.calibrate`"
+                    )
+
+
+@dataclass
+class CalibrationTable:
+    model: str
+    model_fingerprint: str
+    n_layers: int
+    device: str
+    method: str  # "nvml" | "rapl" | "estimate (wall time x nominal 30 W)"
+    meter: str  # "nvml" | "rapl" | "estimate"
+    date: str
+    dtype: str
+    threads: int
+    prefill: PhaseCosts
+    decode: PhaseCosts
+    kernels: dict = field(default_factory=dict)  # measured kernel choices and timings
+    version: int = CALIBRATION_VERSION
+    source: str = ""  # where it was loaded from (not saved)
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d.pop("source")
+        return d
+
+    def save(self, path: str | Path) -> None:
+        p = Path(path)
+        p.parent.mkdir(parents=True, exist_ok=True)
+        tmp = p.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.to_json(), indent=1))
+        tmp.replace(p)
+
+    @classmethod
+    def load(cls, path: str | Path) -> CalibrationTable:
+        try:
+            d = json.loads(Path(path).read_text())
+            if d.get("version") != CALIBRATION_VERSION:
+                raise CalibrationError(
+                    f"{path}: calibration version {d.get('version')} != {CALIBRATION_VERSION}; "
+                    "recalibrate with `python -m hest_core.energy.calibrate`"
+                )
+            d["prefill"] = PhaseCosts(**d["prefill"])
+            d["decode"] = PhaseCosts(**d["decode"])
+            t = cls(**d)
+        except CalibrationError:
+            raise
+        except Exception as err:
+            raise CalibrationError(f"cannot read calibration table {path}: {err}") from err
+        t.source = str(path)
+        for ph in PHASES:
+            getattr(t, ph).check(t.n_layers, ph)
+        return t
+
+
+class EnergyModel:
+    """Cost arithmetic over a calibration table. All results in joules (modelled)."""
+
+    def __init__(self, table: CalibrationTable):
+        self.table = table
+        self.L = table.n_layers
+        self.ph = {"prefill": table.prefill, "decode": table.decode}
+        self.paths = reg.names()  # the registry this model was built under
+        self.ref = reg.ref()  # index of fp16, the reference path
+        P = len(self.paths)
+        # per phase: (L, P) costs, and the cost of a whole token per path summed over layers
+        self.unit = {k: [tuple(r) for r in v.unit] for k, v in self.ph.items()}
+        self.unit_sum = {k: [sum(r[p] for r in v) for p in range(P)] for k, v in self.unit.items()}
+        # the cheapest path of each unit (skip on real devices; tiny models can differ)
+        self.min_sum = {k: sum(min(r) for r in v) for k, v in self.unit.items()}
+
+        # integer picojoule ledger for the guard: every charge rounded up, budgets rounded down
+        self.unit_q = {
+            k: [tuple(math.ceil(c * PJ) for c in r) for r in v] for k, v in self.unit.items()
+        }
+        self.unit_sum_q = {
+            k: [sum(r[p] for r in v) for p in range(P)] for k, v in self.unit_q.items()
+        }
+        self.min_sum_q = {k: sum(min(r) for r in v) for k, v in self.unit_q.items()}
+        self.min_after_q = {}
+        for k, rows in self.unit_q.items():
+            acc, outq = 0, [0] * (self.L + 1)
+            for li in range(self.L - 1, -1, -1):
+                acc += min(rows[li])
+                outq[li] = acc
+            self.min_after_q[k] = outq
+
+        # batched decode: picojoules per step shared by the rows on a path, rounded DOWN (less
+        # sharing: each row charged more), so a row's share w + ceil(s / m) <= its unit_q
+        dec = table.decode
+        sh = dec.shared or [[0.0] * P for _ in range(self.L)]
+        self.shared_q = [
+            tuple(min(u, math.floor(v * PJ)) for u, v in zip(ur, sr, strict=True))
+            for ur, sr in zip(self.unit_q["decode"], sh, strict=True)
+        ]
+        self.head_shared_q = min(math.floor(dec.head_shared * PJ), math.floor(dec.head * PJ))
+        self.shares = dec.shared is not None or self.head_shared_q > 0
+
+        # a path no cheaper than a better one is never worth running (the registry's quality
+        # order: fp16 > int8 > skip): sub[phase][l][p] = the best path costing no more than p
+        self.sub = {k: [reg.best_within(r) for r in v] for k, v in self.unit_q.items()}
+
+    def substitutions(self) -> dict[str, dict[str, str]]:
+        """Per phase, {chosen path: path run instead} where some layer substitutes (empty on a
+        device whose costs follow the quality order, e.g. every CPU table shipped here)."""
+        names = self.paths
+        out: dict[str, dict[str, str]] = {}
+        for ph, rows in self.sub.items():
+            for r in rows:
+                for p, q in enumerate(r):
+                    if q != p:
+                        out.setdefault(ph, {})[names[p]] = names[q]
+        return out
+
+    # ---- batched decode: each row's share of a step (picojoules) ---------------------------------
+    def unit_rebate_q(self, li: int, p: int, m: int) -> int:
+        """What one row on path p in layer li pays less than its batch-1 unit cost unit_q when m
+        rows (m >= 1, itself included) ran that path in that layer of the decode step: it pays
+        its own work unit_q - s plus ceil(s / m) of the shared s, so the rebate is
+        s - ceil(s / m), 0 at m = 1 and never more than s. Picojoules."""
+        s = self.shared_q[li][p]
+        return s - -(-s // max(1, m))
+
+    def head_rebate_q(self, n: int) -> int:
+        """What one of n rows of a decode step pays less than its batch-1 head cost (its share of
+        the head's shared part, as `unit_rebate_q`). Picojoules."""
+        s = self.head_shared_q
+        return s - -(-s // max(1, n))
+
+    def decode_step_j(self, ctxs: list[int], paths: list[list[int]]) -> float:
+        """Modelled joules of one whole decode step of len(ctxs) rows: row i at context ctxs[i]
+        ran path paths[i][l] in layer l. Sums the fixed work per row, the head's shared part once
+        and the per-row part per row, and per (layer, path) in use the shared part once plus
+        the per-row part per row (the docstring's formula; float joules, for reports and
+        tests)."""
+        c = self.ph["decode"]
+        sh = c.shared
+        n = len(ctxs)
+        head_s = min(c.head_shared, c.head)
+        total = sum(c.token_fixed + c.attn_ctx * x for x in ctxs) + head_s + n * (c.head - head_s)
+        for li in range(self.L):
+            on = [0] * len(self.paths)
+            for row in paths:
+                on[row[li]] += 1
+            for p, m in enumerate(on):
+                if m:
+                    s = sh[li][p] if sh is not None else 0.0
+                    total += s + m * (self.unit["decode"][li][p] - s)
+        return total
+
+    # ---- exact integer (picojoule) costs: what the guard charges ---------------------------------
+    def prefill_fixed_q(self, p: int) -> int:
+        return math.ceil(self.prefill_fixed(p) * PJ)
+
+    def decode_fixed_q(self, ctx: int) -> int:
+        return math.ceil(self.decode_fixed(ctx) * PJ)
+
+    def request_cost_q(self, p: int, max_new: int, path: int | None) -> int:
+        """Exactly what the guard charges for the whole request with every unit on `path`
+        (None: on its cheapest path), in picojoules."""
+        pre = self.min_sum_q["prefill"] if path is None else self.unit_sum_q["prefill"][path]
+        dec = self.min_sum_q["decode"] if path is None else self.unit_sum_q["decode"][path]
+        total = self.prefill_fixed_q(p) + p * pre
+        for i in range(1, max_new):  # decode step i attends p + i positions
+            total += self.decode_fixed_q(p + i) + dec
+        return total
+
+    def gated_step_q(self, phase: str, path: int | None) -> int:
+        """Picojoules of one token's gated units, all on `path` (None: each on its cheapest)."""
+        return self.min_sum_q[phase] if path is None else self.unit_sum_q[phase][path]
+
+    def min_decode_step_q(self, ctx: int, path: int | None = None) -> int:
+        return self.decode_fixed_q(ctx) + self.gated_step_q("decode", path)
+
+    def min_feasible_q(self, p: int, max_new: int, path: int | None = None) -> int:
+        """The least a request can be served for, in picojoules: its prompt plus one generated
+        token, every unit on its cheapest path (or all on `path`, for a fixed-path request)."""
+        q = self.prefill_fixed_q(p) + p * self.gated_step_q("prefill", path)
+        return q + (self.min_decode_step_q(p + 1, path) if max_new >= 2 else 0)
+
+    # ---- float costs in joules (closed forms; training and reports) ------------------------------
+    def prefill_fixed(self, p: int) -> float:
+        c = self.ph["prefill"]
+        return p * c.token_fixed + c.attn_ctx * p * (p + 1) / 2 + c.head
+
+    def decode_fixed(self, ctx: int) -> float:
+        c = self.ph["decode"]
+        return c.token_fixed + c.attn_ctx * ctx + c.head
+
+    def _decode_fixed_sum(self, p: int, steps: int) -> float:
+        c = self.ph["decode"]
+        return steps * (c.token_fixed + c.head) + c.attn_ctx * (steps * p + steps * (steps + 1) / 2)
+
+    def request_cost(self, p: int, max_new: int, path: int | None) -> float:
+        """Cost of a prompt of p tokens + max_new generated tokens with every unit on `path`
+        (None: every unit on its cheapest path)."""
+        steps = max(0, max_new - 1)
+        pre = self.min_sum["prefill"] if path is None else self.unit_sum["prefill"][path]
+        dec = self.min_sum["decode"] if path is None else self.unit_sum["decode"][path]
+        return self.prefill_fixed(p) + p * pre + self._decode_fixed_sum(p, steps) + steps * dec
+
+    def fp16_cost(self, p: int, max_new: int) -> float:
+        return self.request_cost(p, max_new, self.ref)
+
+    def min_decode_step(self, ctx: int) -> float:
+        return self.decode_fixed(ctx) + self.min_sum["decode"]
+
+    def min_feasible(self, p: int, max_new: int) -> float:
+        """Prompt with every unit on its cheapest path (skip), plus one generated token."""
+        cost = self.prefill_fixed(p) + p * self.min_sum["prefill"]
+        if max_new >= 2:
+            cost += self.min_decode_step(p + 1)
+        return cost

@@ -1,0 +1,89 @@
+"""The KV-cache rows of a running batch (continuous batching, `scheduler.Scheduler`).
+
+One allocation holds every request that is prefilling or decoding, one batch row each. A decode
+step reads the first n rows, which must be the n decoding requests in order (the fused native
+layer and the PyTorch decode attention both take row i of the step as cache row i), so requests
+are moved between rows as they join and leave (`arrange`). Requests still prefilling sit in the
+rows after them. The allocation grows (rows up to `max_rows`, positions up to the longest
+request's prompt + max_new_tokens) by copying into a larger one, and is freed when nothing runs.
+
+A row that a finished request left holds its old keys and values until the next request
+overwrites them position by position; attention masks every position past a row's own, and the
+stale values are finite, so they never reach an output (zeros start every new allocation, as
+`KVCache` explains).
+"""
+
+from __future__ import annotations
+
+from .kvcache import KVCache
+
+
+class CacheRows:
+    """Rows of one KVCache handed out to requests. `owner[r]` is the key of the request in row r
+    (None: free)."""
+
+    def __init__(self, lean, max_rows: int):
+        if max_rows < 1:
+            raise ValueError(f"max_rows={max_rows} must be >= 1")
+        self.lean, self.max_rows = lean, max_rows
+        self.cache: KVCache | None = None
+        self.owner: list[object | None] = []
+
+    @property
+    def rows(self) -> int:
+        return len(self.owner)
+
+    def ensure(self, rows: int, length: int) -> None:
+        """Room for `rows` requests of up to `length` positions each (prompt + max_new_tokens);
+        grows the allocation by copying into a larger one. Raises ValueError past max_rows."""
+        if rows > self.max_rows:
+            raise ValueError(f"{rows} rows asked, at most max_rows={self.max_rows}")
+        have = self.cache.max_len if self.cache is not None else 0
+        if rows <= self.rows and length <= have:
+            return
+        # rows double (up to max_rows) so a server filling up copies the cache a few times only
+        self._grow(max(self.rows, rows, min(self.max_rows, 2 * self.rows)), max(length, have))
+
+    def take(self, key: object) -> int:
+        """A free row for `key` (call `ensure` first)."""
+        r = self.owner.index(None)  # ValueError: no room was ensured
+        self.owner[r] = key
+        return r
+
+    def release(self, key: object) -> None:
+        """Free the row of `key` (its contents stay until overwritten); the whole allocation is
+        freed once no row is taken."""
+        self.owner = [None if o is key else o for o in self.owner]
+        if all(o is None for o in self.owner):
+            self.cache, self.owner = None, []
+
+    def row_of(self, key: object) -> int:
+        return next(r for r, o in enumerate(self.owner) if o is key)
+
+    def arrange(self, keys: list[object]) -> None:
+        """Put the requests `keys` (every request holding a row) in rows 0..len(keys)-1, in this
+        order; copies only when a row moves."""
+        held = [o for o in self.owner if o is not None]
+        if len(held) != len(keys) or any(all(k is not o for o in held) for k in keys):
+            raise AssertionError("arrange() takes every request that holds a row, once")
+        src = [self.row_of(k) for k in keys]
+        if src == list(range(len(src))):
+            return
+        assert self.cache is not None
+        self.cache.move_rows(src)
+        self.owner = list(keys) + [None] * (self.rows - len(keys))
+
+    def decode_view(self, n: int) -> KVCache:
+        """The cache of a decode step over rows 0..n-1."""
+        assert self.cache is not None
+        return self.cache.first_rows(n)
+
+    def _grow(self, rows: int, length: int) -> None:
+        old = self.cache
+        new = self.lean.new_cache(rows, length)
+        if old is not None:
+            r, n = old.k[0].shape[0], old.max_len
+            for dst, src in zip((*new.k, *new.v), (*old.k, *old.v), strict=True):
+                dst[:r, :, :n] = src  # (rows, kv_heads, positions, head_dim)
+        self.cache = new
+        self.owner = self.owner + [None] * (rows - len(self.owner))

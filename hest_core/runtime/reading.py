@@ -1,0 +1,107 @@
+"""The read plan: how much of a long article a request reads when its budget cannot pay for the
+whole article and a summary (issue 14: "where the budget binds, choose what to give up").
+
+Reading a prompt token costs the same on every full-quality path of a CPU (prefill is
+compute-bound), so on a long article the prompt is most of what a tight budget has: a 1,900-token
+article on fp16 costs about as much to read as 60 generated tokens. Cheaper decode paths cannot
+win that back, and a request that reads everything is left with a budget for a dozen tokens. The
+plan trades the article's tail instead, where news puts its least important text (the lead-3
+baseline beats every model on CNN/DM): before prefill, the runtime reserves the cost of a
+summary of `summary_tokens` on the cheapest full-quality decode path (`plan_paths`) and reads the
+longest head of the article whose prefill the rest of the budget pays for, never fewer than
+`min_read` article tokens (or the whole article, if it is shorter). A request whose budget pays
+for the whole article and that summary reads everything: the plan acts only where the budget
+binds. The response says so (`usage.article_tokens_read`, `truncated_by: "budget"`); the budget
+ratio still refers to the whole prompt (DESIGN.md: r x the all-fp16 cost of what was sent).
+
+Costs are the guard's integer picojoules (`EnergyModel`), so the plan and the guard agree.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .. import paths as reg
+from ..energy.model import EnergyModel
+
+READ_MODES = ("budget", "whole")
+# the summary the plan reserves for, in generated tokens (capped by the request's max_new_tokens):
+# about the longest summary the default model writes for the server's 3-sentence instruction
+# (unconstrained: 70 tokens on average on 20 validation articles, several at the 96 cap). On
+# those articles a 64-token reserve left 50-56% of r = 0.6 outputs ended by the budget; 96 left
+# 0-18% and scored as well (docs/results.md, session 8)
+SUMMARY_TOKENS = 96
+MIN_READ_TOKENS = 128  # the plan never reads fewer article tokens than this (or the whole article)
+
+
+@dataclass(frozen=True)
+class ReadPlan:
+    """What a request reads: `read` of its `article` tokens (read == article: everything)."""
+
+    article: int
+    read: int
+
+    @property
+    def cut(self) -> bool:
+        return self.read < self.article
+
+
+def plan_paths(em: EnergyModel, path: int | None) -> tuple[int, int]:
+    """(prefill path, decode path) the plan prices a summary on: `path` for a fixed-path request
+    (guard "stop"), else per phase the path whose whole-token cost is least among the paths that
+    run the MLP (skip is not a full-quality summary)."""
+    if path is not None:
+        return path, path
+    full = [i for i in range(reg.n_paths()) if reg.get(i).mlp is not None]
+    pre = min(full, key=lambda i: em.unit_sum_q["prefill"][i])
+    dec = min(full, key=lambda i: em.unit_sum_q["decode"][i])
+    return pre, dec
+
+
+def summary_cost_q(em: EnergyModel, prompt: int, new: int, pre: int, dec: int) -> int:
+    """Picojoules of reading a `prompt`-token prompt with its units on path `pre` and generating
+    `new` tokens on path `dec` (the guard's charges: `EnergyModel.request_cost_q` split by
+    phase)."""
+    total = em.prefill_fixed_q(prompt) + prompt * em.unit_sum_q["prefill"][pre]
+    step = em.unit_sum_q["decode"][dec]
+    for i in range(1, new):  # decode step i attends prompt + i positions
+        total += em.decode_fixed_q(prompt + i) + step
+    return total
+
+
+def plan_read(
+    em: EnergyModel,
+    budget_q: int,
+    template: int,
+    article: int,
+    max_new: int,
+    *,
+    path: int | None = None,
+    summary_tokens: int = SUMMARY_TOKENS,
+    min_read: int = MIN_READ_TOKENS,
+) -> ReadPlan:
+    """The article tokens a request with `budget_q` picojoules reads.
+
+    template: prompt tokens around the article (chat template, instruction, system turn);
+    article: the article's tokens; max_new: the request's max_new_tokens; path: the one path of
+    a fixed-path request (None: the cheapest full-quality paths, `plan_paths`). Returns the
+    whole article when the budget pays for it plus min(summary_tokens, max_new) generated tokens,
+    else the longest head that leaves that summary paid for, but at least min(min_read,
+    article) tokens. Raises ValueError for negative counts."""
+    if min(template, article, max_new, summary_tokens, min_read) < 0:
+        raise ValueError("plan_read: token counts must be >= 0")
+    pre, dec = plan_paths(em, path)
+    new = min(summary_tokens, max_new)
+
+    def fits(n: int) -> bool:
+        return summary_cost_q(em, template + n, new, pre, dec) <= budget_q
+
+    if fits(article):
+        return ReadPlan(article, article)
+    lo, hi = min(min_read, article), article  # fits(hi) is False; find the largest n that fits
+    if not fits(lo):
+        return ReadPlan(article, lo)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return ReadPlan(article, lo)

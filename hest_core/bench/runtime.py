@@ -23,6 +23,7 @@ from ..exec.kvcache import SeqSlot
 from ..exec.model import LeanModel
 from ..exec.quant import quantize_rows
 from ..exec.routing import const_decider
+from ..runtime.budget import MAX_BUDGET_RATIO
 from ..runtime.engine import Engine, GenerationRequest
 
 MIX = (0.2, 0.4, 0.4)  # fp16, int8, skip shares of the gated units
@@ -172,7 +173,9 @@ def decode(
         eng.eos_ids = set()  # fixed token count
         reqs = [
             GenerationRequest(
-                text, energy_budget_ratio=1e6 if name == "mix" else 1.0, max_new_tokens=new_tokens
+                text,
+                energy_budget_ratio=MAX_BUDGET_RATIO if name == "mix" else 1.0,
+                max_new_tokens=new_tokens,
             )
         ] * batch
         try:
@@ -193,9 +196,9 @@ def decode(
 def _decode_shares(eng: Engine, text: str, new_tokens: int) -> list[float]:
     """Shares of the decode-phase units on each path: a full run minus a prefill-only run."""
     full, pre = (
-        eng.generate([GenerationRequest(text, energy_budget_ratio=1e6, max_new_tokens=n)])[
-            0
-        ].stats.paths
+        eng.generate(
+            [GenerationRequest(text, energy_budget_ratio=MAX_BUDGET_RATIO, max_new_tokens=n)]
+        )[0].stats.paths
         for n in (new_tokens, 1)
     )
     dec = [full[p] - pre[p] for p in ("fp16", "int8", "skip")]

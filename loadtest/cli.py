@@ -204,11 +204,13 @@ def _configs(args: argparse.Namespace) -> list[RunConfig]:
 
 async def _run_all(
     targets: list[Target], configs: list[RunConfig], args: argparse.Namespace
-) -> list[RunResult]:
+) -> tuple[list[RunResult], list[dict[str, Any]]]:
+    """Every load on every target, in turn; (results, their summaries). With --out, each load's
+    summary and requests go to partial.jsonl as it ends."""
     if args.wait_ready > 0:
         for target in targets:
             await wait_ready(target, args.wait_ready)
-    results = []
+    results, summaries = [], []
     partial = Path(args.out) / "partial.jsonl" if args.out else None
     if partial:
         partial.parent.mkdir(parents=True, exist_ok=True)
@@ -216,15 +218,16 @@ async def _run_all(
     for config in configs:
         for target in targets:  # one after the other: the two servers never share the load
             result = await run_load(target, config, progress=not args.no_progress)
+            summary = summarize_run(
+                result, slo_s=args.slo, label=target.label, watts=args.nominal_watts
+            )
             results.append(result)
+            summaries.append(summary)
             if partial:  # each load as it ends: an interrupted sweep keeps what it measured
-                summary = summarize_run(
-                    result, slo_s=args.slo, label=target.label, watts=args.nominal_watts
-                )
                 line = {"summary": summary, "requests": [r.to_dict() for r in result.records]}
                 with partial.open("a") as f:
                     f.write(json.dumps(line, default=str) + "\n")
-    return results
+    return results, summaries
 
 
 def main(argv: list[str] | None = None, *, setup: dict[str, Any] | None = None) -> int:
@@ -234,17 +237,13 @@ def main(argv: list[str] | None = None, *, setup: dict[str, Any] | None = None) 
     try:
         targets = _targets(args)
         configs = _configs(args)
-        results = asyncio.run(_run_all(targets, configs, args))
+        results, summaries = asyncio.run(_run_all(targets, configs, args))
     except LoadtestError as err:
         print(f"loadtest: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("loadtest: interrupted", file=sys.stderr)
         return 130
-    summaries = [
-        summarize_run(r, slo_s=args.slo, label=r.target.label, watts=args.nominal_watts)
-        for r in results
-    ]
     comparisons = _comparisons(summaries, len(targets)) if len(targets) > 1 else []
     text = [render_text(table_rows(summaries))]
     for comp in comparisons:

@@ -47,20 +47,7 @@ from hest_core import Engine, GenerationRequest  # noqa: E402
 from hest_core.dtypes import cpu_model_name  # noqa: E402
 from hest_core.runtime.prompt import build_prompt  # noqa: E402
 from loadtest.peer import find_gguf, find_llama_server, llama_process, llama_server_version  # noqa: E402
-
-
-def articles(path: Path, start: int, n: int) -> list[str]:
-    """`n` articles from line `start` (0-based) of a CNN/DM jsonl file."""
-    out = []
-    with path.open() as f:
-        for i, line in enumerate(f):
-            if i >= start:
-                out.append(json.loads(line)["article"])
-            if len(out) == n:
-                break
-    if len(out) < n:
-        raise SystemExit(f"{path}: fewer than {start + n} rows")
-    return out
+from training.data import load_pairs  # noqa: E402
 
 
 def llama_request(client: httpx.Client, url: str, ids: list[int], new_tokens: int) -> dict:
@@ -130,7 +117,10 @@ def main(argv: list[str] | None = None) -> int:
         eng.eos_ids = set()  # a fixed token count, as llama-server's ignore_eos
         engines[p] = eng
     first = next(iter(engines.values()))
-    texts = articles(Path(args.data), args.rows_from, args.articles)
+    texts = [p.article for p in load_pairs(args.data, args.rows_from + args.articles)]
+    texts = texts[args.rows_from :]
+    if len(texts) < args.articles:
+        raise SystemExit(f"{args.data}: fewer than {args.rows_from + args.articles} rows")
     prompts = [build_prompt(first.tokenizer, t, None)[0] for t in texts]
     ctx = max(len(p) for p in prompts) + args.new_tokens + 8
     log = ROOT / "runs" / "bench_llama_server.log"

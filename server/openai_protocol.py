@@ -315,8 +315,10 @@ class ChatUsage(BaseModel):
         description="HEST extension: the text's tokens the prompt held (fewer when the read plan "
         "or truncate cut it; truncated_by says which)"
     )
-    truncated_by: Literal["context", "budget"] | None = Field(
-        None, description="HEST extension: context (truncate: true), budget (the read plan)"
+    truncated_by: Literal["context", "budget", "policy"] | None = Field(
+        None,
+        description="HEST extension: context (truncate: true), budget (the read plan), policy "
+        "(the adapter's own read plan, its read_ratio)",
     )
     energy: ChatEnergyUsage
 

@@ -201,10 +201,12 @@ class SummarizeResponse(BaseModel):
     paths: Paths
     timings: Timings
     truncated: bool = Field(description="the article was cut: see truncated_by")
-    truncated_by: Literal["context", "budget"] | None = Field(
+    truncated_by: Literal["context", "budget", "policy"] | None = Field(
         None,
         description="context: cut to the model's context (truncate: true); budget: the read plan "
-        "read the article's head because the budget could not pay for all of it and a summary",
+        "read the article's head because the budget could not pay for all of it and a summary; "
+        "policy: the adapter's own read plan read the head although the budget could pay for more "
+        "(its read_ratio; read: whole turns it off)",
     )
 
 

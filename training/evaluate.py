@@ -26,7 +26,7 @@ from hest_core import Engine, GenerationRequest
 from hest_core import paths as reg
 from hest_core.errors import BudgetTooLowError
 from hest_core.runtime.endings import ends_sentence
-from hest_core.runtime.reading import READ_MODES
+from hest_core.runtime.reading import READ_MODES, policy_read_budget_q
 
 from .data import Pair, load_pairs
 from .lora import lora_params
@@ -93,13 +93,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "a summary reads the article's head (hest_core/runtime/reading.py); whole: read every token",
     )
     ap.add_argument(
+        "--read-ratio",
+        default=None,
+        help="HEST rows: plan reads with at most this share of the all-fp16 cost (a number in "
+        "(0, 1], or none: read what the budget pays for); default: the adapter's read_ratio",
+    )
+    ap.add_argument(
         "--shard",
         default=None,
         metavar="I/N",
         help="run only pairs I, I+N, I+2N, ... (0-based) into X.samples.shard-I-of-N.jsonl, so N "
         "processes can share the work; run again without --shard to aggregate every shard",
     )
-    args = ap.parse_args(argv)
+    return _checked(ap, ap.parse_args(argv))
+
+
+def _checked(ap: argparse.ArgumentParser, args):
+    """`args` with --read-ratio and --shard parsed (ap.error on a bad value)."""
+    if (raw := args.read_ratio) is not None:
+        try:
+            args.read_ratio = None if raw == "none" else float(raw)
+            policy_read_budget_q(1, 1, args.read_ratio)  # validates (0, 1]
+        except ValueError:
+            ap.error(f"--read-ratio wants a number in (0, 1] or none, got {raw!r}")
+        args.read_ratio_set = True
     if args.shard is not None:
         m = re.fullmatch(r"(\d+)/(\d+)", args.shard)
         if not m or not 0 <= int(m[1]) < int(m[2]):
@@ -158,6 +175,8 @@ class Engines:
             if ad is None:
                 raise SystemExit(f"{policy} needs --adapters {policy}=RUN/adapter")
             eng = Engine.from_pretrained(a.model, adapter=ad, policy="hest", guard=ev.guard, **kw)
+            if getattr(a, "read_ratio_set", False):
+                eng.read_ratio = a.read_ratio
         eng.max_article_tokens = a.max_article_tokens or None
         eng.warmup()  # first-call costs stay out of the per-sample timings
         if self.calibration is None:

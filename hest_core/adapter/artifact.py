@@ -42,8 +42,20 @@ class HestConfig:
     # the paths its controller's outputs stand for, in order; written only when they are not the
     # built-in three (paths.py), so 3-path artifacts keep their format
     paths: list[str] = field(default_factory=lambda: list(reg.BUILTIN_NAMES))
+    # the adapter's read plan (runtime/reading.py, `policy_read_budget_q`): HEST reads the longest
+    # head of an article whose read plan fits in `read_ratio` x the request's all-fp16 cost, even
+    # where its budget could pay for more; None: read what the budget pays for. Tuned on the
+    # validation split (docs/training.md, "The read ratio"), never on test pairs
+    read_ratio: float | None = None
 
     def __post_init__(self):
+        r = self.read_ratio
+        if r is not None and (
+            isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r <= 1
+        ):
+            raise HestError(
+                f"HestConfig.read_ratio must be None or in (0, 1], got {r!r}", param="read_ratio"
+            )
         if self.k <= 0:
             raise HestError(f"HestConfig.k must be > 0, got {self.k}", param="k")
         if self.shortcut_rank < 0:

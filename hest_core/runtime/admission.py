@@ -8,7 +8,7 @@ from ..errors import InvalidInputError
 from .budget import budget_q_of, requested_budget
 from .decoding import check_options, check_system
 from .prompt import build_prompt, fit_prompt, template_tokens
-from .reading import READ_MODES, plan_read
+from .reading import READ_MODES, plan_read, policy_read_budget_q
 from .request import GenerationRequest, PreparedRequest
 
 
@@ -81,6 +81,20 @@ def _fit(engine, r: GenerationRequest, max_new: int) -> tuple[list[int], bool, i
     return ids, truncated, template
 
 
+def _plan(engine, budget_q: int, fp16_q: int, template: int, article: int, max_new: int):
+    """(the read plan, what cut it: "budget" or "policy"): the budget's plan, or HEST's own with
+    at most the engine's `read_ratio` x fp16_q planned (reading.policy_read_budget_q) where the
+    adapter has one; "policy" where the budget alone would have read more."""
+    em, path = engine.energy, engine.stop_path
+    plan = plan_read(em, budget_q, template, article, max_new, path=path)
+    own_q = policy_read_budget_q(budget_q, fp16_q, engine.read_ratio)
+    if own_q < budget_q:
+        own = plan_read(em, own_q, template, article, max_new, path=path)
+        if own.read < plan.read:
+            return own, "policy"
+    return plan, "budget"
+
+
 def admit(engine, r: GenerationRequest) -> PreparedRequest:
     """The checked request of `r` on `engine` (an Engine: its tokenizer, energy model, limits
     and policy). Raises InvalidInputError (a bad field: its `param`), BudgetTooLowError (a budget
@@ -99,13 +113,13 @@ def admit(engine, r: GenerationRequest) -> PreparedRequest:
     budget_q = budget_q_of(budget_param, budget_val, fp16_q)
     read_n, truncated_by = article, "context" if truncated else None
     if read == "budget" and engine.guard_mode != "off" and article:
-        plan = plan_read(engine.energy, budget_q, template, article, max_new, path=engine.stop_path)
+        plan, by = _plan(engine, budget_q, fp16_q, template, article, max_new)
         if plan.cut:
             with engine.tokenizer_lock:
                 ids, _ = build_prompt(
                     engine.tokenizer, r.text, plan.read, system=r.system, instruction=r.instruction
                 )
-            read_n, truncated, truncated_by = plan.read, True, "budget"
+            read_n, truncated, truncated_by = plan.read, True, by
     return PreparedRequest(  # raises BudgetTooLowError below the minimum (guarded)
         ids=ids,
         max_new=max_new,

@@ -57,7 +57,18 @@ MAX_CONTEXT = 32768
 
 class Engine:
     def __init__(
-        self, *, tokenizer, lean, controller, energy, meter, policy, guard_mode, info, config=None
+        self,
+        *,
+        tokenizer,
+        lean,
+        controller,
+        energy,
+        meter,
+        policy,
+        guard_mode,
+        info,
+        config=None,
+        read_ratio=None,
     ):
         self.tokenizer, self.lean, self.controller = tokenizer, lean, controller
         self.energy: EnergyModel = energy
@@ -81,6 +92,9 @@ class Engine:
             self._info["path_substitutions"] = subs
         # whole documents by default: the prompt may use the context minus the requested output
         self.max_article_tokens: int | None = None
+        # HEST's read plan: at most this share of a request's all-fp16 cost is planned for
+        # reading (the adapter's `read_ratio`, reading.policy_read_budget_q); None: the budget's
+        self.read_ratio: float | None = read_ratio if policy == "hest" else None
         self.context_tokens = lean.rope_cos.shape[0]  # positions this engine serves
         self.default_max_new_tokens = DEFAULT_MAX_NEW_TOKENS
         self.max_new_tokens_limit = 512
@@ -143,7 +157,8 @@ class Engine:
         table = cls._table(lean, fp, calibration, m, progress, cfg)
         del hf
         info = cls._info_of(lean, fp, adapter, ad, dev, dt, policy, guard, m, table, ctl)
-        info.update(compiled_decode=bool(compile), int4=int4_info)
+        read_ratio = ad.config.read_ratio if ad is not None and policy == "hest" else None
+        info.update(compiled_decode=bool(compile), int4=int4_info, read_ratio=read_ratio)
         info["load_s"] = round(time.perf_counter() - t0, 2)
         return cls(
             tokenizer=tok,
@@ -156,6 +171,7 @@ class Engine:
             guard_mode=guard if policy == "hest" or guard in ("stop", "off") else "off",
             info=info,
             config=cfg,
+            read_ratio=read_ratio,
         )
 
     @classmethod

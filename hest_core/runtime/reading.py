@@ -14,11 +14,21 @@ for the whole article and that summary reads everything: the plan acts only wher
 binds. The response says so (`usage.article_tokens_read`, `truncated_by: "budget"`); the budget
 ratio still refers to the whole prompt (DESIGN.md: r x the all-fp16 cost of what was sent).
 
+HEST's own read plan (`policy_read_budget_q`): an adapter with a `read_ratio` plans its read as if
+its budget were at most `read_ratio` x the request's all-fp16 cost, even where the budget could
+pay for more, because on news articles reading the whole text buys the default model nothing
+(the lead carries the content: on the validation split a summary of an article's head scores at
+least as well, for a fraction of the joules; docs/training.md, "The read ratio"). The request
+keeps its whole budget for generating; only the read is planned with less. It is reported as
+`truncated_by: "policy"` where the budget alone would have read more; `read: "whole"` turns every
+plan off.
+
 Costs are the guard's integer picojoules (`EnergyModel`), so the plan and the guard agree.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from .. import paths as reg
@@ -32,6 +42,17 @@ READ_MODES = ("budget", "whole")
 # 0-18% and scored as well (docs/results.md, session 8)
 SUMMARY_TOKENS = 96
 MIN_READ_TOKENS = 128  # the plan never reads fewer article tokens than this (or the whole article)
+
+
+def policy_read_budget_q(budget_q: int, fp16_q: int, read_ratio: float | None) -> int:
+    """The picojoules HEST's read plan plans with: min(budget_q, ceil(read_ratio x fp16_q)), or
+    budget_q when read_ratio is None. fp16_q: the request's all-fp16 cost (the budget ratio's
+    reference, `EnergyModel.request_cost_q`). Raises ValueError for a ratio outside (0, 1]."""
+    if read_ratio is None:
+        return budget_q
+    if not 0 < read_ratio <= 1:
+        raise ValueError(f"read_ratio must be in (0, 1], got {read_ratio!r}")
+    return min(budget_q, math.ceil(read_ratio * fp16_q))
 
 
 @dataclass(frozen=True)

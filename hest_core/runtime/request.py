@@ -29,7 +29,8 @@ class PreparedRequest:
     truncated: bool
     cancelled: threading.Event | None = None
     # the article's tokens and how many of them the prompt holds (the read plan, reading.py);
-    # truncated_by: "context" (cut to the model's context, asked with truncate) or "budget"
+    # truncated_by: "context" (cut to the model's context, asked with truncate), "budget" or
+    # "policy" (the adapter's own read plan, reading.policy_read_budget_q)
     article_tokens: int = 0
     article_read: int = 0
     truncated_by: str | None = None
@@ -140,7 +141,7 @@ class RequestStats:
     truncated: bool
     article_tokens: int = 0  # the article's tokens (after any cut to the context)
     article_tokens_read: int = 0  # ... of which the prompt held (the read plan)
-    truncated_by: str | None = None  # "context" | "budget" | None
+    truncated_by: str | None = None  # "context" | "budget" | "policy" | None
     ttft_s: float = 0.0
     prefill_s: float = 0.0
     decode_s: float = 0.0

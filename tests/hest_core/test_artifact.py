@@ -13,6 +13,7 @@ from hest_core import (
     Engine,
     GenerationRequest,
     HestAdapter,
+    HestError,
     load_adapter,
 )
 from hest_core.adapter.spectral import SvdCache, spectrum_sizes
@@ -115,3 +116,25 @@ def test_zero_adapter_reproduces_base_model_exactly(tmp_path):
     b = base.generate([GenerationRequest(text, energy_budget_ratio=1.0, max_new_tokens=24)])[0]
     assert a.text == b.text and a.stats.completion_tokens == b.stats.completion_tokens
     assert a.stats.paths["int8"] == a.stats.paths["skip"] == 0
+
+
+def test_the_read_ratio_travels_with_the_adapter(tmp_path, tiny_hf):
+    """An adapter's read_ratio (runtime/reading.py) is saved, loaded and served by a HEST
+    engine; artifacts without it read what the budget pays for; values outside (0, 1] are
+    refused."""
+    ad = _adapter(tiny_hf)
+    assert ad.config.read_ratio is None
+    ad.config.read_ratio = 0.35
+    ad.save(tmp_path / "a")
+    assert load_adapter(tmp_path / "a").config.read_ratio == 0.35
+    e = Engine.from_pretrained("tiny:llama", adapter=tmp_path / "a", progress=False)
+    assert e.read_ratio == 0.35 and e.info()["read_ratio"] == 0.35
+    raw = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    del raw["read_ratio"]  # an artifact from before the field
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(raw))
+    assert load_adapter(tmp_path / "a").config.read_ratio is None
+    for bad in (0, 1.5, "0.4", True):
+        raw["read_ratio"] = bad
+        (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(raw))
+        with pytest.raises(HestError, match="read_ratio"):
+            load_adapter(tmp_path / "a")

@@ -3,6 +3,8 @@ summary, a request reads the article's head that leaves the summary paid for; ne
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from hest_core import BudgetTooLowError, Engine, GenerationRequest, InvalidInputError
@@ -12,6 +14,7 @@ from hest_core.runtime.reading import (
     SUMMARY_TOKENS,
     plan_paths,
     plan_read,
+    policy_read_budget_q,
     summary_cost_q,
 )
 
@@ -106,3 +109,69 @@ def test_below_the_floor_is_refused_with_the_floor_minimum(engine):
     assert floor.article_read == MIN_READ_TOKENS and floor.budget_q == floor.min_q
     res = engine.generate([floor])[0]
     assert res.stats.modelled_j <= floor.budget_j and res.stats.completion_tokens >= 1
+
+
+def test_policy_read_budget_is_the_smaller_of_the_budget_and_the_ratio():
+    assert policy_read_budget_q(1000, 5000, None) == 1000
+    assert policy_read_budget_q(1000, 5000, 0.1) == 500
+    assert policy_read_budget_q(1000, 5000, 0.3) == 1000  # the budget binds first
+    assert policy_read_budget_q(1000, 3333, 0.1) == 334  # rounded up: never below the ratio
+    for bad in (0, -0.1, 1.5):
+        with pytest.raises(ValueError):
+            policy_read_budget_q(1000, 5000, bad)
+
+
+@pytest.fixture()
+def reading_engine(engine):
+    """The module's engine with a read ratio of 0.4, put back afterwards."""
+    engine.read_ratio = 0.4
+    yield engine
+    engine.read_ratio = None
+
+
+def test_the_adapters_read_ratio_reads_less_than_the_budget_pays_for(reading_engine):
+    """An adapter with read_ratio 0.4 plans its read with 0.4 x the all-fp16 cost at r = 1: it
+    reads the head the plan gives for that budget, says "policy", and keeps its whole budget for
+    generating; read: whole turns it off."""
+    e = reading_engine
+    own = e.check(GenerationRequest(ARTICLE, energy_budget_ratio=1.0, max_new_tokens=96))
+    whole = e.check(
+        GenerationRequest(ARTICLE, energy_budget_ratio=1.0, max_new_tokens=96, read="whole")
+    )
+    assert not whole.truncated and whole.article_read == whole.article_tokens
+    assert own.truncated and own.truncated_by == "policy"
+    template = len(whole.ids) - whole.article_tokens
+    want = plan_read(e.energy, math.ceil(0.4 * own.fp16_q), template, own.article_tokens, 96)
+    assert own.article_read == want.read < own.article_tokens
+    assert own.budget_q == own.fp16_q == whole.budget_q  # the budget is not cut, only the read
+    res = e.generate([own])[0]
+    assert res.stats.truncated_by == "policy" and res.stats.article_tokens_read == own.article_read
+
+
+def test_where_the_budget_binds_harder_it_is_the_budgets_plan(reading_engine, engine):
+    """Below the read ratio the budget decides the read, exactly as without one ("budget")."""
+    e = reading_engine
+    tight = e.check(GenerationRequest(ARTICLE, energy_budget_ratio=0.3, max_new_tokens=96))
+    e.read_ratio = None
+    plain = e.check(GenerationRequest(ARTICLE, energy_budget_ratio=0.3, max_new_tokens=96))
+    assert tight.truncated_by == plain.truncated_by == "budget"
+    assert tight.article_read == plain.article_read and tight.ids == plain.ids
+
+
+def test_a_fixed_policy_has_no_read_ratio():
+    e = Engine.from_pretrained(
+        "tiny:llama", adapter=None, policy="int8", guard="stop", progress=False
+    )
+    assert e.read_ratio is None
+    e2 = Engine(
+        tokenizer=e.tokenizer,
+        lean=e.lean,
+        controller=e.controller,
+        energy=e.energy,
+        meter=e.meter,
+        policy="int8",
+        guard_mode="stop",
+        info={},
+        read_ratio=0.4,
+    )
+    assert e2.read_ratio is None  # only HEST reads by its own plan

@@ -18,6 +18,7 @@ builds it from the environment, so library use without a config behaves as befor
 | native_sanitize | HEST_NATIVE_SANITIZE | build them with ASan/UBSan (tests) |
 | cc | CC | the C compiler of the kernels (else gcc, else cc) |
 | paths | HEST_PATHS | the path set, comma-separated: fp16,int8,skip plus opt-in int4 (paths.py) |
+| onednn_max_isa | ONEDNN_MAX_CPU_ISA | oneDNN's own cap on its kernels' ISA, read here only to key calibration tables (energy/calib_isa.py) |
 
 The native kernels are one library per process, built on first use from the hot path (quant.py,
 fused.py) where no engine is at hand: their fields (cache_dir, native, native_sanitize, cc) are
@@ -52,6 +53,7 @@ ENV = {
     "native_sanitize": "HEST_NATIVE_SANITIZE",
     "cc": "CC",
     "paths": "HEST_PATHS",
+    "onednn_max_isa": "ONEDNN_MAX_CPU_ISA",
 }
 TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
 
@@ -80,6 +82,7 @@ class RuntimeConfig:
     native_sanitize: bool = False
     cc: str | None = None
     paths: tuple[str, ...] = reg.BUILTIN_NAMES
+    onednn_max_isa: str | None = None  # e.g. "AVX512_CORE_BF16": oneDNN runs no AMX kernels
 
     def __post_init__(self) -> None:
         """Raises ConfigError naming the variable and the values allowed."""
@@ -102,6 +105,10 @@ class RuntimeConfig:
             _bad("cache_dir", self.cache_dir, "a directory path")
         if self.calibration is not None and not isinstance(self.calibration, Path):
             _bad("calibration", self.calibration, "a table file or directory path, or unset")
+        if self.onednn_max_isa is not None and not isinstance(self.onednn_max_isa, str):
+            _bad(
+                "onednn_max_isa", self.onednn_max_isa, "an ISA name like AVX512_CORE_AMX, or unset"
+            )
         try:
             ok = reg.check_names(self.paths) if isinstance(self.paths, tuple | list) else None
         except ValueError:

@@ -63,3 +63,16 @@ def cpu_model_name() -> str | None:
     except OSError:
         pass
     return None
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags from /proc/cpuinfo ("flags": e.g. "avx512f", "amx_tile"); an
+    empty set where it cannot be read (not Linux, not x86: no "flags" line)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()

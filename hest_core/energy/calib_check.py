@@ -12,15 +12,23 @@ table is measured in repeats and kept only when:
   tolerance, another the reverse). Paths within the tolerance of each other are a tie, not a
   flip; a path dearer than fp16 in every repeat is not a fault either (int8 on a GPU at batch 1
   is; the engine's dominated-path substitution handles it).
+
+A cached table is checked again before use (`checked_cache`), and for the ISA it was measured on
+(`calib_isa.py`): one that fails either is set aside and measured again.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import statistics
+from pathlib import Path
 
 from .. import paths as reg
+from . import calib_isa
 from .model import CalibrationTable, PhaseCosts
+
+log = logging.getLogger("hest.calibrate")
 
 PHASES = ("prefill", "decode")
 TOLERANCE = 0.25  # relative: repeats whose costs differ more than this did not settle
@@ -46,6 +54,22 @@ def problems(t: CalibrationTable) -> list[str]:
         if c.head <= 0:
             out.append(f"{ph} head cost {c.head:.3g} J is not positive")
     return out
+
+
+def checked_cache(cached: Path, isa: dict | None) -> CalibrationTable | None:
+    """This device's cached table where it passes `problems` and was measured on
+    this ISA (`isa`: `calib_isa.here()`, None off the CPU); one that fails either is set aside as
+    `*.rejected` (None: measure again; `calib_isa.fits` logs why for the ISA)."""
+    if not cached.is_file():
+        return None
+    table = CalibrationTable.load(cached)
+    bad = problems(table)
+    if not bad and calib_isa.fits(table, isa, "cached"):
+        return table
+    if bad:
+        log.warning("cached calibration %s fails its checks (%s): measuring again", cached, bad)
+    cached.replace(cached.with_suffix(".rejected"))
+    return None
 
 
 def _spread(vals: list[float]) -> float:

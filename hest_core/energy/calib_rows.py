@@ -34,6 +34,7 @@ from ..exec.kvcache import SeqSlot
 from ..exec.model import LeanModel
 from ..exec.ops import linear16, rms_norm
 from ..exec.routing import const_decider
+from . import calib_isa
 from . import calib_measure as cm
 from .meters import Meter
 from .model import PhaseCosts
@@ -142,11 +143,13 @@ def measure_rows(
 
 
 def cpu_record() -> dict:
-    """What the CPU is (model name, logical CPUs, torch threads, machine), for the table."""
+    """What the CPU is (model name, logical CPUs, torch threads, machine) and the ISA features
+    its costs depend on (`calib_isa.here()`: "isa", "amx_used"), for the table."""
     name = cpu_model_name() or platform.processor() or "unknown"
     return {
         "model_name": name,
         "logical_cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "machine": platform.machine(),
+        **calib_isa.here(),
     }

@@ -25,7 +25,7 @@ from ..config import RuntimeConfig
 from ..dtypes import cpu_model_name, dtype_name
 from ..exec import native
 from ..exec.model import LeanModel
-from . import calib_check, calib_measure, calib_rows
+from . import calib_check, calib_isa, calib_measure, calib_rows
 from .calib_measure import _kernel_choice, _phase
 from .meters import EstimateMeter, Meter, pick_meter
 from .model import CalibrationTable
@@ -51,12 +51,18 @@ def paths_suffix() -> str:
     return "".join(f"-{n}" for n in reg.names()[len(reg.BUILTIN_NAMES) :])
 
 
-def table_name(fp: str, lean: LeanModel) -> str:
-    threads = torch.get_num_threads() if lean.device.type == "cpu" else 0
+def table_name(fp: str, lean: LeanModel, isa: dict | None = None) -> str:
+    """`<fp>-<device>-<dtype>-<threads>t[-amx][-native][<paths_suffix>].json`. On a CPU `isa` is
+    the ISA record the name keys on (`calib_isa.record`; None: this host's, `calib_isa.here()`);
+    "-amx" where AMX is used (`calib_isa.name_key`)."""
+    cpu = lean.device.type == "cpu"
+    threads = torch.get_num_threads() if cpu else 0
+    key = calib_isa.name_key(isa or calib_isa.here()) if cpu else ""
     # the native decode kernels change the costs: tables with and without them are apart
-    nat = "-native" if lean.device.type == "cpu" and native.get() is not None else ""
+    nat = "-native" if cpu and native.get() is not None else ""
     extra = paths_suffix()
-    return f"{fp}-{device_key(lean.device)}-{dtype_name(lean.dtype)}-{threads}t{nat}{extra}.json"
+    dev = device_key(lean.device)
+    return f"{fp}-{dev}-{dtype_name(lean.dtype)}-{threads}t{key}{nat}{extra}.json"
 
 
 def apply_kernel_choices(lean: LeanModel, table: CalibrationTable) -> None:
@@ -161,27 +167,34 @@ def resolve(
        table name, then `<fingerprint><paths_suffix()>.json` (a table for this model and this
        path set from any device, e.g. `<fingerprint>-int4.json` with int4 registered), then
        `<fingerprint>.json`;
-    2. this device's cached table, unless it fails `calib_check.problems` (then it is set aside
-       as `*.rejected` and measured again);
-    3. the table packaged for this device;
+    2. this device's cached table, unless it fails `calib_check.problems` or records another
+       ISA than this CPU's (`calib_isa.mismatch`): then it is set aside as `*.rejected` and
+       measured again;
+    3. the table packaged for this device, unless it records another ISA (then: 4.);
     4. measured now in repeats (`calibrate`) and cached only if the repeats settled; if they did
        not, the packaged table of this CPU family where one exists, else the unsettled
        measurement for this process only. Nothing unsettled is ever cached.
 
+    An explicit table (1.) is used whatever ISA it records (a warning where it differs); a table
+    that records none (older ones) is used anywhere, logged once as "ISA unknown".
     Raises CalibrationError for an explicit table file that cannot be read."""
-    name = table_name(fp, lean)
     cfg = config or RuntimeConfig.from_env()
+    isa = calib_isa.here(cfg) if lean.device.type == "cpu" else None
+    name = table_name(fp, lean, isa)
     path = path or cfg.calibration
     if path is not None:
         explicit = _explicit_table(Path(path), name, fp)
         if explicit is not None:
+            calib_isa.fits(explicit, isa, "explicit")  # warns where the ISA differs
             return explicit
     cached = cfg.cache_dir / "calibration" / name
-    table = _checked_cache(cached)
+    table = calib_check.checked_cache(cached, isa)
     if table is not None:
         return table
     if (PACKAGED / name).is_file():
-        return CalibrationTable.load(PACKAGED / name)
+        table = CalibrationTable.load(PACKAGED / name)
+        if calib_isa.fits(table, isa, "packaged"):
+            return table
     table = calibrate(lean, fp, meter, progress)
     if table.kernels.get("settled"):
         table.save(cached)
@@ -201,25 +214,11 @@ def _explicit_table(p: Path, name: str, fp: str) -> CalibrationTable | None:
     return None
 
 
-def _checked_cache(cached: Path) -> CalibrationTable | None:
-    """This device's cached table where it passes `calib_check.problems`; one that fails is set
-    aside as `*.rejected` (None: measure again)."""
-    if not cached.is_file():
-        return None
-    table = CalibrationTable.load(cached)
-    bad = calib_check.problems(table)
-    if not bad:
-        return table
-    log.warning("cached calibration %s fails its checks (%s): measuring again", cached, bad)
-    cached.replace(cached.with_suffix(".rejected"))
-    return None
-
-
 def _unsettled(table: CalibrationTable, fp: str, lean: LeanModel) -> CalibrationTable:
     """A measurement whose repeats did not settle: the packaged table of this CPU family where
     one exists, else the measurement itself for this process only (nothing is cached)."""
     why = "; ".join(table.kernels.get("unsettled", [])) or "repeats disagree"
-    family = packaged_family(fp, lean)
+    family = packaged_family(fp, lean)  # not one that records another ISA
     if family is not None:
         log.warning(
             "this machine's calibration did not settle (%s); using the packaged table for this "
@@ -239,14 +238,18 @@ def _unsettled(table: CalibrationTable, fp: str, lean: LeanModel) -> Calibration
 
 
 def packaged_family(fp: str, lean: LeanModel) -> Path | None:
-    """A packaged table for this model, dtype, threads and kernels from a CPU of the same vendor
-    (e.g. another Intel Xeon), or None."""
-    name = table_name(fp, lean)
+    """A packaged table for this model, dtype, threads, ISA key and kernels from a CPU of the same
+    vendor (e.g. another Intel Xeon) whose recorded ISA, if any, is this CPU's; or None."""
+    isa = calib_isa.here() if lean.device.type == "cpu" else None
+    name = table_name(fp, lean, isa)
     dev = device_key(lean.device)
     suffix = name[len(fp) + 1 + len(dev) :]
     vendor = dev.split("-")[0]
     for p in sorted(PACKAGED.glob(f"{fp}-{vendor}-*{suffix}")):
-        if p.name.endswith(suffix) and p.name[len(fp) + 1 : -len(suffix)].split("-")[0] == vendor:
+        same = (
+            p.name.endswith(suffix) and p.name[len(fp) + 1 : -len(suffix)].split("-")[0] == vendor
+        )
+        if same and calib_isa.file_fits(p, isa):
             return p
     return None
 

@@ -17,6 +17,7 @@ import threading
 from pathlib import Path
 
 from ..config import RuntimeConfig
+from ..dtypes import cpu_flags
 
 log = logging.getLogger("hest.native")
 
@@ -25,17 +26,6 @@ CFLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-fno-math-err
 # must preload libasan, see tests/hest_core/test_native_sanitizer.py); never for serving.
 SANITIZE = ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-fno-sanitize-recover=all"]
 NEEDED_FLAGS = ("avx512f", "avx512bw", "avx512vl")
-
-
-def cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
 
 
 def compile_kernels(source: Path, stem: str, extra: list[str] | tuple[str, ...] = ()):

@@ -45,6 +45,7 @@ def test_defaults_and_every_field_from_its_variable(tmp_path) -> None:
         "HEST_NATIVE": "0",
         "HEST_NATIVE_SANITIZE": "1",
         "CC": "clang",
+        "ONEDNN_MAX_CPU_ISA": "AVX512_CORE_BF16",
         "HEST_PORT": "1",  # a server setting: not the runtime's
     }
     cfg = RuntimeConfig.from_env(env)
@@ -59,6 +60,7 @@ def test_defaults_and_every_field_from_its_variable(tmp_path) -> None:
         native=False,
         native_sanitize=True,
         cc="clang",
+        onednn_max_isa="AVX512_CORE_BF16",
     )
     assert set(ENV) == {f for f in cfg.__dataclass_fields__}
     assert RuntimeConfig.from_env(env, threads=1).threads == 1  # overrides win

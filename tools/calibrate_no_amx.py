@@ -8,7 +8,7 @@ them from 5 rows. This tool caps oneDNN at AVX-512 with VNNI and BF16 (`ONEDNN_M
 oneDNN's documented CPU dispatcher control; read at its first use, so set before torch loads)
 and turns the fused layer's tiles off (`Native.set_amx`), then runs the ordinary calibration
 (`python -m hest_core.energy.calibrate`, every argument passed on) and records what was off in
-the table (`kernels.isa`). Measure on a quiet machine, as any calibration.
+the table (`kernels.cpu`'s ISA record says AMX unused by both; `kernels.isa_note` says how). Measure on a quiet machine, as any calibration.
 
     HEST_PATHS=fp16,int8,int4,skip python tools/calibrate_no_amx.py --rows 1 \\
         --out docs/results/calibration-xeon-noamx-2t-native-int4-s10.json
@@ -35,7 +35,7 @@ def main(argv: list[str]) -> None:
     if "--out" in argv:  # say in the table what was off
         out = argv[argv.index("--out") + 1]
         t = json.loads(open(out).read())
-        t["kernels"]["isa"] = (
+        t["kernels"]["isa_note"] = (
             f"AMX off: ONEDNN_MAX_CPU_ISA={ISA}, the fused decode layer's AMX tiles disabled "
             "(tools/calibrate_no_amx.py)"
         )

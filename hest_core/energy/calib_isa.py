@@ -85,11 +85,11 @@ def record(flags: Iterable[str], native_amx: bool, onednn_cap: str | None) -> di
 
 def here(config: RuntimeConfig | None = None) -> dict:
     """This process's ISA record (`record`): /proc/cpuinfo's flags, the native library's AMX
-    state (building it on first use, as the engine does) and `config.onednn_max_isa` (None:
+    state now (`Native.amx_enabled`; building it on first use, as the engine does) and `config.onednn_max_isa` (None:
     ONEDNN_MAX_CPU_ISA from the environment)."""
     cap = (config or RuntimeConfig.from_env(only=("onednn_max_isa",))).onednn_max_isa
     lib = native.get()
-    return record(cpu_flags(), lib is not None and lib.amx, cap)
+    return record(cpu_flags(), lib is not None and lib.amx_enabled, cap)
 
 
 def name_key(rec: dict) -> str:

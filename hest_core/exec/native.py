@@ -132,6 +132,7 @@ class Native:
         lib.hest_gemv_amx.argtypes = [_P] * 7 + [ctypes.c_size_t] + [_I] * 4
         lib.hest_gemv_amx.restype = _I
         self.amx = bool(lib.hest_amx_init())  # AMX tiles for the fused layer's many-row products
+        self.amx_enabled = self.amx  # whether they are used now (`set_amx`)
         if self.amx:
             note += ", amx"
         self._lib, self.path, self.note = lib, path, note
@@ -168,7 +169,8 @@ class Native:
     def set_amx(self, on: bool) -> bool:
         """Let the fused layer use the AMX tiles (where `hest_amx_init` found them) or not
         (benchmarks and tests compare the two); returns whether they are used now."""
-        return bool(self._lib.hest_amx_enable(int(on)))
+        self.amx_enabled = bool(self._lib.hest_amx_enable(int(on)))
+        return self.amx_enabled
 
     def gemv_amx(
         self, x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor | None, bias=None

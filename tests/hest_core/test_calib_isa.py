@@ -17,6 +17,7 @@ import torch
 from hest_core.energy import calib_check, calib_isa, calib_measure, calibrate
 from hest_core.energy.meters import EstimateMeter
 from hest_core.energy.model import CalibrationTable, PhaseCosts
+from hest_core.exec import native
 from hest_core.exec.loading import build_lean, fingerprint, load_hf_model
 
 # the flags of the two Xeons (the subset that matters, plus some that do not)
@@ -174,3 +175,17 @@ def test_the_packaged_tables_record_their_isa_where_their_name_says_amx():
             assert calib_isa.name_key(cpu) == "-amx" and "amx_bf16" in cpu["isa"], p.name
         else:
             assert "isa" not in cpu, p.name
+
+
+def test_turning_the_fused_layers_tiles_off_is_recorded():
+    """A table measured with the fused layer's AMX tiles off (tools/calibrate_no_amx.py) records
+    them as unused: the record follows `Native.set_amx`, not the library's start-up state."""
+    nat = native.get()
+    if nat is None or not nat.amx:
+        pytest.skip("no native kernels with AMX tiles on this CPU")
+    try:
+        assert nat.set_amx(False) is False
+        assert calib_isa.here()["amx_used"]["native"] is False
+    finally:
+        nat.set_amx(True)
+    assert calib_isa.here()["amx_used"]["native"] is True

@@ -64,11 +64,37 @@ static inline __m512 hsum16(const __m512 *v) {
                          _mm512_shuffle_f32x4(z0, z1, _MM_SHUFFLE(3, 1, 3, 1)));
 }
 
+/* Weights to pull into L2 while attention runs (layer.c fills it: this thread's share of the
+ * next products' Q4_1 tiles). Decode attention reads a few hundred KB of KV cache per layer and
+ * leaves the memory bus mostly idle; the products after it stream megabytes. attend_chunk issues
+ * PF_ATT prefetches per 16 positions of each of its two passes, so part of the o and gate|up
+ * weights arrive while attention computes. Prefetches change no result. */
+#ifndef PF_ATT
+#define PF_ATT 0 /* cache lines per 16 positions per pass (0: none; measured below) */
+#endif
+typedef struct {
+    const char *p[2], *end[2]; /* byte ranges, in the order the products read them */
+    int i;
+} pf_cursor_t;
+
+static inline void pf_lines(pf_cursor_t *c, int n) {
+    if (!c) return;
+    while (n > 0 && c->i < 2) {
+        if (c->p[c->i] >= c->end[c->i]) {
+            c->i++;
+            continue;
+        }
+        _mm_prefetch(c->p[c->i], _MM_HINT_T1);
+        c->p[c->i] += 64;
+        n--;
+    }
+}
+
 /* One attention work item: positions t0..t1-1 of one KV head for its G query heads (q: G rows
  * of hd, rotated, bf16; K, V: (positions, hd) bf16). Writes per head (max score, sum of
  * exponentials, unnormalised output[hd]) to part[G][hd + 2]; sc: G * (t1 - t0 + 16) floats. */
 static void attend_chunk(const uint16_t *q, const uint16_t *K, const uint16_t *V, int t0, int t1,
-                         int G, int hd, float scale, float *sc, float *part) {
+                         int G, int hd, float scale, float *sc, float *part, pf_cursor_t *pf) {
     int n = t1 - t0, nv = (hd + 31) / 32, stride = n + 16;
     if (n <= 0) {
         for (int j = 0; j < G; j++) {
@@ -87,6 +113,7 @@ static void attend_chunk(const uint16_t *q, const uint16_t *K, const uint16_t *V
     const __m512 vscale = _mm512_set1_ps(scale);
     int t = 0;
     for (; t + 16 <= n; t += 16) { /* 16 positions at a time: one transposing reduction */
+        pf_lines(pf, PF_ATT);
         for (int j = 0; j < G; j++) {
             __m512 acc[16];
             for (int u = 0; u < 16; u++) {
@@ -137,6 +164,7 @@ static void attend_chunk(const uint16_t *q, const uint16_t *K, const uint16_t *V
     for (int j = 0; j < G; j++)
         for (int f = 0; f < nf; f++) o[j][f] = _mm512_setzero_ps();
     for (int t = 0; t < n; t++) {
+        if (t % 16 == 0) pf_lines(pf, PF_ATT);
         const uint16_t *vr = V + (size_t)(t0 + t) * hd;
         __m512 vf[16];
         for (int f = 0; f < nf; f++) {
@@ -198,7 +226,7 @@ static int attention_chunks(const int64_t *pos, int M, int KVH, int max_len, int
  * (M, H * hd) bf16. scores: threads * H * (max_len + 16) floats; part: M*H*C*(hd+2) floats. */
 static void attend_rows(const uint16_t *qkv, const uint16_t *kc, const uint16_t *vc,
                         const int64_t *pos, uint16_t *att, float *scores, float *part, int M,
-                        int H, int KVH, int hd, int max_len, int C) {
+                        int H, int KVH, int hd, int max_len, int C, pf_cursor_t *pf) {
     const int G = H / KVH, qd = H * hd, nqkv = qd + 2 * KVH * hd;
     const float scale = 1.0f / sqrtf((float)hd);
 #pragma omp for schedule(static)
@@ -210,7 +238,7 @@ static void attend_rows(const uint16_t *qkv, const uint16_t *kc, const uint16_t 
                      kc + ((size_t)m * KVH + g) * max_len * hd,
                      vc + ((size_t)m * KVH + g) * max_len * hd, t0, t1, G, hd, scale,
                      scores + (size_t)omp_get_thread_num() * H * (max_len + 16),
-                     part + (((size_t)m * KVH + g) * C + c) * G * (hd + 2));
+                     part + (((size_t)m * KVH + g) * C + c) * G * (hd + 2), pf);
     }
 #pragma omp for schedule(static)
     for (int it = 0; it < M * H; it++) {

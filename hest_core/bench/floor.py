@@ -11,16 +11,21 @@ The ratio (`int4_decode_vs_bandwidth_floor_b1`, target <= 1.5):
 
 * numerator: `Engine.generate` on the default model with the shipped adapter, `policy="int4"`,
   one request (the first article of `--article`, 64 new tokens, end of text off), the decode
-  phase's seconds over its tokens after the first (as `python -m hest_core.bench` times fp16);
-  median of `--repeats` requests. It is the whole engine: 30 fused layers, the lm_head, the
-  embedding, greedy choice, the request's bookkeeping.
+  phase's seconds over its tokens after the first (as `python -m hest_core.bench` times fp16).
+  It is the whole engine: 30 fused layers, the lm_head, the embedding, greedy choice, the
+  request's bookkeeping.
 * bytes per token: what a batch-1 int4 step must read once: the 210 Q4_1 weights as packed
   (20 bytes per 32 weights, scales included), any low-rank terms beside them, the lm_head as the
   step runs it (the model's Q8_0 blocks, 34 bytes per 32 weights, where attached; else bf16),
   the norms and the one embedding row. The KV cache the step also reads grows with the context:
   it is printed apart and in a second ratio (`..._with_kv`), not in the headline one.
 * bandwidth: a plain streaming read of 2 GiB (64-byte loads, no prefetch: q4.c's
-  `hest_q4_stream_read`) on the same threads, median of 7; the CPU model and threads are printed.
+  `hest_q4_stream_read`) on the same threads, median of 3, read just before each request (this
+  host's speed drifts minute to minute, so each request is divided by the bandwidth measured
+  beside it); the ratio is the median over `--repeats` such pairs. CPU model and threads printed.
+* the same ratio on session 9's kernels (`..._session9_kernels`): each repeat also runs one
+  request with decode attention at runtime shapes (a `-DHEST_ATT_GENERIC` build) and the bf16
+  lm_head, which is what this engine ran before; same bytes counted, so the two compare.
 
 Then the profile of a batch-1 int4 step at the request's context (`Step` of bench/int4.py, the
 decode loop's steady state): the fused layers, the lm_head, the rest of `LeanModel.forward`, and
@@ -50,12 +55,12 @@ from .int4 import FOUR, Step
 PRODUCTS = ("qkv", "o", "gate_up", "down")
 
 
-def bandwidth(threads: int, repeats: int = 7) -> float:
-    """Bytes/s of a plain streaming read of 2 GiB (far past any cache) on `threads` threads."""
+def bandwidth(threads: int, repeats: int, buf: torch.Tensor) -> float:
+    """Bytes/s of a plain streaming read of `buf` (2 GiB: far past any cache) on `threads`
+    threads, the median of `repeats`."""
     k4 = q4.get()
     if k4 is None:
         raise SystemExit(f"[bench_floor] the int4 kernel is {q4.status()}: no floor to measure")
-    buf = torch.ones(2**31, dtype=torch.uint8)
     k4.stream_read(buf, threads)
     ts = []
     for _ in range(repeats):
@@ -89,20 +94,33 @@ def kv_bytes(lean, context: int) -> int:
     return 2 * s.n_layers * s.n_kv_heads * context * s.head_dim * 2
 
 
-def engine_decode(eng: Engine, text: str, tokens: int, repeats: int) -> tuple[float, int]:
-    """(median decode seconds per token after the first, prompt tokens) at batch 1."""
-    saved, eng.eos_ids = eng.eos_ids, set()
+def _request_s(eng: Engine, req: GenerationRequest) -> tuple[float, int]:
+    """(decode seconds per token after the first, prompt tokens) of one request."""
+    st = eng.generate([req])[0].stats
+    return st.decode_s / (st.completion_tokens - 1), st.prompt_tokens
+
+
+def engine_decode(eng: Engine, text: str, tokens: int, repeats: int, threads: int) -> dict:
+    """Per repeat, in this order: a 2 GiB streaming read (3 samples, median), a request on the
+    current kernels, a request on session 9's (attention at runtime shapes, -DHEST_ATT_GENERIC,
+    and the bf16 lm_head): batch-1 decode seconds per token, the bandwidth beside them."""
+    saved, eng.eos_ids, q8 = eng.eos_ids, set(), eng.lean.head_q8
     req = GenerationRequest(text, energy_budget_ratio=1.0, max_new_tokens=tokens, clean_end=False)
+    out: dict[str, list[float]] = {"bw": [], "now": [], "before": []}
+    buf = torch.ones(2**31, dtype=torch.uint8)
     try:
-        eng.generate([req])  # warm-up
-        vals, prompt = [], 0
+        _request_s(eng, req)  # warm-up
         for _ in range(repeats):
-            st = eng.generate([req])[0].stats
-            vals.append(st.decode_s / (st.completion_tokens - 1))
-            prompt = st.prompt_tokens
+            out["bw"].append(bandwidth(threads, 3, buf))
+            now, prompt = _request_s(eng, req)
+            out["now"].append(now)
+            with native.variant(["-DHEST_ATT_GENERIC"], "gemv-att-generic"):
+                eng.lean.head_q8 = None
+                out["before"].append(_request_s(eng, req)[0])
+                eng.lean.head_q8 = q8
     finally:
-        eng.eos_ids = saved
-    return statistics.median(vals), prompt
+        eng.eos_ids, eng.lean.head_q8 = saved, q8
+    return {"prompt": prompt, **out}
 
 
 def _step_split(lean, step: Step, decide, n: int) -> dict[str, float]:
@@ -193,20 +211,26 @@ def main(argv: list[str] | None = None) -> None:
     print(f"[bench_floor] {r['cpu']}, {threads} threads; loading the int4 engine", flush=True)
     eng = Engine.from_pretrained("default", policy="int4", paths=FOUR, progress=False)
     r["native_kernels"], r["int4"] = native.status(), eng.info().get("int4")
-    print("[bench_floor] engine decode at batch 1", flush=True)
-    dec_s, prompt = engine_decode(eng, text, args.tokens, args.repeats)
-    print("[bench_floor] memory bandwidth (2 GiB streaming read)", flush=True)
-    bw = bandwidth(threads)
+    print("[bench_floor] engine decode at batch 1, beside 2 GiB streaming reads", flush=True)
+    d = engine_decode(eng, text, args.tokens, args.repeats, threads)
+    r["prompt_tokens"], r["context"] = d["prompt"], d["prompt"] + args.tokens // 2
     print("[bench_floor] profile of a step", flush=True)
-    r["context"] = prompt + args.tokens // 2  # the middle of the decode phase
     r["profile"] = profile(eng.lean, r["context"], args.profile_steps)
     parts = bytes_per_token(eng.lean)
     nbytes, kv = sum(parts.values()), kv_bytes(eng.lean, r["context"])
     r |= {"bytes_per_token": parts, "bytes_per_token_total": nbytes, "kv_bytes_mid": kv}
-    r |= {"bandwidth_gb_s": bw / 1e9, "decode_int4_b1_ms": dec_s * 1e3, "prompt_tokens": prompt}
-    r["floor_ms"] = nbytes / bw * 1e3
-    r["int4_decode_vs_bandwidth_floor_b1"] = dec_s * 1e3 / r["floor_ms"]
-    r["int4_decode_vs_bandwidth_floor_b1_with_kv"] = dec_s / ((nbytes + kv) / bw)
+    r["samples"] = d
+    med = statistics.median
+    r["bandwidth_gb_s"] = med(d["bw"]) / 1e9
+    r["decode_int4_b1_ms"] = med(d["now"]) * 1e3
+    r["decode_int4_b1_session9_kernels_ms"] = med(d["before"]) * 1e3
+    r["floor_ms"] = nbytes / med(d["bw"]) * 1e3
+    # per repeat: decode over the floor at the bandwidth read just before it; the median
+    for key, name in (("now", ""), ("before", "_session9_kernels")):
+        ratios = [t * bw / nbytes for t, bw in zip(d[key], d["bw"], strict=True)]
+        r[f"int4_decode_vs_bandwidth_floor_b1{name}"] = med(ratios)
+    kv_ratios = [t * bw / (nbytes + kv) for t, bw in zip(d["now"], d["bw"], strict=True)]
+    r["int4_decode_vs_bandwidth_floor_b1_with_kv"] = med(kv_ratios)
     r["load_after"] = os.getloadavg()
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -224,14 +248,18 @@ def report(r: dict) -> None:
           + " + ".join(f"{k} {v / mb:.2f}" for k, v in bp.items())
           + f"  (the KV cache at {r['context']} positions: {r['kv_bytes_mid'] / mb:.1f} MB more, "
           "not counted)")  # fmt: skip
-    print(f"bandwidth: {r['bandwidth_gb_s']:.2f} GB/s (2 GiB streaming read, "
-          f"{r['threads']} threads) -> floor {r['floor_ms']:.2f} ms/token")  # fmt: skip
+    print(f"bandwidth: {r['bandwidth_gb_s']:.2f} GB/s (2 GiB streaming read, {r['threads']} "
+          f"threads, median over the repeats) -> floor {r['floor_ms']:.2f} ms/token")  # fmt: skip
     print(f"engine int4 decode, batch 1: {r['decode_int4_b1_ms']:.2f} ms/token "
           f"({r['prompt_tokens']}-token prompt)")  # fmt: skip
-    print(f"\n{'int4_decode_vs_bandwidth_floor_b1':44s} {r['int4_decode_vs_bandwidth_floor_b1']:7.3f}"
+    print("\nratios: median over repeats of (decode ms) / (bytes / the bandwidth read before it)")
+    print(f"{'int4_decode_vs_bandwidth_floor_b1':44s} {r['int4_decode_vs_bandwidth_floor_b1']:7.3f}"
           "  target <= 1.5")  # fmt: skip
     print(f"{'int4_decode_vs_bandwidth_floor_b1_with_kv':44s} "
           f"{r['int4_decode_vs_bandwidth_floor_b1_with_kv']:7.3f}  (report)")  # fmt: skip
+    print(f"{'  the same on session 9 kernels':44s} "
+          f"{r['int4_decode_vs_bandwidth_floor_b1_session9_kernels']:7.3f}  (before: "
+          f"{r['decode_int4_b1_session9_kernels_ms']:.2f} ms/token)")  # fmt: skip
     p = r["profile"]
     print("\nprofile of one batch-1 int4 step (ms, medians over steps):")
     for k in ("step_ms", "embed_norm_ms", "layers_ms", "head_ms"):

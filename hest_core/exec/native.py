@@ -290,9 +290,12 @@ class Native:
         return y
 
 
+def _sanitize() -> list[str]:
+    return SANITIZE if RuntimeConfig.from_env(only=("native_sanitize",)).native_sanitize else []
+
+
 def _build() -> tuple[Native | None, str]:
-    sanitize = SANITIZE if RuntimeConfig.from_env(only=("native_sanitize",)).native_sanitize else []
-    return load_library(Native, SOURCE, "gemv", sanitize, "gemv")
+    return load_library(Native, SOURCE, "gemv", _sanitize(), "gemv")
 
 
 _kernels = Lazy(_build)
@@ -317,7 +320,7 @@ def variant(flags: list[str], stem: str = "gemv-variant"):
     normal ones, in this process, for the duration (benchmarks compare builds in one run).
     Yields the loaded Native, or None where that build is off."""
     global _kernels
-    lib, _ = load_library(Native, SOURCE, stem, list(flags), "gemv " + " ".join(flags))
+    lib, _ = load_library(Native, SOURCE, stem, [*_sanitize(), *flags], "gemv " + " ".join(flags))
     if lib is None:
         yield None
         return

@@ -139,3 +139,27 @@ def test_default_model_int4_tokens_and_logits_unchanged(int4_tables):
     lean.head_q8 = head
     assert got[True] == got[False]
     assert torch.equal(got[True, "logits"], got[False, "logits"])
+
+
+@needs_native
+@pytest.mark.parametrize("heads", [(4, 2, 16), (3, 1, 64)])
+def test_attention_specialised_shapes_equal_the_generic_loop(heads):
+    """layer_ops.c runs decode attention with G and head_dim as constants for common shapes
+    (G = 2, hd = 16: the tiny models; G = 3, hd = 64: the default model); a build with
+    -DHEST_ATT_GENERIC runs the runtime-shape loop alone. Same logits bit for bit, 1 and 3 rows
+    at different positions."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    h, kvh, hd = heads
+    cfg = LlamaConfig(vocab_size=512, hidden_size=h * hd, intermediate_size=128,
+                      num_hidden_layers=2, num_attention_heads=h, num_key_value_heads=kvh,
+                      head_dim=hd, max_position_embeddings=256)  # fmt: skip
+    torch.manual_seed(0)
+    lean = build_lean(LlamaForCausalLM(cfg).eval(), torch.bfloat16, torch.device("cpu"), 256)
+    for rows in (1, 3):
+        prompts = [list(range(3, 40 + 23 * i)) for i in range(rows)]  # 37-83 positions
+        fast = decode(lean, prompts, 2, const_decider(reg.FP16), fused=True)
+        with native.variant(["-DHEST_ATT_GENERIC"], "gemv-att-generic") as lib:
+            assert lib is not None
+            generic = decode(lean, prompts, 2, const_decider(reg.FP16), fused=True)
+        assert torch.equal(fast, generic), rows

@@ -364,17 +364,6 @@ static void mlp_rows(const hest_layer_t *L, const hest_step_t *S, const rowsets_
     }
 }
 
-/* This thread's share of a Q4_1 product's tiles (q4_gemv_for's `omp for schedule(static)` over
- * groups of 4 rows: libgomp gives thread t a contiguous run, the first N % threads one more). */
-static void q4_share(const uint8_t *W, int N, int K, const char **p, const char **end) {
-    const int groups = (N + 3) / 4, nt = omp_get_num_threads(), t = omp_get_thread_num();
-    const int q = groups / nt, r = groups % nt;
-    const int g0 = t < r ? t * (q + 1) : t * q + r, g1 = g0 + (t < r ? q + 1 : q);
-    const size_t tile = (size_t)80 * (K / 32);
-    *p = (const char *)W + (size_t)g0 * tile;
-    *end = (const char *)W + (size_t)g1 * tile;
-}
-
 /* x (M, d): residual stream in and out. h (M, d): in, the normalised input of this layer (the
  * controller saw it); out, the normalised input of the next layer (ln_next: the next layer's
  * ln1, or the final norm). kc/vc: this layer's cache (cache_rows >= M rows, KVH, max_len, hd);
@@ -396,7 +385,6 @@ int hest_decode_layer(const hest_layer_t *L, const hest_step_t *S, const int64_t
     split_rows(paths, M, MLP_KIND, &mr);
     uint8_t add[HEST_MAX_ROWS];
     for (int m = 0; m < M; m++) add[m] = MLP_KIND[paths[m]] != KIND_NONE || L->sc_a;
-    const int all_q4 = pr.n[KIND_Q4] == M && mr.n[KIND_Q4] == M;
 
     PROF_SERIAL(PROF_ENTRY);
 #pragma omp parallel num_threads(S->threads)
@@ -407,14 +395,8 @@ int hest_decode_layer(const hest_layer_t *L, const hest_step_t *S, const int64_t
         rope_cache_rows(sb.qkv, S->pos, S->cos, S->sin, L->q_norm, L->k_norm, kc, vc, M, H, KVH,
                         hd, S->max_len, S->eps);
         PROF(PROF_ROPE);
-        pf_cursor_t pfc = {{0}, {0}, 0}, *pf = NULL;
-        if (PF_ATT > 0 && all_q4) { /* every row's o and gate|up on the Q4_1 copies */
-            q4_share(L->q4[P_O], d, qd, &pfc.p[0], &pfc.end[0]);
-            q4_share(L->q4[P_GU], 2 * S->I, d, &pfc.p[1], &pfc.end[1]);
-            pf = &pfc;
-        }
         attend_rows(sb.qkv, kc, vc, S->pos, sb.att, sb.scores, sb.part, M, H, KVH, hd,
-                    S->max_len, C, pf);
+                    S->max_len, C);
         PROF(PROF_ATTN);
         project(L, P_O, NULL, sb.att, sb.yo, M, d, qd, &pr, &sb.ps);
         PROF(PROF_O);

@@ -1,5 +1,6 @@
-"""Native decode kernels (`kernels/hest.c`: gemv.c, q4.c and the fused layer in layer.c, one
-library): small-M matrix-vector products for x86-64 AVX-512, and one decoder layer per call.
+"""Native decode kernels (`kernels/hest.c`: gemv.c, q4.c, the fused layer in layer.c and the
+Q8_0 lm_head in head.c, one library): small-M matrix-vector products for x86-64 AVX-512, and one
+decoder layer per call.
 
 At decode a step reads every weight once and does two flops per weight, so it is bound by
 memory bandwidth; oneDNN's GEMM reaches ~12 GB/s on it here, and a loop that streams the

@@ -113,15 +113,16 @@ def default_gguf() -> Path:
     return _gguf_dir() / GGUF_FILE
 
 
-def read_gguf_q4(path: str | Path | None = None) -> list[dict[str, Q4Blocks]]:
+def read_gguf_q4(path: str | Path | None = None, reader=None) -> list[dict[str, Q4Blocks]]:
     """Every Q4_1 linear weight of a llama-architecture GGUF file, per layer, in Hugging Face
-    row order: a list over layers of {"q_proj": Q4Blocks, ..., "down_proj": ...}.
+    row order: a list over layers of {"q_proj": Q4Blocks, ..., "down_proj": ...}. `reader`: a
+    `gguf.GGUFReader` of the file already open (parsing one takes ~2 s), else one is opened.
 
     Raises ModelLoadError when the file is not llama, or a layer's weight is not Q4_1.
     """
     from gguf import GGMLQuantizationType, GGUFReader
 
-    reader = GGUFReader(str(path or default_gguf()))
+    reader = reader or GGUFReader(str(path or default_gguf()))
 
     def field(name: str):
         f = reader.fields.get(name)

@@ -33,8 +33,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from . import q4
-from .gguf_blocks import Q4Blocks, quantize_q4_1, read_gguf_q4
+from . import q4, q8head
+from .gguf_blocks import Q4Blocks, default_gguf, quantize_q4_1, read_gguf_q4
 from .loading import DEFAULT_MODEL
 from .weights import merge_delta, target_module
 
@@ -213,6 +213,16 @@ def attach(
 
 def attach_for_model(lean: LeanModel, hf, model: str, z=None, svd: SvdCache | None = None) -> dict:
     """`attach` as the engine and `python -m hest_core.energy.calibrate` do it: the GGUF blocks of the
-    default model (read ~2 s), quantization at load for any other; `DEFAULT_MODE` for z."""
-    gguf = read_gguf_q4() if model == DEFAULT_MODEL else None
-    return attach(lean, hf, gguf, z, svd)
+    default model (read ~2 s), quantization at load for any other; `DEFAULT_MODE` for z. The
+    default model's lm_head also gets its Q8_0 blocks (q8head.py: the same logits at decode from
+    ~half the bytes)."""
+    if model != DEFAULT_MODEL:
+        return attach(lean, hf, None, z, svd)
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(default_gguf()))
+    info = attach(lean, hf, read_gguf_q4(reader=reader), z, svd)
+    info["lm_head"] = (
+        "Q8_0" if q8head.attach(lean, q8head.read_gguf_head(reader=reader)) else "bf16"
+    )
+    return info

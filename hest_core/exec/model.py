@@ -12,15 +12,21 @@ the cache), `routing.py` (path decisions per layer).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 
 from .. import paths as reg
+from . import native
 from .fused import FusedDecode
 from .kvcache import KVCache, SeqSlot, check_slots
 from .ops import apply_rope, can_pack, linear16, rms_norm
 from .routing import Decider, Routing
 from .weights import LayerWeights, ModelSpec
+
+if TYPE_CHECKING:
+    from .q8head import Q8Head
 
 
 class LeanModel:
@@ -41,6 +47,7 @@ class LeanModel:
         self.rope_cos, self.rope_sin = rope_cos, rope_sin  # (max_pos, hd) in dtype
         self.dtype, self.device = dtype, device
         self.lm_head_packed: torch.Tensor | None = None
+        self.head_q8: Q8Head | None = None  # the head's Q8_0 blocks, where exact (q8head.py)
         self.compiled = None
 
         self.fused = FusedDecode(self)  # one native call per layer at decode, where it applies
@@ -192,7 +199,7 @@ class LeanModel:
             self.fused.forward(x, h, positions, slots, cache, decide)  # x, h updated in place
             if logits_rows is not None:
                 h = h.index_select(0, logits_rows)
-            return linear16(h, self.lm_head, self.lm_head_packed).float()
+            return self.logits(h)
         cos = self.rope_cos[positions][:, None, :]  # (N, 1, hd)
         sin = self.rope_sin[positions][:, None, :]
         fast = self.compiled if decode and self.compiled is not None else None
@@ -228,7 +235,18 @@ class LeanModel:
             h = None
         if h is None:
             h = rms_norm(x, self.norm, s.eps)
-        return linear16(h, self.lm_head, self.lm_head_packed).float()  # (rows, vocab)
+        return self.logits(h)  # (rows, vocab)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """h (rows, d) normalised -> fp32 logits (rows, vocab). Where the 16-bit head would run
+        on the native kernel (one row) and the model carries its Q8_0 blocks, they run instead:
+        the same logits bit for bit, from ~half the bytes (q8head.py)."""
+        q8 = self.head_q8
+        if q8 is not None and h.device.type == "cpu" and native.fits(h, q8.codes.shape[0]):
+            nat = native.get()
+            if nat is not None:
+                return nat.head_q8(h, q8.codes, q8.scales).float()
+        return linear16(h, self.lm_head, self.lm_head_packed).float()
 
     def _pre(self, h, r: Routing, lw: LayerWeights, cos, sin):
         """Attention projections of one layer, then q/k norms (Qwen3) and rope."""
@@ -263,4 +281,5 @@ class LeanModel:
         i8 = sum(m.q.numel() for lw in self.layers for m in lw.int8_linears())
         head = self.lm_head.numel() * self.lm_head.element_size()
         i4 = sum(m.w.nbytes for lw in self.layers for m in (lw.qkv4, lw.o4, lw.gu4, lw.down4) if m)
-        return {"dense_16bit": dense, "int8": i8, "int4": i4, "lm_head": head}
+        q8 = 0 if self.head_q8 is None else self.head_q8.nbytes
+        return {"dense_16bit": dense, "int8": i8, "int4": i4, "lm_head": head, "lm_head_q8": q8}

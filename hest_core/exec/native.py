@@ -1,5 +1,6 @@
-"""Native decode kernels (`kernels/hest.c`: gemv.c, q4.c and the fused layer in layer.c, one
-library): small-M matrix-vector products for x86-64 AVX-512, and one decoder layer per call.
+"""Native decode kernels (`kernels/hest.c`: gemv.c, q4.c, the fused layer in layer.c and the
+Q8_0 lm_head in head.c, one library): small-M matrix-vector products for x86-64 AVX-512, and one
+decoder layer per call.
 
 At decode a step reads every weight once and does two flops per weight, so it is bound by
 memory bandwidth; oneDNN's GEMM reaches ~12 GB/s on it here, and a loop that streams the
@@ -131,6 +132,8 @@ class Native:
         lib.hest_amx_enable.restype = _I
         lib.hest_gemv_amx.argtypes = [_P] * 7 + [ctypes.c_size_t] + [_I] * 4
         lib.hest_gemv_amx.restype = _I
+        lib.hest_head_q8.argtypes = [_P] * 4 + [_I] * 4
+        lib.hest_head_q8.restype = _I
         self.amx = bool(lib.hest_amx_init())  # AMX tiles for the fused layer's many-row products
         self.amx_enabled = self.amx  # whether they are used now (`set_amx`)
         if self.amx:
@@ -231,6 +234,32 @@ class Native:
         check(rc, "gemv_bf16")
         return y
 
+    def head_q8(self, x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        """x (M, K) bf16 against Q8_0 weights: codes (N, K) int8, scales (N, K/32) fp16 ->
+        (M, N) bf16, bit for bit `gemv16` on the weights `codes * scales` rounded to bf16
+        (kernels/head.c)."""
+        x = x.contiguous()
+        m, k = x.shape
+        n = codes.shape[0]
+        need(x.dtype == torch.bfloat16 and x.device.type == "cpu", "head_q8", "x must be CPU bf16")
+        ok = codes.dtype == torch.int8 and codes.is_contiguous() and codes.shape == (n, k)
+        need(ok, "head_q8", f"codes must be contiguous int8 ({n}, {k})")
+        ok = scales.dtype == torch.float16 and scales.is_contiguous()
+        need(ok and scales.shape == (n, k // 32), "head_q8", f"scales: fp16 ({n}, {k // 32})")
+        y = torch.empty(m, n, dtype=x.dtype)
+        rc = self._lib.hest_head_q8(
+            codes.data_ptr(),
+            scales.data_ptr(),
+            x.data_ptr(),
+            y.data_ptr(),
+            m,
+            n,
+            k,
+            torch.get_num_threads(),
+        )
+        check(rc, "head_q8")
+        return y
+
     def gemv8(
         self, x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
     ) -> torch.Tensor:
@@ -264,9 +293,12 @@ class Native:
         return y
 
 
+def _sanitize() -> list[str]:
+    return SANITIZE if RuntimeConfig.from_env(only=("native_sanitize",)).native_sanitize else []
+
+
 def _build() -> tuple[Native | None, str]:
-    sanitize = SANITIZE if RuntimeConfig.from_env(only=("native_sanitize",)).native_sanitize else []
-    return load_library(Native, SOURCE, "gemv", sanitize, "gemv")
+    return load_library(Native, SOURCE, "gemv", _sanitize(), "gemv")
 
 
 _kernels = Lazy(_build)
@@ -279,6 +311,42 @@ def get() -> Native | None:
 
 def status() -> str:
     return _kernels.status()
+
+
+PROF_STEPS = ("entry", "qkv", "rope", "attention", "o", "norm2", "gate_up", "silu", "down",
+              "norm3", "exit")  # fmt: skip  # layer.c's PROF_* order
+
+
+@contextlib.contextmanager
+def variant(flags: list[str], stem: str = "gemv-variant"):
+    """Run the kernels built with extra compiler `flags` (e.g. ["-DPF_ATT=0"]) in place of the
+    normal ones, in this process, for the duration (benchmarks compare builds in one run).
+    Yields the loaded Native, or None where that build is off."""
+    global _kernels
+    lib, _ = load_library(Native, SOURCE, stem, [*_sanitize(), *flags], "gemv " + " ".join(flags))
+    if lib is None:
+        yield None
+        return
+    saved, _kernels = _kernels, Lazy(lambda: (lib, "on"))
+    try:
+        yield lib
+    finally:
+        _kernels = saved
+
+
+@contextlib.contextmanager
+def profiling():
+    """`variant(["-DHEST_PROFILE"])` (hest_core.bench.floor): layer.c then adds each step's wall
+    time to its `hest_prof` array. Yields that array (ctypes doubles, zeroed), or None where the
+    build is off. The normal build has no timers; the numerics are the same (they only add
+    barriers)."""
+    with variant(["-DHEST_PROFILE"], "gemv-prof") as lib:
+        if lib is None:
+            yield None
+            return
+        prof = (ctypes.c_double * len(PROF_STEPS)).in_dll(lib._lib, "hest_prof")
+        ctypes.memset(prof, 0, ctypes.sizeof(prof))
+        yield prof
 
 
 _off = threading.local()

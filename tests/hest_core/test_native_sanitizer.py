@@ -1,7 +1,8 @@
 """The native kernels under AddressSanitizer and UBSan (issue 11, item 1: a request once made the
 fused layer write past its KV cache). A child pytest loads kernels built with
 `-fsanitize=address,undefined` (HEST_NATIVE_SANITIZE=1) with libasan preloaded, and runs the
-bounds tests, the fused layer against the PyTorch loop, and generation over random text and
+bounds tests, the Q8_0 head and the attention shapes (test_q8head.py), the fused layer against
+the PyTorch loop, and generation over random text and
 batches (1..16 rows, int4 rows with and without their low-rank term): any out-of-bounds access
 or undefined behaviour aborts it. A sanitizer alone misses a
 write that stays inside an allocation (another row or head of the cache): test_native_bounds.py
@@ -47,6 +48,7 @@ def test_kernels_under_address_sanitizer(tmp_path):
     }
     tests = [
         str(HERE / "test_native_bounds.py"),
+        str(HERE / "test_q8head.py"),
         str(HERE / "test_fused.py") + "::test_fused_layer_matches_pytorch_loop",
         str(HERE / "test_fused.py") + "::test_fused_layer_at_1_to_16_rows",
         str(HERE / "test_int4.py") + "::test_fused_layer_runs_int4_like_the_pytorch_loop",

@@ -6,6 +6,7 @@
  *   amx.c        AMX tiles for the bf16 and int8 products at many rows (where the CPU has them)
  *   layer_ops.c  norms, rope, decode attention
  *   layer.c      one decoder layer of a decode step (hest_decode_layer), the controller's logits
+ *   head.c       the lm_head at decode from the model's Q8_0 blocks (hest_head_q8)
  *
  * native.py keys its cached build on every file of this directory. */
 #include <math.h>
@@ -16,3 +17,4 @@
 #include "amx.c"
 #include "layer_ops.c"
 #include "layer.c"
+#include "head.c"

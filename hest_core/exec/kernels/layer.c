@@ -314,6 +314,36 @@ static int check_layer_call(const hest_layer_t *L, const hest_step_t *S, const i
     return HEST_OK;
 }
 
+/* Profiling build only (-DHEST_PROFILE, hest_core.bench.floor --profile): thread 0 adds the
+ * wall time of each step of a layer call to hest_prof[] after a barrier (so a step's time is
+ * its slowest thread's). The normal build has none of it: PROF() is empty. */
+#ifdef HEST_PROFILE
+enum { PROF_ENTRY, PROF_QKV, PROF_ROPE, PROF_ATTN, PROF_O, PROF_NORM2, PROF_GU, PROF_SILU,
+       PROF_DOWN, PROF_NORM3, PROF_EXIT, PROF_N };
+double hest_prof[PROF_N];
+static double prof_t;
+#define PROF(i)                                                                                   \
+    do {                                                                                          \
+        _Pragma("omp barrier");                                                                   \
+        if (omp_get_thread_num() == 0) {                                                          \
+            double t_ = omp_get_wtime();                                                          \
+            hest_prof[i] += t_ - prof_t;                                                          \
+            prof_t = t_;                                                                          \
+        }                                                                                         \
+    } while (0)
+#define PROF_SERIAL(i)                                                                            \
+    do {                                                                                          \
+        double t_ = omp_get_wtime();                                                              \
+        hest_prof[i] += t_ - prof_t;                                                              \
+        prof_t = t_;                                                                              \
+    } while (0)
+#define PROF_START() (prof_t = omp_get_wtime())
+#else
+#define PROF(i)
+#define PROF_SERIAL(i)
+#define PROF_START()
+#endif
+
 /* The MLP of every row on its path (inside the region): h2 (M, d) in, yo (M, d) out (the rows
  * of skip without a shortcut are left as they are: nothing adds them). */
 static void mlp_rows(const hest_layer_t *L, const hest_step_t *S, const rowsets_t *mr,
@@ -321,8 +351,10 @@ static void mlp_rows(const hest_layer_t *L, const hest_step_t *S, const rowsets_
     const int M = S->M, d = S->d, I = S->I;
     const proj_scratch_t *ps = &sb->ps;
     project(L, P_GU, NULL, sb->h2, sb->gu, M, 2 * I, d, mr, ps);
+    PROF(PROF_GU);
     for (int kind = KIND_BF16; kind < KIND_NONE; kind++)
         silu_mul_rows(sb->gu, sb->act, I, mr->r[kind], mr->n[kind]);
+    PROF(PROF_SILU);
     project(L, P_DOWN, NULL, sb->act, sb->yo, M, d, I, mr, ps);
     const int *rsk = mr->r[KIND_NONE], nsk = mr->n[KIND_NONE];
     if (L->sc_a && nsk) { /* the skip rows' shortcut */
@@ -340,6 +372,7 @@ static void mlp_rows(const hest_layer_t *L, const hest_step_t *S, const rowsets_
 int hest_decode_layer(const hest_layer_t *L, const hest_step_t *S, const int64_t *paths,
                       uint16_t *x, uint16_t *h, const uint16_t *ln_next, uint16_t *kc,
                       uint16_t *vc) {
+    PROF_START();
     int rc = check_layer_call(L, S, paths, x, h, ln_next, kc, vc);
     if (rc != HEST_OK) return rc;
     const int d = S->d, H = S->H, KVH = S->KVH, hd = S->hd, M = S->M, qd = H * hd;
@@ -353,17 +386,27 @@ int hest_decode_layer(const hest_layer_t *L, const hest_step_t *S, const int64_t
     uint8_t add[HEST_MAX_ROWS];
     for (int m = 0; m < M; m++) add[m] = MLP_KIND[paths[m]] != KIND_NONE || L->sc_a;
 
+    PROF_SERIAL(PROF_ENTRY);
 #pragma omp parallel num_threads(S->threads)
     {
+        PROF(PROF_ENTRY); /* the checks above, and the region's fork */
         project(L, P_QKV, L->bqkv, h, sb.qkv, M, nqkv, d, &pr, &sb.ps);
+        PROF(PROF_QKV);
         rope_cache_rows(sb.qkv, S->pos, S->cos, S->sin, L->q_norm, L->k_norm, kc, vc, M, H, KVH,
                         hd, S->max_len, S->eps);
+        PROF(PROF_ROPE);
         attend_rows(sb.qkv, kc, vc, S->pos, sb.att, sb.scores, sb.part, M, H, KVH, hd,
                     S->max_len, C);
+        PROF(PROF_ATTN);
         project(L, P_O, NULL, sb.att, sb.yo, M, d, qd, &pr, &sb.ps);
+        PROF(PROF_O);
         residual_norm_rows(x, sb.yo, NULL, L->ln2, sb.h2, M, d, S->eps);
+        PROF(PROF_NORM2);
         mlp_rows(L, S, &mr, &sb);
+        PROF(PROF_DOWN);
         residual_norm_rows(x, sb.yo, add, ln_next, h, M, d, S->eps);
+        PROF(PROF_NORM3);
     }
+    PROF_SERIAL(PROF_EXIT); /* the region's join */
     return HEST_OK;
 }

@@ -138,9 +138,8 @@ class Engine:
         cfg = cls._config_of(config, paths, adapter, model)
         reg.enable(cfg.paths)
         cls._check_policy(policy, guard)
-        threads = threads or cfg.threads
-        if threads:
-            torch.set_num_threads(threads)
+        if threads or cfg.threads:
+            torch.set_num_threads(threads or cfg.threads)
         dev = resolve_device(device)
         dt = resolve_dtype(dtype, dev)
         # before the slow load: a bad explicit meter fails fast

@@ -81,37 +81,34 @@ def plot_heatmaps(shares: dict[str, list[list[float]]], png: str | Path) -> None
     plt.close(fig)
 
 
-def plot_pareto(points: list[dict], png: str | Path) -> None:
-    """points: {name, joules, rouge_l}; HEST budget sweeps joined by a line."""
+def plot_pareto(points: list[dict], png: str | Path) -> dict[str, int]:
+    """points: {name, joules, rouge_l}; a name "METHOD@r" is one budget of METHOD's sweep, and
+    each method with two or more budgets is one curve (joined in order of joules); single points
+    (a row without a budget) are squares. Every point is labelled with its name. Returns
+    method -> points drawn (empty, and no file, without points)."""
     if not points:
-        return
+        return {}
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 5))
-    hest = sorted((p for p in points if p["name"].startswith("hest@")), key=lambda p: p["joules"])
-    if hest:
-        ax.plot(
-            [p["joules"] for p in hest],
-            [p["rouge_l"] for p in hest],
-            "-o",
-            label="hest (one adapter)",
-        )
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    sweeps: dict[str, list[dict]] = {}
+    for p in points:
+        sweeps.setdefault(p["name"].split("@")[0], []).append(p)
+    for method, pts in sweeps.items():
+        pts = sorted(pts, key=lambda p: p["joules"])
+        if len(pts) > 1:
+            ax.plot([p["joules"] for p in pts], [p["rouge_l"] for p in pts], "-o", label=method)
+        else:
+            ax.plot(pts[0]["joules"], pts[0]["rouge_l"], "s", label=method)
     names: dict[tuple[float, float], list[str]] = {}  # points that coincide share one label
     for p in points:
         names.setdefault((round(p["joules"], 1), round(p["rouge_l"], 2)), []).append(p["name"])
     for (j, r), ns in names.items():
-        ax.annotate(
-            " = ".join(ns),
-            (j, r),
-            fontsize=7,
-            xytext=(3, 3),
-            textcoords="offset points",
-        )
-    for p in points:
-        if not p["name"].startswith("hest@"):
-            ax.plot(p["joules"], p["rouge_l"], "s")
+        ax.annotate(" = ".join(ns), (j, r), fontsize=6, xytext=(3, 3), textcoords="offset points")
+    ax.legend(fontsize=8)
     ax.set_xlabel("modelled J / sample (estimate meter)")
     ax.set_ylabel("ROUGE-L")
     ax.set_title("ROUGE-L vs modelled energy")
     ax.grid(alpha=0.3)
     fig.savefig(png, dpi=100)
     plt.close(fig)
+    return {m: len(p) for m, p in sweeps.items()}

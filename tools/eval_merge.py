@@ -1,0 +1,68 @@
+"""One results table from several `python -m training.evaluate` runs of the same pairs (e.g. the
+fixed paths, HEST and lora-r8 run as separate commands or sessions): reads every run's samples
+(X.samples.jsonl and X.samples.shard-*.jsonl), keeps the pairs that every row has finished, and
+writes OUT.json, OUT.md, OUT_paths.png (path shares per layer) and OUT_pareto.png (ROUGE-L
+against modelled joules, one curve per method) with `training.report`, as evaluate does.
+
+usage: python tools/eval_merge.py --paths fp16,int8,int4,skip --out docs/results/X.json \
+           runs/s10/test300.json runs/s10/test300h.json runs/s11/lora300.json
+Rows present in several runs: the later run on the command line wins. Pairs some row has not
+finished are left out (their number is printed and written as `pairs_left_out`)."""
+
+from __future__ import annotations
+
+import argparse
+from collections import defaultdict
+from pathlib import Path
+
+from hest_core import paths as reg
+from training.report import longest_prompts, markdown, summarise, write_outputs
+from training.samples import read_samples
+
+
+def samples_of(js: Path) -> dict[tuple[str, str], dict]:
+    """Every (row, pair id) -> sample of the run whose --json was `js` (all its shard files)."""
+    recs: dict[tuple[str, str], dict] = {}
+    for f in sorted(js.parent.glob(js.stem + ".samples*.jsonl")):
+        recs.update(read_samples(f, repair=False))
+    return recs
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python tools/eval_merge.py", description=__doc__)
+    ap.add_argument("runs", nargs="+", type=Path, help="the --json of each evaluate run")
+    ap.add_argument("--paths", default="fp16,int8,int4,skip", help="the runs' path set")
+    ap.add_argument("--out", type=Path, required=True, help="OUT.json")
+    args = ap.parse_args(argv)
+    reg.enable(tuple(args.paths.split(",")))
+    by_row: dict[str, dict[str, dict]] = defaultdict(dict)
+    for js in args.runs:
+        recs = samples_of(js)
+        if not recs:
+            raise SystemExit(f"no samples next to {js} ({js.stem}.samples*.jsonl)")
+        for (row, pid), r in recs.items():
+            by_row[row][pid] = r | {"id": pid}
+    every = set.union(*(set(v) for v in by_row.values()))
+    common = sorted(set.intersection(*(set(v) for v in by_row.values())))
+    rows = [(row, row.split("@")[0], None) for row in sorted(by_row)]
+    done = {(row, i): by_row[row][i] for row, _, _ in rows for i in common}
+    longest = longest_prompts(rows, common, done)
+    summary = [
+        summarise(row, pol, [done[(row, i)] for i in common], longest) for row, pol, _ in rows
+    ]
+    md = markdown(summary, len(common))
+    out = {
+        "runs": [str(p) for p in args.runs],
+        "n": len(common),
+        "pairs_left_out": len(every) - len(common),
+        "rows": summary,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    write_outputs(args.out, out, md)
+    print(f"{len(common)} pairs done by all {len(rows)} rows ({len(every) - len(common)} left out)")
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

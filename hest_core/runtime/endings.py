@@ -31,6 +31,9 @@ of the text after the last boundary is held back unless it is safe to show, i.e.
 leaves room for twice an expected sentence and its first words do not start an earlier sentence
 (so a repeat is caught before any of it is shown).
 
+* the model's own end of text chosen mid-sentence (after a closing quote with no period) waits
+  for one sentence-ending token first (`closes_own_end`).
+
 A sentence boundary: the text, trailing spaces aside, ends with `.`, `!` or `?`, optionally
 followed by closing quotes or brackets. A text with no boundary at all (a first sentence longer
 than the limit) is returned as it is: there is nothing cleaner to return.
@@ -188,6 +191,17 @@ class EndingPlan:
         if left <= 0:
             return math.inf
         return STEER_BIAS * (STEER_TOKENS - left) / STEER_TOKENS
+
+    def closes_own_end(self, text: str, whole_char: bool) -> bool:
+        """Whether the model's own end of text, chosen now, should wait for a sentence-ending
+        token first: the text has at least two words and stops mid-sentence (the model would end
+        after a closing quote with no period, `... called the attack "extremely powerful"`). The
+        caller then lets only sentence-ending tokens come next (`.`, `!`, `?`); after one the
+        model may end. Measured on the 300 test pairs (session 11): lora-r8 ended 1-4% of its
+        summaries this way, HEST and the fixed paths none."""
+        if not self.enabled or not whole_char or ends_sentence(text):
+            return False
+        return len(_words(text)) >= 2
 
     def final(self, text: str, by_limit: bool, by_budget: bool = False) -> str:
         """The text to return when the request ends. `by_limit`: a limit (tokens or budget) or a

@@ -86,6 +86,7 @@ class RequestState:
     prefill_q: int = 0  # what its prefill (and first token) cost, picojoules (guard.spent then)
     whole_char: bool = True  # its text does not end inside a multi-byte character
     forced_end: bool = False  # its next token was steered to end the sentence (its last)
+    own_end: bool = False  # the model ended mid-sentence: its next token closes it, then it ends
 
 
 log = logging.getLogger("hest.generation")
@@ -281,9 +282,12 @@ class BatchRunner:
             if st.allowance is None or not ends:
                 continue
             bonus = st.plan.steer(st.full, st.allowance - 1, st.whole_char)
+            if not bonus and self._own_end_mid_sentence(logits[j], st):
+                bonus = math.inf  # a sentence-ending token first, then the model's own end
+                st.own_end = True
             if not bonus:
                 continue
-            st.forced_end = bonus == math.inf
+            st.forced_end = bonus == math.inf and not st.own_end
             with torch.inference_mode():  # the logits are inference tensors
                 if bonus == math.inf:
                     kept = logits[j, ends].clone()
@@ -291,6 +295,14 @@ class BatchRunner:
                     logits[j, ends] = kept
                 else:
                     logits[j, ends] += bonus
+
+    def _own_end_mid_sentence(self, row: torch.Tensor, st: RequestState) -> bool:
+        """Whether this row's most likely next token (row: (vocab,) logits) is an end of text
+        while its text stops mid-sentence and a token is left to close it
+        (`EndingPlan.closes_own_end`)."""
+        if st.allowance < 1 or not st.plan.closes_own_end(st.full, st.whole_char):
+            return False
+        return int(row.argmax()) in self.e.eos_ids
 
     def _emit(self, i: int, st: RequestState, tok: int, lp: TokenLogprob | None = None) -> None:
         e = self.e
@@ -327,6 +339,8 @@ class BatchRunner:
                 left = st.req.max_new - len(st.out_ids)
                 decided = by_budget and left >= st.plan.expected_sentence()
                 st.finish = "energy_budget" if decided else "length"
+            elif st.own_end and st.finish is None:  # the model's own end, after the sentence
+                st.finish = "stop"
             elif st.forced_end and st.finish is None:  # the steered last token ended it
                 st.plan.reason = "steered"
                 decided = by_budget and st.req.max_new - len(st.out_ids) > 1

@@ -198,3 +198,47 @@ def test_the_budget_is_named_only_where_it_decided_the_end():
             elif res.finish_reason == free.finish_reason:
                 assert res.text == free.text
     assert "energy_budget" in seen  # the sweep reaches budgets that decide ends
+
+
+def test_own_end_after_an_unclosed_sentence_waits_for_its_period():
+    """The plan's rule: the model's own end after a closing quote with no period waits for one
+    sentence-ending token (lora-r8 ended 1-4% of its test-set summaries so, session 11)."""
+    p = EndingPlan()
+    quoted = 'The network called the attack "extremely powerful"'
+    assert p.closes_own_end(quoted, True)
+    assert not p.closes_own_end(quoted + ".", True)  # already at a boundary
+    assert not p.closes_own_end(quoted, False)  # never inside a multi-byte character
+    assert not p.closes_own_end("Hello", True)  # one word: nothing to close
+    assert not EndingPlan(enabled=False).closes_own_end(quoted, True)  # clean_end off
+
+
+def test_runner_closes_the_sentence_before_the_models_own_end(hest_engine):
+    """Through the runner's own token choice on the real model's tokenizer: where the most
+    likely next token is the end of text and the text stops mid-sentence, only a sentence-ending
+    token may come; it is chosen, and the request ends there with finish "stop" (the model's own
+    end), its text on a boundary. With clean endings off the end of text is taken as it is."""
+    import torch
+
+    from hest_core import GenerationRequest
+    from hest_core.runtime.generation import BatchRunner
+    from hest_core.runtime.tickets import run_state
+
+    e = hest_engine
+    text = 'The network called the attack "extremely powerful"'
+    for clean in (True, False):
+        req = e.check(GenerationRequest("An article about a cyberattack.", clean_end=clean))
+        st = run_state(e, req, e.lean.spec.n_layers)
+        runner = BatchRunner(e, None)
+        for tok in e.tokenizer.encode(text, add_special_tokens=False):
+            runner._emit(0, st, tok)
+        assert st.full == text and st.finish is None
+        logits = torch.zeros(1, len(e.tokenizer))
+        logits[0, min(e.eos_ids)] = 10.0  # the model wants to end here
+        logits[0, e.sentence_end_ids[0]] = 1.0
+        tok = int(runner._choose(logits, [st])[0][0])
+        if not clean:
+            assert tok in e.eos_ids
+            continue
+        assert tok in e.sentence_end_ids
+        runner._emit(0, st, tok)
+        assert st.finish == "stop" and ends_sentence(st.full), st.full

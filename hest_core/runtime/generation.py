@@ -87,6 +87,7 @@ class RequestState:
     whole_char: bool = True  # its text does not end inside a multi-byte character
     forced_end: bool = False  # its next token was steered to end the sentence (its last)
     own_end: bool = False  # the model ended mid-sentence: its next token closes it, then it ends
+    eos_end: bool = False  # it ended on the model's own end-of-text token
 
 
 log = logging.getLogger("hest.generation")
@@ -308,6 +309,7 @@ class BatchRunner:
         e = self.e
         if tok in e.eos_ids:
             st.finish = "stop"
+            st.eos_end = True
             return
         st.out_ids.append(tok)
         if lp is not None:
@@ -351,6 +353,9 @@ class BatchRunner:
         """The request ended: stream and keep its final text (a held-back stop-string start that
         never completed is shown; a fragment a limit cut mid-sentence is not)."""
         by_limit = st.finish in ("length", "energy_budget") or st.plan.reason == "repetition"
+        # the model's own end mid-sentence with no token left to close it (`_own_end_mid_sentence`
+        # closes it where one is left): cut to the last boundary where that part was not streamed
+        by_limit = by_limit or (st.eos_end and st.plan.shown <= st.plan.boundary)
         final = st.plan.final(st.full, by_limit, by_budget=st.finish == "energy_budget")
         if not final.startswith(st.text):  # never take back what was streamed
             final = st.full

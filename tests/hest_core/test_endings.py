@@ -242,3 +242,33 @@ def test_runner_closes_the_sentence_before_the_models_own_end(hest_engine):
         assert tok in e.sentence_end_ids
         runner._emit(0, st, tok)
         assert st.finish == "stop" and ends_sentence(st.full), st.full
+
+
+def test_own_end_with_no_token_left_is_cut_to_the_last_boundary(hest_engine):
+    """Where the model ends mid-sentence and no token is left to close the sentence, the text
+    ends at the last boundary (that fragment was held back, never streamed); finish stays
+    "stop". Found on lora-r8 at r = 0.2-0.3 (3 of 1,500 test summaries, session 11)."""
+    import torch
+
+    from hest_core import GenerationRequest
+    from hest_core.runtime.generation import BatchRunner
+    from hest_core.runtime.tickets import run_state
+
+    e = hest_engine
+    first = "A cyberattack hit the network on Monday."
+    text = first + ' Its director called the attack "extremely powerful"'
+    ids = e.tokenizer.encode(text, add_special_tokens=False)
+    req = e.check(GenerationRequest("An article.", max_new_tokens=len(ids) + 1))
+    st = run_state(e, req, e.lean.spec.n_layers)
+    runner = BatchRunner(e, None)
+    for tok in ids:
+        runner._emit(0, st, tok)
+    assert st.full == text and st.text == first  # the unfinished sentence was held back
+    st.allowance = 0  # nothing left to close it with
+    logits = torch.zeros(1, len(e.tokenizer))
+    logits[0, min(e.eos_ids)] = 10.0
+    tok = int(runner._choose(logits, [st])[0][0])
+    assert tok in e.eos_ids
+    runner._emit(0, st, tok)
+    runner._finish_text(0, st)
+    assert st.finish == "stop" and st.text == first

@@ -12,20 +12,22 @@ finished are left out (their number is printed and written as `pairs_left_out`).
 from __future__ import annotations
 
 import argparse
+import json
 from collections import defaultdict
 from pathlib import Path
 
 from hest_core import paths as reg
 from training.report import longest_prompts, markdown, summarise, write_outputs
-from training.samples import read_samples
+from training.samples import other_samples
 
 
-def samples_of(js: Path) -> dict[tuple[str, str], dict]:
-    """Every (row, pair id) -> sample of the run whose --json was `js` (all its shard files)."""
-    recs: dict[tuple[str, str], dict] = {}
-    for f in sorted(js.parent.glob(js.stem + ".samples*.jsonl")):
-        recs.update(read_samples(f, repair=False))
-    return recs
+def run_params(js: Path) -> dict[str, int]:
+    """row -> controller_params as the run's own summary gives it (evaluate fills LoRA's from
+    the model), where the run's X.json exists."""
+    if not js.exists():
+        return {}
+    rows = json.loads(js.read_text()).get("rows", [])
+    return {r["row"]: r["controller_params"] for r in rows if "controller_params" in r}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,8 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     reg.enable(tuple(args.paths.split(",")))
     by_row: dict[str, dict[str, dict]] = defaultdict(dict)
+    params: dict[str, int] = {}
     for js in args.runs:
-        recs = samples_of(js)
+        recs = other_samples(js)
+        params.update(run_params(js))
         if not recs:
             raise SystemExit(f"no samples next to {js} ({js.stem}.samples*.jsonl)")
         for (row, pid), r in recs.items():
@@ -50,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     summary = [
         summarise(row, pol, [done[(row, i)] for i in common], longest) for row, pol, _ in rows
     ]
+    for row in summary:  # LoRA's trainable parameters come from its run, not its samples
+        if row["row"] in params and "controller_params" in row:
+            row["controller_params"] = params[row["row"]]
     md = markdown(summary, len(common))
     out = {
         "runs": [str(p) for p in args.runs],

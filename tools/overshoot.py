@@ -6,20 +6,19 @@ usage: python tools/overshoot.py runs/digests/eval_4096.json [more runs ...]"""
 
 from __future__ import annotations
 
-import json
 import sys
 from collections import defaultdict
 from pathlib import Path
+
+from training.samples import other_samples
 
 
 def ratios(js: Path) -> dict[str, list[tuple[float, int]]]:
     """row -> [(modelled J / budget J, prompt tokens)] over the run's samples with a budget."""
     by: dict[str, list[tuple[float, int]]] = defaultdict(list)
-    for f in sorted(js.parent.glob(js.stem + ".samples*.jsonl")):
-        for line in f.read_text().splitlines():
-            r = json.loads(line)
-            if r.get("budget_j"):
-                by[r["row"]].append((r["modelled_j"] / r["budget_j"], r.get("prompt_tokens", 0)))
+    for (row, _), r in sorted(other_samples(js).items()):
+        if r.get("budget_j"):
+            by[row].append((r["modelled_j"] / r["budget_j"], r.get("prompt_tokens", 0)))
     return by
 
 

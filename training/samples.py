@@ -32,8 +32,9 @@ def read_samples(path: Path, repair: bool = True) -> dict[tuple[str, str], dict]
     return out
 
 
-def other_samples(js: Path, own: Path) -> dict[tuple[str, str], dict]:
-    """Every samples file of this evaluation (unsharded and shards) but `own`, read as is."""
+def other_samples(js: Path, own: Path | None = None) -> dict[tuple[str, str], dict]:
+    """Every samples file of the evaluation whose --json is `js` (unsharded and shards) but
+    `own` (None: all of them), read as is: (row, pair id) -> sample."""
     out: dict[tuple[str, str], dict] = {}
     for path in sorted(js.parent.glob(js.stem + ".samples*.jsonl")):
         if path != own:

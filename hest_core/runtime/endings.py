@@ -201,7 +201,7 @@ class EndingPlan:
         summaries this way, HEST and the fixed paths none."""
         if not self.enabled or not whole_char or ends_sentence(text):
             return False
-        return len(_words(text)) >= 2
+        return bool(self.sentences) or len(_words(text)) >= 2  # a finished sentence has 2+
 
     def final(self, text: str, by_limit: bool, by_budget: bool = False) -> str:
         """The text to return when the request ends. `by_limit`: a limit (tokens or budget) or a

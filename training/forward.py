@@ -210,14 +210,17 @@ def _lin(lw: TrainLayer, kind: str, x: torch.Tensor, name: str, bias=None) -> to
     return F.linear(x, {"qkv": lw.wqkv, "o": lw.wo, "gu": lw.wgu, "down": lw.wdown}[name], bias)
 
 
-def _kinds(lw: TrainLayer) -> tuple[str, ...]:
-    """The weight kinds this layer has copies of (int4 where it was registered at build time)."""
-    return ("dense16", "int8", "int4") if lw.fq4 is not None else ("dense16", "int8")
+def _kinds(lw: TrainLayer, g: dict) -> tuple[str, ...]:
+    """The weight kinds this layer has copies of (int4 where it was registered at build time)
+    that some unmasked path runs on (the keys of `g`): a kind no allowed path uses has a gate of
+    exactly 0 and a zero gradient, so it is not computed."""
+    have = ("dense16", "int8", "int4") if lw.fq4 is not None else ("dense16", "int8")
+    return tuple(k for k in have if k in g)
 
 
 def _proj(lw: TrainLayer, g: dict, x: torch.Tensor, name: str, bias=None) -> torch.Tensor:
     """sum over weight kinds of g[kind] (T, 1) x that kind's product (`_lin`) of x (T, K)."""
-    return sum(g[k] * _lin(lw, k, x, name, bias) for k in _kinds(lw))
+    return sum(g[k] * _lin(lw, k, x, name, bias) for k in _kinds(lw, g))
 
 
 def _attention(
@@ -253,7 +256,7 @@ def _mlp(tm: TrainModel, li: int, zmod, x, g: dict) -> torch.Tensor:
     m = rms_norm(x, lw.ln2, s.eps)  # (T, d)
     d_gu = _zdelta(zmod, m, li, ("gate_proj", "up_proj"))
     y = 0.0
-    for kind in _kinds(lw):
+    for kind in _kinds(lw, g):
         gu = _lin(lw, kind, m, "gu") + d_gu  # (T, 2I) on this kind alone
         act = F.silu(gu[:, : s.intermediate]) * gu[:, s.intermediate :]  # (T, I)
         y = y + g[kind] * (_lin(lw, kind, act, "down") + _zdelta(zmod, act, li, ("down_proj",)))
@@ -294,6 +297,10 @@ def forward(
     e_bar = torch.zeros(())
     fp16 = torch.zeros(())
     counts = torch.zeros(s.n_layers, mask.shape[0])
+    allowed = {i for i in range(mask.shape[0]) if float(mask[i]) == 0.0}
+    # weight kinds some allowed path runs on (a masked path's gate is exactly 0)
+    proj_kinds = [k for k in reg.KINDS if allowed & set(reg.with_proj(k))]
+    mlp_kinds = [k for k in reg.KINDS if allowed & set(reg.with_mlp(k))]
     for li, lw in enumerate(tm.layers):
         h = rms_norm(x, lw.ln1, s.eps)  # (T, d) the controller's h(l, t)
         logits = ctl(h, li, betas, decode[:, 0]) + mask  # (T, P) fp32
@@ -305,8 +312,8 @@ def forward(
         fp16 = fp16 + probs[:, reg.ref()].mean()
         # (T, 1) gates per weight kind: projections (fp16 16-bit; int8 and skip int8; int4),
         # MLP (fp16 16-bit; int8; int4; skip: none)
-        g_proj = {k: _gate(gate, reg.with_proj(k), dt) for k in reg.KINDS}
-        g_mlp = {k: _gate(gate, reg.with_mlp(k), dt) for k in reg.KINDS}
+        g_proj = {k: _gate(gate, reg.with_proj(k), dt) for k in proj_kinds}
+        g_mlp = {k: _gate(gate, reg.with_mlp(k), dt) for k in mlp_kinds}
         x = _attention(tm, li, zmod, x, h, g_proj, rope)
         x = _mlp(tm, li, zmod, x, g_mlp)
 

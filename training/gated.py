@@ -99,7 +99,11 @@ class GateTrainer:
         del hf  # TrainModel holds what it needs
         self.ctl = method.controller(self.spec.hidden, self.spec.n_layers, args.k)
         self.ctl.init_for_training(args.seed)
-        groups = [{"params": list(self.ctl.parameters()), "lr": args.lr}]
+        self.fix_path = getattr(args, "fix_path", None)
+        if self.fix_path is not None and self.zmod is None:
+            raise ValueError("--fix-path trains the spectral z alone: it needs --z-rank > 0")
+        # --fix-path: the controller is not trained (every unit runs that path)
+        groups = [] if self.fix_path else [{"params": list(self.ctl.parameters()), "lr": args.lr}]
         if self.zmod is not None:
             groups.append({"params": list(self.zmod.parameters()), "lr": args.z_lr})
         self.params = [p for g in groups for p in g["params"]]
@@ -107,6 +111,12 @@ class GateTrainer:
         lam0 = args.lambda_init if method.dual else args.lambda_fixed
         self.duals = Duals(self.budgets, lam0, args.alpha, args.lambda_max, method.dual)
         self.mask, self.costs = path_mask(method), unit_costs(self.em)
+        if self.fix_path is not None:
+            fixed = reg.find(self.fix_path)
+            if fixed is None or self.mask[fixed] != 0:
+                raise ValueError(f"--fix-path {self.fix_path}: not a path {method.name} may use")
+            self.mask = torch.full_like(self.mask, NEG)
+            self.mask[fixed] = 0.0
         self.batches = Batches.from_args(args, tok)
 
     def _merge_base_z(self, hf, progress: bool) -> dict[str, torch.Tensor] | None:
@@ -214,7 +224,9 @@ class GateTrainer:
             gen,
         )
         ratio = fo.e_bar / e_max
-        if self.method.penalty == "flops":
+        if self.fix_path is not None:  # a quality adapter: CE alone, no energy term
+            loss = fo.ce
+        elif self.method.penalty == "flops":
             loss = fo.ce + self.args.flop_mu * fo.fp16_share
         else:
             loss = fo.ce + lam * (ratio - 1.0)
@@ -294,6 +306,7 @@ class GateTrainer:
             "max_article_tokens": a.max_article_tokens,
             "max_summary_tokens": a.max_summary_tokens,
             "z_rank": a.z_rank,
+            "fix_path": getattr(a, "fix_path", None),
             "base_z": getattr(a, "base_z", None),
             "budgets": self.budgets,
             "budget_tokens": getattr(a, "budget_tokens", 0),

@@ -88,6 +88,12 @@ def _objective_args(ap: argparse.ArgumentParser) -> None:
         "(train the controller only; needs --z-rank 0)",
     )
     ap.add_argument(
+        "--fix-path",
+        default=None,
+        help="train the spectral z alone with every unit on this path and loss = CE (a quality "
+        "adapter for the path the runtime serves; pair it with a controller through --base-z)",
+    )
+    ap.add_argument(
         "--energy-floor",
         type=float,
         default=0.0,

@@ -98,6 +98,10 @@ def calibrate(
     t0 = time.perf_counter()
     kernels = _kernel_choice(lean, meter)
     kernels["cpu"] = calib_rows.cpu_record() if lean.device.type == "cpu" else {}
+    from ..exec.int4 import lowrank_factors
+
+    if (low := lowrank_factors(lean)) is not None:  # what an engine rescales from (int4.py)
+        kernels["int4_lowrank"] = {ph: [round(v, 6) for v in f] for ph, f in low.items()}
     dummy = CalibrationTable("", "", 0, "", "", "", "", "", 0, None, None, kernels)  # type: ignore[arg-type]
     apply_kernel_choices(lean, dummy)
     tables: list[CalibrationTable] = []

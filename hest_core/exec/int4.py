@@ -226,3 +226,67 @@ def attach_for_model(lean: LeanModel, hf, model: str, z=None, svd: SvdCache | No
         "Q8_0" if q8head.attach(lean, q8head.read_gguf_head(reader=reader)) else "bf16"
     )
     return info
+
+
+def lowrank_factors(lean: LeanModel) -> dict[str, list[float]] | None:
+    """What each layer's int4 unit costs with the adapter's low-rank term over what it costs
+    without it, by the work the term adds (issue 14): {"prefill": (L,), "decode": (L,)}, 1.0
+    where a layer has no term; None where the model has no int4 copies.
+
+    decode (memory-bound: a step reads every weight once) = (Q4_1 bytes + the term's bytes) / Q4_1
+    bytes, the term's bytes being a's and b's nonzero entries (the fused layer skips b's zeros,
+    module doc) at their element size; prefill (compute-bound GEMMs) = (N K + the term's
+    multiply-adds R K + nnz(b)) / N K per row. A model of the term's cost, not a measurement:
+    docs/runtime.md ("The int4 path with a trained z") compares it with measured decode steps."""
+    out: dict[str, list[float]] = {"prefill": [], "decode": []}
+    for lw in lean.layers:
+        mods = [getattr(lw, n, None) for n in GROUPS]
+        if any(m is None for m in mods):
+            return None
+        q4b = lowb = macs = extra = 0
+        for m in mods:
+            q4b += m.w.nbytes
+            macs += m.w.n * m.w.k
+            if m.low is not None:
+                nz = int(m.low.a.numel()) + int(torch.count_nonzero(m.low.b))
+                lowb += nz * m.low.a.element_size()
+                extra += nz
+        out["decode"].append(1.0 + lowb / q4b)
+        out["prefill"].append(1.0 + extra / macs)
+    return out
+
+
+def rescale_table(table, lean: LeanModel):
+    """`table` with its int4 unit costs (and decode shares) scaled per layer by this model's
+    `lowrank_factors` over those of the model the table was measured on (`kernels
+    ["int4_lowrank"]`, recorded by `calibrate`; absent: a model without the term, as every table
+    before it was measured). The same table where int4 is not registered or the factors agree;
+    else a copy. Raises nothing."""
+    import copy
+
+    from .. import paths as reg
+
+    p = reg.find("int4")
+    ours = lowrank_factors(lean) if p is not None else None
+    if ours is None:
+        return table
+    L = table.n_layers
+    theirs = (table.kernels or {}).get("int4_lowrank") or {}
+    scale = {
+        ph: [ours[ph][li] / float((theirs.get(ph) or [1.0] * L)[li]) for li in range(L)]
+        for ph in ("prefill", "decode")
+    }
+    if all(abs(s - 1.0) < 1e-9 for v in scale.values() for s in v):
+        return table
+    out = copy.deepcopy(table)
+    for ph in ("prefill", "decode"):
+        costs = getattr(out, ph)
+        for li in range(L):
+            costs.unit[li][p] *= scale[ph][li]
+            if costs.shared is not None:
+                costs.shared[li][p] *= scale[ph][li]
+    out.kernels["int4_lowrank_rescaled"] = {
+        ph: round(sum(v) / L, 4) for ph, v in scale.items()
+    }
+    out.source = table.source
+    return out

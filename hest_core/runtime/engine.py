@@ -199,9 +199,12 @@ class Engine:
             calibrate as calib,  # lazy: `python -m hest_core.energy.calibrate` runs it as __main__
         )
 
+        from ..exec.int4 import rescale_table
+
         table = calib.resolve(lean, fp, calibration, m, progress, cfg)
         calib.apply_kernel_choices(lean, table)
-        return table
+        # the adapter's low-rank term beside the int4 blocks costs what the table's model's did not
+        return rescale_table(table, lean)
 
     @staticmethod
     def _energy_of(table, ctl) -> EnergyModel:

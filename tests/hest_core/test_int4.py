@@ -187,6 +187,9 @@ def test_calibration_measures_an_int4_column(int4, hf, lean4):
     for ph in (table.prefill, table.decode):
         assert all(len(r) == 4 and r[int4.index] > 0 for r in ph.unit)
     assert len(table.decode.shared[0]) == 4  # the batched-decode shares have an int4 column
+    # what the measured model's int4 units carried beside their blocks (none here), which an
+    # engine serving another adapter rescales from (`int4.rescale_table`)
+    assert set(table.kernels["int4_lowrank"]["decode"]) == {1.0}
     assert cal.table_name("fp", lean4).endswith("-int4.json")  # apart from 3-path tables
 
 
@@ -301,3 +304,39 @@ def test_fused_low_rank_term_is_not_ignored(int4, lean4_fused):
     low = decode(lean4_fused[16], prompts, 1, dec, fused=True)
     low_loop = decode(lean4_fused[16], prompts, 1, dec, fused=False)
     assert (low - plain).abs().max() > 5 * (low - low_loop).abs().max()
+
+
+def test_low_rank_term_raises_the_int4_costs_by_its_work(int4, hf, lean4_fused, int4_tables):
+    """`lowrank_factors`: 1.0 on every layer without a term; with a rank-16 term, decode by the
+    term's bytes over the Q4_1 bytes and prefill by its multiply-adds over N K (layer 0 checked
+    by hand). `rescale_table` scales only the int4 column of a table measured without a term,
+    leaves a table measured with the same term as it is, and divides out a table's own term."""
+    from hest_core.energy.model import CalibrationTable
+    from hest_core.exec.int4 import lowrank_factors, rescale_table
+
+    plain, low = lowrank_factors(lean4_fused[0]), lowrank_factors(lean4_fused[16])
+    assert set(plain["decode"]) == {1.0} and set(plain["prefill"]) == {1.0}
+    mods = [lean4_fused[16].layers[0].__dict__[n] for n in ("qkv4", "o4", "gu4", "down4")]
+    nz = sum(m.low.a.numel() + int((m.low.b != 0).sum()) for m in mods)
+    q4b = sum(m.w.nbytes for m in mods)
+    assert low["decode"][0] == pytest.approx(1 + 2 * nz / q4b)
+    assert low["prefill"][0] == pytest.approx(1 + nz / sum(m.w.n * m.w.k for m in mods))
+    assert all(f > 1.0 for f in low["decode"] + low["prefill"])
+
+    fp = fingerprint(hf)
+    path = next(p for p in int4_tables.glob("*.json") if fp in p.name and "int4" in p.name)
+    t = CalibrationTable.load(path)
+    assert rescale_table(t, lean4_fused[0]) is t
+    s = rescale_table(t, lean4_fused[16])
+    i, others = int4.index, [j for j in range(reg.n_paths()) if j != int4.index]
+    for ph in ("prefill", "decode"):
+        for li in range(t.n_layers):
+            a, b = getattr(t, ph).unit[li], getattr(s, ph).unit[li]
+            assert b[i] == pytest.approx(a[i] * low[ph][li])
+            assert [b[j] for j in others] == [a[j] for j in others]
+    # a table measured on a model with the same term is used as it is; one with the term, for a
+    # model without it, loses the term's share
+    t.kernels["int4_lowrank"] = low
+    assert rescale_table(t, lean4_fused[16]) is t
+    back = rescale_table(t, lean4_fused[0])
+    assert back.decode.unit[0][i] == pytest.approx(t.decode.unit[0][i] / low["decode"][0])

@@ -173,3 +173,69 @@ def test_cost_jitter_lets_int4_cross_int8_and_keeps_skip_cheapest(tmp_path, buil
             crossed.add(bool(i4 > i8))
     assert crossed == {True, False}
     assert P == 4
+
+
+def test_fix_path_trains_z_alone_on_one_path_and_pairs_with_a_controller(
+    pairs_file, tmp_path, builtin_paths, int4_tables
+):
+    """`--fix-path int4`: every unit runs int4 (the log's shares), the loss is the CE alone, the
+    controller keeps its starting weights while z moves; tools/pair_adapter.py then serves that
+    z under another artifact's controller. Without a trainable z, or with a path the method may
+    not use, the run is refused."""
+    from tools.pair_adapter import pair
+    from training import train
+
+    four = "fp16,int8,int4,skip"
+    run = tmp_path / "zonly"
+    base = [*train_argv(pairs_file, run, 3), "--paths", four, "--calibration", str(int4_tables)]
+    art = train.train(train.parse_args([*base, "--fix-path", "int4", "--z-lr", "1e-2"]))
+    recs = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    assert all(r["share_int4"] == 1.0 and r["loss"] == r["ce"] for r in recs)
+    got = load_adapter(art)
+    assert any(float(z.abs().max()) > 0 for z in got.z.values())
+    assert got.config.training["fix_path"] == "int4"
+    # the controller was not trained: it equals the trainer's starting controller
+    from training.methods import METHODS
+
+    c = got.config
+    start = METHODS["hest"].controller(c.hidden, c.n_layers, c.k)
+    start.init_for_training(0)
+    c0 = start.float().state_dict()
+    for k, v in got.controller.state_dict().items():
+        assert torch.equal(v, c0[k]), k
+
+    ctl = train.train(
+        train.parse_args(
+            train_argv(
+                pairs_file,
+                tmp_path / "ctl",
+                2,
+                "hest",
+                "--paths",
+                four,
+                "--calibration",
+                str(int4_tables),
+            )
+        )
+    )
+    paired = load_adapter(pair(str(ctl), str(art), str(tmp_path / "paired"), read_ratio=0.5))
+    for t, z in got.z.items():
+        assert torch.equal(paired.z[t], z), t
+    c1 = load_adapter(ctl).controller.state_dict()
+    for k, v in paired.controller.state_dict().items():
+        assert torch.equal(v, c1[k]), k
+    assert paired.config.read_ratio == 0.5
+    assert paired.config.training["z_from"]["training"]["fix_path"] == "int4"
+    eng = Engine.from_pretrained(
+        "tiny:llama", adapter=tmp_path / "paired", dtype="fp32", calibration=int4_tables
+    )
+    assert "int4" in eng.info()["paths"]
+
+    with pytest.raises(ValueError, match="needs --z-rank"):
+        train.train(train.parse_args([*base, "--fix-path", "int4", "--z-rank", "0"]))
+    with pytest.raises(ValueError, match="not a path"):
+        train.train(
+            train.parse_args(
+                [*train_argv(pairs_file, tmp_path / "t", 1, "hest-fp16only"), "--fix-path", "int8"]
+            )
+        )

@@ -285,8 +285,6 @@ def rescale_table(table, lean: LeanModel):
             costs.unit[li][p] *= scale[ph][li]
             if costs.shared is not None:
                 costs.shared[li][p] *= scale[ph][li]
-    out.kernels["int4_lowrank_rescaled"] = {
-        ph: round(sum(v) / L, 4) for ph, v in scale.items()
-    }
+    out.kernels["int4_lowrank_rescaled"] = {ph: round(sum(v) / L, 4) for ph, v in scale.items()}
     out.source = table.source
     return out

@@ -78,6 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--prompt-limit", type=int, help="read at most this many rows")
     src.add_argument("--generated-words", type=int, default=300, help="without --prompts")
     src.add_argument("--max-chars", type=int, help="cut each prompt to this many characters")
+    src.add_argument(
+        "--long-prompts",
+        help="JSONL of long prompts to mix in (e.g. a digests_4096.jsonl of training.digests): "
+        "one every --long-every s while the run sends, read whole, reported apart",
+    )
+    src.add_argument("--long-field", default="article", help="field of --long-prompts")
+    src.add_argument("--long-every", type=float, default=10.0, help="seconds between long prompts")
     budget = src.add_mutually_exclusive_group()
     budget.add_argument("--budget-ratio", help="0.6 | 0.4,0.6,1.0 | uniform:0.4,1.0")
     budget.add_argument("--budget-j", help="joules, same forms as --budget-ratio")
@@ -161,6 +168,9 @@ def _configs(args: argparse.Namespace) -> list[RunConfig]:
     else:
         prompts = PromptSource.generated(words=args.generated_words, seed=args.seed)
     prompts = prompts.truncated(args.max_chars)
+    longs = None
+    if args.long_prompts:
+        longs = PromptSource.from_jsonl(args.long_prompts, text_field=args.long_field)
     if args.budget_j is not None:
         budget = BudgetSpec.parse(args.budget_j, kind="j")
     else:
@@ -197,6 +207,8 @@ def _configs(args: argparse.Namespace) -> list[RunConfig]:
             keepalive=not args.no_keepalive,
             budget=budget,
             prompts=prompts,
+            long_prompts=longs,
+            long_every_s=args.long_every,
         )
         for rate, concurrency in loads
     ]
@@ -224,7 +236,8 @@ async def _run_all(
             results.append(result)
             summaries.append(summary)
             if partial:  # each load as it ends: an interrupted sweep keeps what it measured
-                line = {"summary": summary, "requests": [r.to_dict() for r in result.records]}
+                reqs = result.records + result.long_records
+                line = {"summary": summary, "requests": [r.to_dict() for r in reqs]}
                 with partial.open("a") as f:
                     f.write(json.dumps(line, default=str) + "\n")
     return results, summaries
@@ -257,7 +270,7 @@ def main(argv: list[str] | None = None, *, setup: dict[str, Any] | None = None) 
         "nominal_watts": args.nominal_watts,
         "setup": setup,
         "runs": [
-            {"summary": s, "requests": [rec.to_dict() for rec in r.records]}
+            {"summary": s, "requests": [rec.to_dict() for rec in r.records + r.long_records]}
             for s, r in zip(summaries, results, strict=True)
         ],
         "comparisons": comparisons,

@@ -59,6 +59,7 @@ class RequestRecord:
     brownout: bool | None = None
     paths: dict[str, int] = field(default_factory=dict)
     server_timings: dict[str, float] = field(default_factory=dict)
+    kind: str = "main"  # "long": one of the long prompts mixed in (`--long-prompts`)
 
     @property
     def ok(self) -> bool:
@@ -104,10 +105,16 @@ class Target:
 
 
 async def send(
-    client: httpx.AsyncClient, target: Target, record: RequestRecord, text: str, t0: float
+    client: httpx.AsyncClient,
+    target: Target,
+    record: RequestRecord,
+    text: str,
+    t0: float,
+    extra: dict[str, Any] | None = None,
 ) -> RequestRecord:
-    """Send one request, fill `record` in place and return it. Never raises for HTTP trouble."""
-    body = target.body(text, record.budget_field, record.budget_sent)
+    """Send one request, fill `record` in place and return it (`extra`: more body fields).
+    Never raises for HTTP trouble."""
+    body = target.body(text, record.budget_field, record.budget_sent) | (extra or {})
     start = time.perf_counter()
     record.sent_s = start - t0
     try:

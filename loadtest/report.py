@@ -134,6 +134,23 @@ def summarize_run(
         "finish_reasons": dict(Counter(str(r.finish_reason) for r in ok)),
         "paths": dict(paths),
         "per_budget": _per_budget(ok),
+        "long_requests": _long(result.long_records),
+    }
+
+
+def _long(records: list[RequestRecord]) -> dict[str, Any] | None:
+    """The long prompts mixed in (`--long-prompts`), apart from the run's own figures; None
+    where none were."""
+    if not records:
+        return None
+    ok = [r for r in records if r.ok]
+    return {
+        "sent": len(records),
+        "ok": len(ok),
+        "errors_by_status": dict(Counter(_error_key(r) for r in records if not r.ok)),
+        "prompt_tokens": stats([float(r.prompt_tokens) for r in ok if r.prompt_tokens]),
+        "ttft_s": stats(_present(ok, "ttft_s")),
+        "latency_s": stats(_present(ok, "latency_s")),
     }
 
 

@@ -41,6 +41,10 @@ class RunConfig:
     keepalive: bool = True  # reuse connections (False: a new connection per request)
     budget: BudgetSpec = field(default_factory=BudgetSpec)
     prompts: PromptSource = field(default_factory=PromptSource.generated)
+    # long prompts mixed in: one every long_every_s seconds while the run sends (the first at
+    # half that), read whole (native API), recorded apart (RunResult.long_records)
+    long_prompts: PromptSource | None = None
+    long_every_s: float = 10.0
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -56,6 +60,8 @@ class RunConfig:
             )
         if self.drain_s < 0 or not self.request_timeout_s > 0:
             raise LoadtestError("--drain must be >= 0 and --request-timeout > 0 seconds")
+        if self.long_prompts is not None and not self.long_every_s > 0:
+            raise LoadtestError(f"--long-every {self.long_every_s}: give seconds > 0")
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -71,6 +77,9 @@ class RunConfig:
             "keepalive": self.keepalive,
             "budget": self.budget.describe(),
             "prompts": self.prompts.origin,
+            "long_prompts": None
+            if self.long_prompts is None
+            else {"source": self.long_prompts.origin, "every_s": self.long_every_s},
         }
 
 
@@ -82,6 +91,7 @@ class RunResult:
     started_at: str
     wall_s: float
     server_info: dict[str, Any] | None = None
+    long_records: list[RequestRecord] = field(default_factory=list)  # --long-prompts requests
 
 
 def schedule(config: RunConfig) -> list[float]:
@@ -191,22 +201,65 @@ async def run_load(target: Target, config: RunConfig, *, progress: bool = True) 
             bar.update(1)
             bar.set_postfix(errors=sum(r.error is not None for r in records), refresh=False)
 
+        longs: list[RequestRecord] = []
+        stop_long = asyncio.Event()
+        mixer = None
+        if config.long_prompts is not None:
+            mixer = asyncio.create_task(_long_loop(config, client, target, longs, stop_long, t0))
         try:
             async with asyncio.timeout(config.duration_s + config.drain_s):
                 if config.mode == "closed":
                     await _closed_loop(config, records, one, t0)
                 else:
                     await _open_loop(config, times, records, one, t0)
+                stop_long.set()  # the main load is done: no more long prompts; let those in
+                if mixer is not None:  # flight finish within the drain
+                    await mixer
         except TimeoutError:
             pass
         finally:
+            stop_long.set()
+            if mixer is not None and not mixer.done():
+                mixer.cancel()
+                await asyncio.gather(mixer, return_exceptions=True)
             bar.close()
     wall_s = time.perf_counter() - t0
     records = [r for r in records if r.index in sent]  # never-sent requests are not in the run
-    for record in records:
+    for record in records + longs:
         if record.latency_s is None:  # still in flight when the hard deadline hit
             record.error = "deadline"
-    return RunResult(target, config, records, started_at, wall_s, info)
+    return RunResult(target, config, records, started_at, wall_s, info, longs)
+
+
+async def _long_loop(config: RunConfig, client, target: Target, longs, stop, t0: float) -> None:
+    """Send long prompt j at (j + 1/2) x long_every_s from the start while the run sends (and
+    `stop` is not set), each read whole; wait for those sent."""
+    assert config.long_prompts is not None
+    extra = {"read": "whole"} if target.api == "native" else {}
+    tasks: list[asyncio.Task] = []
+    j = 0
+    try:
+        while True:
+            when = (j + 0.5) * config.long_every_s
+            if when >= config.duration_s:
+                break
+            try:
+                await asyncio.wait_for(stop.wait(), max(0.0, t0 + when - time.perf_counter()))
+                break  # stopped before this one was due
+            except TimeoutError:
+                pass
+            record = RequestRecord(index=1_000_000 + j, budget_field=None, kind="long")
+            record.scheduled_s = when
+            longs.append(record)
+            text = config.long_prompts.get(j)
+            tasks.append(asyncio.create_task(send(client, target, record, text, t0, extra)))
+            j += 1
+        if tasks:
+            await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def _open_loop(config: RunConfig, times: list[float], records, one, t0: float) -> None:

@@ -133,7 +133,9 @@ class Serving:
         self._guarded = info.get("policy", "hest") == "hest"
         self.metrics.set_info(info)
         self._sched = engine.scheduler(
-            max_rows=self.settings.max_batch_size, static=self.settings.batching == "static"
+            max_rows=self.settings.max_batch_size,
+            static=self.settings.batching == "static",
+            prefill_tokens=self.settings.prefill_tokens or None,
         )
         self._engine_loop = loop.run_in_executor(
             self._worker, self._sched.serve_forever, self.metrics.batch_size.observe

@@ -11,6 +11,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from hest_core.config import RuntimeConfig
 from hest_core.runtime.engine import DEFAULT_BUDGET_RATIO, DEFAULT_MAX_NEW_TOKENS
+from hest_core.runtime.scheduler import DEFAULT_PREFILL_TOKENS
 
 
 class Settings(BaseSettings):
@@ -43,6 +44,13 @@ class Settings(BaseSettings):
         description="'continuous': requests join the running batch between decode steps; "
         "'static': a batch runs to completion before the next starts (the baseline the load "
         "test compares with)",
+    )
+    prefill_tokens: int = Field(
+        DEFAULT_PREFILL_TOKENS,
+        ge=0,
+        description="the most prompt tokens prefilled in one scheduler round while other requests "
+        "decode or wait, shortest remaining prompt first, so a long prompt delays the others by "
+        "one round of this many tokens (a request alone prefills 1,024 a round); 0: no limit",
     )
     max_wait_ms: float = Field(
         10.0,

@@ -5,10 +5,12 @@ Requests wait in a queue (`submit`, thread-safe). Each `step`:
 
 1. admits waiting requests while fewer than `max_rows` are running, each into a free KV-cache row
    (`kvrows.CacheRows`), its guard charging the prompt's fixed work up front as before;
-2. runs one prefill round for the requests still prefilling: every one of them contributes its
-   next chunk of at most `generation.PREFILL_CHUNK` prompt tokens to one flat forward. A request
-   whose prompt is done takes its first token and joins the running batch, so a long prompt costs
-   the running requests one round per chunk, never its whole prefill at once;
+2. runs one prefill round for the requests still prefilling: their next chunks (each at most
+   `prefill_tokens` and `generation.PREFILL_CHUNK` prompt tokens) go into one flat forward,
+   shortest remaining prompt first, as many as fit in `prefill_tokens` (Sarathi-Serve's token
+   budget per iteration: a 4k-token prompt delays a short one, and the decoding requests' next
+   tokens, by one budget's prefill, not by its own prefill). A request whose prompt is done
+   takes its first token and joins the running batch;
 3. runs one decode step for every running request (`BatchRunner._before_step` first:
    cancellation and the budget of the next token); requests that end leave, their rows freed,
    their result handed to `on_done`.
@@ -43,6 +45,10 @@ from .tickets import ForwardFailed, Ticket, budget_error, run_state, share_readi
 
 log = logging.getLogger("hest.scheduler")
 
+# the most prompt tokens of one prefill round, and of one request's chunk (the server's
+# HEST_PREFILL_TOKENS). Why 512:
+# docs/runtime.md ("The prefill token budget"), measured with the mixed long/short load test.
+DEFAULT_PREFILL_TOKENS = 512
 DEFAULT_MAX_ROWS = 16  # requests decoded at once by default (the server's HEST_MAX_BATCH_SIZE): as
 # many as the fused decode layer takes (native.FUSED_MAX_ROWS; docs/runtime.md has the measurements)
 
@@ -52,7 +58,9 @@ class Scheduler(BatchRunner):
     decoding at once (the rest wait). `reraise`: a failed batched forward raises out of `step`
     (Engine.generate's contract) instead of only ending the requests of that forward.
     `static`: admit waiting requests only when nothing runs (static batching: a batch runs to
-    completion before the next starts), the baseline continuous batching is measured against."""
+    completion before the next starts), the baseline continuous batching is measured against.
+    `prefill_tokens`: the most prompt tokens of one prefill round and of one request's chunk
+    (None: chunks of PREFILL_CHUNK tokens, every prefilling request's next chunk each round)."""
 
     def __init__(
         self,
@@ -61,10 +69,19 @@ class Scheduler(BatchRunner):
         *,
         reraise: bool = False,
         static: bool = False,
+        prefill_tokens: int | None = DEFAULT_PREFILL_TOKENS,
     ):
         super().__init__(engine, self._deliver)
         if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1:
             raise ValueError(f"max_rows={max_rows!r} must be an integer >= 1")
+        if prefill_tokens is not None and (
+            isinstance(prefill_tokens, bool)
+            or not isinstance(prefill_tokens, int)
+            or prefill_tokens < 1
+        ):
+            raise ValueError(f"prefill_tokens={prefill_tokens!r} must be an integer >= 1 or None")
+        self.prefill_tokens = prefill_tokens
+        self._passed: set[int] = set()  # keys of the requests the last prefill round passed over
         self.max_rows, self.reraise, self.static = max_rows, reraise, bool(static)
         self._cv = threading.Condition()
         self._pending: deque[Ticket] = deque()
@@ -189,21 +206,49 @@ class Scheduler(BatchRunner):
             self._by_key[t.key] = t
             self._prefilling.append(t)
 
+    def _chunks(self, live: list[Ticket]) -> list[tuple[Ticket, int]]:
+        """(request, tokens) of this round's prefill: each request's next chunk of `chunk_size`
+        tokens (the same chunks whoever else runs, so a request's paths and text do not depend
+        on its batch mates), as many chunks as fit in `prefill_tokens` (the first always, so
+        every round makes progress): a request passed over last round first, then shortest
+        remaining prompt first. So a short prompt waits at most one chunk of a long one, and a
+        long one at most one round of short ones."""
+        size = self.chunk_size
+        order = sorted(
+            live, key=lambda t: (t.key not in self._passed, len(t.req.ids) - t.pos, t.key)
+        )
+        out, total = [], 0
+        for t in order:
+            n = min(size, len(t.req.ids) - t.pos)
+            if out and self.prefill_tokens is not None and total + n > self.prefill_tokens:
+                continue
+            out.append((t, n))
+            total += n
+        took = {t.key for t, _ in out}
+        self._passed = {t.key for t in live if t.key not in took}
+        return out
+
+    @property
+    def chunk_size(self) -> int:
+        """Prompt tokens of one request's prefill chunk: PREFILL_CHUNK, at most `prefill_tokens`."""
+        size = generation.PREFILL_CHUNK
+        return size if self.prefill_tokens is None else min(size, self.prefill_tokens)
+
     def _prefill_round(self) -> None:
-        """Each prefilling request's next chunk (at most PREFILL_CHUNK tokens) in one flat
-        forward; a chunk attends to the cache before it and causally within itself. Requests
-        whose prompt is done take their first token and join the decoding batch."""
+        """This round's chunks (`_chunks`) in one flat forward; a chunk attends to the cache
+        before it and causally within itself. Requests whose prompt is done take their first
+        token and join the decoding batch."""
         for t in self._prefilling:
             if t.req.cancelled is not None and t.req.cancelled.is_set():
                 t.st.finish = "cancelled"
         live = [t for t in self._prefilling if t.st.finish is None]
         if not live:
             return
-        size = generation.PREFILL_CHUNK
         ids, pos, slots, groups, last, owners = [], [], [], [], [], []
-        for t in live:
-            chunk = t.req.ids[t.pos : t.pos + size]
-            row0, n = len(ids), len(chunk)
+        chunks = self._chunks(live)
+        for t, n in chunks:
+            chunk = t.req.ids[t.pos : t.pos + n]
+            row0 = len(ids)
             ids.extend(chunk)
             pos.extend(range(t.pos, t.pos + n))
             slots.append(SeqSlot(row0=row0, n=n, cache_row=self._rows.row_of(t), pos0=t.pos))
@@ -212,6 +257,7 @@ class Scheduler(BatchRunner):
             if t.pos == len(t.req.ids):  # this prompt's last chunk: its logits are needed
                 last.append(row0 + n - 1)
                 owners.append(t)
+        live = [t for t, _ in chunks]
         decide = self._decider(groups, "prefill")
         logits = self._run_forward(live, ids, pos, slots, self._rows.cache, decide, False, last)
         if not owners:

@@ -127,6 +127,51 @@ def test_long_prompt_prefill_interleaves_with_running_decodes(tiny_engine: Engin
     assert tokens, "the running request streamed while the other prefilled"
 
 
+def test_prefill_token_budget_lets_a_short_prompt_pass_a_long_one(tiny_engine: Engine, monkeypatch):
+    """`prefill_tokens`: a short prompt submitted after a long one is prefilled first and whole
+    in the first round (shortest remaining first); a round holds at most the budget and one
+    request's chunk at most the budget, alone or not, so both write what they write alone (and
+    take the same paths). Bad budgets are refused."""
+    monkeypatch.setattr(generation, "PREFILL_CHUNK", 128)
+    long_, short = GenerationRequest(BASE * 24, max_new_tokens=4), _req(2, max_new=8)
+    sched = tiny_engine.scheduler(prefill_tokens=100)
+    assert sched.chunk_size == 100
+    seen: list[int] = []
+    real = sched._forward
+
+    def spy(ids, positions, slots, cache, decide, decode, logits_rows):
+        if not decode:
+            seen.append(len(ids))
+        return real(ids, positions, slots, cache, decide, decode, logits_rows)
+
+    sched._forward = spy
+    pl, ps = tiny_engine.check(long_), tiny_engine.check(short)
+    assert len(ps.ids) <= 100 and len(pl.ids) > 3 * 100
+    alone = []
+    for p in (pl, ps):
+        t = sched.submit(p)
+        while not sched.idle:
+            sched.step()
+        alone.append(t.result)
+    assert seen[:3] == [100, 100, 100]  # a request alone: chunks of the budget
+    seen.clear()
+    a, b = sched.submit(tiny_engine.check(long_)), sched.submit(tiny_engine.check(short))
+    sched.step()
+    assert b.st.ttft_s > 0 and a.st.ttft_s == 0.0  # the short one passed the long one
+    assert seen == [len(ps.ids)] and a.pos == 0  # the long one's chunk did not fit beside it
+    c = sched.submit(tiny_engine.check(_req(1, max_new=2)))
+    sched.step()  # passed over last round, the long one goes first; the new short one waits
+    assert seen[1] == 100 and a.pos == 100 and c.pos == 0
+    while not sched.idle:
+        sched.step()
+    assert max(seen) == 100 and sum(seen) == len(pl.ids) + len(ps.ids) + len(c.req.ids)
+    _same(a, alone[0])
+    _same(b, alone[1])
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="prefill_tokens"):
+            tiny_engine.scheduler(prefill_tokens=bad)
+
+
 def test_a_failed_forward_ends_only_its_requests(tiny_engine: Engine, monkeypatch):
     """The prefill forward of a joining request raises: that request ends with finish "error"
     (RequestFailedError naming the cause); the request decoding meanwhile is not touched."""

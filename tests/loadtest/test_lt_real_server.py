@@ -130,3 +130,51 @@ def test_cli_compare_sweep_writes_json_markdown_and_plots(tiny_server, tmp_path,
     assert "| metric |" in (out / "report.md").read_text()
     for name in ("latency_cdf.png", "p99_vs_rate.png", "joules_vs_budget.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG", name
+
+
+def test_long_prompts_are_mixed_in_read_whole_and_reported_apart(tiny_server, tmp_path) -> None:
+    """`long_prompts`: one long prompt every `long_every_s` while the run sends (the first at
+    half of it), each read whole by the real server (its prompt longer than any short one),
+    recorded apart (kind "long") and summarised under `long_requests`; the run's own figures
+    count the short requests only. The CLI takes `--long-prompts/--long-every`."""
+    long_file = tmp_path / "long.jsonl"
+    text = " ".join(
+        f"Sentence number {i} of a long report on the harbour works." for i in range(60)
+    )
+    long_file.write_text(json.dumps({"article": text}) + "\n")
+    target = Target(url=tiny_server, max_new_tokens=4)
+    config = RunConfig(
+        mode="constant",
+        rate=4,
+        max_requests=12,
+        duration_s=3.0,
+        budget=BudgetSpec.parse("1.0", kind="ratio"),
+        prompts=PromptSource.generated(words=40, count=3),
+        long_prompts=PromptSource.from_jsonl(long_file),
+        long_every_s=1.0,
+    )
+    result = asyncio.run(run_load(target, config, progress=False))
+    summary = summarize_run(result, slo_s=30.0)
+    assert [r.kind for r in result.records] == ["main"] * 12
+    assert [r.scheduled_s for r in result.long_records] == [0.5, 1.5, 2.5]
+    assert all(r.kind == "long" and r.ok for r in result.long_records)
+    short_max = max(r.prompt_tokens for r in result.records)
+    assert min(r.prompt_tokens for r in result.long_records) > 2 * short_max
+    assert summary["requests"]["sent"] == 12
+    lr = summary["long_requests"]
+    assert lr["sent"] == lr["ok"] == 3 and lr["ttft_s"]["n"] == 3
+    assert result.config.describe()["long_prompts"]["every_s"] == 1.0
+
+    out = tmp_path / "out"
+    code = main(
+        [
+            "--url", tiny_server, "--mode", "constant", "--rate", "4", "--max-requests", "8",
+            "--duration", "2", "--max-new-tokens", "3", "--long-prompts", str(long_file),
+            "--long-every", "1", "--out", str(out), "--no-progress", "--no-plots",
+        ]
+    )  # fmt: skip
+    assert code in (0, None)
+    rep = json.loads((out / "report.json").read_text())
+    kinds = [r["kind"] for r in rep["runs"][0]["requests"]]
+    assert kinds.count("long") == 2 and kinds.count("main") == 8
+    assert rep["runs"][0]["summary"]["long_requests"]["sent"] == 2

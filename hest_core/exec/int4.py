@@ -256,35 +256,77 @@ def lowrank_factors(lean: LeanModel) -> dict[str, list[float]] | None:
     return out
 
 
-def rescale_table(table, lean: LeanModel):
-    """`table` with its int4 unit costs (and decode shares) scaled per layer by this model's
-    `lowrank_factors` over those of the model the table was measured on (`kernels
-    ["int4_lowrank"]`, recorded by `calibrate`; absent: a model without the term, as every table
-    before it was measured). The same table where int4 is not registered or the factors agree;
-    else a copy. Raises nothing."""
+def measure_lowrank_decode(lean: LeanModel, meter, ctx: int = 576, rounds: int = 3) -> dict:
+    """Joules the low-rank terms add to one decode step of one row with every unit on int4, at
+    context `ctx`: the same step timed (`meter`, as calibration times it) with the terms and with
+    them taken off, interleaved `rounds` times, the least of each. Returns {"with_j",
+    "without_j", "delta_j"} (delta >= 0); the terms are back on when it returns, also on error.
+    About 1 s per step kind and round on the default model."""
+    from .. import paths as reg
+    from ..energy.calib_measure import _forward_j
+
+    p = reg.find("int4")
+    ctx = min(ctx, lean.rope_cos.shape[0] - 1)
+    lows = [(c, c.low) for lw in lean.layers for n in GROUPS if (c := getattr(lw, n, None))]
+    with_j, without_j = [], []
+    for _ in range(rounds):
+        with_j.append(_forward_j(lean, meter, 1, ctx, p))
+        try:
+            for c, _ in lows:
+                c.low = None
+            without_j.append(_forward_j(lean, meter, 1, ctx, p))
+        finally:
+            for c, low in lows:
+                c.low = low
+    a, b = min(with_j), min(without_j)
+    return {"with_j": a, "without_j": b, "delta_j": max(0.0, a - b)}
+
+
+def rescale_table(table, lean: LeanModel, meter=None):
+    """`table` with its int4 unit costs raised by this model's low-rank terms (issue 14), where
+    the table was measured on a model without them (`kernels["int4_lowrank"]` all 1.0, or
+    absent as in every table before it): decode by the measured joules the terms add to a step
+    (`measure_lowrank_decode`, with `meter`), spread over the layers by their terms' bytes;
+    prefill by `lowrank_factors`' multiply-add model (int4 prefill is the 16-bit GEMM plus the
+    term; the energy model runs fp16 there wherever that is no dearer). Without a meter the
+    decode costs follow the bytes model too. The same table where int4 is not registered, the
+    model has no term, or the table was measured with the same terms; else a copy whose
+    `kernels["int4_lowrank_rescaled"]` says what was done. A table measured with other terms
+    than this model's is used as it is, with a warning (recalibrate for this adapter)."""
     import copy
 
     from .. import paths as reg
 
     p = reg.find("int4")
     ours = lowrank_factors(lean) if p is not None else None
-    if ours is None:
+    if ours is None or all(v == 1.0 for f in ours.values() for v in f):
         return table
     L = table.n_layers
     theirs = (table.kernels or {}).get("int4_lowrank") or {}
-    scale = {
-        ph: [ours[ph][li] / float((theirs.get(ph) or [1.0] * L)[li]) for li in range(L)]
-        for ph in ("prefill", "decode")
-    }
-    if all(abs(s - 1.0) < 1e-9 for v in scale.values() for s in v):
+    if theirs == ours:
+        return table
+    if any(v != 1.0 for f in theirs.values() for v in f):
+        log.warning(
+            "the calibration table was measured with another adapter's int4 low-rank terms: "
+            "its int4 costs are used as they are; recalibrate for this adapter"
+        )
         return table
     out = copy.deepcopy(table)
-    for ph in ("prefill", "decode"):
-        costs = getattr(out, ph)
+    pre, dec = out.prefill, out.decode
+    for li in range(L):
+        pre.unit[li][p] *= ours["prefill"][li]
+    record: dict = {"prefill": "multiply-add model", "prefill_mean": sum(ours["prefill"]) / L}
+    extra = [f - 1.0 for f in ours["decode"]]
+    if meter is not None:
+        m = measure_lowrank_decode(lean, meter)
+        weights = [e / sum(extra) for e in extra]
         for li in range(L):
-            costs.unit[li][p] *= scale[ph][li]
-            if costs.shared is not None:
-                costs.shared[li][p] *= scale[ph][li]
-    out.kernels["int4_lowrank_rescaled"] = {ph: round(sum(v) / L, 4) for ph, v in scale.items()}
+            dec.unit[li][p] += m["delta_j"] * weights[li]
+        record |= {"decode": "measured", **m}
+    else:
+        for li in range(L):
+            dec.unit[li][p] *= ours["decode"][li]
+        record |= {"decode": "bytes model", "decode_mean": sum(ours["decode"]) / L}
+    out.kernels["int4_lowrank_rescaled"] = record
     out.source = table.source
     return out

@@ -203,7 +203,7 @@ class Engine:
         table = calib.resolve(lean, fp, calibration, m, progress, cfg)
         calib.apply_kernel_choices(lean, table)
         # the adapter's low-rank term beside the int4 blocks costs what the table's model's did not
-        return rescale_table(table, lean)
+        return rescale_table(table, lean, m)
 
     @staticmethod
     def _energy_of(table, ctl) -> EnergyModel:

@@ -309,8 +309,11 @@ def test_fused_low_rank_term_is_not_ignored(int4, lean4_fused):
 def test_low_rank_term_raises_the_int4_costs_by_its_work(int4, hf, lean4_fused, int4_tables):
     """`lowrank_factors`: 1.0 on every layer without a term; with a rank-16 term, decode by the
     term's bytes over the Q4_1 bytes and prefill by its multiply-adds over N K (layer 0 checked
-    by hand). `rescale_table` scales only the int4 column of a table measured without a term,
-    leaves a table measured with the same term as it is, and divides out a table's own term."""
+    by hand). `rescale_table` raises only the int4 column of a table measured without a term:
+    prefill by the multiply-add model, decode by the measured joules the terms add to a step
+    (spread by their bytes; the terms are back on afterwards) or, without a meter, by the bytes
+    model; a table measured with the same terms, or for a model without any, is used as it is."""
+    from hest_core.energy import calib_measure
     from hest_core.energy.model import CalibrationTable
     from hest_core.exec.int4 import lowrank_factors, rescale_table
 
@@ -326,17 +329,32 @@ def test_low_rank_term_raises_the_int4_costs_by_its_work(int4, hf, lean4_fused, 
     fp = fingerprint(hf)
     path = next(p for p in int4_tables.glob("*.json") if fp in p.name and "int4" in p.name)
     t = CalibrationTable.load(path)
-    assert rescale_table(t, lean4_fused[0]) is t
-    s = rescale_table(t, lean4_fused[16])
+    assert rescale_table(t, lean4_fused[0], EstimateMeter(30)) is t
     i, others = int4.index, [j for j in range(reg.n_paths()) if j != int4.index]
-    for ph in ("prefill", "decode"):
-        for li in range(t.n_layers):
-            a, b = getattr(t, ph).unit[li], getattr(s, ph).unit[li]
-            assert b[i] == pytest.approx(a[i] * low[ph][li])
-            assert [b[j] for j in others] == [a[j] for j in others]
-    # a table measured on a model with the same term is used as it is; one with the term, for a
-    # model without it, loses the term's share
-    t.kernels["int4_lowrank"] = low
+    old = calib_measure.WINDOW_SCALE
+    calib_measure.WINDOW_SCALE = 0.05
+    try:
+        measured = rescale_table(t, lean4_fused[16], EstimateMeter(30))
+    finally:
+        calib_measure.WINDOW_SCALE = old
+    assert all(m.low is not None for m in mods)  # the terms are back on
+    modelled = rescale_table(t, lean4_fused[16])
+    rec = measured.kernels["int4_lowrank_rescaled"]
+    assert rec["decode"] == "measured" and rec["delta_j"] >= 0
+    assert modelled.kernels["int4_lowrank_rescaled"]["decode"] == "bytes model"
+    extra = sum(f - 1 for f in low["decode"])
+    for li in range(t.n_layers):
+        for s in (measured, modelled):
+            for ph in ("prefill", "decode"):
+                a, b = getattr(t, ph).unit[li], getattr(s, ph).unit[li]
+                assert [b[j] for j in others] == [a[j] for j in others]
+            assert s.prefill.unit[li][i] == pytest.approx(
+                t.prefill.unit[li][i] * low["prefill"][li]
+            )
+        added = measured.decode.unit[li][i] - t.decode.unit[li][i]
+        assert added == pytest.approx(rec["delta_j"] * (low["decode"][li] - 1) / extra)
+        assert modelled.decode.unit[li][i] == pytest.approx(
+            t.decode.unit[li][i] * low["decode"][li]
+        )
+    t.kernels["int4_lowrank"] = low  # measured with these very terms: used as it is
     assert rescale_table(t, lean4_fused[16]) is t
-    back = rescale_table(t, lean4_fused[0])
-    assert back.decode.unit[0][i] == pytest.approx(t.decode.unit[0][i] / low["decode"][0])

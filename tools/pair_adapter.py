@@ -26,7 +26,9 @@ from hest_core import paths as reg  # noqa: E402
 from hest_core.adapter.artifact import load_adapter  # noqa: E402
 
 
-def pair(controller: str, z: str, out: str, read_ratio: float | None = None) -> Path:
+def pair(
+    controller: str, z: str, out: str, read_ratio: float | None = None, int4_mode: str | None = None
+) -> Path:
     """Write `controller`'s artifact with `z`'s spectral z to `out`; returns `out`."""
     reg.enable(
         ("fp16", "int8", "int4", "skip")
@@ -43,6 +45,8 @@ def pair(controller: str, z: str, out: str, read_ratio: float | None = None) -> 
     a.config.training = training
     if read_ratio is not None:
         a.config.read_ratio = read_ratio
+    if int4_mode is not None:
+        a.config.int4_mode = int4_mode
     return a.save(out)
 
 
@@ -52,8 +56,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--z", required=True, help="adapter whose spectral z is taken")
     ap.add_argument("--out", required=True)
     ap.add_argument("--read-ratio", type=float, default=None)
+    ap.add_argument("--int4-mode", choices=("lowrank", "merged", "plain"), default=None)
     a = ap.parse_args(argv)
-    d = pair(a.controller, a.z, a.out, a.read_ratio)
+    d = pair(a.controller, a.z, a.out, a.read_ratio, a.int4_mode)
     cfg = json.loads((d / "adapter_config.json").read_text())
     print(f"wrote {d} (read_ratio {cfg.get('read_ratio')})")
 

@@ -96,7 +96,9 @@ def _cast(t, dtype: torch.dtype):
     return None if t is None else t.detach().to(dtype).contiguous()
 
 
-def _train_layer(hf, li: int, dtype: torch.dtype, int4: bool, q4_err: dict | None) -> TrainLayer:
+def _train_layer(
+    hf, li: int, dtype: torch.dtype, int4: bool, q4_err: dict | None, q4_abs: dict | None = None
+) -> TrainLayer:
     """Layer li's frozen weights for the trainer: the 16-bit copies, their int8 fake-quantised
     twins and (int4 registered) their Q4_1 twins (`TrainModel`'s q4_err says how)."""
     layer = hf.model.layers[li]
@@ -111,6 +113,8 @@ def _train_layer(hf, li: int, dtype: torch.dtype, int4: bool, q4_err: dict | Non
         return cast(fake_quant_weight(w))
 
     def q4(names: tuple[str, ...], w: torch.Tensor):
+        if q4_abs is not None:  # the base's blocks as they are (int4 "plain": no z on int4)
+            return cast(torch.cat([q4_abs[(li, n)] for n in names]))
         if q4_err is None:
             return cast(fake_quant_q4(w))
         return cast(w + torch.cat([q4_err[(li, n)] for n in names]))
@@ -151,18 +155,19 @@ def _train_layer(hf, li: int, dtype: torch.dtype, int4: bool, q4_err: dict | Non
 class TrainModel:
     """Frozen base weights + the forward the trainer differentiates."""
 
-    def __init__(self, hf, dtype: torch.dtype, q4_err: dict | None = None):
+    def __init__(self, hf, dtype: torch.dtype, q4_err: dict | None = None, q4_abs=None):
         """hf: the (frozen) model; q4_err: {(layer, target): Q4_1(W) - W} of the weights *before*
         an adapter's z was merged into hf (`--base-z`), so the int4 copy is the base's 4-bit
         blocks plus z's change beside them, as the runtime's int4 path runs it (int4.py
-        "lowrank"); None: the int4 copy is Q4_1 of hf's weights as they are."""
+        "lowrank"); None: the int4 copy is Q4_1 of hf's weights as they are. q4_abs:
+        {(layer, target): the base's Q4_1 weights}, used as they are (int4 "plain")."""
         check_layout(hf)
         self.spec: ModelSpec = spec_of(hf)
         self.dtype = dtype
 
         int4 = reg.find("int4") is not None
         self.layers: list[TrainLayer] = [
-            _train_layer(hf, li, dtype, int4, q4_err) for li in range(len(hf.model.layers))
+            _train_layer(hf, li, dtype, int4, q4_err, q4_abs) for li in range(len(hf.model.layers))
         ]
         self.embed = _cast(hf.model.embed_tokens.weight, dtype)
         self.lm_head = _cast(hf.lm_head.weight, dtype)

@@ -65,6 +65,17 @@ def q4_errors(hf) -> dict[tuple[int, str], torch.Tensor]:
     return out
 
 
+def q4_plain(hf) -> dict[tuple[int, str], torch.Tensor]:
+    """{(layer, target): Q4_1(W) dequantized} (fp32) of the base weights, taken before `--base-z`
+    merges z: the twin's int4 copy under `--int4-z plain` (the runtime's int4 "plain" mode)."""
+    out = {}
+    for li in range(hf.config.num_hidden_layers):
+        for t in TARGETS:
+            w = target_module(hf, li, t).weight.detach().float()
+            out[(li, t)] = quantize_q4_1(w).dequantize().float()
+    return out
+
+
 def budget_at(step: int, seed: int, budgets: list[float]) -> float:
     """The budget ratio of a step: a function of (seed, step)."""
     return random.Random(seed * 1_000_003 + step).choice(budgets)
@@ -92,9 +103,11 @@ class GateTrainer:
         self.spec, self.fp, self.sizes = spec_of(hf), fingerprint(hf), spectrum_sizes(hf)
         self.em, self.table = energy_model(hf, self.fp, args.calibration)
         # int4 with a merged --base-z: the base's 4-bit blocks + z beside (the runtime's lowrank)
+        plain = getattr(args, "int4_z", "lowrank") == "plain"
         q4_err = q4_errors(hf) if reg.find("int4") and getattr(args, "base_z", None) else None
+        q4_abs = q4_plain(hf) if reg.find("int4") and plain else None
         self.base_z = self._merge_base_z(hf, progress)
-        self.tm = TrainModel(hf, resolve_dtype(args.dtype, CPU), q4_err)
+        self.tm = TrainModel(hf, resolve_dtype(args.dtype, CPU), q4_err, q4_abs)
         self.zmod = self._spectral_z(hf, progress)
         del hf  # TrainModel holds what it needs
         self.ctl = method.controller(self.spec.hidden, self.spec.n_layers, args.k)
@@ -291,6 +304,7 @@ class GateTrainer:
             controller=self.method.controller_key,
             created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             training=self.record(done, wall_s),
+            int4_mode="plain" if getattr(self.args, "int4_z", "lowrank") == "plain" else None,
         )
         return HestAdapter(cfg, ctl, z)
 
@@ -307,6 +321,7 @@ class GateTrainer:
             "max_summary_tokens": a.max_summary_tokens,
             "z_rank": a.z_rank,
             "fix_path": getattr(a, "fix_path", None),
+            "int4_z": getattr(a, "int4_z", "lowrank"),
             "base_z": getattr(a, "base_z", None),
             "budgets": self.budgets,
             "budget_tokens": getattr(a, "budget_tokens", 0),

@@ -94,6 +94,14 @@ def _objective_args(ap: argparse.ArgumentParser) -> None:
         "adapter for the path the runtime serves; pair it with a controller through --base-z)",
     )
     ap.add_argument(
+        "--int4-z",
+        choices=("lowrank", "plain"),
+        default="lowrank",
+        help="how the int4 path serves the spectral z: 'lowrank' beside the 4-bit blocks (what "
+        "runs at serving by default), 'plain' not at all (int4 runs the base model at its 4-bit "
+        "cost, the 16-bit and int8 paths carry z; recorded in the artifact's int4_mode)",
+    )
+    ap.add_argument(
         "--energy-floor",
         type=float,
         default=0.0,

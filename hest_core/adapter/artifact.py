@@ -47,6 +47,9 @@ class HestConfig:
     # where its budget could pay for more; None: read what the budget pays for. Tuned on the
     # validation split (docs/training.md, "The read ratio"), never on test pairs
     read_ratio: float | None = None
+    # how the int4 path serves z (exec/int4.py MODES): None -> int4.DEFAULT_MODE ("lowrank");
+    # "plain": the base blocks without z, as the adapter was trained (`--int4-z plain`)
+    int4_mode: str | None = None
 
     def __post_init__(self):
         r = self.read_ratio
@@ -55,6 +58,12 @@ class HestConfig:
         ):
             raise HestError(
                 f"HestConfig.read_ratio must be None or in (0, 1], got {r!r}", param="read_ratio"
+            )
+        if self.int4_mode not in (None, "lowrank", "merged", "plain"):  # exec/int4.py MODES
+            raise HestError(
+                f"HestConfig.int4_mode must be None, 'lowrank', 'merged' or 'plain', got "
+                f"{self.int4_mode!r}",
+                param="int4_mode",
             )
         if self.k <= 0:
             raise HestError(f"HestConfig.k must be > 0, got {self.k}", param="k")

@@ -10,7 +10,10 @@ nothing else is silently served), else `quantize_q4_1` at load. The adapter's sp
 (W' = W + U diag(s z) V^T) enters one of two ways (`MODES`, measured in docs/runtime.md):
 * "lowrank": the base blocks as they are, plus x V diag(s z) U^T beside the 4-bit product
   (rank = the z support of that weight): fp16-with-z up to the 4-bit error of W alone;
-* "merged": W' requantized to Q4_1 (one product, but the 4-bit grid no longer the shipped one).
+* "merged": W' requantized to Q4_1 (one product, but the 4-bit grid no longer the shipped one);
+* "plain": the base blocks alone, z left out: the int4 path serves the base model at its 4-bit
+  cost while the 16-bit and int8 copies carry z (an adapter trained with `--int4-z plain`
+  chooses per unit between z's quality and int4's price; its config's `int4_mode`).
 
 Numerics of `Int4Linear.__call__` (x in the model's 16-bit dtype):
 * 1..16 rows in bf16 on CPU with the kernel built (decode, short prefill chunks): `hest_gemv_q4`
@@ -44,7 +47,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("hest.int4")
 
-MODES = ("lowrank", "merged")
+MODES = ("lowrank", "merged", "plain")
 DEFAULT_MODE = "lowrank"  # why: docs/runtime.md, "The int4 path"
 # fused projection -> (the LayerWeights 16-bit copy it shadows, the targets stacked in it)
 GROUPS = {
@@ -184,6 +187,8 @@ def attach(
     was done (for the engine's info). Raises ValueError for an unknown mode or z past the SVD."""
     if mode not in MODES:
         raise ValueError(f"int4 mode {mode!r} is not one of {MODES}")
+    if mode == "plain":
+        z = None
     if z is not None and all(float(v.abs().max()) == 0 for v in z.values()):
         z = None
     blocks, shipped = base_blocks(hf, gguf)
@@ -211,17 +216,19 @@ def attach(
     }
 
 
-def attach_for_model(lean: LeanModel, hf, model: str, z=None, svd: SvdCache | None = None) -> dict:
+def attach_for_model(
+    lean: LeanModel, hf, model: str, z=None, svd: SvdCache | None = None, mode: str = DEFAULT_MODE
+) -> dict:
     """`attach` as the engine and `python -m hest_core.energy.calibrate` do it: the GGUF blocks of the
     default model (read ~2 s), quantization at load for any other; `DEFAULT_MODE` for z. The
     default model's lm_head also gets its Q8_0 blocks (q8head.py: the same logits at decode from
     ~half the bytes)."""
     if model != DEFAULT_MODEL:
-        return attach(lean, hf, None, z, svd)
+        return attach(lean, hf, None, z, svd, mode)
     from gguf import GGUFReader
 
     reader = GGUFReader(str(default_gguf()))
-    info = attach(lean, hf, read_gguf_q4(reader=reader), z, svd)
+    info = attach(lean, hf, read_gguf_q4(reader=reader), z, svd, mode)
     info["lm_head"] = (
         "Q8_0" if q8head.attach(lean, q8head.read_gguf_head(reader=reader)) else "bf16"
     )

@@ -269,9 +269,10 @@ class Engine:
         lean.fused.enabled = cfg.fused
         int4_info = None
         if reg.find("int4") is not None:
-            from ..exec.int4 import attach_for_model
+            from ..exec.int4 import DEFAULT_MODE, attach_for_model
 
-            int4_info = attach_for_model(lean, hf, model, None if ad is None else ad.z, svd)
+            mode = (ad.config.int4_mode if ad is not None else None) or DEFAULT_MODE
+            int4_info = attach_for_model(lean, hf, model, None if ad is None else ad.z, svd, mode)
         if compile:
             enable_compile(lean)  # graphs are built on first use: call warmup()
         if ad is not None and ad.shortcut is not None:

@@ -5,12 +5,12 @@ Requests wait in a queue (`submit`, thread-safe). Each `step`:
 
 1. admits waiting requests while fewer than `max_rows` are running, each into a free KV-cache row
    (`kvrows.CacheRows`), its guard charging the prompt's fixed work up front as before;
-2. runs one prefill round for the requests still prefilling: their next chunks (each at most
-   `prefill_tokens` and `generation.PREFILL_CHUNK` prompt tokens) go into one flat forward,
-   shortest remaining prompt first, as many as fit in `prefill_tokens` (Sarathi-Serve's token
-   budget per iteration: a 4k-token prompt delays a short one, and the decoding requests' next
-   tokens, by one budget's prefill, not by its own prefill). A request whose prompt is done
-   takes its first token and joins the running batch;
+2. runs one prefill round for the requests still prefilling, in one flat forward: every prompt
+   of at most `generation.PREFILL_CHUNK` tokens whole, and the next `prefill_tokens`-token chunk
+   of a longer prompt while the round stays within `prefill_tokens` (Sarathi-Serve's token
+   budget per iteration, for long prompts: a 4k-token prompt delays a short one, and the
+   decoding requests' next tokens, by one chunk, not by its whole prefill). A request whose
+   prompt is done takes its first token and joins the running batch;
 3. runs one decode step for every running request (`BatchRunner._before_step` first:
    cancellation and the budget of the next token); requests that end leave, their rows freed,
    their result handed to `on_done`.
@@ -45,8 +45,8 @@ from .tickets import ForwardFailed, Ticket, budget_error, run_state, share_readi
 
 log = logging.getLogger("hest.scheduler")
 
-# the most prompt tokens of one prefill round, and of one request's chunk (the server's
-# HEST_PREFILL_TOKENS). Why 512:
+# prompts longer than PREFILL_CHUNK are prefilled in chunks of this many tokens, each joining a
+# round that holds at most this many (the server's HEST_PREFILL_TOKENS). Why 512:
 # docs/runtime.md ("The prefill token budget"), measured with the mixed long/short load test.
 DEFAULT_PREFILL_TOKENS = 512
 DEFAULT_MAX_ROWS = 16  # requests decoded at once by default (the server's HEST_MAX_BATCH_SIZE): as
@@ -59,8 +59,9 @@ class Scheduler(BatchRunner):
     (Engine.generate's contract) instead of only ending the requests of that forward.
     `static`: admit waiting requests only when nothing runs (static batching: a batch runs to
     completion before the next starts), the baseline continuous batching is measured against.
-    `prefill_tokens`: the most prompt tokens of one prefill round and of one request's chunk
-    (None: chunks of PREFILL_CHUNK tokens, every prefilling request's next chunk each round)."""
+    `prefill_tokens`: the chunk size of prompts longer than PREFILL_CHUNK, and the most tokens
+    a round may hold for such a chunk to join it (`_chunks`; None: chunks of PREFILL_CHUNK
+    tokens, every prefilling request's next chunk each round)."""
 
     def __init__(
         self,
@@ -207,30 +208,36 @@ class Scheduler(BatchRunner):
             self._prefilling.append(t)
 
     def _chunks(self, live: list[Ticket]) -> list[tuple[Ticket, int]]:
-        """(request, tokens) of this round's prefill: each request's next chunk of `chunk_size`
-        tokens (the same chunks whoever else runs, so a request's paths and text do not depend
-        on its batch mates), as many chunks as fit in `prefill_tokens` (the first always, so
-        every round makes progress): a request passed over last round first, then shortest
-        remaining prompt first. So a short prompt waits at most one chunk of a long one, and a
-        long one at most one round of short ones."""
-        size = self.chunk_size
-        order = sorted(
-            live, key=lambda t: (t.key not in self._passed, len(t.req.ids) - t.pos, t.key)
+        """(request, tokens) of this round's prefill. A prompt of at most PREFILL_CHUNK tokens is
+        prefilled whole, in the first round after its admission, beside every other such prompt;
+        a longer one in chunks of `chunk_size` tokens (the same chunks whoever else runs, so a
+        request's paths and text do not depend on its batch mates), which join a round only
+        while it holds at most `prefill_tokens` tokens, unless the last round passed that
+        request over (then it goes whatever the round holds). So a short prompt waits for at
+        most one chunk of a long one, and a long one advances at least every other round."""
+        whole = [t for t in live if len(t.req.ids) <= generation.PREFILL_CHUNK]
+        out = [(t, len(t.req.ids) - t.pos) for t in whole]
+        total = sum(n for _, n in out)
+        longs = sorted(
+            (t for t in live if len(t.req.ids) > generation.PREFILL_CHUNK),
+            key=lambda t: (t.key not in self._passed, len(t.req.ids) - t.pos, t.key),
         )
-        out, total = [], 0
-        for t in order:
-            n = min(size, len(t.req.ids) - t.pos)
-            if out and self.prefill_tokens is not None and total + n > self.prefill_tokens:
-                continue
-            out.append((t, n))
-            total += n
-        took = {t.key for t, _ in out}
-        self._passed = {t.key for t in live if t.key not in took}
+        passed = set()
+        for t in longs:
+            n = min(self.chunk_size, len(t.req.ids) - t.pos)
+            fits = self.prefill_tokens is None or total + n <= self.prefill_tokens
+            if fits or not out or t.key in self._passed:
+                out.append((t, n))
+                total += n
+            else:
+                passed.add(t.key)
+        self._passed = passed
         return out
 
     @property
     def chunk_size(self) -> int:
-        """Prompt tokens of one request's prefill chunk: PREFILL_CHUNK, at most `prefill_tokens`."""
+        """Prompt tokens of one prefill chunk of a prompt longer than PREFILL_CHUNK tokens:
+        PREFILL_CHUNK, at most `prefill_tokens`."""
         size = generation.PREFILL_CHUNK
         return size if self.prefill_tokens is None else min(size, self.prefill_tokens)
 

@@ -358,3 +358,38 @@ def test_low_rank_term_raises_the_int4_costs_by_its_work(int4, hf, lean4_fused, 
         )
     t.kernels["int4_lowrank"] = low  # measured with these very terms: used as it is
     assert rescale_table(t, lean4_fused[16]) is t
+
+
+def test_plain_int4_mode_serves_the_base_blocks_beside_a_z(int4, hf, tmp_path, int4_tables):
+    """int4 mode "plain": the int4 copies are the base's blocks alone (no low-rank term, outputs
+    equal to a model without the adapter) while the 16-bit copies carry z; an adapter's
+    `int4_mode` chooses it in the engine; an unknown mode is refused by the config."""
+    from hest_core.adapter.artifact import HestAdapter, HestConfig
+    from hest_core.adapter.spectral import SvdCache, spectrum_sizes
+    from hest_core.errors import HestError
+    from hest_core.exec.loading import spec_of
+
+    fp = fingerprint(hf)
+    ad = HestAdapter.untrained(spec_of(hf), fp, spectrum_sizes(hf))
+    g = torch.Generator().manual_seed(0)
+    for z in ad.z.values():
+        z[:, :4] = torch.randn(z.shape[0], 4, generator=g) * 0.3
+    ad.config.paths = list(reg.names())
+    ad.config.int4_mode = "plain"
+    ad.save(tmp_path / "plain")
+    eng = Engine.from_pretrained(
+        "tiny:llama", adapter=tmp_path / "plain", dtype="bf16", calibration=int4_tables,
+        progress=False,
+    )  # fmt: skip
+    assert eng.info()["int4"]["adapter"] == "none" and eng.info()["int4"]["lowrank_rows"] == 0
+    lw = eng.lean.layers[0]
+    assert lw.qkv4.low is None
+    assert not torch.equal(lw.qkv4.dense, lw.wqkv)  # the 16-bit copy has z merged, int4 not
+    base = build_lean(hf, torch.bfloat16, torch.device("cpu"), 512)
+    attach(base, hf)
+    assert torch.equal(base.layers[0].qkv4.dense, lw.qkv4.dense)
+    lowrank = attach(build_lean(hf, torch.bfloat16, torch.device("cpu"), 512), hf, None, ad.z,
+                     SvdCache(hf, fp, False, keep=4))  # fmt: skip
+    assert lowrank["lowrank_rows"] > 0
+    with pytest.raises(HestError, match="int4_mode"):
+        HestConfig("m", "f", 2, 8, int4_mode="tiles")

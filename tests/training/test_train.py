@@ -239,3 +239,38 @@ def test_fix_path_trains_z_alone_on_one_path_and_pairs_with_a_controller(
                 [*train_argv(pairs_file, tmp_path / "t", 1, "hest-fp16only"), "--fix-path", "int8"]
             )
         )
+
+
+def test_int4_z_plain_trains_int4_on_the_base_blocks_and_records_it(
+    pairs_file, tmp_path, builtin_paths, int4_tables
+):
+    """`--int4-z plain` under `--base-z`: the twin's int4 copies are the base's Q4_1 weights
+    (without z), its 16-bit copies carry z; the artifact says `int4_mode: plain`."""
+    from hest_core.exec.gguf_blocks import quantize_q4_1
+    from hest_core.exec.loading import load_hf_model
+    from hest_core.exec.weights import target_module
+    from training import gated, train
+
+    four = "fp16,int8,int4,skip"
+    first = train.train(train.parse_args(train_argv(pairs_file, tmp_path / "a", 2)))
+    argv = [
+        *train_argv(pairs_file, tmp_path / "b", 1, "hest", "--base-z", str(first)),
+        "--z-rank",
+        "0",
+        "--paths",
+        four,
+        "--calibration",
+        str(int4_tables),
+        "--int4-z",
+        "plain",
+    ]
+    args = train.parse_args(argv)
+    train.enable_paths(args.paths)
+    tr = gated.GateTrainer(train.METHODS["hest"], args)
+    hf = load_hf_model("tiny:llama", progress=False)
+    w = target_module(hf, 0, "o_proj").weight.detach().float()
+    q4 = quantize_q4_1(w).dequantize().float()
+    assert torch.allclose(tr.tm.layers[0].fq4["o"].float(), q4)
+    assert not torch.allclose(tr.tm.layers[0].wo.float(), w)  # the 16-bit copy carries z
+    out = train.train(args)
+    assert json.loads((out / "adapter_config.json").read_text())["int4_mode"] == "plain"

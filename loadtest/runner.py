@@ -231,6 +231,14 @@ async def run_load(target: Target, config: RunConfig, *, progress: bool = True) 
     return RunResult(target, config, records, started_at, wall_s, info, longs)
 
 
+async def _cancel_rest(tasks: list[asyncio.Task]) -> None:
+    """Cancel whatever of `tasks` is still running and wait for all of them (on any way out of a
+    loop: done, cancelled, or the run's deadline)."""
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
 async def _long_loop(config: RunConfig, client, target: Target, longs, stop, t0: float) -> None:
     """Send long prompt j at (j + 1/2) x long_every_s from the start while the run sends (and
     `stop` is not set), each read whole; wait for those sent."""
@@ -257,9 +265,7 @@ async def _long_loop(config: RunConfig, client, target: Target, longs, stop, t0:
         if tasks:
             await asyncio.gather(*tasks)
     finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await _cancel_rest(tasks)
 
 
 async def _open_loop(config: RunConfig, times: list[float], records, one, t0: float) -> None:
@@ -274,9 +280,7 @@ async def _open_loop(config: RunConfig, times: list[float], records, one, t0: fl
         if tasks:
             await asyncio.gather(*tasks)
     finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await _cancel_rest(tasks)
 
 
 async def _closed_loop(config: RunConfig, records, one, t0: float) -> None:
@@ -294,6 +298,4 @@ async def _closed_loop(config: RunConfig, records, one, t0: float) -> None:
     try:
         await asyncio.gather(*workers)
     finally:
-        for task in workers:
-            task.cancel()
-        await asyncio.gather(*workers, return_exceptions=True)
+        await _cancel_rest(workers)

@@ -198,7 +198,7 @@ class Engine:
         from ..energy import (
             calibrate as calib,  # lazy: `python -m hest_core.energy.calibrate` runs it as __main__
         )
-        from ..exec.int4 import rescale_table
+        from ..energy.calib_lowrank import rescale_table
 
         table = calib.resolve(lean, fp, calibration, m, progress, cfg)
         calib.apply_kernel_choices(lean, table)

@@ -188,7 +188,7 @@ def test_calibration_measures_an_int4_column(int4, hf, lean4):
         assert all(len(r) == 4 and r[int4.index] > 0 for r in ph.unit)
     assert len(table.decode.shared[0]) == 4  # the batched-decode shares have an int4 column
     # what the measured model's int4 units carried beside their blocks (none here), which an
-    # engine serving another adapter rescales from (`int4.rescale_table`)
+    # engine serving another adapter rescales from (`energy.calib_lowrank.rescale_table`)
     assert set(table.kernels["int4_lowrank"]["decode"]) == {1.0}
     assert cal.table_name("fp", lean4).endswith("-int4.json")  # apart from 3-path tables
 
@@ -314,8 +314,9 @@ def test_low_rank_term_raises_the_int4_costs_by_its_work(int4, hf, lean4_fused, 
     (spread by their bytes; the terms are back on afterwards) or, without a meter, by the bytes
     model; a table measured with the same terms, or for a model without any, is used as it is."""
     from hest_core.energy import calib_measure
+    from hest_core.energy.calib_lowrank import rescale_table
     from hest_core.energy.model import CalibrationTable
-    from hest_core.exec.int4 import lowrank_factors, rescale_table
+    from hest_core.exec.int4 import lowrank_factors
 
     plain, low = lowrank_factors(lean4_fused[0]), lowrank_factors(lean4_fused[16])
     assert set(plain["decode"]) == {1.0} and set(plain["prefill"]) == {1.0}

@@ -136,6 +136,7 @@ class Serving:
             max_rows=self.settings.max_batch_size,
             static=self.settings.batching == "static",
             prefill_tokens=self.settings.prefill_tokens or None,
+            decode_steps_per_chunk=self.settings.decode_steps_per_chunk,
         )
         self._engine_loop = loop.run_in_executor(
             self._worker, self._sched.serve_forever, self.metrics.batch_size.observe

@@ -11,7 +11,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from hest_core.config import RuntimeConfig
 from hest_core.runtime.engine import DEFAULT_BUDGET_RATIO, DEFAULT_MAX_NEW_TOKENS
-from hest_core.runtime.scheduler import DEFAULT_PREFILL_TOKENS
+from hest_core.runtime.scheduler import DECODE_STEPS_PER_CHUNK, DEFAULT_PREFILL_TOKENS
 
 
 class Settings(BaseSettings):
@@ -51,6 +51,13 @@ class Settings(BaseSettings):
         description="the most prompt tokens prefilled in one scheduler round while other requests "
         "decode or wait, shortest remaining prompt first, so a long prompt delays the others by "
         "one round of this many tokens (a request alone prefills 1,024 a round); 0: no limit",
+    )
+    decode_steps_per_chunk: int = Field(
+        DECODE_STEPS_PER_CHUNK,
+        ge=0,
+        description="while requests decode, a prompt longer than 1,024 tokens gets its next "
+        "prefill chunk only every this many scheduler steps, so the decoding requests get this "
+        "many tokens per chunk; 0 or 1: a chunk every step",
     )
     max_wait_ms: float = Field(
         10.0,

@@ -36,7 +36,12 @@ from .request import (  # the request types live in request.py; re-exported here
     PreparedRequest,
     RequestStats,  # noqa: F401  (re-exported)
 )
-from .scheduler import DEFAULT_MAX_ROWS, DEFAULT_PREFILL_TOKENS, Scheduler
+from .scheduler import (
+    DECODE_STEPS_PER_CHUNK,
+    DEFAULT_MAX_ROWS,
+    DEFAULT_PREFILL_TOKENS,
+    Scheduler,
+)
 
 log = logging.getLogger("hest.engine")
 
@@ -383,15 +388,23 @@ class Engine:
         max_rows: int = DEFAULT_MAX_ROWS,
         static: bool = False,
         prefill_tokens: int | None = DEFAULT_PREFILL_TOKENS,
+        decode_steps_per_chunk: int = DECODE_STEPS_PER_CHUNK,
     ) -> Scheduler:
         """A continuous-batching scheduler on this engine (hest_core/runtime/scheduler.py): requests
         `submit`ted to it join the running batch between decode steps, at most `max_rows`
         prefilling or decoding at once (`static`: only when nothing runs, the static-batching
         baseline), at most `prefill_tokens` prompt tokens a prefill round while others decode or
-        wait (None: no limit). Run it with `serve_forever` in one thread; it takes this engine's
+        wait (None: no limit), long prompts' chunks `decode_steps_per_chunk` steps apart while
+        others decode. Run it with `serve_forever` in one thread; it takes this engine's
         lock per step, so `generate` calls from other threads interleave between steps.
         Raises ValueError for max_rows < 1 or prefill_tokens < 1."""
-        return Scheduler(self, max_rows=max_rows, static=static, prefill_tokens=prefill_tokens)
+        return Scheduler(
+            self,
+            max_rows=max_rows,
+            static=static,
+            prefill_tokens=prefill_tokens,
+            decode_steps_per_chunk=decode_steps_per_chunk,
+        )
 
     def _nominal_watts(self) -> float:
         """The watts behind `estimated_j`: the estimate meter's, else the configured nominal."""

@@ -49,6 +49,9 @@ log = logging.getLogger("hest.scheduler")
 # round that holds at most this many (the server's HEST_PREFILL_TOKENS). Why 512:
 # docs/runtime.md ("The prefill token budget"), measured with the mixed long/short load test.
 DEFAULT_PREFILL_TOKENS = 512
+# while requests decode, long prompts' chunks run this many steps apart, so the decoding
+# requests get this many tokens per chunk (docs/runtime.md, measured in docs/loadtest.md)
+DECODE_STEPS_PER_CHUNK = 0
 DEFAULT_MAX_ROWS = 16  # requests decoded at once by default (the server's HEST_MAX_BATCH_SIZE): as
 # many as the fused decode layer takes (native.FUSED_MAX_ROWS; docs/runtime.md has the measurements)
 
@@ -61,7 +64,8 @@ class Scheduler(BatchRunner):
     completion before the next starts), the baseline continuous batching is measured against.
     `prefill_tokens`: the chunk size of prompts longer than PREFILL_CHUNK, and the most tokens
     a round may hold for such a chunk to join it (`_chunks`; None: chunks of PREFILL_CHUNK
-    tokens, every prefilling request's next chunk each round)."""
+    tokens, every prefilling request's next chunk each round). `decode_steps_per_chunk`: while
+    requests decode, long prompts' chunks run that many steps apart (0 or 1: every step)."""
 
     def __init__(
         self,
@@ -71,8 +75,17 @@ class Scheduler(BatchRunner):
         reraise: bool = False,
         static: bool = False,
         prefill_tokens: int | None = DEFAULT_PREFILL_TOKENS,
+        decode_steps_per_chunk: int = DECODE_STEPS_PER_CHUNK,
     ):
         super().__init__(engine, self._deliver)
+        if (
+            isinstance(decode_steps_per_chunk, bool)
+            or not isinstance(decode_steps_per_chunk, int)
+            or decode_steps_per_chunk < 0
+        ):
+            raise ValueError(
+                f"decode_steps_per_chunk={decode_steps_per_chunk!r} must be an integer >= 0"
+            )
         if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1:
             raise ValueError(f"max_rows={max_rows!r} must be an integer >= 1")
         if prefill_tokens is not None and (
@@ -83,6 +96,8 @@ class Scheduler(BatchRunner):
             raise ValueError(f"prefill_tokens={prefill_tokens!r} must be an integer >= 1 or None")
         self.prefill_tokens = prefill_tokens
         self._passed: set[int] = set()  # keys of the requests the last prefill round passed over
+        self.decode_steps_per_chunk = decode_steps_per_chunk
+        self._since_long = 0  # decode steps since a long prompt's chunk last ran
         self.max_rows, self.reraise, self.static = max_rows, reraise, bool(static)
         self._cv = threading.Condition()
         self._pending: deque[Ticket] = deque()
@@ -171,6 +186,7 @@ class Scheduler(BatchRunner):
                 self._prefill_round()
             if self._active:
                 rows = self._decode_step()
+                self._since_long += 1
         except ForwardFailed as err:
             failed = err.__cause__
         self._retire()
@@ -213,8 +229,10 @@ class Scheduler(BatchRunner):
         a longer one in chunks of `chunk_size` tokens (the same chunks whoever else runs, so a
         request's paths and text do not depend on its batch mates), which join a round only
         while it holds at most `prefill_tokens` tokens, unless the last round passed that
-        request over (then it goes whatever the round holds). So a short prompt waits for at
-        most one chunk of a long one, and a long one advances at least every other round."""
+        request over (then it goes whatever the round holds). While requests decode, long
+        prompts' chunks run `decode_steps_per_chunk` (k) steps apart: k decode steps since the
+        last chunk, the one in that chunk's step included. So a short prompt waits for at most
+        one chunk of a long one, and the decoding requests get k tokens per long chunk."""
         whole = [t for t in live if len(t.req.ids) <= generation.PREFILL_CHUNK]
         out = [(t, len(t.req.ids) - t.pos) for t in whole]
         total = sum(n for _, n in out)
@@ -222,6 +240,8 @@ class Scheduler(BatchRunner):
             (t for t in live if len(t.req.ids) > generation.PREFILL_CHUNK),
             key=lambda t: (t.key not in self._passed, len(t.req.ids) - t.pos, t.key),
         )
+        if longs and self._active and self._since_long < self.decode_steps_per_chunk:
+            return out  # the decoding requests' steps first (`decode_steps_per_chunk`)
         passed = set()
         for t in longs:
             n = min(self.chunk_size, len(t.req.ids) - t.pos)
@@ -232,6 +252,8 @@ class Scheduler(BatchRunner):
             else:
                 passed.add(t.key)
         self._passed = passed
+        if any(len(t.req.ids) > generation.PREFILL_CHUNK for t, _ in out):
+            self._since_long = 0
         return out
 
     @property
@@ -253,6 +275,8 @@ class Scheduler(BatchRunner):
             return
         ids, pos, slots, groups, last, owners = [], [], [], [], [], []
         chunks = self._chunks(live)
+        if not chunks:  # long prompts only, waiting for the decoding requests' steps
+            return
         for t, n in chunks:
             chunk = t.req.ids[t.pos : t.pos + n]
             row0 = len(ids)

@@ -106,6 +106,7 @@ def test_long_prompt_prefill_interleaves_with_running_decodes(tiny_engine: Engin
     short, long_ = _req(1, max_new=30), GenerationRequest(BASE * 12, max_new_tokens=8)
     alone = [tiny_engine.generate([r])[0] for r in (short, long_)]
     sched = tiny_engine.scheduler()
+    sched.decode_steps_per_chunk = 0  # a chunk every round (pacing: the test below)
     tokens: list[int] = []
     first = sched.submit(tiny_engine.check(short), on_token=lambda d: tokens.append(1))
     while first.st is None or len(first.st.out_ids) < 2:  # its own prefill rounds, then decoding
@@ -136,6 +137,7 @@ def test_prefill_token_budget_lets_a_short_prompt_pass_a_long_one(tiny_engine: E
     monkeypatch.setattr(generation, "PREFILL_CHUNK", 128)
     long_, short = GenerationRequest(BASE * 24, max_new_tokens=4), _req(2, max_new=8)
     sched = tiny_engine.scheduler(prefill_tokens=100)
+    sched.decode_steps_per_chunk = 0  # a chunk every round (pacing: the test below)
     assert sched.chunk_size == 100
     seen: list[int] = []
     real = sched._forward
@@ -171,6 +173,38 @@ def test_prefill_token_budget_lets_a_short_prompt_pass_a_long_one(tiny_engine: E
     for bad in (0, -1, 1.5, True):
         with pytest.raises(ValueError, match="prefill_tokens"):
             tiny_engine.scheduler(prefill_tokens=bad)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="decode_steps_per_chunk"):
+            tiny_engine.scheduler(decode_steps_per_chunk=bad)
+
+
+def test_long_prompt_chunks_wait_for_the_decoding_requests_steps(tiny_engine: Engine, monkeypatch):
+    """`decode_steps_per_chunk` k: while a request decodes, a long prompt's chunks run k steps
+    apart (k decode steps since the last chunk, the one in that chunk's step included), so the
+    decoding request gets k tokens per chunk; both write what they write alone."""
+    monkeypatch.setattr(generation, "PREFILL_CHUNK", 64)
+    short, long_ = _req(1, max_new=40), GenerationRequest(BASE * 12, max_new_tokens=4)
+    alone = [tiny_engine.generate([r])[0] for r in (short, long_)]
+    sched = tiny_engine.scheduler(prefill_tokens=64, decode_steps_per_chunk=2)
+    first = sched.submit(tiny_engine.check(short))
+    while first.st is None or len(first.st.out_ids) < 2:
+        sched.step()
+    p = tiny_engine.check(long_)
+    second = sched.submit(p)
+    rounds, chunk_steps = 0, []
+    while second.st is None or second.st.ttft_s == 0.0:
+        before = second.pos
+        sched.step()
+        rounds += 1
+        if second.pos != before:
+            chunk_steps.append(rounds)
+    assert first.st.finish is None, "the decoding request outlived the long prefill"
+    gaps = [b - a for a, b in zip(chunk_steps, chunk_steps[1:], strict=False)]
+    assert gaps and set(gaps) == {2}  # one decode-only step between chunks
+    while not sched.idle:
+        sched.step()
+    _same(first, alone[0])
+    _same(second, alone[1])
 
 
 def test_a_failed_forward_ends_only_its_requests(tiny_engine: Engine, monkeypatch):

@@ -7,7 +7,7 @@ cd "$(dirname "$0")/../../.."   # the repository root
 OUT=${OUT:-runs/mixed}; mkdir -p $OUT
 LONG=${LONG:-runs/digests/digests_4096.jsonl}   # python -m training.digests --lengths 4096 --out runs/digests
 for PT in ${PTS:-512 0}; do
-  HEST_PREFILL_TOKENS=$PT HEST_PORT=8011 HEST_ACCESS_LOG=false python -m server > $OUT/server_pt$PT.log 2>&1 &
+  HEST_DECODE_STEPS_PER_CHUNK=${K:-0} HEST_PREFILL_TOKENS=$PT HEST_PORT=8011 HEST_ACCESS_LOG=false python -m server > $OUT/server_pt$PT.log 2>&1 &
   SPID=$!
   for MIX in none long; do
     EXTRA=""

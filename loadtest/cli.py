@@ -236,8 +236,8 @@ async def _run_all(
             results.append(result)
             summaries.append(summary)
             if partial:  # each load as it ends: an interrupted sweep keeps what it measured
-                reqs = result.records + result.long_records
-                line = {"summary": summary, "requests": [r.to_dict() for r in reqs]}
+                reqs = [r.to_dict() for r in result.every_record]
+                line = {"summary": summary, "requests": reqs}
                 with partial.open("a") as f:
                     f.write(json.dumps(line, default=str) + "\n")
     return results, summaries
@@ -270,7 +270,7 @@ def main(argv: list[str] | None = None, *, setup: dict[str, Any] | None = None) 
         "nominal_watts": args.nominal_watts,
         "setup": setup,
         "runs": [
-            {"summary": s, "requests": [rec.to_dict() for rec in r.records + r.long_records]}
+            {"summary": s, "requests": [rec.to_dict() for rec in r.every_record]}
             for s, r in zip(summaries, results, strict=True)
         ],
         "comparisons": comparisons,

@@ -93,6 +93,11 @@ class RunResult:
     server_info: dict[str, Any] | None = None
     long_records: list[RequestRecord] = field(default_factory=list)  # --long-prompts requests
 
+    @property
+    def every_record(self) -> list[RequestRecord]:
+        """The run's own requests, then the long prompts mixed in."""
+        return self.records + self.long_records
+
 
 def schedule(config: RunConfig) -> list[float]:
     """Send times (s from start) for open-loop modes: at most max_requests, all < duration_s."""

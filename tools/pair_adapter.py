@@ -24,15 +24,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hest_core import paths as reg  # noqa: E402
 from hest_core.adapter.artifact import load_adapter  # noqa: E402
+from hest_core.exec.int4 import MODES  # noqa: E402
 
 
 def pair(
     controller: str, z: str, out: str, read_ratio: float | None = None, int4_mode: str | None = None
 ) -> Path:
     """Write `controller`'s artifact with `z`'s spectral z to `out`; returns `out`."""
-    reg.enable(
-        ("fp16", "int8", "int4", "skip")
-    )  # the controllers of this project know the opt-in int4 path
+    reg.enable(("fp16", "int8", "int4", "skip"))  # this project's controllers know int4
     a, b = load_adapter(controller), load_adapter(z)
     if a.config.base_model_fingerprint != b.config.base_model_fingerprint:
         raise SystemExit(
@@ -56,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--z", required=True, help="adapter whose spectral z is taken")
     ap.add_argument("--out", required=True)
     ap.add_argument("--read-ratio", type=float, default=None)
-    ap.add_argument("--int4-mode", choices=("lowrank", "merged", "plain"), default=None)
+    ap.add_argument("--int4-mode", choices=MODES, default=None)
     a = ap.parse_args(argv)
     d = pair(a.controller, a.z, a.out, a.read_ratio, a.int4_mode)
     cfg = json.loads((d / "adapter_config.json").read_text())

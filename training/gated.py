@@ -54,26 +54,25 @@ def energy_model(hf, fp: str, path: str | None) -> tuple[EnergyModel, Calibratio
     return EnergyModel(table), table
 
 
-def q4_errors(hf) -> dict[tuple[int, str], torch.Tensor]:
-    """{(layer, target): Q4_1(W) - W} (fp32, the shape of W) for every adapted target of hf, taken
-    before `--base-z` merges z, so TrainModel's int4 copy is the base's blocks + z's change."""
-    out = {}
-    for li in range(hf.config.num_hidden_layers):
-        for t in TARGETS:
-            w = target_module(hf, li, t).weight.detach().float()
-            out[(li, t)] = quantize_q4_1(w).dequantize().float() - w
-    return out
-
-
 def q4_plain(hf) -> dict[tuple[int, str], torch.Tensor]:
-    """{(layer, target): Q4_1(W) dequantized} (fp32) of the base weights, taken before `--base-z`
-    merges z: the twin's int4 copy under `--int4-z plain` (the runtime's int4 "plain" mode)."""
+    """{(layer, target): Q4_1(W) dequantized} (fp32) of every adapted target of hf as it is
+    (taken before `--base-z` merges z): the twin's int4 copy under `--int4-z plain` (the
+    runtime's int4 "plain" mode)."""
     out = {}
     for li in range(hf.config.num_hidden_layers):
         for t in TARGETS:
             w = target_module(hf, li, t).weight.detach().float()
             out[(li, t)] = quantize_q4_1(w).dequantize().float()
     return out
+
+
+def q4_errors(hf) -> dict[tuple[int, str], torch.Tensor]:
+    """{(layer, target): Q4_1(W) - W} (fp32, the shape of W) for every adapted target of hf, taken
+    before `--base-z` merges z, so TrainModel's int4 copy is the base's blocks + z's change."""
+    return {
+        (li, t): q - target_module(hf, li, t).weight.detach().float()
+        for (li, t), q in q4_plain(hf).items()
+    }
 
 
 def budget_at(step: int, seed: int, budgets: list[float]) -> float:
@@ -103,9 +102,11 @@ class GateTrainer:
         self.spec, self.fp, self.sizes = spec_of(hf), fingerprint(hf), spectrum_sizes(hf)
         self.em, self.table = energy_model(hf, self.fp, args.calibration)
         # int4 with a merged --base-z: the base's 4-bit blocks + z beside (the runtime's lowrank)
+        # --int4-z plain: the base's blocks as they are (z only on the 16-bit copies)
         plain = getattr(args, "int4_z", "lowrank") == "plain"
-        q4_err = q4_errors(hf) if reg.find("int4") and getattr(args, "base_z", None) else None
         q4_abs = q4_plain(hf) if reg.find("int4") and plain else None
+        with_z = reg.find("int4") and getattr(args, "base_z", None) and not plain
+        q4_err = q4_errors(hf) if with_z else None
         self.base_z = self._merge_base_z(hf, progress)
         self.tm = TrainModel(hf, resolve_dtype(args.dtype, CPU), q4_err, q4_abs)
         self.zmod = self._spectral_z(hf, progress)

@@ -59,12 +59,14 @@ class HestConfig:
             raise HestError(
                 f"HestConfig.read_ratio must be None or in (0, 1], got {r!r}", param="read_ratio"
             )
-        if self.int4_mode not in (None, "lowrank", "merged", "plain"):  # exec/int4.py MODES
-            raise HestError(
-                f"HestConfig.int4_mode must be None, 'lowrank', 'merged' or 'plain', got "
-                f"{self.int4_mode!r}",
-                param="int4_mode",
-            )
+        if self.int4_mode is not None:
+            from ..exec.int4 import MODES  # lazy: only adapters that name a mode need it
+
+            if self.int4_mode not in MODES:
+                raise HestError(
+                    f"HestConfig.int4_mode must be None or one of {MODES}, got {self.int4_mode!r}",
+                    param="int4_mode",
+                )
         if self.k <= 0:
             raise HestError(f"HestConfig.k must be > 0, got {self.k}", param="k")
         if self.shortcut_rank < 0:

@@ -393,11 +393,11 @@ class Engine:
         """A continuous-batching scheduler on this engine (hest_core/runtime/scheduler.py): requests
         `submit`ted to it join the running batch between decode steps, at most `max_rows`
         prefilling or decoding at once (`static`: only when nothing runs, the static-batching
-        baseline), at most `prefill_tokens` prompt tokens a prefill round while others decode or
-        wait (None: no limit), long prompts' chunks `decode_steps_per_chunk` steps apart while
-        others decode. Run it with `serve_forever` in one thread; it takes this engine's
+        baseline); prompts longer than 1,024 tokens in `prefill_tokens`-token chunks that join a
+        round holding at most that many tokens (None: 1,024-token chunks, every round), their
+        chunks `decode_steps_per_chunk` steps apart while others decode. Run it with `serve_forever` in one thread; it takes this engine's
         lock per step, so `generate` calls from other threads interleave between steps.
-        Raises ValueError for max_rows < 1 or prefill_tokens < 1."""
+        Raises ValueError for max_rows < 1, prefill_tokens < 1 or decode_steps_per_chunk < 0."""
         return Scheduler(
             self,
             max_rows=max_rows,

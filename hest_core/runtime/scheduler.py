@@ -56,6 +56,12 @@ DEFAULT_MAX_ROWS = 16  # requests decoded at once by default (the server's HEST_
 # many as the fused decode layer takes (native.FUSED_MAX_ROWS; docs/runtime.md has the measurements)
 
 
+def _check_count(name: str, value, least: int, also: str = "") -> None:
+    """Raises ValueError unless `value` is an int (not a bool) >= `least`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ValueError(f"{name}={value!r} must be an integer >= {least}{also}")
+
+
 class Scheduler(BatchRunner):
     """Iteration-level scheduler over one engine. `max_rows`: the most requests prefilling or
     decoding at once (the rest wait). `reraise`: a failed batched forward raises out of `step`
@@ -78,22 +84,10 @@ class Scheduler(BatchRunner):
         decode_steps_per_chunk: int = DECODE_STEPS_PER_CHUNK,
     ):
         super().__init__(engine, self._deliver)
-        if (
-            isinstance(decode_steps_per_chunk, bool)
-            or not isinstance(decode_steps_per_chunk, int)
-            or decode_steps_per_chunk < 0
-        ):
-            raise ValueError(
-                f"decode_steps_per_chunk={decode_steps_per_chunk!r} must be an integer >= 0"
-            )
-        if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1:
-            raise ValueError(f"max_rows={max_rows!r} must be an integer >= 1")
-        if prefill_tokens is not None and (
-            isinstance(prefill_tokens, bool)
-            or not isinstance(prefill_tokens, int)
-            or prefill_tokens < 1
-        ):
-            raise ValueError(f"prefill_tokens={prefill_tokens!r} must be an integer >= 1 or None")
+        _check_count("max_rows", max_rows, 1)
+        _check_count("decode_steps_per_chunk", decode_steps_per_chunk, 0)
+        if prefill_tokens is not None:
+            _check_count("prefill_tokens", prefill_tokens, 1, " or None")
         self.prefill_tokens = prefill_tokens
         self._passed: set[int] = set()  # keys of the requests the last prefill round passed over
         self.decode_steps_per_chunk = decode_steps_per_chunk
@@ -233,15 +227,14 @@ class Scheduler(BatchRunner):
         prompts' chunks run `decode_steps_per_chunk` (k) steps apart: k decode steps since the
         last chunk, the one in that chunk's step included. So a short prompt waits for at most
         one chunk of a long one, and the decoding requests get k tokens per long chunk."""
-        whole = [t for t in live if len(t.req.ids) <= generation.PREFILL_CHUNK]
+        whole, longs = [], []
+        for t in live:
+            (whole if len(t.req.ids) <= generation.PREFILL_CHUNK else longs).append(t)
         out = [(t, len(t.req.ids) - t.pos) for t in whole]
-        total = sum(n for _, n in out)
-        longs = sorted(
-            (t for t in live if len(t.req.ids) > generation.PREFILL_CHUNK),
-            key=lambda t: (t.key not in self._passed, len(t.req.ids) - t.pos, t.key),
-        )
         if longs and self._active and self._since_long < self.decode_steps_per_chunk:
             return out  # the decoding requests' steps first (`decode_steps_per_chunk`)
+        longs.sort(key=lambda t: (t.key not in self._passed, len(t.req.ids) - t.pos, t.key))
+        total = sum(n for _, n in out)
         passed = set()
         for t in longs:
             n = min(self.chunk_size, len(t.req.ids) - t.pos)
@@ -252,7 +245,7 @@ class Scheduler(BatchRunner):
             else:
                 passed.add(t.key)
         self._passed = passed
-        if any(len(t.req.ids) > generation.PREFILL_CHUNK for t, _ in out):
+        if len(out) > len(whole):  # a long prompt's chunk runs this round
             self._since_long = 0
         return out
 

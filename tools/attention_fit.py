@@ -2,22 +2,25 @@
 (issue 16).
 
     python tools/attention_fit.py [--lengths 256,512,1024,2048,4096,6144,8192] \
-        [--json docs/results/attention_fit.json] [--plot docs/results/attention_fit.png] [--write]
+        [--json docs/results/attention_fit.json] [--plot docs/results/attention_fit.png] \
+        [--write | --table PATH] [--chunk N]
 
 The energy model charges a prompt of p tokens `attn_ctx * p (p + 1) / 2` joules of attention (all
 layers; `EnergyModel`, energy/model.py): one constant per attended position. The calibration measures
 that constant once, on a 256-token causal attention. Here, for each prompt length L, the attention
 the runtime runs for the whole prompt is timed: `LeanModel._attend` (one layer, scaled by the
-layers), in the chunks the runtime prefills (`runtime/generation.PREFILL_CHUNK` tokens per round, each
-chunk attending to the cache before it and causally within itself), q/k/v random in the model's
-dtype. Joules: the estimate meter (time x nominal watts), as the packaged CPU table. The fit is
+layers), in the chunks the runtime prefills (the scheduler's: a prompt of at most
+`runtime/generation.PREFILL_CHUNK` tokens whole, a longer one in `DEFAULT_PREFILL_TOKENS`-token
+chunks; `--chunk N`: always N), each chunk attending to the cache before it and causally within
+itself, q/k/v random in the model's dtype. Joules: the estimate meter (time x nominal watts), as the packaged CPU table. The fit is
 the one constant that minimises the squared *relative* error over the lengths (a = sum(P/J) /
 sum((P/J)^2), P = L(L+1)/2 positions, J the measured joules), so short and long prompts count
 alike; printed with each length's measured joules, the fitted and the table's modelled joules.
 
 `--write` puts the fitted constant into this machine's packaged tables (three paths, and with
 int4: the default adapter's) as the prefill `attn_ctx`, and records the lengths, measurements and fit in
-`kernels["prefill_attention"]`. Run it on a quiet machine: it times things.
+`kernels["prefill_attention"]`; `--table PATH` does the same to one table file instead (a table
+measured on the day with `python -m hest_core.energy.calibrate --out PATH`). Run it on a quiet machine: it times things.
 """
 
 from __future__ import annotations
@@ -43,11 +46,19 @@ from hest_core.energy.model import CalibrationTable  # noqa: E402
 from hest_core.exec.kvcache import SeqSlot  # noqa: E402
 from hest_core.exec.loading import build_lean, fingerprint, load_hf_model  # noqa: E402
 from hest_core.runtime.generation import PREFILL_CHUNK  # noqa: E402
+from hest_core.runtime.scheduler import DEFAULT_PREFILL_TOKENS  # noqa: E402
 
 
-def prompt_attention(lean, length: int, chunk: int = PREFILL_CHUNK):
+def runtime_chunk(length: int) -> int:
+    """The chunk the scheduler prefills a `length`-token prompt in (tokens): the whole prompt up
+    to PREFILL_CHUNK, else DEFAULT_PREFILL_TOKENS (Scheduler._chunks)."""
+    return length if length <= PREFILL_CHUNK else min(PREFILL_CHUNK, DEFAULT_PREFILL_TOKENS)
+
+
+def prompt_attention(lean, length: int, chunk: int | None = None):
     """A zero-argument callable running one layer's attention for a `length`-token prompt the
-    way the runtime prefills it (chunks of `chunk` tokens)."""
+    way the runtime prefills it (chunks of `chunk` tokens; None: `runtime_chunk(length)`)."""
+    chunk = runtime_chunk(length) if chunk is None else chunk
     s = lean.spec
     cache = lean.new_cache(1, length)
     dt = lean.dtype
@@ -85,7 +96,13 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default=None)
     ap.add_argument("--write", action="store_true", help="put the fit into the packaged table")
+    ap.add_argument("--table", default=None, help="put the fit into this table file instead")
+    ap.add_argument(
+        "--chunk", type=int, default=None, help="prefill chunk (default: the scheduler's)"
+    )
     args = ap.parse_args()
+    if args.write and args.table:
+        ap.error("--write and --table are exclusive")
     lengths = [int(v) for v in args.lengths.split(",")]
     cfg = RuntimeConfig.from_env()
     hf = load_hf_model("default", config=cfg)
@@ -94,6 +111,8 @@ def main() -> None:
     # adapter's); attention does not depend on the path set, so --write updates both
     base = table_name(fingerprint(hf), lean).removesuffix(".json").removesuffix("-int4")
     tables = [p for p in (PACKAGED / f"{base}.json", PACKAGED / f"{base}-int4.json") if p.is_file()]
+    if args.table:
+        tables = [Path(args.table)]
     if not tables:
         raise SystemExit(f"no packaged table {base}[-int4].json in {PACKAGED}")
     table = load_table(tables[-1])
@@ -102,7 +121,7 @@ def main() -> None:
     load0 = os.getloadavg()[0]
     measured = []
     for length in lengths:
-        _, j = measure(prompt_attention(lean, length), meter, lean.device)
+        _, j = measure(prompt_attention(lean, length, args.chunk), meter, lean.device)
         measured.append(j * n_layers)
         print(f"{length:5d} tokens: {measured[-1]:.4f} J of attention (all layers)", flush=True)
     a = fit(lengths, measured)
@@ -123,10 +142,15 @@ def main() -> None:
             f"{length:6d} {j:10.4f} {r['fit_j']:8.4f} {r['fit_rel_err']:+7.1%} "
             f"{r['table_j']:8.4f} {r['table_rel_err']:+7.1%}"
         )
+    chunks = (
+        f"{args.chunk}-token chunks"
+        if args.chunk
+        else f"the scheduler's chunks (whole up to {PREFILL_CHUNK} tokens, else "
+        f"{runtime_chunk(PREFILL_CHUNK + 1)})"
+    )
     record = {
-        "method": "tools/attention_fit.py: LeanModel._attend over whole prompts in "
-        f"{PREFILL_CHUNK}-token chunks, one layer x {n_layers}, estimate meter; least relative "
-        "squared error over the lengths",
+        "method": f"tools/attention_fit.py: LeanModel._attend over whole prompts in {chunks}, "
+        f"one layer x {n_layers}, estimate meter; least relative squared error over the lengths",
         "lengths": lengths,
         "measured_j": measured,
         "fit_attn_ctx": a,
@@ -142,7 +166,7 @@ def main() -> None:
         print(f"wrote {args.json}")
     if args.plot:
         _plot(rows, a, old, Path(args.plot))
-    if args.write:
+    if args.write or args.table:
         for path in tables:
             t = load_table(path)
             before = t.prefill.attn_ctx

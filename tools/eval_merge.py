@@ -7,7 +7,10 @@ against modelled joules, one curve per method) with `training.report`, as evalua
 usage: python tools/eval_merge.py --paths fp16,int8,int4,skip --out docs/results/X.json \
            runs/s10/test300.json runs/s10/test300h.json runs/s11/lora300.json
 Rows present in several runs: the later run on the command line wins. Pairs some row has not
-finished are left out (their number is printed and written as `pairs_left_out`)."""
+finished are left out (their number is printed and written as `pairs_left_out`).
+`--summaries EARLIER.json` (an earlier OUT.json of the same pairs) supplies the rows that no run
+given here has samples for, as that file summarised them: the way to replace one method's rows
+once the other rows' sample files are gone; their pair count must equal this merge's."""
 
 from __future__ import annotations
 
@@ -30,11 +33,29 @@ def run_params(js: Path) -> dict[str, int]:
     return {r["row"]: r["controller_params"] for r in rows if "controller_params" in r}
 
 
+def earlier_rows(path: Path, summary: list[dict], n: int) -> list[dict]:
+    """`summary` with the rows of the earlier merge at `path` that it lacks, sorted by row
+    name. Raises SystemExit where that merge summarised another number of pairs than n."""
+    earlier = json.loads(path.read_text())
+    if earlier.get("n") != n:
+        raise SystemExit(f"{path} summarises {earlier.get('n')} pairs, this merge {n}")
+    have = {r["row"] for r in summary}
+    return sorted(
+        summary + [r for r in earlier["rows"] if r["row"] not in have], key=lambda r: r["row"]
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python tools/eval_merge.py", description=__doc__)
     ap.add_argument("runs", nargs="+", type=Path, help="the --json of each evaluate run")
     ap.add_argument("--paths", default="fp16,int8,int4,skip", help="the runs' path set")
     ap.add_argument("--out", type=Path, required=True, help="OUT.json")
+    ap.add_argument(
+        "--summaries",
+        type=Path,
+        default=None,
+        help="an earlier OUT.json of the same pairs: its rows that no run here has",
+    )
     args = ap.parse_args(argv)
     reg.enable(tuple(args.paths.split(",")))
     by_row: dict[str, dict[str, dict]] = defaultdict(dict)
@@ -57,9 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     for row in summary:  # LoRA's trainable parameters come from its run, not its samples
         if row["row"] in params and "controller_params" in row:
             row["controller_params"] = params[row["row"]]
+    if args.summaries is not None:
+        summary = earlier_rows(args.summaries, summary, len(common))
     md = markdown(summary, len(common))
     out = {
-        "runs": [str(p) for p in args.runs],
+        "runs": [str(p) for p in args.runs] + ([str(args.summaries)] if args.summaries else []),
         "n": len(common),
         "pairs_left_out": len(every) - len(common),
         "rows": summary,

@@ -47,6 +47,7 @@ def one_policy(policy: str, texts: dict[int, str], args) -> list[dict]:
         policy=policy,
         progress=False,
         threads=args.threads,
+        calibration=args.calibration,
     )
     eng.warmup()
     em = eng.energy
@@ -152,6 +153,9 @@ def main() -> None:
     ap.add_argument("--memory-only", action="store_true", help="only the server's memory")
     ap.add_argument("--port", type=int, default=8791)
     ap.add_argument("--json", default=None)
+    ap.add_argument(
+        "--calibration", default=None, help="table file (default: the packaged one of this CPU)"
+    )
     args = ap.parse_args()
     from hest_core.exec.loading import load_tokenizer
 
@@ -162,7 +166,13 @@ def main() -> None:
     texts = {n: prompt_of(tok, articles, n) for n in lengths}
     policies = [] if args.memory_only else args.policies.split(",")
     rows = [r for pol in policies for r in one_policy(pol, texts, args)]
-    out: dict = {"lengths": lengths, "rows": rows, "cpu": _cpu(), "load_at_start": os.getloadavg()}
+    out: dict = {
+        "lengths": lengths,
+        "rows": rows,
+        "cpu": _cpu(),
+        "load_at_start": os.getloadavg(),
+        "calibration": args.calibration or "packaged",
+    }
     if args.server_memory or args.memory_only:
         out["server_memory"] = server_memory(texts[max(lengths)], args.port, args.max_new)
         print(out["server_memory"], flush=True)

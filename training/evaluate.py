@@ -99,6 +99,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(0, 1], or none: read what the budget pays for); default: the adapter's read_ratio",
     )
     ap.add_argument(
+        "--plan-ratio",
+        default=None,
+        help="HEST rows: the controller plans with at most this share of the all-fp16 cost (a "
+        "number in (0, 1], or none: the whole budget); default: the adapter's plan_ratio",
+    )
+    ap.add_argument(
+        "--plan-from",
+        default=None,
+        help="HEST rows: the plan applies to budgets of at least this share of the all-fp16 "
+        "cost (a number in (0, 1], or none: the plan ratio); default: the adapter's plan_from",
+    )
+    ap.add_argument(
         "--shard",
         default=None,
         metavar="I/N",
@@ -109,14 +121,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _checked(ap: argparse.ArgumentParser, args):
-    """`args` with --read-ratio and --shard parsed (ap.error on a bad value)."""
-    if (raw := args.read_ratio) is not None:
-        try:
-            args.read_ratio = None if raw == "none" else float(raw)
-            policy_read_budget_q(1, 1, args.read_ratio)  # validates (0, 1]
-        except ValueError:
-            ap.error(f"--read-ratio wants a number in (0, 1] or none, got {raw!r}")
-        args.read_ratio_set = True
+    """`args` with the ratio flags and --shard parsed (ap.error on a bad value)."""
+    for name in ("read_ratio", "plan_ratio", "plan_from"):
+        if (raw := getattr(args, name)) is not None:
+            try:
+                setattr(args, name, None if raw == "none" else float(raw))
+                policy_read_budget_q(1, 1, getattr(args, name))  # validates (0, 1]
+            except ValueError:
+                flag = "--" + name.replace("_", "-")
+                ap.error(f"{flag} wants a number in (0, 1] or none, got {raw!r}")
+            setattr(args, name + "_set", True)
     if args.shard is not None:
         m = re.fullmatch(r"(\d+)/(\d+)", args.shard)
         if not m or not 0 <= int(m[1]) < int(m[2]):
@@ -177,6 +191,10 @@ class Engines:
             eng = Engine.from_pretrained(a.model, adapter=ad, policy="hest", guard=ev.guard, **kw)
             if getattr(a, "read_ratio_set", False):
                 eng.read_ratio = a.read_ratio
+            if getattr(a, "plan_ratio_set", False):
+                eng.plan_ratio = a.plan_ratio
+            if getattr(a, "plan_from_set", False):
+                eng.plan_from = a.plan_from
         eng.max_article_tokens = a.max_article_tokens or None
         eng.warmup()  # first-call costs stay out of the per-sample timings
         if self.calibration is None:

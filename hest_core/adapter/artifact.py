@@ -47,18 +47,27 @@ class HestConfig:
     # where its budget could pay for more; None: read what the budget pays for. Tuned on the
     # validation split (docs/training.md, "The read ratio"), never on test pairs
     read_ratio: float | None = None
+    # the controller's budget plan (runtime/reading.py, `plan_budget_q`): a request whose budget
+    # is at least `plan_from` (None: `plan_ratio`) x its all-fp16 cost is planned as if its
+    # budget were `plan_ratio` x that cost, so above that point more budget buys the same
+    # computation (the point where more energy buys nothing, issue 14); the guard and clean
+    # endings keep the real budget. None: the real budget. Tuned on the validation split
+    # (docs/training.md, "The budget plan")
+    plan_ratio: float | None = None
+    plan_from: float | None = None
     # how the int4 path serves z (exec/int4.py MODES): None -> int4.DEFAULT_MODE ("lowrank");
     # "plain": the base blocks without z, as the adapter was trained (`--int4-z plain`)
     int4_mode: str | None = None
 
     def __post_init__(self):
-        r = self.read_ratio
-        if r is not None and (
-            isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r <= 1
-        ):
-            raise HestError(
-                f"HestConfig.read_ratio must be None or in (0, 1], got {r!r}", param="read_ratio"
-            )
+        for name in ("read_ratio", "plan_ratio", "plan_from"):
+            r = getattr(self, name)
+            if r is not None and (
+                isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 < r <= 1
+            ):
+                raise HestError(
+                    f"HestConfig.{name} must be None or in (0, 1], got {r!r}", param=name
+                )
         if self.int4_mode is not None:
             from ..exec.int4 import MODES  # lazy: only adapters that name a mode need it
 

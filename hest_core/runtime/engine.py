@@ -74,6 +74,8 @@ class Engine:
         info,
         config=None,
         read_ratio=None,
+        plan_ratio=None,
+        plan_from=None,
     ):
         self.tokenizer, self.lean, self.controller = tokenizer, lean, controller
         self.energy: EnergyModel = energy
@@ -100,6 +102,11 @@ class Engine:
         # HEST's read plan: at most this share of a request's all-fp16 cost is planned for
         # reading (the adapter's `read_ratio`, reading.policy_read_budget_q); None: the budget's
         self.read_ratio: float | None = read_ratio if policy == "hest" else None
+        # HEST's budget plan (the adapter's `plan_ratio` and `plan_from`, reading.plan_budget_q):
+        # a budget of at least plan_from x a request's all-fp16 cost is planned as plan_ratio x
+        # it; the guard keeps the real budget. None: the real budget
+        self.plan_ratio: float | None = plan_ratio if policy == "hest" else None
+        self.plan_from: float | None = plan_from if policy == "hest" else None
         self.context_tokens = lean.rope_cos.shape[0]  # positions this engine serves
         self.default_max_new_tokens = DEFAULT_MAX_NEW_TOKENS
         self.max_new_tokens_limit = 512
@@ -161,8 +168,17 @@ class Engine:
         table = cls._table(lean, fp, calibration, m, progress, cfg)
         del hf
         info = cls._info_of(lean, fp, adapter, ad, dev, dt, policy, guard, m, table, ctl)
-        read_ratio = ad.config.read_ratio if ad is not None and policy == "hest" else None
-        info.update(compiled_decode=bool(compile), int4=int4_info, read_ratio=read_ratio)
+        own = ad is not None and policy == "hest"
+        read_ratio = ad.config.read_ratio if own else None
+        plan_ratio = ad.config.plan_ratio if own else None
+        plan_from = ad.config.plan_from if own else None
+        info.update(
+            compiled_decode=bool(compile),
+            int4=int4_info,
+            read_ratio=read_ratio,
+            plan_ratio=plan_ratio,
+            plan_from=plan_from,
+        )
         info["load_s"] = round(time.perf_counter() - t0, 2)
         return cls(
             tokenizer=tok,
@@ -176,6 +192,8 @@ class Engine:
             info=info,
             config=cfg,
             read_ratio=read_ratio,
+            plan_ratio=plan_ratio,
+            plan_from=plan_from,
         )
 
     @classmethod

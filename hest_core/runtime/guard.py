@@ -47,11 +47,16 @@ class BudgetGuard:
         max_new: int,
         mode: str,
         path: int | None = None,
+        plan_q: int | None = None,
     ):
-        """budget_q: picojoules; mode: one of MODES; path: the one path of mode "stop"."""
+        """budget_q: picojoules; mode: one of MODES; path: the one path of mode "stop";
+        plan_q: picojoules the controller plans with (`remaining_ratio`; None: budget_q;
+        reading.plan_budget_q). Only the controller's view changes: every check keeps
+        budget_q."""
         if mode == "stop" and path is None:
             raise ValueError('guard mode "stop" needs the path every unit runs')
         self.em, self.budget, self.mode, self.path = em, budget_q, mode, path
+        self.plan = budget_q if plan_q is None else plan_q
         self.P, self.max_new = prompt_len, max_new
         self.spent = 0  # picojoules: attributed (batch-1 charges minus rebates)
         self.rebated = 0  # picojoules given back for work shared with batch mates
@@ -74,11 +79,12 @@ class BudgetGuard:
         return self.spent + self.rebated
 
     def remaining_ratio(self) -> float:
-        """What the request has left over what its remaining work costs all on fp16: (budget -
-        spent) / the all-fp16 cost of the work not yet charged (max_new_tokens assumed). At the
-        start it is the request's budget ratio; it stays there while the request spends on plan,
-        rises when it spent less, falls when it spent more. 0.0 when nothing is left."""
-        left = max(0, self.budget - self.spent)
+        """What the request has left over what its remaining work costs all on fp16: (plan -
+        spent) / the all-fp16 cost of the work not yet charged (max_new_tokens assumed); the plan
+        is the budget unless a smaller `plan_q` was given. At the start it is the request's
+        budget ratio (or plan ratio); it stays there while the request spends on plan, rises
+        when it spent less, falls when it spent more. 0.0 when nothing is left."""
+        left = max(0, self.plan - self.spent)
         return left / self.rem_fp16 if self.rem_fp16 > 0 else (1.0 if left else 0.0)
 
     # ---- fixed (ungated) work --------------------------------------------------------------------

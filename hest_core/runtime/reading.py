@@ -55,6 +55,27 @@ def policy_read_budget_q(budget_q: int, fp16_q: int, read_ratio: float | None) -
     return min(budget_q, math.ceil(read_ratio * fp16_q))
 
 
+def plan_budget_q(
+    budget_q: int, fp16_q: int, plan_ratio: float | None, plan_from: float | None = None
+) -> int:
+    """The picojoules HEST's controller plans with (`BudgetGuard.remaining_ratio`): for a
+    request whose budget is at least `plan_from` x fp16_q (None: `plan_ratio`),
+    ceil(plan_ratio x fp16_q); else, or when plan_ratio is None, budget_q. With plan_from equal
+    to plan_ratio it caps the plan at plan_ratio (above it more budget buys the same work);
+    with plan_from below plan_ratio, a budget of at least plan_from runs as if it were
+    plan_ratio (the guard still stops the work at the real budget). fp16_q: the request's
+    all-fp16 cost. Raises ValueError for a ratio outside (0, 1]."""
+    if plan_ratio is None:
+        return budget_q
+    start = plan_ratio if plan_from is None else plan_from
+    for name, r in (("plan_ratio", plan_ratio), ("plan_from", start)):
+        if not 0 < r <= 1:
+            raise ValueError(f"{name} must be in (0, 1], got {r!r}")
+    if budget_q < start * fp16_q:
+        return budget_q
+    return math.ceil(plan_ratio * fp16_q)
+
+
 @dataclass(frozen=True)
 class ReadPlan:
     """What a request reads: `read` of its `article` tokens (read == article: everything)."""

@@ -14,6 +14,7 @@ from .decoding import TextDelta
 from .endings import EndingPlan
 from .generation import RequestState
 from .guard import BudgetGuard
+from .reading import plan_budget_q
 from .request import GenerationResult, PreparedRequest
 
 
@@ -55,10 +56,16 @@ def budget_error(e, p: PreparedRequest) -> HestError | None:
 
 
 def run_state(e, p: PreparedRequest, n_layers: int) -> RequestState:
-    """A new request's run state on engine `e`: its guard over its budget, its beta."""
+    """A new request's run state on engine `e`: its guard over its budget (and HEST's budget
+    plan, reading.plan_budget_q of the engine's `plan_ratio` and `plan_from`), its beta."""
+    plan_q = plan_budget_q(
+        p.budget_q, p.fp16_q, getattr(e, "plan_ratio", None), getattr(e, "plan_from", None)
+    )
     return RequestState(
         req=p,
-        guard=BudgetGuard(e.energy, p.budget_q, len(p.ids), p.max_new, e.guard_mode, e.stop_path),
+        guard=BudgetGuard(
+            e.energy, p.budget_q, len(p.ids), p.max_new, e.guard_mode, e.stop_path, plan_q=plan_q
+        ),
         beta=math.log(p.budget_ratio),
         layer_counts=[[0] * len(e.energy.paths) for _ in range(n_layers)],
         plan=EndingPlan(enabled=p.clean_end),

@@ -210,3 +210,80 @@ def test_budget_holds_across_prefill_rounds(adaptive_engine: Engine, ratio, chun
         generation.PREFILL_CHUNK = old
     assert res.error is None
     assert res.stats.modelled_j <= res.stats.budget_j
+
+
+@pytest.fixture(scope="module")
+def priced_engine() -> Engine:
+    """A HEST engine whose controller's choice follows the budget it reads and nothing else:
+    path scores by quality rank, a price that rises steeply as the remaining ratio falls."""
+    hf = load_hf_model("tiny:llama", False)
+    spec = spec_of(hf)
+    ad = HestAdapter.untrained(spec, fingerprint(hf), spectrum_sizes(hf), k=16)
+    ad.config.controller = "adaptive"
+    ctl = AdaptiveController(spec.hidden, spec.n_layers, k=16)
+    ctl.init_for_training(seed=0, std=0.0)
+    with torch.no_grad():
+        ctl.hest_m.copy_(torch.tensor([0.0, -4.0, 0.0]))
+    ad.controller = ctl
+    ad.config.plan_ratio = 0.3
+    return Engine.from_pretrained("tiny:llama", adapter=ad, progress=False)
+
+
+def test_guard_plan_changes_only_what_the_controller_reads(adaptive_engine: Engine):
+    """plan_q is what the controller's remaining ratio reads, below or above the budget; the
+    guard's checks keep the real budget."""
+    em = adaptive_engine.energy
+    P, new = 40, 8
+    fp16 = em.request_cost_q(P, new, 0)
+    g = BudgetGuard(em, fp16, P, new, "hard", plan_q=fp16 * 3 // 10)
+    assert g.remaining_ratio() == pytest.approx(0.3, rel=1e-6)
+    assert g.budget == fp16
+    g.spent = fp16 // 2  # past the plan, inside the budget
+    assert g.remaining_ratio() == 0.0
+    g.phase = "decode"
+    assert g.limit(0, 1) == fp16 - fp16 // 2 - em.min_after_q["decode"][1]  # the budget's
+    high = BudgetGuard(em, fp16 // 2, P, new, "hard", plan_q=fp16)
+    assert high.remaining_ratio() == pytest.approx(1.0, rel=1e-6)
+    high.spent = fp16 // 2  # the budget is spent: the plan does not let it go on
+    assert not high.try_start_decode(P)
+
+
+def test_plan_budget_q():
+    """reading.plan_budget_q: a cap (plan_from = plan_ratio), a floor from plan_from up, and
+    the real budget below it or without a plan; ratios outside (0, 1] refused."""
+    from hest_core.runtime.reading import plan_budget_q
+
+    fp16 = 1000
+    assert plan_budget_q(600, fp16, None) == 600
+    assert plan_budget_q(600, fp16, 0.3) == 300  # capped
+    assert plan_budget_q(200, fp16, 0.3) == 200  # below the cap: the budget
+    assert plan_budget_q(300, fp16, 1.0, 0.3) == 1000  # from 0.3 up, planned as 1.0
+    assert plan_budget_q(299, fp16, 1.0, 0.3) == 299
+    for bad in ((0.0, None), (1.5, None), (0.5, 0.0), (0.5, 2.0)):
+        with pytest.raises(ValueError):
+            plan_budget_q(500, fp16, *bad)
+
+
+def test_plan_ratio_makes_spending_flat_above_it(priced_engine: Engine):
+    """With the adapter's plan_ratio 0.3, r = 0.8 and r = 1.0 run the same paths and text (the
+    controller plans with the same 0.3 x fp16 either way; neither budget binds), cheaper than
+    r = 1.0 without the plan, and every run stays within its budget."""
+    e = priced_engine
+    assert e.plan_ratio == 0.3 and e.info()["plan_ratio"] == 0.3
+
+    def run(ratio):
+        req = GenerationRequest(ARTICLE, energy_budget_ratio=ratio, max_new_tokens=12)
+        res = e.generate([req])[0]
+        assert res.error is None and res.stats.modelled_j <= res.stats.budget_j
+        return res
+
+    a, b = run(0.8), run(1.0)
+    assert a.text == b.text and a.stats.paths == b.stats.paths
+    assert a.stats.modelled_j == pytest.approx(b.stats.modelled_j, rel=1e-9)
+    e.plan_ratio = None
+    try:
+        free = run(1.0)
+    finally:
+        e.plan_ratio = 0.3
+    assert free.stats.paths["fp16"] > b.stats.paths["fp16"]
+    assert free.stats.modelled_j > b.stats.modelled_j

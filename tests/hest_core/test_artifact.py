@@ -118,23 +118,24 @@ def test_zero_adapter_reproduces_base_model_exactly(tmp_path):
     assert a.stats.paths["int8"] == a.stats.paths["skip"] == 0
 
 
-def test_the_read_ratio_travels_with_the_adapter(tmp_path, tiny_hf):
-    """An adapter's read_ratio (runtime/reading.py) is saved, loaded and served by a HEST
-    engine; artifacts without it read what the budget pays for; values outside (0, 1] are
-    refused."""
+@pytest.mark.parametrize("name", ["read_ratio", "plan_ratio", "plan_from"])
+def test_the_adapters_ratios_travel_with_it(tmp_path, tiny_hf, name):
+    """An adapter's read_ratio (runtime/reading.py) and plan_ratio (the controller's budget
+    plan, runtime/tickets.py) are saved, loaded and served by a HEST engine; artifacts without
+    them use the whole budget; values outside (0, 1] are refused."""
     ad = _adapter(tiny_hf)
-    assert ad.config.read_ratio is None
-    ad.config.read_ratio = 0.35
+    assert getattr(ad.config, name) is None
+    setattr(ad.config, name, 0.35)
     ad.save(tmp_path / "a")
-    assert load_adapter(tmp_path / "a").config.read_ratio == 0.35
+    assert getattr(load_adapter(tmp_path / "a").config, name) == 0.35
     e = Engine.from_pretrained("tiny:llama", adapter=tmp_path / "a", progress=False)
-    assert e.read_ratio == 0.35 and e.info()["read_ratio"] == 0.35
+    assert getattr(e, name) == 0.35 and e.info()[name] == 0.35
     raw = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
-    del raw["read_ratio"]  # an artifact from before the field
+    del raw[name]  # an artifact from before the field
     (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(raw))
-    assert load_adapter(tmp_path / "a").config.read_ratio is None
+    assert getattr(load_adapter(tmp_path / "a").config, name) is None
     for bad in (0, 1.5, "0.4", True):
-        raw["read_ratio"] = bad
+        raw[name] = bad
         (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(raw))
-        with pytest.raises(HestError, match="read_ratio"):
+        with pytest.raises(HestError, match=name):
             load_adapter(tmp_path / "a")

@@ -160,3 +160,53 @@ def test_int4_row_needs_the_path_and_runs_with_it(pairs_file, tmp_path, int4_tab
     finally:
         if reg.find("int4") is not None:
             reg.unregister("int4")
+
+
+def test_merge_takes_missing_rows_from_an_earlier_summary(pairs_file, tmp_path):
+    """tools/eval_merge.py --summaries: one method re-run, the other rows kept from the earlier
+    merge whose sample files are gone; another pair count is refused."""
+    import pytest
+
+    from tools.eval_merge import main as merge
+
+    def run(policies, out, limit=2):
+        main(
+            [
+                "--policies", policies, "--model", "tiny:llama", "--data", str(pairs_file),
+                "--limit", str(limit), "--max-new-tokens", "3", "--budget-ratios", "1.0",
+                "--no-progress", "--json", str(out),
+            ]
+        )  # fmt: skip
+
+    first, again = tmp_path / "first" / "e.json", tmp_path / "again" / "e.json"
+    run("lead-3,fp16", first)
+    merged = tmp_path / "merged.json"
+    assert merge(["--paths", "fp16,int8,skip", "--out", str(merged), str(first)]) == 0
+    first.with_suffix(".samples.jsonl").unlink()
+    run("fp16", again)
+    out = tmp_path / "out.json"
+    merge(["--paths", "fp16,int8,skip", "--summaries", str(merged), "--out", str(out), str(again)])
+    rows = {r["row"]: r for r in json.loads(out.read_text())["rows"]}
+    old = {r["row"]: r for r in json.loads(merged.read_text())["rows"]}
+    assert set(rows) == {"lead-3", "fp16@1"}
+    assert rows["lead-3"] == old["lead-3"]  # from the summary
+    assert rows["fp16@1"]["n"] == 2 and "lead-3" in out.with_suffix(".md").read_text()
+    three = tmp_path / "three" / "e.json"
+    run("fp16", three, limit=3)
+    with pytest.raises(SystemExit, match="summarises 2 pairs, this merge 3"):
+        merge(
+            ["--paths", "fp16,int8,skip", "--summaries", str(merged), "--out",
+             str(tmp_path / "x.json"), str(three)]
+        )  # fmt: skip
+
+
+def test_evaluate_rejects_bad_plan_ratio(tmp_path, capsys):
+    import pytest
+
+    for bad in ("0", "1.5", "x"):
+        with pytest.raises(SystemExit):
+            main(["--json", str(tmp_path / "e.json"), "--plan-ratio", bad])
+        assert "--plan-ratio wants a number in (0, 1] or none" in capsys.readouterr().err
+    js = ["--json", str(tmp_path / "e.json")]
+    assert parse_args([*js, "--plan-ratio", "none"]).plan_ratio is None
+    assert parse_args([*js, "--plan-ratio", "0.3"]).plan_ratio == 0.3

@@ -1,26 +1,18 @@
 """The prefill attention-over-context energy term, measured out to the model's context and fitted
-(issue 16).
+(issue 16), on its own: `python -m hest_core.energy.calibrate` does the same as its last step
+(`hest_core/energy/calib_attention.py` says how: the runtime's chunks, a P + b L, anchored at the
+calibration's prefill length). This tool re-fits an existing table and shows the fit.
 
-    python tools/attention_fit.py [--lengths 256,512,1024,2048,4096,6144,8192] \
+    python tools/attention_fit.py [--lengths 256,512,1024,2048,4096,6144,8192] [--repeats 3] \
         [--json docs/results/attention_fit.json] [--plot docs/results/attention_fit.png] \
         [--write | --table PATH] [--chunk N]
 
-The energy model charges a prompt of p tokens `attn_ctx * p (p + 1) / 2` joules of attention (all
-layers; `EnergyModel`, energy/model.py): one constant per attended position. The calibration measures
-that constant once, on a 256-token causal attention. Here, for each prompt length L, the attention
-the runtime runs for the whole prompt is timed: `LeanModel._attend` (one layer, scaled by the
-layers), in the chunks the runtime prefills (the scheduler's: a prompt of at most
-`runtime/generation.PREFILL_CHUNK` tokens whole, a longer one in `DEFAULT_PREFILL_TOKENS`-token
-chunks; `--chunk N`: always N), each chunk attending to the cache before it and causally within
-itself, q/k/v random in the model's dtype. Joules: the estimate meter (time x nominal watts), as the packaged CPU table. The fit is
-the one constant that minimises the squared *relative* error over the lengths (a = sum(P/J) /
-sum((P/J)^2), P = L(L+1)/2 positions, J the measured joules), so short and long prompts count
-alike; printed with each length's measured joules, the fitted and the table's modelled joules.
-
-`--write` puts the fitted constant into this machine's packaged tables (three paths, and with
-int4: the default adapter's) as the prefill `attn_ctx`, and records the lengths, measurements and fit in
-`kernels["prefill_attention"]`; `--table PATH` does the same to one table file instead (a table
-measured on the day with `python -m hest_core.energy.calibrate --out PATH`). Run it on a quiet machine: it times things.
+Prints each length's measured joules (all layers), the fit's and the table's modelled joules.
+`--write` puts the fit into this machine's packaged tables (three paths, and with int4: the
+default adapter's), `--table PATH` into one table file instead (a table measured on the day with
+`python -m hest_core.energy.calibrate --out PATH`): prefill `attn_ctx` and the anchored
+`token_fixed`, with the lengths, measurements and fit in `kernels["prefill_attention"]`. Run it on
+a quiet machine: it times things.
 """
 
 from __future__ import annotations
@@ -29,7 +21,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -39,67 +30,32 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hest_core import paths as reg  # noqa: E402
 from hest_core.config import RuntimeConfig  # noqa: E402
 from hest_core.dtypes import cpu_model_name  # noqa: E402
-from hest_core.energy.calib_measure import measure  # noqa: E402
-from hest_core.energy.calibrate import PACKAGED, table_name  # noqa: E402
+from hest_core.energy import calib_attention as ca  # noqa: E402
+from hest_core.energy.calibrate import PACKAGED, PREFILL_T, table_name  # noqa: E402
 from hest_core.energy.meters import EstimateMeter  # noqa: E402
 from hest_core.energy.model import CalibrationTable  # noqa: E402
-from hest_core.exec.kvcache import SeqSlot  # noqa: E402
 from hest_core.exec.loading import build_lean, fingerprint, load_hf_model  # noqa: E402
-from hest_core.runtime.generation import PREFILL_CHUNK  # noqa: E402
-from hest_core.runtime.scheduler import DEFAULT_PREFILL_TOKENS  # noqa: E402
-
-
-def runtime_chunk(length: int) -> int:
-    """The chunk the scheduler prefills a `length`-token prompt in (tokens): the whole prompt up
-    to PREFILL_CHUNK, else DEFAULT_PREFILL_TOKENS (Scheduler._chunks)."""
-    return length if length <= PREFILL_CHUNK else min(PREFILL_CHUNK, DEFAULT_PREFILL_TOKENS)
-
-
-def prompt_attention(lean, length: int, chunk: int | None = None):
-    """A zero-argument callable running one layer's attention for a `length`-token prompt the
-    way the runtime prefills it (chunks of `chunk` tokens; None: `runtime_chunk(length)`)."""
-    chunk = runtime_chunk(length) if chunk is None else chunk
-    s = lean.spec
-    cache = lean.new_cache(1, length)
-    dt = lean.dtype
-    q = torch.randn(length, s.n_heads, s.head_dim, dtype=dt)
-    k = torch.randn(length, s.n_kv_heads, s.head_dim, dtype=dt)
-    v = torch.randn(length, s.n_kv_heads, s.head_dim, dtype=dt)
-    bounds = [(a, min(a + chunk, length)) for a in range(0, length, chunk)]
-
-    def run() -> None:
-        with torch.inference_mode():
-            for a, b in bounds:
-                slot = SeqSlot(row0=0, n=b - a, cache_row=0, pos0=a)
-                lean._attend(q[a:b], k[a:b], v[a:b], 0, [slot], cache, False)
-
-    return run
 
 
 def load_table(path: Path) -> CalibrationTable:
-    """A packaged table under the path set its name says (`-int4`: four columns)."""
+    """A table under the path set its name says (`-int4`: four columns)."""
     reg.enable(
         ("fp16", "int8", "int4", "skip") if path.name.endswith("-int4.json") else reg.BUILTIN_NAMES
     )
     return CalibrationTable.load(path)
 
 
-def fit(lengths: list[int], joules: list[float]) -> float:
-    """The constant a minimising sum(((a P - J) / J)^2), P = L(L+1)/2."""
-    r = [length * (length + 1) / 2 / j for length, j in zip(lengths, joules, strict=True)]
-    return sum(r) / sum(x * x for x in r)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--lengths", default="256,512,1024,2048,4096,6144,8192")
+    ap.add_argument("--lengths", default=",".join(map(str, ca.LENGTHS)))
     ap.add_argument("--json", default=None)
     ap.add_argument("--plot", default=None)
-    ap.add_argument("--write", action="store_true", help="put the fit into the packaged table")
+    ap.add_argument("--write", action="store_true", help="put the fit into the packaged tables")
     ap.add_argument("--table", default=None, help="put the fit into this table file instead")
     ap.add_argument(
-        "--chunk", type=int, default=None, help="prefill chunk (default: the scheduler's)"
+        "--chunk", type=int, default=None, help="prefill chunk (default: the runtime's)"
     )
+    ap.add_argument("--repeats", type=int, default=3, help="timings per length (median kept)")
     args = ap.parse_args()
     if args.write and args.table:
         ap.error("--write and --table are exclusive")
@@ -115,68 +71,59 @@ def main() -> None:
         tables = [Path(args.table)]
     if not tables:
         raise SystemExit(f"no packaged table {base}[-int4].json in {PACKAGED}")
-    table = load_table(tables[-1])
     meter = EstimateMeter(cfg.nominal_watts)
-    n_layers = lean.spec.n_layers
     load0 = os.getloadavg()[0]
-    measured = []
-    for length in lengths:
-        _, j = measure(prompt_attention(lean, length, args.chunk), meter, lean.device)
-        measured.append(j * n_layers)
-        print(f"{length:5d} tokens: {measured[-1]:.4f} J of attention (all layers)", flush=True)
-    a = fit(lengths, measured)
+    table = load_table(tables[-1])
     old = table.prefill.attn_ctx
-    rows = []
-    print(f"\nfit: attn_ctx = {a:.4g} J per attended position (table: {old:.4g})")
+    written = None
+    for path in tables if (args.write or args.table) else []:
+        t = load_table(path)
+        rec = ca.fit_into(t, lean, meter, PREFILL_T, lengths, args.chunk, args.repeats)
+        if rec is None:
+            raise SystemExit("too few lengths above the calibration's prefill length to fit")
+        t.save(path)
+        written = written or rec
+        print(
+            f"wrote {path}: prefill attn_ctx {rec['previous_attn_ctx']:.4g} -> "
+            f"{t.prefill.attn_ctx:.4g}, token_fixed {rec['previous_token_fixed']:.4g} -> "
+            f"{t.prefill.token_fixed:.4g} (anchored at {PREFILL_T} tokens)"
+        )
+    if written is None:
+        js = ca.measure_lengths(lean, meter, lengths, args.chunk, args.repeats)
+        a, b = ca.fit(lengths, js)
+        written = {"lengths": lengths, "measured_j": js, "fit_attn_ctx": a, "fit_per_token_j": b}
+    a, b, js = written["fit_attn_ctx"], written["fit_per_token_j"], written["measured_j"]
+    print(f"\nfit: {a:.4g} J per attended position + {b:.4g} J per prompt token (table: {old:.4g})")
     print(
         f"{'tokens':>6} {'measured J':>10} {'fit J':>8} {'fit err':>7} {'table J':>8} {'tbl err':>7}"
     )
-    for length, j in zip(lengths, measured, strict=True):
-        p = length * (length + 1) / 2
+    rows = []
+    for n, j in zip(lengths, js, strict=True):
+        p = n * (n + 1) / 2
+        f = a * p + b * n
         rows.append(
-            {"tokens": length, "measured_j": j, "fit_j": a * p, "table_j": old * p,
-             "fit_rel_err": a * p / j - 1, "table_rel_err": old * p / j - 1}
+            {"tokens": n, "measured_j": j, "fit_j": f, "table_j": old * p,
+             "fit_rel_err": f / j - 1, "table_rel_err": old * p / j - 1}
         )  # fmt: skip
         r = rows[-1]
         print(
-            f"{length:6d} {j:10.4f} {r['fit_j']:8.4f} {r['fit_rel_err']:+7.1%} "
-            f"{r['table_j']:8.4f} {r['table_rel_err']:+7.1%}"
+            f"{n:6d} {j:10.4f} {f:8.4f} {r['fit_rel_err']:+7.1%} {r['table_j']:8.4f} "
+            f"{r['table_rel_err']:+7.1%}"
         )
-    chunks = (
-        f"{args.chunk}-token chunks"
-        if args.chunk
-        else f"the scheduler's chunks (whole up to {PREFILL_CHUNK} tokens, else "
-        f"{runtime_chunk(PREFILL_CHUNK + 1)})"
-    )
-    record = {
-        "method": f"tools/attention_fit.py: LeanModel._attend over whole prompts in {chunks}, "
-        f"one layer x {n_layers}, estimate meter; least relative squared error over the lengths",
-        "lengths": lengths,
-        "measured_j": measured,
-        "fit_attn_ctx": a,
-        "previous_attn_ctx": old,
+    record = written | {
         "rows": rows,
         "cpu": cpu_model_name(),
         "threads": torch.get_num_threads(),
         "load_avg_1m": [round(load0, 2), round(os.getloadavg()[0], 2)],
-        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     if args.json:
         Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
         print(f"wrote {args.json}")
     if args.plot:
-        _plot(rows, a, old, Path(args.plot))
-    if args.write or args.table:
-        for path in tables:
-            t = load_table(path)
-            before = t.prefill.attn_ctx
-            t.prefill.attn_ctx = a
-            t.kernels["prefill_attention"] = record | {"previous_attn_ctx": before}
-            t.save(path)
-            print(f"wrote {path}: prefill attn_ctx {before:.4g} -> {a:.4g}")
+        _plot(rows, a, b, old, Path(args.plot))
 
 
-def _plot(rows: list[dict], a: float, old: float, out: Path) -> None:
+def _plot(rows: list[dict], a: float, b: float, old: float, out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -186,7 +133,12 @@ def _plot(rows: list[dict], a: float, old: float, out: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(xs, [r["measured_j"] for r in rows], "o", label="measured (estimate meter)")
     grid = list(range(xs[0], xs[-1] + 1, max(1, (xs[-1] - xs[0]) // 200)))
-    ax.plot(grid, [a * g * (g + 1) / 2 for g in grid], "-", label=f"fit: {a:.3g} J/position")
+    ax.plot(
+        grid,
+        [a * g * (g + 1) / 2 + b * g for g in grid],
+        "-",
+        label=f"fit: {a:.3g} J/position + {b:.3g} J/token",
+    )
     ax.plot(grid, [old * g * (g + 1) / 2 for g in grid], "--", label=f"table: {old:.3g} J/position")
     ax.set_xlabel("prompt tokens")
     ax.set_ylabel("attention joules per prompt (all layers)")

@@ -25,7 +25,7 @@ from ..config import RuntimeConfig
 from ..dtypes import cpu_model_name, dtype_name
 from ..exec import native
 from ..exec.model import LeanModel
-from . import calib_check, calib_isa, calib_measure, calib_rows
+from . import calib_attention, calib_check, calib_isa, calib_measure, calib_rows
 from .calib_measure import _kernel_choice, _phase
 from .meters import EstimateMeter, Meter, pick_meter
 from .model import CalibrationTable
@@ -87,7 +87,9 @@ def calibrate(
     repeat with `kernels["settled"] = False` and the reasons in `kernels["unsettled"]` (resolve()
     then caches nothing). `rows`: the rows per decode step whose costs give the shared part of
     each decode cost (`calib_rows.measure_rows`; (1,): none, a batch-1 table). Each repeat takes
-    ~6 s on the default model at 2 threads, plus ~10 s for the rows up to 16."""
+    ~6 s on the default model at 2 threads, plus ~10 s for the rows up to 16; then the prompt
+    attention is measured out to the model's positions and fitted (`calib_attention.fit_into`,
+    a few seconds)."""
     if meter is None:
         cfg = RuntimeConfig.from_env()
         meter = pick_meter(lean.device.type, cfg.meter, cfg.nominal_watts)
@@ -118,6 +120,15 @@ def calibrate(
         last = tables[-repeats:]
         k["unsettled"] = [p for t in last for p in calib_check.problems(t)]
         k["unsettled"] += calib_check.disagreements(last)
+    # the prompt attention out to long prompts, in the runtime's chunks (calib_attention)
+    att = calib_attention.fit_into(table, lean, meter, min(PREFILL_T, lean.rope_cos.shape[0]))
+    if att is not None:
+        say(
+            f"prefill attention fitted on {att['lengths'][0]}-{att['lengths'][-1]} tokens: "
+            f"{att['fit_attn_ctx']:.3g} J per attended position (first estimate "
+            f"{att['calibrated_attn_ctx']:.3g}), largest error "
+            f"{max(abs(e) for e in att['fit_rel_err']):.0%}"
+        )
     k["load_avg_1m"] = round(calib_check.load_avg(), 2)
     k["warnings"] = calib_check.sanity(table.prefill, table.decode)
     for w in k["warnings"]:

@@ -183,16 +183,16 @@ def test_merge_takes_missing_rows_from_an_earlier_summary(pairs_file, tmp_path):
     merged = tmp_path / "merged.json"
     assert merge(["--paths", "fp16,int8,skip", "--out", str(merged), str(first)]) == 0
     first.with_suffix(".samples.jsonl").unlink()
-    run("fp16", again)
+    run("lead-3", again)  # re-run one row; fp16's samples are gone
     out = tmp_path / "out.json"
     merge(["--paths", "fp16,int8,skip", "--summaries", str(merged), "--out", str(out), str(again)])
     rows = {r["row"]: r for r in json.loads(out.read_text())["rows"]}
     old = {r["row"]: r for r in json.loads(merged.read_text())["rows"]}
     assert set(rows) == {"lead-3", "fp16@1"}
-    assert rows["lead-3"] == old["lead-3"]  # from the summary
-    assert rows["fp16@1"]["n"] == 2 and "lead-3" in out.with_suffix(".md").read_text()
+    assert rows["fp16@1"] == old["fp16@1"]  # from the summary
+    assert rows["lead-3"]["n"] == 2 and "fp16@1" in out.with_suffix(".md").read_text()
     three = tmp_path / "three" / "e.json"
-    run("fp16", three, limit=3)
+    run("lead-3", three, limit=3)
     with pytest.raises(SystemExit, match="summarises 2 pairs, this merge 3"):
         merge(
             ["--paths", "fp16,int8,skip", "--summaries", str(merged), "--out",

@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python}
-out=loadtest/results/$(date -u +%F)-brownout-on
+out=${OUT:-loadtest/results/$(date -u +%F)-brownout-on}  # OUT=DIR writes elsewhere
 port=18777
 mkdir -p "$out"
 HEST_HOST=127.0.0.1 HEST_PORT=$port HEST_THREADS=2 HEST_ACCESS_LOG=false \

@@ -75,20 +75,20 @@ def main() -> None:
     load0 = os.getloadavg()[0]
     table = load_table(tables[-1])
     old = table.prefill.attn_ctx
-    written = None
-    for path in tables if (args.write or args.table) else []:
-        t = load_table(path)
-        rec = ca.fit_into(t, lean, meter, PREFILL_T, lengths, args.chunk, args.repeats)
-        if rec is None:
+    if args.write or args.table:
+        written = ca.measure_fit(lean, meter, PREFILL_T, lengths, args.chunk, args.repeats)
+        if written is None:
             raise SystemExit("too few lengths above the calibration's prefill length to fit")
-        t.save(path)
-        written = written or rec
-        print(
-            f"wrote {path}: prefill attn_ctx {rec['previous_attn_ctx']:.4g} -> "
-            f"{t.prefill.attn_ctx:.4g}, token_fixed {rec['previous_token_fixed']:.4g} -> "
-            f"{t.prefill.token_fixed:.4g} (anchored at {PREFILL_T} tokens)"
-        )
-    if written is None:
+        for path in tables:  # one measurement, written into each table
+            t = load_table(path)
+            rec = ca.write_fit(t, written, PREFILL_T)
+            t.save(path)
+            print(
+                f"wrote {path}: prefill attn_ctx {rec['previous_attn_ctx']:.4g} -> "
+                f"{t.prefill.attn_ctx:.4g}, token_fixed {rec['previous_token_fixed']:.4g} -> "
+                f"{t.prefill.token_fixed:.4g} (anchored at {PREFILL_T} tokens)"
+            )
+    else:
         js = ca.measure_lengths(lean, meter, lengths, args.chunk, args.repeats)
         a, b = ca.fit(lengths, js)
         written = {"lengths": lengths, "measured_j": js, "fit_attn_ctx": a, "fit_per_token_j": b}

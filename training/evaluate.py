@@ -120,9 +120,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return _checked(ap, ap.parse_args(argv))
 
 
+# HEST's ratios an evaluation may override (the adapter's own where a flag is not given)
+RATIO_FLAGS = ("read_ratio", "plan_ratio", "plan_from")
+
+
 def _checked(ap: argparse.ArgumentParser, args):
     """`args` with the ratio flags and --shard parsed (ap.error on a bad value)."""
-    for name in ("read_ratio", "plan_ratio", "plan_from"):
+    for name in RATIO_FLAGS:
         if (raw := getattr(args, name)) is not None:
             try:
                 setattr(args, name, None if raw == "none" else float(raw))
@@ -189,12 +193,9 @@ class Engines:
             if ad is None:
                 raise SystemExit(f"{policy} needs --adapters {policy}=RUN/adapter")
             eng = Engine.from_pretrained(a.model, adapter=ad, policy="hest", guard=ev.guard, **kw)
-            if getattr(a, "read_ratio_set", False):
-                eng.read_ratio = a.read_ratio
-            if getattr(a, "plan_ratio_set", False):
-                eng.plan_ratio = a.plan_ratio
-            if getattr(a, "plan_from_set", False):
-                eng.plan_from = a.plan_from
+            for name in RATIO_FLAGS:  # the flags given win over the adapter's
+                if getattr(a, name + "_set", False):
+                    setattr(eng, name, getattr(a, name))
         eng.max_article_tokens = a.max_article_tokens or None
         eng.warmup()  # first-call costs stay out of the per-sample timings
         if self.calibration is None:

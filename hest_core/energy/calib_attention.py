@@ -113,19 +113,13 @@ def anchored(table: CalibrationTable, a: float, prefill_t: int) -> tuple[float, 
     return f0 + (a0 - a) * (prefill_t + 1) / 2, a0, f0
 
 
-def fit_into(
-    table: CalibrationTable,
-    lean,
-    meter: Meter,
-    prefill_t: int,
-    lengths=None,
-    chunk: int | None = None,
-    repeats: int = 3,
+def measure_fit(
+    lean, meter: Meter, prefill_t: int, lengths=None, chunk: int | None = None, repeats: int = 3
 ) -> dict | None:
-    """Measure the prompt attention at `lengths` (None: LENGTHS up to the model's positions),
-    fit it and write it into `table`'s prefill anchored at `prefill_t` (in place); returns the
-    record also kept as `table.kernels["prefill_attention"]`, or None (table untouched) where the
-    model has positions for fewer than two lengths above `prefill_t` or the fit is not positive."""
+    """Measure the prompt attention at `lengths` (None: LENGTHS up to the model's positions) and
+    fit it; returns the fit's record (lengths, measured_j, fit_attn_ctx, fit_per_token_j,
+    fit_rel_err, method, date), or None where the model has positions for fewer than two lengths
+    above `prefill_t` or the fit is not positive."""
     top = lean.rope_cos.shape[0]
     lengths = [n for n in (lengths or LENGTHS) if n <= top]
     if sum(n > prefill_t for n in lengths) < 2:
@@ -134,13 +128,10 @@ def fit_into(
     a, b = fit(lengths, js)
     if a <= 0:
         return None
-    pre = table.prefill
-    before, tok_before = pre.attn_ctx, pre.token_fixed
-    tok, a0, f0 = anchored(table, a, prefill_t)
     chunks = f"{chunk}-token chunks" if chunk else (
         f"the scheduler's chunks (whole up to {WHOLE_PROMPT_TOKENS} tokens, else {CHUNK_TOKENS})"
     )  # fmt: skip
-    record = {
+    return {
         "method": "calib_attention: LeanModel._attend over whole prompts in "
         f"{chunks}, one layer x {lean.spec.n_layers}, {meter.name} meter, median of {repeats}; "
         f"a P + b L, least relative squared error; anchored at the calibration's {prefill_t}-"
@@ -152,12 +143,39 @@ def fit_into(
         "fit_rel_err": [
             (a * n * (n + 1) / 2 + b * n) / j - 1 for n, j in zip(lengths, js, strict=True)
         ],
-        "previous_attn_ctx": before,
-        "previous_token_fixed": tok_before,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def write_fit(table: CalibrationTable, fitted: dict, prefill_t: int) -> dict:
+    """Write a `measure_fit` record into `table`'s prefill (in place), anchored at `prefill_t`;
+    returns the record as kept in `table.kernels["prefill_attention"]` (with the table's
+    previous and calibrated constants)."""
+    pre = table.prefill
+    a = fitted["fit_attn_ctx"]
+    tok, a0, f0 = anchored(table, a, prefill_t)
+    record = fitted | {
+        "previous_attn_ctx": pre.attn_ctx,
+        "previous_token_fixed": pre.token_fixed,
         "calibrated_attn_ctx": a0,
         "calibrated_token_fixed": f0,
-        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     pre.attn_ctx, pre.token_fixed = a, tok
     table.kernels["prefill_attention"] = record
     return record
+
+
+def fit_into(
+    table: CalibrationTable,
+    lean,
+    meter: Meter,
+    prefill_t: int,
+    lengths=None,
+    chunk: int | None = None,
+    repeats: int = 3,
+) -> dict | None:
+    """`measure_fit`, then `write_fit` into `table` (in place); returns the record kept as
+    `table.kernels["prefill_attention"]`, or None (table untouched) where `measure_fit` gives
+    none."""
+    fitted = measure_fit(lean, meter, prefill_t, lengths, chunk, repeats)
+    return None if fitted is None else write_fit(table, fitted, prefill_t)

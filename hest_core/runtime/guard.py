@@ -81,7 +81,7 @@ class BudgetGuard:
     def remaining_ratio(self) -> float:
         """What the request has left over what its remaining work costs all on fp16: (plan -
         spent) / the all-fp16 cost of the work not yet charged (max_new_tokens assumed); the plan
-        is the budget unless a smaller `plan_q` was given. At the start it is the request's
+        is the budget unless a `plan_q` was given. At the start it is the request's
         budget ratio (or plan ratio); it stays there while the request spends on plan, rises
         when it spent less, falls when it spent more. 0.0 when nothing is left."""
         left = max(0, self.plan - self.spent)

@@ -26,7 +26,7 @@ from hest_core import Engine, GenerationRequest
 from hest_core import paths as reg
 from hest_core.errors import BudgetTooLowError
 from hest_core.runtime.endings import ends_sentence
-from hest_core.runtime.reading import READ_MODES, policy_read_budget_q
+from hest_core.runtime.reading import READ_MODES, plan_budget_q, policy_read_budget_q
 
 from .data import Pair, load_pairs
 from .lora import lora_params
@@ -111,6 +111,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "cost (a number in (0, 1], or none: the plan ratio); default: the adapter's plan_from",
     )
     ap.add_argument(
+        "--plan-slope",
+        default=None,
+        help="HEST rows: below the plan's start the controller plans with (r / start) ** SLOPE x "
+        "start of the all-fp16 cost (a number > 0, or none: the budget, as 1 does); default: the "
+        "adapter's plan_slope",
+    )
+    ap.add_argument(
         "--shard",
         default=None,
         metavar="I/N",
@@ -120,7 +127,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return _checked(ap, ap.parse_args(argv))
 
 
-# HEST's ratios an evaluation may override (the adapter's own where a flag is not given)
+# HEST's ratios an evaluation may override (the adapter's own where a flag is not given); with
+# --plan-slope, Engine.PLAN_FIELDS
 RATIO_FLAGS = ("read_ratio", "plan_ratio", "plan_from")
 
 
@@ -135,6 +143,13 @@ def _checked(ap: argparse.ArgumentParser, args):
                 flag = "--" + name.replace("_", "-")
                 ap.error(f"{flag} wants a number in (0, 1] or none, got {raw!r}")
             setattr(args, name + "_set", True)
+    if (raw := args.plan_slope) is not None:
+        try:
+            args.plan_slope = None if raw == "none" else float(raw)
+            plan_budget_q(1, 2, 1.0, None, args.plan_slope)  # validates > 0, finite
+        except ValueError:
+            ap.error(f"--plan-slope wants a number > 0 or none, got {raw!r}")
+        args.plan_slope_set = True
     if args.shard is not None:
         m = re.fullmatch(r"(\d+)/(\d+)", args.shard)
         if not m or not 0 <= int(m[1]) < int(m[2]):
@@ -193,7 +208,7 @@ class Engines:
             if ad is None:
                 raise SystemExit(f"{policy} needs --adapters {policy}=RUN/adapter")
             eng = Engine.from_pretrained(a.model, adapter=ad, policy="hest", guard=ev.guard, **kw)
-            for name in RATIO_FLAGS:  # the flags given win over the adapter's
+            for name in Engine.PLAN_FIELDS:  # the flags given win over the adapter's
                 if getattr(a, name + "_set", False):
                     setattr(eng, name, getattr(a, name))
         eng.max_article_tokens = a.max_article_tokens or None

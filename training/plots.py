@@ -1,4 +1,5 @@
-"""PNG figures: training curves, path-share heat-maps, the ROUGE-L vs joules Pareto plot."""
+"""PNG figures: training curves, path-share heat-maps (and their shift between budgets), the
+ROUGE-L vs joules Pareto plot."""
 
 from __future__ import annotations
 
@@ -77,6 +78,27 @@ def plot_heatmaps(shares: dict[str, list[list[float]]], png: str | Path) -> None
         ax.set_ylabel("layer")
         ax.set_title(name, fontsize=8)
     fig.colorbar(im, ax=axes[0].tolist(), label="share of units")
+    fig.savefig(png, dpi=100)
+    plt.close(fig)
+
+
+def plot_mix_shift(diffs: dict[str, list[list[float]]], png: str | Path) -> None:
+    """diffs: title -> (L, P) share at one budget minus the share at the method's largest
+    budget, per layer and path (report.mix_shift); a diverging scale centred on 0, symmetric
+    around the largest |difference| (at least 0.05, so noise-sized shifts stay pale)."""
+    if not diffs:
+        return
+    plt = _plt()
+    top = max([0.05] + [abs(v) for g in diffs.values() for row in g for v in row])
+    n = len(diffs)
+    fig, axes = plt.subplots(1, n, figsize=(2.4 * n + 1.2, 6), squeeze=False)
+    for ax, (name, grid) in zip(axes[0], diffs.items(), strict=True):
+        im = ax.imshow(grid, aspect="auto", vmin=-top, vmax=top, cmap="RdBu_r")
+        ax.set_xticks(list(range(reg.n_paths())), list(reg.names()), fontsize=7)
+        if ax is axes[0][0]:
+            ax.set_ylabel("layer")
+        ax.set_title(name, fontsize=8)
+    fig.colorbar(im, ax=axes[0].tolist(), label="share of units minus at the largest budget")
     fig.savefig(png, dpi=100)
     plt.close(fig)
 

@@ -13,7 +13,7 @@ from hest_core.runtime.endings import ends_sentence
 
 from .methods import METHODS
 from .metrics import KEYS, mean, percentile
-from .plots import plot_heatmaps, plot_pareto
+from .plots import plot_heatmaps, plot_mix_shift, plot_pareto
 
 
 def summarise(name: str, policy: str, recs: list[dict], longest: set[str]) -> dict:
@@ -126,15 +126,88 @@ def longest_prompts(rows, ids: list[str], done: dict) -> set[str]:
     return set(sorted(ids, key=lambda i: -plen.get(i, 0))[:k])
 
 
+def _budget_of(row: str) -> tuple[str, float] | None:
+    """("hest@0.2") -> ("hest", 0.2); None for a row without a numeric budget (lead-3)."""
+    name, _, r = row.partition("@")
+    try:
+        return (name, float(r)) if r else None
+    except ValueError:
+        return None
+
+
+def mix_shift(rows: list[dict]) -> dict[str, dict[str, dict]]:
+    """How each method's path mix at every budget differs from its mix at its largest budget
+    (issue 14: the mix where the budget binds against r = 1), from the rows'
+    `path_shares_per_layer` (L, P). {method: {budget: {"vs": largest budget, "max_layer_diff":
+    the largest |share difference| of one path in one layer, "mean_tv": the total-variation
+    distance between the two mixes (half the L1 distance, 0..1) averaged over layers,
+    "share_diff": {path: overall share at this budget minus at the largest}}}}. Methods run at
+    one budget, or whose rows carry no per-layer shares, are left out."""
+    groups: dict[str, dict[float, dict]] = {}
+    for r in rows:
+        nb = _budget_of(r["row"])
+        if nb is not None and r.get("path_shares_per_layer") and r.get("path_shares"):
+            groups.setdefault(nb[0], {})[nb[1]] = r
+    out: dict[str, dict[str, dict]] = {}
+    for name, by_r in groups.items():
+        if len(by_r) < 2:
+            continue
+        top = max(by_r)
+        ref = by_r[top]
+        out[name] = {}
+        for b, r in sorted(by_r.items()):
+            if b == top:
+                continue
+            diff = [
+                [abs(x - y) for x, y in zip(a, c, strict=True)]
+                for a, c in zip(
+                    r["path_shares_per_layer"], ref["path_shares_per_layer"], strict=True
+                )
+            ]  # (L, P)
+            out[name][f"{b:g}"] = {
+                "vs": f"{top:g}",
+                "max_layer_diff": max(max(d) for d in diff),
+                "mean_tv": sum(sum(d) / 2 for d in diff) / len(diff),
+                "share_diff": {
+                    p: r["path_shares"][p] - ref["path_shares"].get(p, 0.0)
+                    for p in r["path_shares"]
+                },
+            }
+    return out
+
+
 def write_outputs(js: Path, out: dict, md: str) -> None:
-    """X.json, X.md, X_paths.png, X_pareto.png."""
+    """X.json (with `mix_shift`), X.md, X_paths.png, X_pareto.png and, where a method ran at
+    several budgets, X_mix_shift.png (its per-layer shares at each budget minus at its
+    largest)."""
     summary = out["rows"]
+    out["mix_shift"] = mix_shift(summary)
     js.write_text(json.dumps(out, indent=1, default=str))
     js.with_suffix(".md").write_text(md)
     plot_heatmaps(
         {s["row"]: s["path_shares_per_layer"] for s in summary if "path_shares_per_layer" in s},
         js.with_name(js.stem + "_paths.png"),
     )
+    shifts = {  # methods whose mix moves at all (a fixed path's never does)
+        f"{name}@{b} - @{d['vs']}": (name, b, d["vs"])
+        for name, per in out["mix_shift"].items()
+        if any(d["max_layer_diff"] > 0 for d in per.values())
+        for b, d in per.items()
+    }
+    if shifts:
+        grids = {
+            s["row"]: s["path_shares_per_layer"] for s in summary if "path_shares_per_layer" in s
+        }
+        plot_mix_shift(
+            {
+                title: [
+                    [x - y for x, y in zip(a, c, strict=True)]
+                    for a, c in zip(grids[f"{n}@{b}"], grids[f"{n}@{vs}"], strict=True)
+                ]
+                for title, (n, b, vs) in shifts.items()
+            },
+            js.with_name(js.stem + "_mix_shift.png"),
+        )
     plot_pareto(
         [
             {"name": s["row"], "joules": s["modelled_j"], "rouge_l": s["rougeL"]}

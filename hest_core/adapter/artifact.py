@@ -7,6 +7,7 @@ model raises AdapterMismatchError.
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -55,6 +56,11 @@ class HestConfig:
     # (docs/training.md, "The budget plan")
     plan_ratio: float | None = None
     plan_from: float | None = None
+    # below the plan's start, where the budget binds, the plan falls as (r / start) ** plan_slope
+    # x start (None or 1: the real budget), so the controller's price rises faster than the
+    # budget falls and it buys cheaper paths for more tokens (docs/training.md, "The budget
+    # plan"); a finite number > 0
+    plan_slope: float | None = None
     # how the int4 path serves z (exec/int4.py MODES): None -> int4.DEFAULT_MODE ("lowrank");
     # "plain": the base blocks without z, as the adapter was trained (`--int4-z plain`)
     int4_mode: str | None = None
@@ -68,6 +74,16 @@ class HestConfig:
                 raise HestError(
                     f"HestConfig.{name} must be None or in (0, 1], got {r!r}", param=name
                 )
+        r = self.plan_slope
+        if r is not None and (
+            isinstance(r, bool)
+            or not isinstance(r, (int, float))
+            or not (math.isfinite(r) and r > 0)
+        ):
+            raise HestError(
+                f"HestConfig.plan_slope must be None or a finite number > 0, got {r!r}",
+                param="plan_slope",
+            )
         if self.int4_mode is not None:
             from ..exec.int4 import MODES  # lazy: only adapters that name a mode need it
 

@@ -76,6 +76,7 @@ class Engine:
         read_ratio=None,
         plan_ratio=None,
         plan_from=None,
+        plan_slope=None,
     ):
         self.tokenizer, self.lean, self.controller = tokenizer, lean, controller
         self.energy: EnergyModel = energy
@@ -107,6 +108,8 @@ class Engine:
         # it; the guard keeps the real budget. None: the real budget
         self.plan_ratio: float | None = plan_ratio if policy == "hest" else None
         self.plan_from: float | None = plan_from if policy == "hest" else None
+        # below the plan's start the plan falls as (r / start) ** plan_slope x start (None: r)
+        self.plan_slope: float | None = plan_slope if policy == "hest" else None
         self.context_tokens = lean.rope_cos.shape[0]  # positions this engine serves
         self.default_max_new_tokens = DEFAULT_MAX_NEW_TOKENS
         self.max_new_tokens_limit = 512
@@ -172,6 +175,7 @@ class Engine:
         read_ratio = ad.config.read_ratio if own else None
         plan_ratio = ad.config.plan_ratio if own else None
         plan_from = ad.config.plan_from if own else None
+        plan_slope = ad.config.plan_slope if own else None
         info.update(
             compiled_decode=bool(compile),
             int4=int4_info,
@@ -194,6 +198,7 @@ class Engine:
             read_ratio=read_ratio,
             plan_ratio=plan_ratio,
             plan_from=plan_from,
+            plan_slope=plan_slope,
         )
 
     @classmethod
@@ -337,8 +342,13 @@ class Engine:
             return load_adapter(DEFAULT_ADAPTER_DIR)
         return load_adapter(adapter)
 
+    # the HEST plan settings a caller may change on a built engine (training.evaluate's flags)
+    PLAN_FIELDS = ("read_ratio", "plan_ratio", "plan_from", "plan_slope")
+
     def info(self) -> dict:
-        return dict(self._info)
+        """What this engine serves (model, adapter, paths, calibration, limits); the plan
+        settings (`PLAN_FIELDS`) as they are now, not as loaded."""
+        return dict(self._info) | {name: getattr(self, name) for name in self.PLAN_FIELDS}
 
     # ---- validation -------------------------------------------------------------------------------
     def check(self, r: GenerationRequest) -> PreparedRequest:

@@ -56,24 +56,37 @@ def policy_read_budget_q(budget_q: int, fp16_q: int, read_ratio: float | None) -
 
 
 def plan_budget_q(
-    budget_q: int, fp16_q: int, plan_ratio: float | None, plan_from: float | None = None
+    budget_q: int,
+    fp16_q: int,
+    plan_ratio: float | None,
+    plan_from: float | None = None,
+    plan_slope: float | None = None,
 ) -> int:
     """The picojoules HEST's controller plans with (`BudgetGuard.remaining_ratio`): for a
     request whose budget is at least `plan_from` x fp16_q (None: `plan_ratio`),
-    ceil(plan_ratio x fp16_q); else, or when plan_ratio is None, budget_q. With plan_from equal
-    to plan_ratio it caps the plan at plan_ratio (above it more budget buys the same work);
-    with plan_from below plan_ratio, a budget of at least plan_from runs as if it were
-    plan_ratio (the guard still stops the work at the real budget). fp16_q: the request's
-    all-fp16 cost. Raises ValueError for a ratio outside (0, 1]."""
+    ceil(plan_ratio x fp16_q). With plan_from equal to plan_ratio it caps the plan at plan_ratio
+    (above it more budget buys the same work); with plan_from below plan_ratio, a budget of at
+    least plan_from runs as if it were plan_ratio (the guard still stops the work at the real
+    budget). Below that start s (the budget binds there), the plan is
+    s x fp16_q x (r / s) ** plan_slope, rounded, with r = budget_q / fp16_q: slope None or 1 plans
+    with the real budget; a slope above 1 lowers the plan faster than the budget, so the
+    controller's price rises and it buys cheaper paths for more tokens where energy is what
+    ends the summary (docs/training.md, "The budget plan"). When plan_ratio is None the plan is
+    budget_q. fp16_q: the request's all-fp16 cost (> 0). Raises ValueError for a ratio outside
+    (0, 1] or a slope that is not a finite number > 0."""
     if plan_ratio is None:
         return budget_q
     start = plan_ratio if plan_from is None else plan_from
     for name, r in (("plan_ratio", plan_ratio), ("plan_from", start)):
         if not 0 < r <= 1:
             raise ValueError(f"{name} must be in (0, 1], got {r!r}")
-    if budget_q < start * fp16_q:
+    if plan_slope is not None and not (math.isfinite(plan_slope) and plan_slope > 0):
+        raise ValueError(f"plan_slope must be a finite number > 0, got {plan_slope!r}")
+    if budget_q >= start * fp16_q:
+        return math.ceil(plan_ratio * fp16_q)
+    if plan_slope is None or plan_slope == 1 or fp16_q <= 0:
         return budget_q
-    return math.ceil(plan_ratio * fp16_q)
+    return round(start * fp16_q * (budget_q / (start * fp16_q)) ** plan_slope)
 
 
 @dataclass(frozen=True)

@@ -57,8 +57,9 @@ def budget_error(e, p: PreparedRequest) -> HestError | None:
 
 def run_state(e, p: PreparedRequest, n_layers: int) -> RequestState:
     """A new request's run state on engine `e`: its guard over its budget (and HEST's budget
-    plan, reading.plan_budget_q of the engine's `plan_ratio` and `plan_from`), its beta."""
-    plan_q = plan_budget_q(p.budget_q, p.fp16_q, e.plan_ratio, e.plan_from)
+    plan, reading.plan_budget_q of the engine's `plan_ratio`, `plan_from` and `plan_slope`), its
+    beta."""
+    plan_q = plan_budget_q(p.budget_q, p.fp16_q, e.plan_ratio, e.plan_from, e.plan_slope)
     return RequestState(
         req=p,
         guard=BudgetGuard(

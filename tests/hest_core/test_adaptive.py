@@ -264,6 +264,52 @@ def test_plan_budget_q():
             plan_budget_q(500, fp16, *bad)
 
 
+def test_plan_slope_lowers_the_plan_below_its_start():
+    """Below the plan's start the plan is start x fp16 x (r / start) ** slope, rounded: the
+    shipped slope 4 plans r = 0.2 as 0.0593 (300 x (2/3)^4 = 59.3: 59 of 1000); slope None or 1 plans
+    with the budget; at and above the start the cap is untouched; it falls monotonically with
+    the budget; a slope that is not a finite number > 0 is refused."""
+    from hest_core.runtime.reading import plan_budget_q
+
+    fp16 = 1000
+    assert plan_budget_q(200, fp16, 0.3, None, 4.0) == 59
+    assert plan_budget_q(200, fp16, 0.3, None, None) == 200
+    assert plan_budget_q(200, fp16, 0.3, None, 1.0) == 200
+    assert plan_budget_q(300, fp16, 0.3, None, 4.0) == 300  # the start: the cap
+    assert plan_budget_q(900, fp16, 0.3, None, 4.0) == 300
+    assert plan_budget_q(200, fp16, None, None, 4.0) == 200  # no plan: the budget
+    assert plan_budget_q(200, fp16, 1.0, 0.25, 2.0) == 160  # a floor's start: 250 (0.8)^2
+    plans = [plan_budget_q(b, fp16, 0.3, None, 4.0) for b in range(1, 301)]
+    assert plans == sorted(plans) and plans[-1] == 300 and plans[-2] <= 299
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="plan_slope"):
+            plan_budget_q(200, fp16, 0.3, None, bad)
+
+
+def test_plan_slope_buys_cheaper_paths_where_the_budget_binds(priced_engine: Engine):
+    """A budget below the plan's start (here r = 0.7 under a 0.9 cap, where this controller's
+    price still lets fp16 win) planned with slope 4 reads a lower remaining ratio, so the priced
+    controller puts fewer units on fp16 than with the budget as its plan; both stay inside the
+    budget; above the start the slope changes nothing."""
+    e = priced_engine
+
+    def run(ratio, slope):
+        e.plan_ratio, e.plan_slope = 0.9, slope
+        req = GenerationRequest(ARTICLE, energy_budget_ratio=ratio, max_new_tokens=12)
+        try:
+            res = e.generate([req])[0]
+        finally:
+            e.plan_ratio, e.plan_slope = 0.3, None
+        assert res.error is None and res.stats.modelled_j <= res.stats.budget_j
+        return res
+
+    flat, steep = run(0.7, None), run(0.7, 4.0)
+    assert steep.stats.paths["fp16"] < flat.stats.paths["fp16"]
+    assert e.info()["plan_slope"] is None and e.info()["plan_ratio"] == 0.3
+    a, b = run(0.95, None), run(0.95, 4.0)
+    assert a.text == b.text and a.stats.paths == b.stats.paths
+
+
 def test_plan_ratio_makes_spending_flat_above_it(priced_engine: Engine):
     """With the adapter's plan_ratio 0.3, r = 0.8 and r = 1.0 run the same paths and text (the
     controller plans with the same 0.3 x fp16 either way; neither budget binds), cheaper than

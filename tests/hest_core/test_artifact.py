@@ -139,3 +139,29 @@ def test_the_adapters_ratios_travel_with_it(tmp_path, tiny_hf, name):
         (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(raw))
         with pytest.raises(HestError, match=name):
             load_adapter(tmp_path / "a")
+
+
+def test_the_adapters_plan_slope_travels_with_it(tmp_path, tiny_hf):
+    """plan_slope (reading.plan_budget_q) is saved, loaded, served by a HEST engine and shown
+    in its info; artifacts without it plan with the budget below the start; a value that is not
+    a finite number > 0 is refused naming the field."""
+    ad = _adapter(tiny_hf)
+    assert ad.config.plan_slope is None
+    ad.config.plan_slope = 4.0
+    ad.save(tmp_path / "a")
+    assert load_adapter(tmp_path / "a").config.plan_slope == 4.0
+    e = Engine.from_pretrained("tiny:llama", adapter=tmp_path / "a", progress=False)
+    assert e.plan_slope == 4.0 and e.info()["plan_slope"] == 4.0
+    fixed = Engine.from_pretrained(
+        "tiny:llama", adapter=tmp_path / "a", policy="fp16", progress=False
+    )
+    assert fixed.plan_slope is None and fixed.info()["plan_slope"] is None
+    raw = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    del raw["plan_slope"]
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(raw))
+    assert load_adapter(tmp_path / "a").config.plan_slope is None
+    for bad in (0, -1.0, "4", True, float("nan"), float("inf")):
+        raw["plan_slope"] = bad
+        (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(raw))
+        with pytest.raises(HestError, match="plan_slope"):
+            load_adapter(tmp_path / "a")

@@ -57,6 +57,13 @@ def test_evaluate_end_to_end(pairs_file, trained, tmp_path):
     for suffix in (".md", ".samples.jsonl"):
         assert out.with_suffix(suffix).is_file()
     assert (tmp_path / "eval_paths.png").is_file() and (tmp_path / "eval_pareto.png").is_file()
+    # the mix at r = 0.6 against r = 1, for every method with path shares at both (lead-3 has
+    # no budget; fp16@0.6 refused both pairs, so it has no shares)
+    assert set(res["mix_shift"]) == {"hest", "int8"}
+    assert res["mix_shift"]["int8"]["0.6"]["max_layer_diff"] == 0.0
+    assert res["mix_shift"]["hest"]["0.6"]["vs"] == "1"
+    moved = res["mix_shift"]["hest"]["0.6"]["max_layer_diff"] > 0  # a figure only if it moved
+    assert (tmp_path / "eval_mix_shift.png").is_file() == moved
     n = len(out.with_suffix(".samples.jsonl").read_text().splitlines())
     assert n == 2 * 7
     main(argv)  # resumable: nothing left to run, nothing appended
@@ -210,3 +217,45 @@ def test_evaluate_rejects_bad_plan_ratio(tmp_path, capsys):
     js = ["--json", str(tmp_path / "e.json")]
     assert parse_args([*js, "--plan-ratio", "none"]).plan_ratio is None
     assert parse_args([*js, "--plan-ratio", "0.3"]).plan_ratio == 0.3
+
+
+def test_evaluate_plan_slope_flag(tmp_path, capsys):
+    import pytest
+
+    for bad in ("0", "-2", "nan", "inf", "x"):
+        with pytest.raises(SystemExit):
+            main(["--json", str(tmp_path / "e.json"), "--plan-slope", bad])
+        assert "--plan-slope wants a number > 0 or none" in capsys.readouterr().err
+    js = ["--json", str(tmp_path / "e.json")]
+    a = parse_args([*js, "--plan-slope", "4"])
+    assert a.plan_slope == 4.0 and a.plan_slope_set
+    assert parse_args([*js, "--plan-slope", "none"]).plan_slope is None
+    assert not getattr(parse_args(js), "plan_slope_set", False)
+
+
+def test_mix_shift_compares_each_budget_with_the_largest():
+    """report.mix_shift: per method, each budget's per-layer shares against the largest
+    budget's: the largest single difference, the mean total-variation distance, the overall
+    share differences; single-budget methods and rows without a budget are left out."""
+    import pytest
+
+    from training.report import mix_shift
+
+    def row(name, grid):
+        shares = {p: sum(g[i] for g in grid) / len(grid) for i, p in enumerate(("fp16", "int4"))}
+        return {"row": name, "path_shares_per_layer": grid, "path_shares": shares}
+
+    rows = [
+        row("hest@1", [[0.2, 0.8], [0.0, 1.0]]),
+        row("hest@0.2", [[0.0, 1.0], [0.1, 0.9]]),
+        row("hest@0.4", [[0.2, 0.8], [0.0, 1.0]]),
+        row("int4@0.2", [[0.0, 1.0], [0.0, 1.0]]),
+        {"row": "lead-3"},
+    ]
+    out = mix_shift(rows)
+    assert set(out) == {"hest"} and set(out["hest"]) == {"0.2", "0.4"}
+    low = out["hest"]["0.2"]
+    assert low["vs"] == "1" and low["max_layer_diff"] == pytest.approx(0.2)
+    assert low["mean_tv"] == pytest.approx((0.2 + 0.1) / 2)
+    assert low["share_diff"]["fp16"] == pytest.approx(-0.05)
+    assert out["hest"]["0.4"]["max_layer_diff"] == 0.0

@@ -47,14 +47,32 @@ class KVCache:
         view.max_len = self.max_len
         return view
 
-    def move_rows(self, src: list[int]) -> None:
+    def move_rows(self, src: list[int], used: list[int] | None = None) -> None:
         """Row j becomes what row src[j] holds, for j < len(src) (the rest are left as they
-        are); a permutation that compacts or reorders sequences in place."""
-        if src == list(range(len(src))):
+        are); a permutation that compacts or reorders sequences in place. `used[j]`: how many
+        positions of the sequence in row src[j] hold keys and values (None: all max_len). Only
+        rows that move are copied, and only up to the longest `used` among them: after a long
+        prompt grew the cache, a short request that moves copies its own positions, not the
+        whole allocation (a 16-row x 3,700-position cache took 158 ms to compact whole on the
+        2-core Xeon, a decode step's several times over). Raises ValueError for a `used` of
+        another length than src or outside 0..max_len."""
+        if used is not None and (
+            len(used) != len(src) or any(not 0 <= u <= self.max_len for u in used)
+        ):
+            raise ValueError(f"used must give 0..{self.max_len} positions for each of src's rows")
+        moves = [j for j, s in enumerate(src) if s != j]
+        if not moves:
             return
-        idx = torch.tensor(src, dtype=torch.long, device=self.k[0].device)
+        span = self.max_len if used is None else max(used[j] for j in moves)
+        if span == 0:
+            return
+        dev = self.k[0].device
+        dst = torch.tensor(moves, dtype=torch.long, device=dev)
+        idx = torch.tensor([src[j] for j in moves], dtype=torch.long, device=dev)
         for t in (*self.k, *self.v):
-            t[: len(src)] = t.index_select(0, idx)  # index_select copies first: overlap is safe
+            # index_select copies the moved rows first, so a row that is both read and written
+            # (a reorder, not only a compaction) is read before it is overwritten
+            t[:, :, :span].index_copy_(0, dst, t[:, :, :span].index_select(0, idx))
 
 
 def check_slots(slots: list[SeqSlot], cache: KVCache, n_rows: int) -> None:

@@ -56,6 +56,14 @@ DEFAULT_MAX_ROWS = 16  # requests decoded at once by default (the server's HEST_
 # many as the fused decode layer takes (native.FUSED_MAX_ROWS; docs/runtime.md has the measurements)
 
 
+def _written(t: Ticket) -> int:
+    """KV-cache positions request t has written: its prompt so far, then the tokens before the
+    one its next decode step writes (an upper bound: len(prompt) + len(generated))."""
+    if t.pos < len(t.req.ids):
+        return t.pos
+    return len(t.req.ids) + len(t.st.out_ids)
+
+
 def _check_count(name: str, value, least: int, also: str = "") -> None:
     """Raises ValueError unless `value` is an int (not a bool) >= `least`."""
     if isinstance(value, bool) or not isinstance(value, int) or value < least:
@@ -305,7 +313,8 @@ class Scheduler(BatchRunner):
         active = self._active
         if not active:
             return 0
-        self._rows.arrange(active + self._prefilling)
+        # rows 0..n-1 with the fewest moves, each copying the positions its request has written
+        self._active = active = self._rows.arrange(active, _written)
         n = len(active)
         slots = [
             SeqSlot(row0=j, n=1, cache_row=j, pos0=len(t.req.ids) + len(t.st.out_ids) - 1)

@@ -1,0 +1,132 @@
+"""KV-cache rows under continuous batching (exec/kvrows.py, exec/kvcache.py): `arrange` puts the
+decoding requests in rows 0..n-1 with the fewest moves and copies only the positions each moved
+request has written, so every request's keys and values survive, whatever moves."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from hest_core.exec.kvcache import KVCache
+from hest_core.exec.kvrows import CacheRows
+from hest_core.exec.weights import ModelSpec
+
+SPEC = ModelSpec("t", "llama", 2, 16, 32, 4, 2, 4, 10, 1e-5, False, 64)
+
+
+class _Key(str):
+    """A request key compared by identity, as the scheduler's tickets are."""
+
+
+def _keys(*names: str) -> dict[str, _Key]:
+    return {n: _Key(n) for n in names}
+
+
+class _Lean:
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        return KVCache(SPEC, batch, max_len, torch.float32, "cpu")
+
+
+def _fill(rows: CacheRows, written: dict[str, int]) -> dict[str, list[torch.Tensor]]:
+    """Random keys/values in each held row's written positions; returns them by key."""
+    out = {}
+    for r, key in enumerate(rows.owner):
+        if key is None:
+            continue
+        n = written[key]
+        vals = []
+        for t in (*rows.cache.k, *rows.cache.v):
+            t[r, :, :n] = torch.randn_like(t[r, :, :n])
+            vals.append(t[r, :, :n].clone())
+        out[key] = vals
+    return out
+
+
+def _check(rows: CacheRows, want: dict[str, list[torch.Tensor]], written: dict[str, int]):
+    for key, vals in want.items():
+        r = rows.row_of(key)
+        n = written[key]
+        for t, v in zip((*rows.cache.k, *rows.cache.v), vals, strict=True):
+            assert torch.equal(t[r, :, :n], v), key
+
+
+def test_a_request_that_leaves_moves_at_most_one_other():
+    """Four decoding requests in rows 0..3, the one in row 1 leaves: only the one in row 3
+    moves (into row 1), copying its own written positions; everything else is untouched."""
+    k = _keys("a", "b", "c", "d")
+    rows = CacheRows(_Lean(), max_rows=8)
+    rows.ensure(4, 40)
+    for key in k.values():
+        rows.take(key)
+    written = {k["a"]: 30, k["b"]: 5, k["c"]: 12, k["d"]: 7}
+    want = _fill(rows, written)
+    rows.release(k["b"])
+    del want[k["b"]]
+    calls = []
+    order = rows.arrange([k["a"], k["c"], k["d"]], lambda x: calls.append(x) or written[x])
+    assert order == [k["a"], k["d"], k["c"]] and rows.owner[:3] == order
+    assert calls == [k["d"]]  # only the mover's length was asked for
+    _check(rows, want, written)
+
+
+def test_prefilling_requests_trade_rows_and_keep_their_cache():
+    """A decoding request outside rows 0..n-1 takes a free row there first; where none is free
+    it trades rows with a request still prefilling, whose longer cache is copied whole."""
+    k = _keys("long", "x", "y", "z")
+    rows = CacheRows(_Lean(), max_rows=8)
+    rows.ensure(4, 60)
+    for key in k.values():
+        rows.take(key)
+    written = {k["long"]: 55, k["x"]: 3, k["y"]: 9, k["z"]: 20}
+    want = _fill(rows, written)
+    order = rows.arrange([k["y"], k["z"]], written.get)  # rows 0, 1 hold long and x: trade
+    assert set(order) == {k["y"], k["z"]} and rows.owner[:2] == order
+    _check(rows, want, written)
+    order = rows.arrange([k["z"], k["y"], k["x"]], written.get)  # z, y stay; x takes row 2
+    assert order[:2] == rows.owner[:2] and rows.owner[2] is k["x"]
+    _check(rows, want, written)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_random_joins_and_leaves_keep_every_cache(seed):
+    """Random admissions, departures and decode sets: after each arrange the decoding requests
+    hold rows 0..n-1 and every held request's written positions are what it wrote."""
+    rng = random.Random(seed)
+    rows = CacheRows(_Lean(), max_rows=8)
+    rows.ensure(8, 64)
+    written: dict[_Key, int] = {}
+    want: dict[_Key, list[torch.Tensor]] = {}
+    names = iter(_Key(f"r{i}") for i in range(1000))
+    for _ in range(30):
+        if rows.owner.count(None) and rng.random() < 0.6:
+            key = next(names)
+            r = rows.take(key)
+            written[key] = rng.randint(0, 64)
+            vals = []
+            for t in (*rows.cache.k, *rows.cache.v):
+                t[r, :, : written[key]] = torch.randn_like(t[r, :, : written[key]])
+                vals.append(t[r, :, : written[key]].clone())
+            want[key] = vals
+        held = [k for k in rows.owner if k is not None]
+        if held and rng.random() < 0.3:
+            gone = rng.choice(held)
+            rows.release(gone)
+            want.pop(gone)
+            if rows.cache is None:
+                rows.ensure(8, 64)
+            held.remove(gone)
+        decoding = rng.sample(held, rng.randint(0, len(held)))
+        order = rows.arrange(decoding, written.get)
+        assert {id(x) for x in order} == {id(x) for x in decoding}
+        assert all(a is b for a, b in zip(rows.owner, order))
+        _check(rows, want, written)
+
+
+def test_move_rows_refuses_bad_lengths():
+    c = KVCache(SPEC, 3, 8, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="used"):
+        c.move_rows([1, 0], [3])
+    with pytest.raises(ValueError, match="used"):
+        c.move_rows([1, 0], [3, 9])

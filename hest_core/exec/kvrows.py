@@ -35,16 +35,21 @@ class CacheRows:
     def rows(self) -> int:
         return len(self.owner)
 
-    def ensure(self, rows: int, length: int) -> None:
+    def ensure(self, rows: int, length: int, held: int | None = None) -> None:
         """Room for `rows` requests of up to `length` positions each (prompt + max_new_tokens);
-        grows the allocation by copying into a larger one. Raises ValueError past max_rows."""
+        grows the allocation by copying into a larger one. `held`: the most positions any
+        request holding a row may reach (None: the allocation's own length): a grow sizes the
+        new allocation to what is needed, max(length, held), so once a long prompt has left,
+        the next grow drops its length instead of copying (and zeroing) every row at it.
+        Raises ValueError past max_rows."""
         if rows > self.max_rows:
             raise ValueError(f"{rows} rows asked, at most max_rows={self.max_rows}")
         have = self.cache.max_len if self.cache is not None else 0
         if rows <= self.rows and length <= have:
             return
+        need = max(length, have if held is None else held)
         # rows double (up to max_rows) so a server filling up copies the cache a few times only
-        self._grow(max(self.rows, rows, min(self.max_rows, 2 * self.rows)), max(length, have))
+        self._grow(max(self.rows, rows, min(self.max_rows, 2 * self.rows)), need)
 
     def take(self, key: object) -> int:
         """A free row for `key` (call `ensure` first)."""
@@ -112,8 +117,8 @@ class CacheRows:
         old = self.cache
         new = self.lean.new_cache(rows, length)
         if old is not None:
-            r, n = old.k[0].shape[0], old.max_len
+            r, n = old.k[0].shape[0], min(old.max_len, length)  # a held row needs <= length
             for dst, src in zip((*new.k, *new.v), (*old.k, *old.v), strict=True):
-                dst[:r, :, :n] = src  # (rows, kv_heads, positions, head_dim)
+                dst[:r, :, :n] = src[:, :, :n]  # (rows, kv_heads, positions, head_dim)
         self.cache = new
         self.owner = self.owner + [None] * (rows - len(self.owner))

@@ -215,7 +215,10 @@ class Scheduler(BatchRunner):
         if not ok:
             return
         longest = max(len(t.req.ids) + t.req.max_new for t in ok)
-        self._rows.ensure(self.running + len(ok), longest)
+        held = max(
+            (len(t.req.ids) + t.req.max_new for t in self._prefilling + self._active), default=0
+        )
+        self._rows.ensure(self.running + len(ok), longest, held)
         if self._window is None:
             self._window = self.e.meter.begin()
         for t in ok:

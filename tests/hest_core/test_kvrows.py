@@ -130,3 +130,24 @@ def test_move_rows_refuses_bad_lengths():
         c.move_rows([1, 0], [3])
     with pytest.raises(ValueError, match="used"):
         c.move_rows([1, 0], [3, 9])
+
+
+def test_a_grow_after_a_long_prompt_left_drops_its_length():
+    """A grow sizes the allocation to what the requests holding rows may reach (`held`), not to
+    the longest prompt seen: after a long request leaves, the next grow is short again, and
+    every held request keeps what it wrote; without `held` the length never falls."""
+    k = _keys("long", "a", "b")
+    rows = CacheRows(_Lean(), max_rows=8)
+    rows.ensure(2, 64)
+    rows.take(k["long"]), rows.take(k["a"])
+    written = {k["long"]: 60, k["a"]: 9, k["b"]: 0}
+    want = _fill(rows, written)
+    rows.release(k["long"])
+    del want[k["long"]]
+    rows.ensure(3, 16, held=16)  # a is known to need at most 16 positions
+    assert rows.cache.max_len == 16 and rows.rows == 4
+    rows.take(k["b"])
+    _check(rows, want, written)
+    rows.ensure(5, 12)  # no held given: keeps what it has
+    assert rows.cache.max_len == 16 and rows.rows == 8
+    _check(rows, want, written)

@@ -52,16 +52,22 @@ def _check(rows: CacheRows, want: dict[str, list[torch.Tensor]], written: dict[s
             assert torch.equal(t[r, :, :n], v), key
 
 
+def _held(length: int, **written: int):
+    """Rows of a `length`-position allocation, one per request in `written` (name -> positions
+    written), filled: (keys by name, rows, written by key, what each key wrote)."""
+    k = _keys(*written)
+    rows = CacheRows(_Lean(), max_rows=8)
+    rows.ensure(len(k), length)
+    for key in k.values():
+        rows.take(key)
+    by_key = {k[name]: n for name, n in written.items()}
+    return k, rows, by_key, _fill(rows, by_key)
+
+
 def test_a_request_that_leaves_moves_at_most_one_other():
     """Four decoding requests in rows 0..3, the one in row 1 leaves: only the one in row 3
     moves (into row 1), copying its own written positions; everything else is untouched."""
-    k = _keys("a", "b", "c", "d")
-    rows = CacheRows(_Lean(), max_rows=8)
-    rows.ensure(4, 40)
-    for key in k.values():
-        rows.take(key)
-    written = {k["a"]: 30, k["b"]: 5, k["c"]: 12, k["d"]: 7}
-    want = _fill(rows, written)
+    k, rows, written, want = _held(40, a=30, b=5, c=12, d=7)
     rows.release(k["b"])
     del want[k["b"]]
     calls = []
@@ -73,14 +79,9 @@ def test_a_request_that_leaves_moves_at_most_one_other():
 
 def test_prefilling_requests_trade_rows_and_keep_their_cache():
     """A decoding request outside rows 0..n-1 takes a free row there first; where none is free
-    it trades rows with a request still prefilling, whose longer cache is copied whole."""
-    k = _keys("long", "x", "y", "z")
-    rows = CacheRows(_Lean(), max_rows=8)
-    rows.ensure(4, 60)
-    for key in k.values():
-        rows.take(key)
-    written = {k["long"]: 55, k["x"]: 3, k["y"]: 9, k["z"]: 20}
-    want = _fill(rows, written)
+    it trades rows with a request still prefilling, whose longer cache moves whole (all the
+    positions it wrote)."""
+    k, rows, written, want = _held(60, long=55, x=3, y=9, z=20)
     order = rows.arrange([k["y"], k["z"]], written.get)  # rows 0, 1 hold long and x: trade
     assert set(order) == {k["y"], k["z"]} and rows.owner[:2] == order
     _check(rows, want, written)
@@ -120,7 +121,7 @@ def test_random_joins_and_leaves_keep_every_cache(seed):
         decoding = rng.sample(held, rng.randint(0, len(held)))
         order = rows.arrange(decoding, written.get)
         assert {id(x) for x in order} == {id(x) for x in decoding}
-        assert all(a is b for a, b in zip(rows.owner, order))
+        assert all(a is b for a, b in zip(rows.owner[: len(order)], order, strict=True))
         _check(rows, want, written)
 
 

@@ -4,8 +4,10 @@ One allocation holds every request that is prefilling or decoding, one batch row
 step reads the first n rows, which must be the n decoding requests in order (the fused native
 layer and the PyTorch decode attention both take row i of the step as cache row i), so requests
 are moved between rows as they join and leave (`arrange`, as few as possible: one that leaves
-lets at most one other move into its row). Requests still prefilling sit in the other rows. The allocation grows (rows up to `max_rows`, positions up to the longest
-request's prompt + max_new_tokens) by copying into a larger one, and is freed when nothing runs.
+lets at most one other move into its row, copying only the positions it wrote). Requests still
+prefilling sit in the other rows. The allocation grows by copying into a larger one (rows
+doubling up to `max_rows`, positions up to the most that a request holding or taking a row may
+reach, its prompt + max_new_tokens) and is freed when nothing runs.
 
 A row that a finished request left holds its old keys and values until the next request
 overwrites them position by position; attention masks every position past a row's own, and the

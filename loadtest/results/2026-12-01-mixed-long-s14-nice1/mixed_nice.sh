@@ -1,8 +1,9 @@
 #!/bin/bash
 # Issue 16 item 5: short requests at ~half saturation, with and without one ~4k-token prompt every
+# Session 14: the same as loadtest/results/2026-12-01-mixed-long/mixed.sh with the load client at nice 19.
 # 10 s, under the prefill token budget (512) and without it (0). Same seed, same prompts.
 set -u
-cd /work/main   # the repository root
+cd "$(dirname "$0")/../../.."   # the repository root
 . .venv/bin/activate
 OUT=${OUT:-runs/mixed}; mkdir -p $OUT
 LONG=${LONG:-runs/digests/digests_4096.jsonl}   # python -m training.digests --lengths 4096 --out runs/digests

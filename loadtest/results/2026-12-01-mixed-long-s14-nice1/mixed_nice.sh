@@ -1,7 +1,7 @@
 #!/bin/bash
 # Issue 16 item 5: short requests at ~half saturation, with and without one ~4k-token prompt every
-# Session 14: the same as loadtest/results/2026-12-01-mixed-long/mixed.sh with the load client at nice 19.
 # 10 s, under the prefill token budget (512) and without it (0). Same seed, same prompts.
+# Session 14: the same as loadtest/results/2026-12-01-mixed-long/mixed.sh with the load client at nice 19.
 set -u
 cd "$(dirname "$0")/../../.."   # the repository root
 . .venv/bin/activate

@@ -135,6 +135,31 @@ def _budget_of(row: str) -> tuple[str, float] | None:
         return None
 
 
+def _shifts(rows: list[dict]):
+    """For each method run at two or more budgets (rows with per-layer shares), each budget
+    below its largest: (method, budget, largest, row, its row at the largest, the signed
+    (L, P) per-layer share difference)."""
+    groups: dict[str, dict[float, dict]] = {}
+    for r in rows:
+        nb = _budget_of(r["row"])
+        if nb is not None and r.get("path_shares_per_layer") and r.get("path_shares"):
+            groups.setdefault(nb[0], {})[nb[1]] = r
+    for name, by_r in groups.items():
+        if len(by_r) < 2:
+            continue
+        top = max(by_r)
+        ref = by_r[top]
+        for b, r in sorted(by_r.items()):
+            if b != top:
+                diff = [
+                    [x - y for x, y in zip(a, c, strict=True)]
+                    for a, c in zip(
+                        r["path_shares_per_layer"], ref["path_shares_per_layer"], strict=True
+                    )
+                ]
+                yield name, b, top, r, ref, diff
+
+
 def mix_shift(rows: list[dict]) -> dict[str, dict[str, dict]]:
     """How each method's path mix at every budget differs from its mix at its largest budget
     (issue 14: the mix where the budget binds against r = 1), from the rows'
@@ -143,36 +168,16 @@ def mix_shift(rows: list[dict]) -> dict[str, dict[str, dict]]:
     distance between the two mixes (half the L1 distance, 0..1) averaged over layers,
     "share_diff": {path: overall share at this budget minus at the largest}}}}. Methods run at
     one budget, or whose rows carry no per-layer shares, are left out."""
-    groups: dict[str, dict[float, dict]] = {}
-    for r in rows:
-        nb = _budget_of(r["row"])
-        if nb is not None and r.get("path_shares_per_layer") and r.get("path_shares"):
-            groups.setdefault(nb[0], {})[nb[1]] = r
     out: dict[str, dict[str, dict]] = {}
-    for name, by_r in groups.items():
-        if len(by_r) < 2:
-            continue
-        top = max(by_r)
-        ref = by_r[top]
-        out[name] = {}
-        for b, r in sorted(by_r.items()):
-            if b == top:
-                continue
-            diff = [
-                [abs(x - y) for x, y in zip(a, c, strict=True)]
-                for a, c in zip(
-                    r["path_shares_per_layer"], ref["path_shares_per_layer"], strict=True
-                )
-            ]  # (L, P)
-            out[name][f"{b:g}"] = {
-                "vs": f"{top:g}",
-                "max_layer_diff": max(max(d) for d in diff),
-                "mean_tv": sum(sum(d) / 2 for d in diff) / len(diff),
-                "share_diff": {
-                    p: r["path_shares"][p] - ref["path_shares"].get(p, 0.0)
-                    for p in r["path_shares"]
-                },
-            }
+    for name, b, top, r, ref, diff in _shifts(rows):
+        out.setdefault(name, {})[f"{b:g}"] = {
+            "vs": f"{top:g}",
+            "max_layer_diff": max(abs(v) for d in diff for v in d),
+            "mean_tv": sum(sum(abs(v) for v in d) / 2 for d in diff) / len(diff),
+            "share_diff": {
+                p: r["path_shares"][p] - ref["path_shares"].get(p, 0.0) for p in r["path_shares"]
+            },
+        }
     return out
 
 
@@ -188,26 +193,19 @@ def write_outputs(js: Path, out: dict, md: str) -> None:
         {s["row"]: s["path_shares_per_layer"] for s in summary if "path_shares_per_layer" in s},
         js.with_name(js.stem + "_paths.png"),
     )
-    shifts = {  # methods whose mix moves at all (a fixed path's never does)
-        f"{name}@{b} - @{d['vs']}": (name, b, d["vs"])
+    moved = {  # methods whose mix moves at all (a fixed path's never does)
+        name
         for name, per in out["mix_shift"].items()
         if any(d["max_layer_diff"] > 0 for d in per.values())
-        for b, d in per.items()
     }
-    if shifts:
-        grids = {
-            s["row"]: s["path_shares_per_layer"] for s in summary if "path_shares_per_layer" in s
-        }
-        plot_mix_shift(
-            {
-                title: [
-                    [x - y for x, y in zip(a, c, strict=True)]
-                    for a, c in zip(grids[f"{n}@{b}"], grids[f"{n}@{vs}"], strict=True)
-                ]
-                for title, (n, b, vs) in shifts.items()
-            },
-            js.with_name(js.stem + "_mix_shift.png"),
-        )
+    plot_mix_shift(
+        {
+            f"{r['row']} - @{ref['row'].partition('@')[2]}": diff
+            for name, _, _, r, ref, diff in _shifts(summary)
+            if name in moved
+        },
+        js.with_name(js.stem + "_mix_shift.png"),
+    )
     plot_pareto(
         [
             {"name": s["row"], "joules": s["modelled_j"], "rouge_l": s["rougeL"]}

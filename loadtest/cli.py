@@ -20,6 +20,7 @@ from typing import Any
 from loadtest.client import APIS, Target
 from loadtest.report import (
     NOMINAL_WATTS,
+    check_slos,
     render_markdown,
     render_text,
     summarize_run,
@@ -97,6 +98,16 @@ def build_parser() -> argparse.ArgumentParser:
     out = p.add_argument_group("output")
     out.add_argument("--slo", type=float, default=5.0, help="latency SLO in s for goodput")
     out.add_argument(
+        "--slo-ttft",
+        type=float,
+        help="also a time-to-first-token SLO in s for goodput (default: none)",
+    )
+    out.add_argument(
+        "--slo-tpot",
+        type=float,
+        help="also a time-per-output-token SLO in s for goodput (default: none)",
+    )
+    out.add_argument(
         "--nominal-watts",
         type=float,
         default=NOMINAL_WATTS,
@@ -161,6 +172,7 @@ def _targets(args: argparse.Namespace) -> list[Target]:
 
 
 def _configs(args: argparse.Namespace) -> list[RunConfig]:
+    check_slos({"--slo": args.slo, "--slo-ttft": args.slo_ttft, "--slo-tpot": args.slo_tpot})
     if args.prompts:
         prompts = PromptSource.from_jsonl(
             args.prompts, text_field=args.prompt_field, limit=args.prompt_limit
@@ -231,7 +243,12 @@ async def _run_all(
         for target in targets:  # one after the other: the two servers never share the load
             result = await run_load(target, config, progress=not args.no_progress)
             summary = summarize_run(
-                result, slo_s=args.slo, label=target.label, watts=args.nominal_watts
+                result,
+                slo_s=args.slo,
+                label=target.label,
+                watts=args.nominal_watts,
+                ttft_slo_s=args.slo_ttft,
+                tpot_slo_s=args.slo_tpot,
             )
             results.append(result)
             summaries.append(summary)
@@ -267,6 +284,8 @@ def main(argv: list[str] | None = None, *, setup: dict[str, Any] | None = None) 
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "argv": sys.argv[1:] if argv is None else argv,
         "slo_s": args.slo,
+        "ttft_slo_s": args.slo_ttft,
+        "tpot_slo_s": args.slo_tpot,
         "nominal_watts": args.nominal_watts,
         "setup": setup,
         "runs": [
@@ -334,7 +353,7 @@ def _markdown(
         "",
         f"Created {report['created_at']}; command: `{_command(report)}`",
         "",
-        f"Latency SLO for goodput: {report['slo_s']:g} s. `estimated` joules are the server's "
+        f"Goodput counts requests within {_slos(report)}. `estimated` joules are the server's "
         "time x nominal watts (an estimate); `busy time x W` joules are the same estimate made by "
         f"the client for every server ({report['nominal_watts']:g} W x the time requests were in "
         "flight, split among them); `measured` joules come from a hardware meter and are n/a "
@@ -357,6 +376,15 @@ def _markdown(
         rel = plot.relative_to(base) if plot.is_relative_to(base) else plot
         lines += ["", f"![{plot.stem}]({rel})"]
     return "\n".join(lines) + "\n"
+
+
+def _slos(report: dict[str, Any]) -> str:
+    """The goodput SLOs in words, e.g. "5 s end to end, TTFT <= 1 s"."""
+    out = [f"{report['slo_s']:g} s end to end"]
+    for key, name in (("ttft_slo_s", "TTFT"), ("tpot_slo_s", "TPOT")):
+        if report.get(key) is not None:
+            out.append(f"{name} <= {report[key]:g} s")
+    return ", ".join(out)
 
 
 def _command(report: dict[str, Any]) -> str:

@@ -16,6 +16,7 @@ import numpy as np
 
 from loadtest.client import RequestRecord
 from loadtest.runner import RunResult
+from loadtest.spec import LoadtestError
 
 VIOLATION_TOLERANCE_J = 1e-9
 # The estimate meter's nominal power: hest_core.config.DEFAULT_NOMINAL_WATTS (not imported: the load
@@ -92,10 +93,18 @@ def busy_time_joules(records: list[RequestRecord], watts: float) -> list[float |
 
 
 def summarize_run(
-    result: RunResult, *, slo_s: float, label: str | None = None, watts: float = NOMINAL_WATTS
+    result: RunResult,
+    *,
+    slo_s: float,
+    label: str | None = None,
+    watts: float = NOMINAL_WATTS,
+    ttft_slo_s: float | None = None,
+    tpot_slo_s: float | None = None,
 ) -> dict[str, Any]:
     """Every reported figure for one run; see docs/loadtest.md for each field. `watts`: the
-    nominal power behind the client-side estimate (`energy.client_estimated_j_per_request`)."""
+    nominal power behind the client-side estimate (`energy.client_estimated_j_per_request`).
+    `slo_s`, `ttft_slo_s`, `tpot_slo_s`: the SLOs a request must all meet to count in goodput
+    (`within_slo`; None: that one is not checked)."""
     records = result.records
     ok = [r for r in records if r.ok]
     wall_s = max([r.sent_s + r.latency_s for r in records if r.latency_s is not None] or [0.0])
@@ -125,7 +134,9 @@ def summarize_run(
         "prompt_tokens_per_s": per_s(prompt),
         "completion_tokens": completion,
         "prompt_tokens": prompt,
-        "goodput": _goodput(records, ok, slo_s, wall_s),
+        "goodput": goodput(
+            [_slo_view(r) for r in ok], len(records), wall_s, slo_s, ttft_slo_s, tpot_slo_s
+        ),
         "energy": _energy(records, ok, completion, watts),
         "budget_exhaustions": exhaustions,
         "budget_exhaustion_rate": exhaustions / len(ok) if ok else None,
@@ -155,12 +166,16 @@ def _long(records: list[RequestRecord]) -> dict[str, Any] | None:
 
 
 def _tpot(record: RequestRecord) -> float | None:
-    """Time per output token after the first, (latency - TTFT) / (completion tokens - 1), vLLM's
-    TPOT: every generated token counts, also those a server held back or cut at a clean ending."""
-    n = record.completion_tokens
-    if record.ttft_s is None or record.latency_s is None or not n or n < 2:
+    return tpot_of(record.latency_s, record.ttft_s, record.completion_tokens)
+
+
+def tpot_of(latency_s: float | None, ttft_s: float | None, tokens: int | None) -> float | None:
+    """Time per output token after the first, (latency - TTFT) / (completion tokens - 1) in s,
+    vLLM's TPOT: every generated token counts, also those a server held back or cut at a clean
+    ending. None without a TTFT or a latency, or with fewer than 2 tokens."""
+    if ttft_s is None or latency_s is None or not tokens or tokens < 2:
         return None
-    return (record.latency_s - record.ttft_s) / (n - 1)
+    return (latency_s - ttft_s) / (tokens - 1)
 
 
 def _run_header(result: RunResult, label: str | None) -> dict[str, Any]:
@@ -179,14 +194,55 @@ def _run_header(result: RunResult, label: str | None) -> dict[str, Any]:
     }
 
 
-def _goodput(records, ok, slo_s: float, wall_s: float) -> dict[str, Any]:
-    """Requests answered within the SLO (end to end, seconds): count, per second, share of sent."""
-    within = [r for r in ok if r.latency_s is not None and r.latency_s <= slo_s]
+def _slo_view(r: RequestRecord) -> tuple[float | None, float | None, float | None]:
+    return r.latency_s, r.ttft_s, _tpot(r)
+
+
+def check_slos(slos: dict[str, float | None]) -> None:
+    """Raises LoadtestError unless every SLO given ({option: seconds or None}) is a finite
+    number of seconds > 0."""
+    for option, value in slos.items():
+        if value is not None and not (0 < value < float("inf")):
+            raise LoadtestError(f"{option} {value}: give a number of seconds > 0")
+
+
+def within_slo(
+    latency_s: float | None,
+    ttft_s: float | None,
+    tpot_s: float | None,
+    slo_s: float,
+    ttft_slo_s: float | None = None,
+    tpot_slo_s: float | None = None,
+) -> bool:
+    """Whether an answered request meets every SLO given (seconds): end to end <= slo_s, and
+    where set TTFT <= ttft_slo_s and TPOT <= tpot_slo_s. A request with no TTFT misses a TTFT
+    SLO; one with no TPOT (fewer than 2 tokens) has nothing to miss there. Goodput with TTFT and
+    TPOT SLOs is DistServe's (Zhong et al., OSDI 2024: requests/s served within both)."""
+    if latency_s is None or latency_s > slo_s:
+        return False
+    if ttft_slo_s is not None and (ttft_s is None or ttft_s > ttft_slo_s):
+        return False
+    return tpot_slo_s is None or tpot_s is None or tpot_s <= tpot_slo_s
+
+
+def goodput(
+    answered: list[tuple[float | None, float | None, float | None]],
+    sent: int,
+    wall_s: float,
+    slo_s: float,
+    ttft_slo_s: float | None = None,
+    tpot_slo_s: float | None = None,
+) -> dict[str, Any]:
+    """Requests answered within the SLOs (`within_slo`): count, per second of `wall_s`, share of
+    `sent`. answered: (latency_s, ttft_s, tpot_s) of each answered request."""
+    n = sum(within_slo(*a, slo_s, ttft_slo_s, tpot_slo_s) for a in answered)
     return {
         "slo_s": slo_s,
-        "ok_within_slo": len(within),
-        "requests_per_s": len(within) / wall_s if wall_s else None,
-        "fraction_of_sent": len(within) / len(records) if records else None,
+        "ttft_slo_s": ttft_slo_s,
+        "tpot_slo_s": tpot_slo_s,
+        "ok_within_slo": n,
+        "requests_per_s": n / wall_s if wall_s else None,
+        "fraction_of_sent": n / sent if sent else None,
     }
 
 

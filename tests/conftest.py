@@ -29,6 +29,9 @@ per decode unit SHARED_UNIT of its cost, and HEAD_SHARED of the head, are paid o
 step by its rows, so a test can predict each row's attributed joules exactly. The default tables
 carry whatever shares the packaged table measured (scaled with the units for the tiny models).
 
+`split_tables` (a fixture) writes the shared tables with a fixed mixed-path prefill pass as
+well: per path, SPLIT_UNITS rows' worth of its first-layer prefill unit cost (`prefill.split`).
+
 These are test inputs, not results. Tests of the calibration itself measure on their own.
 """
 
@@ -50,6 +53,15 @@ REFERENCE = PACKAGED / "491473d3fa8f25ad-intel-r-xeon-r-processor-bf16-2t-native
 
 
 SHARED_UNIT, HEAD_SHARED = 0.75, 0.9  # `shared_tables`: the shared parts of decode costs
+SPLIT_UNITS = 8  # `split_tables`: a minority path's prefill weight pass, in rows of its unit cost
+
+
+def _with_split(t: dict) -> dict:
+    """A table whose prefill charges a minority path SPLIT_UNITS rows of its unit cost."""
+    t = json.loads(json.dumps(t))
+    t["method"] += f"; prefill split {SPLIT_UNITS} rows of the first layer's units (fixed)"
+    t["prefill"]["split"] = [v * SPLIT_UNITS for v in t["prefill"]["unit"][0]]
+    return t
 
 
 def _with_shares(t: dict) -> dict:
@@ -70,19 +82,25 @@ def _with_int4(t: dict) -> dict:
         t[ph]["unit"] = [[*r, (r[1] + r[2]) / 2] for r in t[ph]["unit"]]
         if t[ph].get("shared") is not None:
             t[ph]["shared"] = [[*r, (r[1] + r[2]) / 2] for r in t[ph]["shared"]]
+        if t[ph].get("split") is not None:
+            r = t[ph]["split"]
+            t[ph]["split"] = [*r, (r[1] + r[2]) / 2]
     return t
 
 
-def _write(out: Path, t: dict, shares: bool) -> None:
+def _write(out: Path, t: dict, shares: bool, split: bool = False) -> None:
     """`<fingerprint>.json` (the built-in three paths) and `<fingerprint>-int4.json` of `t`."""
     t = _with_shares(t) if shares else t
+    t = _with_split(t) if split else t
     (out / f"{t['model_fingerprint']}.json").write_text(json.dumps(t))
     (out / f"{t['model_fingerprint']}-int4.json").write_text(json.dumps(_with_int4(t)))
 
 
-def _write_fixed_tables(out: Path, shares: bool = False) -> None:
+def _write_fixed_tables(out: Path, shares: bool = False, split: bool = False) -> None:
     ref = json.loads(REFERENCE.read_text())
-    _write(out, ref, shares)
+    ref["prefill"].pop("split", None)  # the packaged table's measured one, if any: not fixed
+    ref["kernels"].pop("prefill_split", None)
+    _write(out, ref, shares, split)
     for kind in TINY:
         hf = load_hf_model(kind)
         n = hf.config.num_hidden_layers
@@ -95,7 +113,7 @@ def _write_fixed_tables(out: Path, shares: bool = False) -> None:
             if ref[ph].get("shared") is not None:  # measured shares scale with their units
                 row = [v * ref["n_layers"] / n for v in ref[ph]["shared"][0]]
                 t[ph]["shared"] = [list(row) for _ in range(n)]
-        _write(out, t, shares)
+        _write(out, t, shares, split)
 
 
 def pytest_configure(config) -> None:
@@ -119,6 +137,14 @@ def shared_tables(tmp_path_factory) -> Path:
     """A directory of the fixed tables with fixed batched-decode shares (module docstring)."""
     out = tmp_path_factory.mktemp("calibration-shared")
     _write_fixed_tables(out, shares=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def split_tables(tmp_path_factory) -> Path:
+    """`shared_tables` with a fixed mixed-path prefill pass (module docstring)."""
+    out = tmp_path_factory.mktemp("calibration-split")
+    _write_fixed_tables(out, shares=True, split=True)
     return out
 
 

@@ -109,6 +109,9 @@ def _median_phase(cs: list[PhaseCosts]) -> PhaseCosts:
             for li in range(n_layers)
         ]
     head = med(c.head for c in cs)
+    split = None
+    if all(c.split is not None for c in cs):
+        split = [med(c.split[p] for c in cs) for p in range(n_paths)]
     return PhaseCosts(
         unit=unit,
         token_fixed=med(c.token_fixed for c in cs),
@@ -116,6 +119,7 @@ def _median_phase(cs: list[PhaseCosts]) -> PhaseCosts:
         head=head,
         shared=shared,
         head_shared=min(head, med(c.head_shared for c in cs)),
+        split=split,
     )
 
 

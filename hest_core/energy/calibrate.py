@@ -25,7 +25,7 @@ from ..config import RuntimeConfig
 from ..dtypes import cpu_model_name, dtype_name
 from ..exec import native
 from ..exec.model import LeanModel
-from . import calib_attention, calib_check, calib_isa, calib_measure, calib_rows
+from . import calib_attention, calib_check, calib_isa, calib_measure, calib_rows, calib_split
 from .calib_measure import _kernel_choice, _phase
 from .meters import EstimateMeter, Meter, pick_meter
 from .model import CalibrationTable
@@ -89,7 +89,7 @@ def calibrate(
     each decode cost (`calib_rows.measure_rows`; (1,): none, a batch-1 table). Each repeat takes
     ~6 s on the default model at 2 threads, plus ~10 s for the rows up to 16; then the prompt
     attention is measured out to the model's positions and fitted (`calib_attention.fit_into`,
-    a few seconds)."""
+    a few seconds), and each path's weight pass in a mixed-path prefill (`calib_split`, ~20 s)."""
     if meter is None:
         cfg = RuntimeConfig.from_env()
         meter = pick_meter(lean.device.type, cfg.meter, cfg.nominal_watts)
@@ -129,6 +129,16 @@ def calibrate(
             f"{att['calibrated_attn_ctx']:.3g}), largest error "
             f"{max(abs(e) for e in att['fit_rel_err']):.0%}"
         )
+    # mixed-path prefill: each path's weight pass beside a majority path (calib_split)
+    split = calib_split.measure_split(lean, meter, table)
+    calib_split.write_split(table, split)
+    say(
+        "mixed-path prefill: "
+        + ", ".join(
+            f"{n} {v * 1e3:.3g} mJ" for n, v in zip(reg.names(), split["split"], strict=True)
+        )
+        + " per layer for a minority path's weight pass"
+    )
     k["load_avg_1m"] = round(calib_check.load_avg(), 2)
     k["warnings"] = calib_check.sanity(table.prefill, table.decode)
     for w in k["warnings"]:

@@ -20,6 +20,17 @@ and each of those rows is attributed (unit - shared) + shared / m: at m = 1 exac
 cost, never more at any m. A table without them (shared all 0) is the batch-1 model. Only the
 decode phase has them (a prefill token's unit cost is measured per token of a 256-token GEMM,
 whose weight reads are already shared).
+
+Mixed-path prefill (optional, `calib_split.py`): a prefill round whose rows in a layer take
+several paths reads the weights of each of them; the unit costs (measured at SPLIT_ROWS rows on
+one path) carry one weight pass per SPLIT_ROWS rows, so a path run by few rows is under-charged.
+  split[p]           J per layer for path p's weight pass in a prefill round (and its rows'
+                     gathers and scatters), measured beside a majority path
+so a request whose rows in a prefill layer take several paths also pays, for each path but its
+majority one with m rows on it, split[p] (SPLIT_ROWS - m) / SPLIT_ROWS (the part of the pass
+m rows' unit costs do not carry; 0 from SPLIT_ROWS rows on). Batch mates on the same path in
+the same round share that pass (`split_rebate_q`). A single-path prompt, every fixed policy's,
+pays nothing more: their costs are what they were without it.
 """
 
 from __future__ import annotations
@@ -37,6 +48,9 @@ PHASES = ("prefill", "decode")
 PJ = (
     10**12
 )  # the budget guard keeps its ledger in integer picojoules: exact sums, no rounding slack
+# prompt tokens of the calibration's prefill forward: its per-token unit costs carry one weight
+# pass per this many rows (energy.calibrate.PREFILL_T; a test checks that they agree)
+SPLIT_ROWS = 256
 
 
 @dataclass
@@ -49,6 +63,9 @@ class PhaseCosts:
     # batch-1 model of tables written before batched attribution); 0 <= shared <= unit
     shared: list[list[float]] | None = None
     head_shared: float = 0.0  # joules per decode step of the head shared by its rows
+    # (P,) joules per layer of a minority path's weight pass in a prefill round (None: not
+    # measured, nothing charged for it); prefill only
+    split: list[float] | None = None
 
     def check(self, n_layers: int, phase: str) -> None:
         """Raises CalibrationError unless unit (and shared, where given) is (n_layers, P) of
@@ -71,6 +88,18 @@ class PhaseCosts:
                 "calibration prefill has shared costs: only decode steps share their weight "
                 "reads between rows (hest_core/energy/model.py); recalibrate"
             )
+        if self.split is not None:
+            if phase != "prefill":
+                raise CalibrationError(
+                    f"calibration {phase}.split is for prefill only (a mixed-path prefill "
+                    "round's extra weight passes); recalibrate"
+                )
+            if len(self.split) != P or any(not math.isfinite(v) or v < 0 for v in self.split):
+                raise CalibrationError(
+                    f"calibration prefill.split must be {P} finite costs >= 0 (paths "
+                    f"{', '.join(reg.names())}), got {self.split!r}; recalibrate with "
+                    "`python -m hest_core.energy.calibrate`"
+                )
         if self.head_shared > self.head:
             raise CalibrationError(
                 f"calibration {phase}.head_shared {self.head_shared:.4g} J is above its head "
@@ -186,6 +215,11 @@ class EnergyModel:
         self.head_shared_q = min(math.floor(dec.head_shared * PJ), math.floor(dec.head * PJ))
         self.shares = dec.shared is not None or self.head_shared_q > 0
 
+        # mixed-path prefill: picojoules of each path's weight pass, rounded UP (charged more)
+        split = table.prefill.split or [0.0] * P
+        self.split_q = tuple(math.ceil(v * PJ) for v in split)
+        self.splits = any(self.split_q)
+
         # a path no cheaper than a better one is never worth running (the registry's quality
         # order: fp16 > int8 > skip): sub[phase][l][p] = the best path costing no more than p
         self.sub = {k: [reg.best_within(r) for r in v] for k, v in self.unit_q.items()}
@@ -216,6 +250,42 @@ class EnergyModel:
         the head's shared part, as `unit_rebate_q`). Picojoules."""
         s = self.head_shared_q
         return s - -(-s // max(1, n))
+
+    # ---- mixed-path prefill: the weight passes of minority paths (picojoules) -----------------------
+    def _pass_left_q(self, p: int, m: int) -> int:
+        """The part of path p's weight pass that m rows' unit costs do not carry:
+        ceil(split_q[p] (SPLIT_ROWS - m) / SPLIT_ROWS), 0 from SPLIT_ROWS rows on."""
+        return -(-self.split_q[p] * max(0, SPLIT_ROWS - m) // SPLIT_ROWS)
+
+    def split_premium_q(self, counts: list[int]) -> int:
+        """What a request's rows in one prefill layer pay on top of their unit costs, counts (P,)
+        rows per path: for each path but its majority one (the first most used), the part of
+        that path's weight pass its rows do not carry (`_pass_left_q`). 0 on one path, and
+        without a measured `split`. Picojoules."""
+        if not self.splits:
+            return 0
+        major = max(range(len(counts)), key=counts.__getitem__)
+        return sum(self._pass_left_q(p, m) for p, m in enumerate(counts) if m and p != major)
+
+    def split_rebate_q(self, counts: list[int], on_path: list[int]) -> int:
+        """After a prefill round's layer: what the request with `counts` (P,) pays less than its
+        `split_premium_q(counts)` because batch mates ran the same minority paths. on_path (P,):
+        the round's rows per path there (>= counts). A path that is the round's majority is
+        paid by its own rows' units (rebate all); otherwise the request keeps its rows' share
+        of the pass the round's rows on that path do not carry. Never more than was charged.
+        Picojoules."""
+        if not self.splits:
+            return 0
+        major = max(range(len(counts)), key=counts.__getitem__)
+        round_major = max(range(len(on_path)), key=on_path.__getitem__)
+        back = 0
+        for p, m in enumerate(counts):
+            if not m or p == major:
+                continue
+            charged = self._pass_left_q(p, m)
+            kept = 0 if p == round_major else -(-self._pass_left_q(p, on_path[p]) * m // on_path[p])
+            back += max(0, charged - kept)
+        return back
 
     def decode_step_j(self, ctxs: list[int], paths: list[list[int]]) -> float:
         """Modelled joules of one whole decode step of len(ctxs) rows: row i at context ctxs[i]

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import paths as reg
-from . import native
+from . import native, q4
 from .fused import FusedDecode
 from .kvcache import KVCache, SeqSlot, check_slots
 from .ops import apply_rope, can_pack, linear16, rms_norm
@@ -27,6 +27,25 @@ from .weights import LayerWeights, ModelSpec
 
 if TYPE_CHECKING:
     from .q8head import Q8Head
+
+
+# a layer's mixed-path work runs the majority's kind on every row, then replaces the other rows,
+# when those are at most this share of the rows (measured in docs/runtime.md, "Mixed-path
+# prefill": gathering and scattering a row costs ~1/20 of its GEMM row on this model)
+IN_PLACE_SHARE = 1 / 8
+
+
+def _in_place(groups: dict, n: int):
+    """The kind whose function runs on all n rows (the rows of the other kinds then replaced),
+    or None to run each kind on its own gathered rows. groups: kind -> (n_k,) row indices. In
+    place when the largest group holds all but at most IN_PLACE_SHARE of the rows and more than
+    q4.MAX_ROWS of them (so its product takes the same kernel either way: the native 4-bit
+    kernel serves 1..16 rows, the 16-bit GEMM more)."""
+    major = max(groups, key=lambda k: groups[k].numel())
+    m = groups[major].numel()
+    if m > q4.MAX_ROWS and n - m <= n * IN_PLACE_SHARE:
+        return major
+    return None
 
 
 class LeanModel:
@@ -63,11 +82,15 @@ class LeanModel:
         16-bit; int8 and skip the int8 copy; int4 the Q4_1 copy). h (N, K) -> (N, n_out)."""
         if r.only is not None:
             return fns[reg.get(r.only).proj](h)
-        out = torch.empty(h.shape[0], n_out, dtype=h.dtype, device=h.device)
-        for kind, fn in fns.items():
-            idx = r.rows(reg.with_proj(kind))
-            if idx is not None:
-                out.index_copy_(0, idx, fn(h.index_select(0, idx)))
+        groups = {k: idx for k in fns if (idx := r.rows(reg.with_proj(k))) is not None}
+        major = _in_place(groups, h.shape[0])
+        if major is not None:  # the majority's kind on every row, the others' rows replaced
+            out = fns[major](h)
+        else:
+            out = torch.empty(h.shape[0], n_out, dtype=h.dtype, device=h.device)
+        for kind, idx in groups.items():
+            if kind != major:
+                out.index_copy_(0, idx, fns[kind](h.index_select(0, idx)))
         return out
 
     def _proj(self, h, r: Routing, lw: LayerWeights, which: str) -> torch.Tensor:
@@ -116,12 +139,14 @@ class LeanModel:
         }
         if r.only is not None:
             return fns[reg.get(r.only).mlp](h, lw)
-        out = torch.zeros_like(h)
-        for kind, fn in fns.items():
-            idx = r.rows(reg.with_mlp(kind))
-            if idx is None:
+        groups = {k: idx for k in fns if (idx := r.rows(reg.with_mlp(k))) is not None}
+        # skipped rows stay skipped (no MLP work for them: what the energy model charges them)
+        major = None if None in groups else _in_place(groups, h.shape[0])
+        out = fns[major](h, lw) if major is not None else torch.zeros_like(h)
+        for kind, idx in groups.items():
+            if kind == major:
                 continue
-            y = fn(h.index_select(0, idx), lw)
+            y = fns[kind](h.index_select(0, idx), lw)
             if y is not None:
                 out.index_copy_(0, idx, y)
         return out

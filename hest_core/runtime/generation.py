@@ -183,6 +183,7 @@ class BatchRunner:
             ]
         )  # (N,)
         ph = torch.full_like(beta, 1.0 if phase == "decode" else 0.0)  # (N,)
+        split = phase == "prefill" and len(groups) > 1 and e.energy.splits
 
         def decide(li: int, h: torch.Tensor):
             with torch.no_grad():
@@ -207,6 +208,9 @@ class BatchRunner:
             if share:  # every row is fitted: each pays its share of what its path read once
                 for (_, _, st), c in zip(groups, mine, strict=True):
                     st.guard.share(li, c, total)
+            elif split:  # a prefill round: minority paths' weight passes shared by requests
+                for (_, _, st), c in zip(groups, mine, strict=True):
+                    st.guard.share_split(c, total)
             return torch.cat(parts), total
 
         return decide

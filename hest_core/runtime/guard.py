@@ -26,6 +26,13 @@ layer (and `share_head`, the head's shared part). A rebate is never more than wh
 charged for the same work, so the attributed spend is at most the batch-1 spend, which the
 checks kept within the budget: the invariant holds whoever joins or leaves the batch. The
 rebate raises `remaining_ratio`, so a budget-aware controller spends it on later tokens.
+
+Mixed-path prefill (`EnergyModel.split_premium_q`): where a request's rows in a prefill layer
+take several paths, `commit` also charges the weight passes of its minority paths, and `fit`
+counts them against the limit (it demotes until units and passes fit, retrying with the passes
+of the demoted mix, else puts every row on the layer's cheapest path, which pays no pass and
+which the reserve always covers); `share_split` gives back what batch mates on the same paths
+shared, like `share`.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from .. import paths as reg
 from ..energy.model import EnergyModel
 
 MODES = ("paced", "hard", "stop", "off")
+FIT_ROUNDS = 3  # `fit`: demotions retried with the new mix's minority passes at most this often
 
 
 class BudgetGuard:
@@ -139,6 +147,8 @@ class BudgetGuard:
         """Charge layer li's units, counts (P,) per path; returns the picojoules charged."""
         c = self.em.unit_q[self.phase][li]
         cost = reg.cost(counts, c)
+        if self.phase == "prefill":  # the weight passes of its minority paths (none on one)
+            cost += self.em.split_premium_q(counts)
         n = sum(counts)
         self.spent += cost
         self.rem_fp16 -= n * c[self.em.ref]
@@ -154,6 +164,16 @@ class BudgetGuard:
         for p, n in enumerate(counts):
             if n:
                 back += n * self.em.unit_rebate_q(li, p, on_path[p])
+        self.spent -= back
+        self.rebated += back
+        return back
+
+    def share_split(self, counts: list[int], on_path: list[int]) -> int:
+        """After a prefill round's layer: give back this request's share of the minority-path
+        weight passes batch mates ran too (`EnergyModel.split_rebate_q`). counts (P,): its rows
+        on each path there (committed); on_path (P,): the round's. Returns the picojoules
+        given back (<= what `commit` charged for those passes)."""
+        back = self.em.split_rebate_q(counts, on_path)
         self.spent -= back
         self.rebated += back
         return back
@@ -175,9 +195,21 @@ class BudgetGuard:
         if lim is None:
             return paths, counts
         c = self.em.unit_q[self.phase][li]
-        if reg.cost(counts, c) <= lim:
+        split = self.phase == "prefill" and self.em.splits
+        premium = self.em.split_premium_q if split else (lambda _c: 0)
+        if reg.cost(counts, c) + premium(counts) <= lim:
             return paths, counts
-        new_paths, new_counts = demote(paths, logits, counts, c, lim)
+        # demote until the units fit what the passes of the mix leave; a demotion may add a
+        # path (and its pass), so again with the new mix's passes, a few times at most
+        new_paths, new_counts = paths, counts
+        for _ in range(FIT_ROUNDS):
+            new_paths, new_counts = demote(paths, logits, counts, c, lim - premium(new_counts))
+            if reg.cost(new_counts, c) + premium(new_counts) <= lim:
+                break
+        else:  # every row on the layer's cheapest path: no pass, and the reserve covers it
+            low = min(range(len(c)), key=c.__getitem__)
+            new_paths = torch.full_like(paths, low)
+            new_counts = reg.one_hot(low, paths.shape[0])
         self.demotions += int((new_paths != paths).sum())
         return new_paths, new_counts
 

@@ -160,6 +160,9 @@ def test_calibrate_command_writes_a_loadable_table(tmp_path):
     assert r.returncode == 0, r.stderr
     t = CalibrationTable.load(out)
     assert t.n_layers == 3 and "25 W" in t.method and t.meter == "estimate"
+    # the mixed-path prefill step wrote each path's weight pass (calib_split)
+    assert len(t.prefill.split) == 3 and all(v >= 0 for v in t.prefill.split)
+    assert t.kernels["prefill_split"]["split"] == t.prefill.split
     em = EnergyModel(t)
     assert 0 < em.min_feasible(50, 8) < em.fp16_cost(50, 8)
     assert "wrote" in r.stdout

@@ -144,8 +144,8 @@ class LeanModel:
         major = None if None in groups else _in_place(groups, h.shape[0])
         out = fns[major](h, lw) if major is not None else torch.zeros_like(h)
         for kind, idx in groups.items():
-            if kind == major:
-                continue
+            if major is not None and kind == major:
+                continue  # (None is also skip's kind: its rows still take their shortcut)
             y = fns[kind](h.index_select(0, idx), lw)
             if y is not None:
                 out.index_copy_(0, idx, y)

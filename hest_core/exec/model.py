@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import paths as reg
-from . import native, q4
+from . import native
 from .fused import FusedDecode
 from .kvcache import KVCache, SeqSlot, check_slots
 from .ops import apply_rope, can_pack, linear16, rms_norm
@@ -33,17 +33,20 @@ if TYPE_CHECKING:
 # when those are at most this share of the rows (measured in docs/runtime.md, "Mixed-path
 # prefill": gathering and scattering a row costs ~1/20 of its GEMM row on this model)
 IN_PLACE_SHARE = 1 / 8
+# the native 4-bit kernel's rows (q4.MAX_ROWS; not imported: q4 sits above this module, and a
+# test checks that they agree): a product of more rows takes the 16-bit GEMM
+KERNEL_ROWS = 16
 
 
 def _in_place(groups: dict, n: int):
     """The kind whose function runs on all n rows (the rows of the other kinds then replaced),
     or None to run each kind on its own gathered rows. groups: kind -> (n_k,) row indices. In
     place when the largest group holds all but at most IN_PLACE_SHARE of the rows and more than
-    q4.MAX_ROWS of them (so its product takes the same kernel either way: the native 4-bit
+    KERNEL_ROWS of them (so its product takes the same kernel either way: the native 4-bit
     kernel serves 1..16 rows, the 16-bit GEMM more)."""
     major = max(groups, key=lambda k: groups[k].numel())
     m = groups[major].numel()
-    if m > q4.MAX_ROWS and n - m <= n * IN_PLACE_SHARE:
+    if m > KERNEL_ROWS and n - m <= n * IN_PLACE_SHARE:
         return major
     return None
 

@@ -209,6 +209,9 @@ def test_in_place_minority_writes_the_same_tokens(hest_split: Engine, monkeypatc
 
 
 def test_in_place_is_chosen_for_a_small_minority_only() -> None:
+    from hest_core.exec import q4
+
+    assert lean_model.KERNEL_ROWS == q4.MAX_ROWS
     rows = {"a": torch.arange(100), "b": torch.arange(100, 110)}
     assert lean_model._in_place(rows, 110) == "a"
     rows = {"a": torch.arange(60), "b": torch.arange(60, 110)}

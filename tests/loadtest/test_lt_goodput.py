@@ -74,7 +74,7 @@ def test_goodput_of_a_stored_run_recomputes_its_summary(capsys) -> None:
     """The session-14 closed loop against llama-server (stored records): the recomputed 5 s
     goodput equals each run's own summary, and a TTFT SLO of 1 s tells continuous batching from
     static batching at 8 clients (static's first tokens wait for the running batch)."""
-    runs = regood.load_runs(RUN / "partial.jsonl")
+    runs = regood.load_runs(RUN / "report.json")
     for run in runs:
         assert regood.regoodput(run, run["summary"]["goodput"]["slo_s"]) == {
             **run["summary"]["goodput"], "ttft_slo_s": None, "tpot_slo_s": None,
@@ -83,7 +83,7 @@ def test_goodput_of_a_stored_run_recomputes_its_summary(capsys) -> None:
     cont = regood.regoodput(at8["hest"], 5.0, 1.0, 0.1)["ok_within_slo"]
     static = regood.regoodput(at8["hest-static"], 5.0, 1.0, 0.1)["ok_within_slo"]
     assert (cont, static) == (57, 12)
-    assert regood.main([str(RUN / "partial.jsonl"), "--slo-ttft", "1", "--slo-tpot", "0.1"]) == 0
+    assert regood.main([str(RUN / "report.json"), "--slo-ttft", "1", "--slo-tpot", "0.1"]) == 0
     out = capsys.readouterr().out
     assert "| c=8 | hest-static | 2.753 | 2.707 (59 of 60) | 0.551 (12 of 60) |" in out
 
@@ -94,4 +94,4 @@ def test_goodput_tool_refuses_what_it_cannot_read(tmp_path, capsys) -> None:
     assert regood.main([str(empty)]) == 2
     assert "holds no runs" in capsys.readouterr().err
     assert regood.main([str(tmp_path / "missing.jsonl")]) == 2
-    assert regood.main([str(RUN / "partial.jsonl"), "--slo", "-1"]) == 2
+    assert regood.main([str(RUN / "report.json"), "--slo", "-1"]) == 2

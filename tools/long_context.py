@@ -7,7 +7,7 @@ prefill; optionally the peak resident memory of a real server process with the l
         --json docs/results/long_context.json [--server-memory]
 
 Prompts are consecutive training articles (train.jsonl from row --skip; never the test file)
-joined and cut to the length at a token boundary. Every figure is the median of --repeats runs
+joined and cut to the length at a token boundary, read whole, at budget ratio --budget-ratio. Every figure is the median of --repeats runs
 of the same request. Run it on a quiet machine: it times things.
 """
 
@@ -55,11 +55,12 @@ def one_policy(policy: str, texts: dict[int, str], args) -> list[dict]:
     for n, text in texts.items():
         runs = []
         for _ in range(args.repeats):
-            # read whole at r = 1: under the default r = 0.6 the read plan would read a long
-            # prompt's head, and a whole long prompt with few new tokens costs more than 0.6
+            # read whole at r = 1 (--budget-ratio): under the default r = 0.6 the read plan would
+            # read a long prompt's head, and a whole long prompt with few new tokens costs more
+            # than 0.6; a HEST prefill whose layers split between paths can cost more than 1
             req = GenerationRequest(
                 text,
-                energy_budget_ratio=1.0,
+                energy_budget_ratio=args.budget_ratio,
                 max_new_tokens=args.max_new,
                 clean_end=False,
                 read="whole",
@@ -146,6 +147,13 @@ def main() -> None:
     ap.add_argument("--policies", default="fp16,int8,hest")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--max-new", type=int, default=8)
+    ap.add_argument(
+        "--budget-ratio",
+        type=float,
+        default=1.0,
+        help="budget ratio of every request (default 1: the all-fp16 cost; fixed policies run "
+        "unguarded); above 1 where HEST's mixed-path prefill would hit it",
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--data", default=str(ROOT.parent / "shared/data/cnndm/train.jsonl"))
     ap.add_argument("--skip", type=int, default=100)
@@ -172,6 +180,7 @@ def main() -> None:
         "cpu": _cpu(),
         "load_at_start": os.getloadavg(),
         "calibration": args.calibration or "packaged",
+        "budget_ratio": args.budget_ratio,
     }
     if args.server_memory or args.memory_only:
         out["server_memory"] = server_memory(texts[max(lengths)], args.port, args.max_new)

@@ -49,14 +49,17 @@ def majority_of(p: int, unit_sum: list[float]) -> int:
 
 
 def _forward(lean, ids, pos, slots, cache, paths: torch.Tensor):
+    """A zero-argument callable: one prefill forward of `ids` with row i on path paths[i] in
+    every layer, logits for the last row only (what a prompt's prefill computes)."""
     counts = torch.bincount(paths, minlength=reg.n_paths()).tolist()
+    last = torch.tensor([ids.shape[0] - 1], device=ids.device)
 
     def decide(li: int, h: torch.Tensor):
         return paths, counts
 
     def run() -> None:
         with torch.inference_mode():
-            lean.forward(ids, pos, slots, cache, decide, False, torch.tensor([ids.shape[0] - 1]))
+            lean.forward(ids, pos, slots, cache, decide, False, last)
 
     return run
 

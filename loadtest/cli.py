@@ -21,6 +21,7 @@ from loadtest.client import APIS, Target
 from loadtest.report import (
     NOMINAL_WATTS,
     check_slos,
+    describe_slos,
     render_markdown,
     render_text,
     summarize_run,
@@ -353,7 +354,8 @@ def _markdown(
         "",
         f"Created {report['created_at']}; command: `{_command(report)}`",
         "",
-        f"Goodput counts requests within {_slos(report)}. `estimated` joules are the server's "
+        "Goodput counts requests within "
+        f"{describe_slos(report['slo_s'], report.get('ttft_slo_s'), report.get('tpot_slo_s'))}. `estimated` joules are the server's "
         "time x nominal watts (an estimate); `busy time x W` joules are the same estimate made by "
         f"the client for every server ({report['nominal_watts']:g} W x the time requests were in "
         "flight, split among them); `measured` joules come from a hardware meter and are n/a "
@@ -376,15 +378,6 @@ def _markdown(
         rel = plot.relative_to(base) if plot.is_relative_to(base) else plot
         lines += ["", f"![{plot.stem}]({rel})"]
     return "\n".join(lines) + "\n"
-
-
-def _slos(report: dict[str, Any]) -> str:
-    """The goodput SLOs in words, e.g. "5 s end to end, TTFT <= 1 s"."""
-    out = [f"{report['slo_s']:g} s end to end"]
-    for key, name in (("ttft_slo_s", "TTFT"), ("tpot_slo_s", "TPOT")):
-        if report.get(key) is not None:
-            out.append(f"{name} <= {report[key]:g} s")
-    return ", ".join(out)
 
 
 def _command(report: dict[str, Any]) -> str:

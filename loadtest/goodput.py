@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from loadtest.report import check_slos, goodput, tpot_of
+from loadtest.report import check_slos, describe_slos, goodput, tpot_of
 from loadtest.spec import LoadtestError
 
 
@@ -59,9 +59,8 @@ def _load(summary: dict[str, Any]) -> str:
 
 def table(runs: list[dict[str, Any]], slo_s: float, ttft_slo_s=None, tpot_slo_s=None) -> str:
     """The markdown table described in the module docstring."""
-    slos = [f"{slo_s:g} s"]
-    slos += [f"{n} <= {v:g} s" for n, v in (("TTFT", ttft_slo_s), ("TPOT", tpot_slo_s)) if v]
-    head = f"| load | server | requests/s | goodput <= {slo_s:g} s | goodput ({', '.join(slos)}) |"
+    slos = describe_slos(slo_s, ttft_slo_s, tpot_slo_s)
+    head = f"| load | server | requests/s | goodput <= {slo_s:g} s | goodput ({slos}) |"
     lines = [head, "| --- | --- | --- | --- | --- |"]
     for run in runs:
         s = run["summary"]

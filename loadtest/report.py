@@ -206,6 +206,17 @@ def check_slos(slos: dict[str, float | None]) -> None:
             raise LoadtestError(f"{option} {value}: give a number of seconds > 0")
 
 
+def describe_slos(
+    slo_s: float, ttft_slo_s: float | None = None, tpot_slo_s: float | None = None
+) -> str:
+    """The goodput SLOs in words, e.g. "5 s end to end, TTFT <= 1 s"."""
+    out = [f"{slo_s:g} s end to end"]
+    for name, value in (("TTFT", ttft_slo_s), ("TPOT", tpot_slo_s)):
+        if value is not None:
+            out.append(f"{name} <= {value:g} s")
+    return ", ".join(out)
+
+
 def within_slo(
     latency_s: float | None,
     ttft_s: float | None,

@@ -7,8 +7,8 @@ prefill; optionally the peak resident memory of a real server process with the l
         --json docs/results/long_context.json [--server-memory]
 
 Prompts are consecutive training articles (train.jsonl from row --skip; never the test file)
-joined and cut to the length at a token boundary, read whole, at budget ratio --budget-ratio. Every figure is the median of --repeats runs
-of the same request. Run it on a quiet machine: it times things.
+joined and cut to the length at a token boundary, read whole, at budget ratio --budget-ratio.
+Every figure is the median of --repeats runs of the same request. Run it on a quiet machine: it times things.
 """
 
 from __future__ import annotations

@@ -252,6 +252,11 @@ class EnergyModel:
         return s - -(-s // max(1, n))
 
     # ---- mixed-path prefill: the weight passes of minority paths (picojoules) -----------------------
+    @staticmethod
+    def _major(counts: list[int]) -> int:
+        """The first most-used path of counts (P,)."""
+        return max(range(len(counts)), key=counts.__getitem__)
+
     def _pass_left_q(self, p: int, m: int) -> int:
         """The part of path p's weight pass that m rows' unit costs do not carry:
         ceil(split_q[p] (SPLIT_ROWS - m) / SPLIT_ROWS), 0 from SPLIT_ROWS rows on."""
@@ -264,7 +269,7 @@ class EnergyModel:
         without a measured `split`. Picojoules."""
         if not self.splits:
             return 0
-        major = max(range(len(counts)), key=counts.__getitem__)
+        major = self._major(counts)
         return sum(self._pass_left_q(p, m) for p, m in enumerate(counts) if m and p != major)
 
     def split_rebate_q(self, counts: list[int], on_path: list[int]) -> int:
@@ -276,8 +281,7 @@ class EnergyModel:
         Picojoules."""
         if not self.splits:
             return 0
-        major = max(range(len(counts)), key=counts.__getitem__)
-        round_major = max(range(len(on_path)), key=on_path.__getitem__)
+        major, round_major = self._major(counts), self._major(on_path)
         back = 0
         for p, m in enumerate(counts):
             if not m or p == major:

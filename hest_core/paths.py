@@ -16,7 +16,9 @@ the fixed work; `calibrate.py`); `calib_cap` names a path whose cost caps this o
 is a subset of int8's, so timing noise must not make it dearer), and the attention slope of the
 fused decode is measured on the first path whose MLP is skipped (`lightest()`).
 `quality` orders the outputs (0 best): the energy model runs a better path where a device's table
-says it costs no more (`EnergyModel.sub`). The guard demotes along each device's *cost* order.
+says it costs no more (`EnergyModel.sub`); `prefill_floor` names a path whose prefill kernel this
+one runs (int4's prefill is fp16's GEMM on the dequantized 4-bit copy), so it is never cheaper
+there and fp16 runs in its place. The guard demotes along each device's *cost* order.
 `native_code` is the path code the fused C layer (`hest_decode_layer`, kernels/layer.c) runs the
 unit with; None: the fused layer cannot run it and such steps take the PyTorch loop.
 
@@ -52,6 +54,11 @@ class Path:
     prior: float  # the controller's starting logit for training (`init_for_training`)
     calib_cap: str | None = None  # calibration: this path's unit cost is at most that one's
     description: str = ""
+    # prefill: this path runs that path's kernel on a copy of its own (int4: the 16-bit GEMM on
+    # its dequantized blocks, exec/int4.py), so its prefill unit costs at least that path's
+    # (`EnergyModel` raises a lower figure: timing noise), and where they are equal the better
+    # path runs instead (`EnergyModel.sub`): the same work without a second weight pass
+    prefill_floor: str | None = None
 
     def __post_init__(self):
         if self.proj not in KINDS or (self.mlp is not None and self.mlp not in KINDS):
@@ -78,6 +85,7 @@ OPTIONAL: dict[str, dict] = {
         mlp="int4",
         native_code=3,  # PATH_INT4 in kernels/layer.c: Q4_1 copies (+ their low-rank terms)
         prior=-1.0,
+        prefill_floor="fp16",
         description="all seven projections on 4-bit weights (Q4_1), 16-bit activations",
     ),
 }

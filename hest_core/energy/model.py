@@ -172,6 +172,27 @@ class CalibrationTable:
         return t
 
 
+def floored(unit: list[tuple]) -> list[tuple]:
+    """Prefill unit costs (L, P) with each path that has a `prefill_floor` raised to at least
+    that path's cost in every layer: int4's prefill runs fp16's GEMM on its dequantized blocks
+    (exec/int4.py), the same work on another copy, so a table that says it is cheaper
+    (measured: 0.974 of fp16 in both packaged Xeon tables, against 178.9 / 179.0 ms for a
+    600-token prefill timed alone on each, session 16) holds timing noise. With the costs
+    equal, `EnergyModel.sub` runs fp16 for the units the controller puts on int4, so a layer
+    whose rows split between the two reads one weight copy, not two (docs/runtime.md,
+    "Mixed-path prefill")."""
+    floors = [(p.index, reg.index(p.prefill_floor)) for p in reg.PATHS if p.prefill_floor]
+    if not floors:
+        return unit
+    out = []
+    for r in unit:
+        r = list(r)
+        for p, q in floors:
+            r[p] = max(r[p], r[q])
+        out.append(tuple(r))
+    return out
+
+
 class EnergyModel:
     """Cost arithmetic over a calibration table. All results in joules (modelled)."""
 
@@ -184,6 +205,7 @@ class EnergyModel:
         P = len(self.paths)
         # per phase: (L, P) costs, and the cost of a whole token per path summed over layers
         self.unit = {k: [tuple(r) for r in v.unit] for k, v in self.ph.items()}
+        self.unit["prefill"] = floored(self.unit["prefill"])
         self.unit_sum = {k: [sum(r[p] for r in v) for p in range(P)] for k, v in self.unit.items()}
         # the cheapest path of each unit (skip on real devices; tiny models can differ)
         self.min_sum = {k: sum(min(r) for r in v) for k, v in self.unit.items()}

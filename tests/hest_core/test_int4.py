@@ -163,7 +163,7 @@ def test_generation_on_int4_and_on_mixed_paths(int4, int4_tables):
     with torch.no_grad():  # random controller weights: a mix of paths per token and layer
         for p in hest.controller.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 2.0)
-        hest.controller.hest_a0[int4.index] += 6.0  # int4 the likeliest
+        hest.controller.hest_a0[int4.index] += 12.0  # int4 the likeliest
     tight = GenerationRequest(ARTICLE, energy_budget_ratio=0.7, max_new_tokens=8)
     used = {}
     for got in hest.generate([req, tight]):
@@ -172,7 +172,9 @@ def test_generation_on_int4_and_on_mixed_paths(int4, int4_tables):
         assert got.stats.completion_tokens > 0 and got.stats.modelled_j <= got.stats.budget_j
         for p, v in got.stats.paths.items():
             used[p] = used.get(p, 0) + v
-    assert used["int4"] > 0 and sum(v > 0 for v in used.values()) >= 3, used
+    # int4 at decode; at prefill its units run on fp16 (the same GEMM, `paths.prefill_floor`)
+    assert hest.energy.substitutions()["prefill"]["int4"] == "fp16"
+    assert used["int4"] > 0 and used["fp16"] > 0 and sum(v > 0 for v in used.values()) >= 3, used
 
 
 def test_calibration_measures_an_int4_column(int4, hf, lean4):
@@ -394,3 +396,33 @@ def test_plain_int4_mode_serves_the_base_blocks_beside_a_z(int4, hf, tmp_path, i
     assert lowrank["lowrank_rows"] > 0
     with pytest.raises(HestError, match="int4_mode"):
         HestConfig("m", "f", 2, 8, int4_mode="tiles")
+
+
+PACKAGED4 = (
+    Path(cal.__file__).parent
+    / "calibration"
+    / "491473d3fa8f25ad-intel-r-xeon-r-processor-bf16-2t-amx-native-int4.json"
+)
+
+
+def test_int4_prefill_costs_no_less_than_fp16_and_runs_on_it(int4):
+    """int4's prefill is fp16's GEMM on the dequantized blocks (`paths.prefill_floor`): the
+    packaged table's int4 prefill (0.974 of fp16, timing noise) is raised to fp16's, so the
+    energy model runs fp16 for prefill units put on int4 (one weight pass, not two); decode
+    costs and decode choices are the table's."""
+    from hest_core.energy.model import CalibrationTable, EnergyModel
+
+    t = CalibrationTable.load(PACKAGED4)
+    fp, i4 = reg.index("fp16"), int4.index
+    assert all(r[i4] < r[fp] for r in t.prefill.unit)  # as measured
+    em = EnergyModel(t)
+    assert all(r[i4] == r[fp] for r in em.unit["prefill"])
+    assert em.unit["decode"] == [tuple(r) for r in t.decode.unit]
+    assert em.unit["prefill"][0][reg.index("skip")] == t.prefill.unit[0][reg.index("skip")]
+    assert em.substitutions()["prefill"]["int4"] == "fp16"
+    assert "int4" not in em.substitutions().get("decode", {})
+    assert all(row[i4] == fp for row in em.sub["prefill"])
+    # a dearer int4 prefill (its low-rank term, say) keeps its own cost
+    t.prefill.unit = [[*r[:i4], r[fp] * 1.1, *r[i4 + 1 :]] for r in t.prefill.unit]
+    em = EnergyModel(t)
+    assert em.unit["prefill"][3][i4] == pytest.approx(t.prefill.unit[3][fp] * 1.1)

@@ -25,7 +25,15 @@ from ..config import RuntimeConfig
 from ..dtypes import cpu_model_name, dtype_name
 from ..exec import native
 from ..exec.model import LeanModel
-from . import calib_attention, calib_check, calib_isa, calib_measure, calib_rows, calib_split
+from . import (
+    calib_attention,
+    calib_check,
+    calib_host,
+    calib_isa,
+    calib_measure,
+    calib_rows,
+    calib_split,
+)
 from .calib_measure import _kernel_choice, _phase
 from .meters import EstimateMeter, Meter, pick_meter
 from .model import CalibrationTable
@@ -317,6 +325,12 @@ def build_parser() -> argparse.ArgumentParser:
         "1: a batch-1 table)",
     )
     ap.add_argument(
+        "--no-host",
+        action="store_true",
+        help="skip the serving loop's work per decode step (calib_host; ~60 s, on an engine "
+        "loaded on the new table): the table then charges none",
+    )
+    ap.add_argument(
         "--window-scale",
         type=float,
         default=1.0,
@@ -354,12 +368,14 @@ def _load(args, cfg: RuntimeConfig):
     return lean, fp, dev
 
 
-def _print_table(table: CalibrationTable, lean: LeanModel, out: Path) -> None:
-    """What was measured: unit costs per path, decode shares of a step's rows, kernel choice."""
-    s = lean.spec
+def _print_table(table: CalibrationTable, out: Path) -> None:
+    """What was measured: unit costs per path, decode shares of a step's rows, the serving
+    loop's work, kernel choice."""
     for ph in ("prefill", "decode"):
         c = getattr(table, ph)
-        units = "  ".join(f"{p.name} {c.unit[0][p.index] * s.n_layers:.4g} J" for p in reg.PATHS)
+        units = "  ".join(
+            f"{p.name} {c.unit[0][p.index] * table.n_layers:.4g} J" for p in reg.PATHS
+        )
         print(
             f"{ph:8s} per token, all layers: {units}  fixed {c.token_fixed:.4g} J  "
             f"attn/pos {c.attn_ctx:.3g} J  head {c.head:.4g} J"
@@ -375,6 +391,11 @@ def _print_table(table: CalibrationTable, lean: LeanModel, out: Path) -> None:
         print(
             f"decode shared by a step's rows (rows {fit.get('rows')}): {shares}  head "
             f"{d.head_shared / max(d.head, 1e-30):.0%}; fit error {errs}"
+        )
+    if d.host or d.host_step:
+        print(
+            f"serving loop per decode step: {d.host * 1e3:.3g} mJ per row, "
+            f"{d.host_step * 1e3:.3g} mJ per step"
         )
     print(f"kernel choice: weight-only int8 up to {table.kernels['woq_max_rows']} rows, W8A8 above")
     print(f"wrote {out} ({table.method})")
@@ -410,7 +431,12 @@ def main(argv: list[str] | None = None) -> None:
             "quiet machine, or pass --force to write it anyway"
         )
     table.save(out)
-    _print_table(table, lean, out)
+    if not args.no_host:  # the serving loop's work per decode step, on an engine (calib_host)
+        calib_host.measure_into(
+            out, args.model, meter, args.device, say=lambda m: print(f"[hest] {m}", flush=True)
+        )
+        table = CalibrationTable.load(out)
+    _print_table(table, out)
 
 
 if __name__ == "__main__":

@@ -31,13 +31,18 @@ majority one with m rows on it, split[p] (SPLIT_ROWS - m) / SPLIT_ROWS (the part
 m rows' unit costs do not carry; 0 from SPLIT_ROWS rows on). Batch mates on the same path in
 the same round share that pass (`split_rebate_q`). A single-path prompt, every fixed policy's,
 pays nothing more: their costs are what they were without it.
+
+The serving loop (optional, `calib_host.py`): a served decode step also chooses each row's
+token, runs the guard and streams text, outside the forward the other costs are measured on.
+  host               J per row per decode step, charged with token_fixed
+  host_step          J per decode step, charged with the head's shared part (head_shared)
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from .. import paths as reg
@@ -66,6 +71,11 @@ class PhaseCosts:
     # (P,) joules per layer of a minority path's weight pass in a prefill round (None: not
     # measured, nothing charged for it); prefill only
     split: list[float] | None = None
+    # the serving loop's work outside the forward in a decode step (choosing each row's token,
+    # the guard, streaming, clean endings; calib_host.py): joules per row per step, and per step
+    # shared by its rows (0: not measured, nothing charged); decode only
+    host: float = 0.0
+    host_step: float = 0.0
 
     def check(self, n_layers: int, phase: str) -> None:
         """Raises CalibrationError unless unit (and shared, where given) is (n_layers, P) of
@@ -80,13 +90,18 @@ class PhaseCosts:
                 "with `python -m hest_core.energy.calibrate`"
             )
         vals = [v for r in self.unit for v in r] + [self.token_fixed, self.attn_ctx, self.head]
-        vals.append(self.head_shared)
+        vals += [self.head_shared, self.host, self.host_step]
         if any(not math.isfinite(v) or v < 0 for v in vals):
             raise CalibrationError(f"calibration {phase} has negative or non-finite costs")
         if phase == "prefill" and (self.shared is not None or self.head_shared):
             raise CalibrationError(
                 "calibration prefill has shared costs: only decode steps share their weight "
                 "reads between rows (hest_core/energy/model.py); recalibrate"
+            )
+        if phase == "prefill" and (self.host or self.host_step):
+            raise CalibrationError(
+                "calibration prefill has host costs: they are the serving loop's work per "
+                "decode step (hest_core/energy/calib_host.py); recalibrate"
             )
         if self.split is not None:
             if phase != "prefill":
@@ -172,6 +187,21 @@ class CalibrationTable:
         return t
 
 
+def with_host(c: PhaseCosts) -> PhaseCosts:
+    """Decode costs with the serving loop's work (`host`, `host_step`; calib_host.py) charged
+    as fixed work: host per row beside token_fixed, host_step per step beside the head's part
+    shared by a step's rows (so one row pays it whole, m rows a ceil(1/m) share each, by the
+    head's sharing in the guard). The same costs where neither was measured."""
+    if not (c.host or c.host_step):
+        return c
+    return replace(
+        c,
+        token_fixed=c.token_fixed + c.host,
+        head=c.head + c.host_step,
+        head_shared=min(c.head_shared, c.head) + c.host_step,
+    )
+
+
 def floored(unit: list[tuple]) -> list[tuple]:
     """Prefill unit costs (L, P) with each path that has a `prefill_floor` raised to at least
     that path's cost in every layer: int4's prefill runs fp16's GEMM on its dequantized blocks
@@ -199,7 +229,7 @@ class EnergyModel:
     def __init__(self, table: CalibrationTable):
         self.table = table
         self.L = table.n_layers
-        self.ph = {"prefill": table.prefill, "decode": table.decode}
+        self.ph = {"prefill": table.prefill, "decode": with_host(table.decode)}
         self.paths = reg.names()  # the registry this model was built under
         self.ref = reg.ref()  # index of fp16, the reference path
         P = len(self.paths)
@@ -228,7 +258,7 @@ class EnergyModel:
 
         # batched decode: picojoules per step shared by the rows on a path, rounded DOWN (less
         # sharing: each row charged more), so a row's share w + ceil(s / m) <= its unit_q
-        dec = table.decode
+        dec = self.ph["decode"]
         sh = dec.shared or [[0.0] * P for _ in range(self.L)]
         self.shared_q = [
             tuple(min(u, math.floor(v * PJ)) for u, v in zip(ur, sr, strict=True))

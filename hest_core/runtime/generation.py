@@ -184,10 +184,16 @@ class BatchRunner:
         )  # (N,)
         ph = torch.full_like(beta, 1.0 if phase == "decode" else 0.0)  # (N,)
         split = phase == "prefill" and len(groups) > 1 and e.energy.splits
+        # a controller that can work out its per-request terms once per forward (`for_rows`)
+        rows_of = getattr(e.controller, "for_rows", None)
+        with torch.no_grad():
+            fast = None
+            if rows_of is not None:
+                fast = rows_of(betas, [g[1] for g in groups], 1 if phase == "decode" else 0)
 
         def decide(li: int, h: torch.Tensor):
             with torch.no_grad():
-                logits = e.controller(h, li, beta, ph)  # (N, P)
+                logits = e.controller(h, li, beta, ph) if fast is None else fast(li, h)  # (N, P)
             paths = logits.argmax(-1)  # (N,)
             if sub_t is not None:
                 paths = sub_t[li][paths]

@@ -57,6 +57,24 @@ def test_native_parts_give_the_forward_logits():
             assert torch.allclose(got, want, atol=1e-5), (beta, li)
 
 
+@pytest.mark.parametrize("ns", [[7], [3, 1, 5], [1] * 16])
+@pytest.mark.parametrize("phase", [0, 1])
+def test_for_rows_gives_the_forward_logits(ns, phase):
+    """The decider's per-forward form (per-request terms once, `for_rows`) is the forward of
+    the same rows: one request's prefill, a round of several, a 16-row decode step."""
+    ctl = _random_adaptive(24, 4, seed=1)
+    ctl.set_costs(*_costs(4, 0.5, 0.1))
+    betas = [-1.2 + 0.4 * g for g in range(len(ns))]
+    h = torch.randn(sum(ns), 24).bfloat16()
+    beta = torch.cat([torch.full((n,), b) for n, b in zip(ns, betas, strict=True)])
+    logits = ctl.for_rows(betas, ns, phase)
+    for li in range(4):
+        want = ctl(h, li, beta, torch.full_like(beta, float(phase)))
+        got = logits(li, h)
+        assert got.shape == want.shape and got.dtype == torch.float32
+        assert torch.allclose(got, want, atol=1e-5), (ns, phase, li)
+
+
 def test_dearer_path_is_chosen_less():
     """The same artifact on a device where int8 saves less picks int8 less (never more)."""
     ctl = _random_adaptive(32, 6, seed=1, scale=0.5)

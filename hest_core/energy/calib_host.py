@@ -15,9 +15,9 @@ engine: every unit on its policy's path) and times bare forward steps of the sam
 the same path at the same context (`calib_rows.step_j`), interleaved; the difference is the
 loop's work, h(m) = (loop(m) - forward(m)) k, for each m in `ROWS`, where k = the table's
 modelled bare step over the one measured now puts it in the table's joules (a packaged table may
-come from a faster or slower day; `calib_split` rescales the same way). Least squares fits
-h(m) = a + b m: `host` = b, joules per row per step, and `host_step` = a, joules per step
-shared by its rows (both >= 0; where a < 0, a = 0 and b the mean of h(m) / m). The energy model
+come from a faster or slower day; `calib_split` rescales the same way). `fit_host` fits
+h(m) = a + b m through the one-row points: `host` = b, joules per row per step, and `host_step`
+= a, joules per step shared by its rows (both >= 0). The energy model
 charges them with each decode step's fixed work (`model.EnergyModel`).
 """
 
@@ -48,19 +48,22 @@ INSTRUCTION = "Continue this report with a long, detailed account of the followi
 
 
 def fit_host(ms: list[int], hs: list[float]) -> tuple[float, float]:
-    """(host_step a, host b) of h(m) = a + b m fitted by least squares to the points
-    (ms[i], hs[i]) joules; a and b >= 0 (a < 0 gives a = 0, b = mean h / m). One distinct m:
-    a = 0, b = mean h / m."""
-    if len(set(ms)) < 2:
+    """(host_step a, host b) of h(m) = a + b m through the mean of the one-row points h1 (a + b
+    = h1: a lone request, the common case, is charged what it was measured to cost), b fitted
+    by least squares to the other points: b = sum (m - 1)(h - h1) / sum (m - 1)^2, the way
+    `calib_rows.through_one` fits the decode shares. Both >= 0: b < 0 gives b = 0, a = h1;
+    a < 0 gives a = 0, b = h1; h1 < 0 (noise) gives (0, 0). Without a one-row point: a = 0
+    and b the mean of h / m. Joules."""
+    one = [h for m, h in zip(ms, hs, strict=True) if m == 1]
+    if not one:
         return 0.0, max(0.0, statistics.fmean(h / m for m, h in zip(ms, hs, strict=True)))
-    mx, my = statistics.fmean(ms), statistics.fmean(hs)
-    b = sum((m - mx) * (h - my) for m, h in zip(ms, hs, strict=True)) / sum(
-        (m - mx) ** 2 for m in ms
-    )
-    a = my - b * mx
-    if a < 0 or b < 0:
-        return 0.0, max(0.0, statistics.fmean(h / m for m, h in zip(ms, hs, strict=True)))
-    return a, b
+    h1 = statistics.fmean(one)
+    if h1 <= 0:
+        return 0.0, 0.0
+    den = sum((m - 1) ** 2 for m in ms)
+    b = sum((m - 1) * (h - h1) for m, h in zip(ms, hs, strict=True)) / den if den else 0.0
+    b = min(max(b, 0.0), h1)
+    return h1 - b, b
 
 
 def _batch(engine, m: int, max_new: int):

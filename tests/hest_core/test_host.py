@@ -28,13 +28,20 @@ def _table(host=0.0, host_step=0.0, phase="decode") -> CalibrationTable:
     return CalibrationTable(**t)
 
 
-def test_fit_recovers_a_line_and_keeps_both_parts_non_negative():
+def test_fit_goes_through_the_one_row_points_and_keeps_both_parts_non_negative():
+    # an exact line: a + b = h(1), b from the others
     a, b = calib_host.fit_host([1, 4, 16, 1, 4, 16], [0.03, 0.06, 0.18, 0.03, 0.06, 0.18])
     assert a == pytest.approx(0.02) and b == pytest.approx(0.01)
-    # a negative intercept: all of it per row (the mean of h / m)
-    a, b = calib_host.fit_host([1, 16], [0.001, 0.32])
-    assert a == 0 and b == pytest.approx((0.001 + 0.02) / 2)
-    assert calib_host.fit_host([4, 4], [0.08, 0.08]) == (0.0, pytest.approx(0.02))
+    # bent like the measurements (h(4) ~ h(1), h(16) large): one row keeps its own figure
+    a, b = calib_host.fit_host([1, 1, 4, 16], [0.019, 0.021, 0.022, 0.117])
+    assert a + b == pytest.approx(0.02) and b == pytest.approx(
+        (3 * 0.002 + 15 * 0.097) / (9 + 225)
+    )
+    # more rows cheaper than one (noise): nothing per row, all per step
+    assert calib_host.fit_host([1, 16], [0.02, 0.01]) == (pytest.approx(0.02), 0.0)
+    # steeper than h(1) per row: nothing per step
+    assert calib_host.fit_host([1, 16], [0.001, 0.32]) == (0.0, pytest.approx(0.001))
+    assert calib_host.fit_host([4, 4], [0.08, 0.08]) == (0.0, pytest.approx(0.02))  # no m = 1
     assert calib_host.fit_host([1, 4], [-0.01, -0.02]) == (0.0, 0.0)  # noise below 0
 
 

@@ -1,7 +1,7 @@
 """The serving loop's work per decode step (`decode.host`, `decode.host_step`), measured into an
-existing calibration table: `python -m hest_core.energy.calibrate` does the same as its last step
-(`hest_core/energy/calib_host.py` says how). This tool adds it to a table measured before the step
-existed, e.g. a packaged one.
+existing calibration table (`hest_core/runtime/calib_host.py` says how). It needs an engine on
+the table, which the energy layer's `python -m hest_core.energy.calibrate` cannot load: run this
+after it, on the table it wrote (a table without the loop's work charges none of it).
 
     python tools/host_fit.py --table PATH [--threads 2] [--dry-run]
 
@@ -20,11 +20,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hest_core import Engine  # noqa: E402
 from hest_core import paths as reg  # noqa: E402
-from hest_core.energy import calib_host  # noqa: E402
+from hest_core.config import RuntimeConfig  # noqa: E402
 from hest_core.energy.meters import EstimateMeter  # noqa: E402
-from hest_core.energy.model import CalibrationTable  # noqa: E402
+from hest_core.runtime import calib_host  # noqa: E402
 
 
 def main() -> None:
@@ -34,19 +33,11 @@ def main() -> None:
     ap.add_argument("--dry-run", action="store_true", help="measure and print, write nothing")
     args = ap.parse_args()
     path = Path(args.table)
-    paths = ("fp16", "int8", "int4", "skip") if "-int4" in path.name else None
-    eng = Engine.from_pretrained(
-        adapter=None,
-        policy=reg.REFERENCE,
-        threads=args.threads,
-        progress=False,
-        calibration=path,
-        paths=paths or reg.BUILTIN_NAMES,
+    reg.enable(("fp16", "int8", "int4", "skip") if "-int4" in path.name else reg.BUILTIN_NAMES)
+    watts = RuntimeConfig.from_env().nominal_watts
+    rec = calib_host.measure_into(
+        path, "default", EstimateMeter(watts), threads=args.threads, write=not args.dry_run
     )
-    eng.warmup()
-    table = CalibrationTable.load(path)
-    watts = eng.config.nominal_watts
-    rec = calib_host.measure_host(eng, EstimateMeter(watts))
     print(
         f"serving loop: {rec['host'] * 1e3:.3g} mJ per row, {rec['host_step'] * 1e3:.3g} mJ per "
         f"step ({watts:g} W nominal)"
@@ -57,8 +48,6 @@ def main() -> None:
         )
         print(f"  {m:>2} rows: served / bare forward step, ms: {ms}")
     if not args.dry_run:
-        calib_host.write_host(table, rec)
-        table.save(path)
         print(f"wrote {path}")
 
 

@@ -28,7 +28,6 @@ from ..exec.model import LeanModel
 from . import (
     calib_attention,
     calib_check,
-    calib_host,
     calib_isa,
     calib_measure,
     calib_rows,
@@ -325,12 +324,6 @@ def build_parser() -> argparse.ArgumentParser:
         "1: a batch-1 table)",
     )
     ap.add_argument(
-        "--no-host",
-        action="store_true",
-        help="skip the serving loop's work per decode step (calib_host; ~60 s, on an engine "
-        "loaded on the new table): the table then charges none",
-    )
-    ap.add_argument(
         "--window-scale",
         type=float,
         default=1.0,
@@ -431,11 +424,6 @@ def main(argv: list[str] | None = None) -> None:
             "quiet machine, or pass --force to write it anyway"
         )
     table.save(out)
-    if not args.no_host:  # the serving loop's work per decode step, on an engine (calib_host)
-        calib_host.measure_into(
-            out, args.model, meter, args.device, say=lambda m: print(f"[hest] {m}", flush=True)
-        )
-        table = CalibrationTable.load(out)
     _print_table(table, out)
 
 

@@ -32,7 +32,7 @@ m rows' unit costs do not carry; 0 from SPLIT_ROWS rows on). Batch mates on the 
 the same round share that pass (`split_rebate_q`). A single-path prompt, every fixed policy's,
 pays nothing more: their costs are what they were without it.
 
-The serving loop (optional, `calib_host.py`): a served decode step also chooses each row's
+The serving loop (optional, `runtime/calib_host.py`): a served decode step also chooses each row's
 token, runs the guard and streams text, outside the forward the other costs are measured on.
   host               J per row per decode step, charged with token_fixed
   host_step          J per decode step, charged with the head's shared part (head_shared)
@@ -72,7 +72,7 @@ class PhaseCosts:
     # measured, nothing charged for it); prefill only
     split: list[float] | None = None
     # the serving loop's work outside the forward in a decode step (choosing each row's token,
-    # the guard, streaming, clean endings; calib_host.py): joules per row per step, and per step
+    # the guard, streaming, clean endings; runtime/calib_host.py): joules per row per step, and per step
     # shared by its rows (0: not measured, nothing charged); decode only
     host: float = 0.0
     host_step: float = 0.0
@@ -101,7 +101,7 @@ class PhaseCosts:
         if phase == "prefill" and (self.host or self.host_step):
             raise CalibrationError(
                 "calibration prefill has host costs: they are the serving loop's work per "
-                "decode step (hest_core/energy/calib_host.py); recalibrate"
+                "decode step (hest_core/runtime/calib_host.py); recalibrate"
             )
         if self.split is not None:
             if phase != "prefill":
@@ -188,7 +188,7 @@ class CalibrationTable:
 
 
 def with_host(c: PhaseCosts) -> PhaseCosts:
-    """Decode costs with the serving loop's work (`host`, `host_step`; calib_host.py) charged
+    """Decode costs with the serving loop's work (`host`, `host_step`; runtime/calib_host.py) charged
     as fixed work: host per row beside token_fixed, host_step per step beside the head's part
     shared by a step's rows (so one row pays it whole, m rows a ceil(1/m) share each, by the
     head's sharing in the guard). The same costs where neither was measured."""

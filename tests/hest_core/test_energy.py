@@ -163,11 +163,7 @@ def test_calibrate_command_writes_a_loadable_table(tmp_path):
     # the mixed-path prefill step wrote each path's weight pass (calib_split)
     assert len(t.prefill.split) == 3 and all(v >= 0 for v in t.prefill.split)
     assert t.kernels["prefill_split"]["split"] == t.prefill.split
-    # the serving loop's work per decode step, measured on an engine (calib_host)
-    rec = t.kernels["decode_host"]
-    assert (t.decode.host, t.decode.host_step) == (rec["host"], rec["host_step"])
-    assert t.decode.host >= 0 and t.decode.host_step >= 0 and t.decode.host + t.decode.host_step > 0
-    assert set(rec["points"]) == {"1", "4", "16"} and "serving loop" in r.stdout
+    assert t.decode.host == t.decode.host_step == 0  # the loop's work: tools/host_fit.py
     em = EnergyModel(t)
     assert 0 < em.min_feasible(50, 8) < em.fp16_cost(50, 8)
     assert "wrote" in r.stdout

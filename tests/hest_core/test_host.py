@@ -11,10 +11,10 @@ import math
 import pytest
 
 from hest_core import Engine, GenerationRequest
-from hest_core.energy import calib_host
 from hest_core.energy.meters import EstimateMeter
 from hest_core.energy.model import PJ, CalibrationTable, EnergyModel, PhaseCosts
 from hest_core.errors import CalibrationError
+from hest_core.runtime import calib_host
 from tests.conftest import REFERENCE
 
 HOST, HOST_STEP = 0.004, 0.01  # J per row per step, J per step
@@ -34,9 +34,7 @@ def test_fit_goes_through_the_one_row_points_and_keeps_both_parts_non_negative()
     assert a == pytest.approx(0.02) and b == pytest.approx(0.01)
     # bent like the measurements (h(4) ~ h(1), h(16) large): one row keeps its own figure
     a, b = calib_host.fit_host([1, 1, 4, 16], [0.019, 0.021, 0.022, 0.117])
-    assert a + b == pytest.approx(0.02) and b == pytest.approx(
-        (3 * 0.002 + 15 * 0.097) / (9 + 225)
-    )
+    assert a + b == pytest.approx(0.02) and b == pytest.approx((3 * 0.002 + 15 * 0.097) / (9 + 225))
     # more rows cheaper than one (noise): nothing per row, all per step
     assert calib_host.fit_host([1, 16], [0.02, 0.01]) == (pytest.approx(0.02), 0.0)
     # steeper than h(1) per row: nothing per step
@@ -86,3 +84,25 @@ def test_measured_on_the_tiny_model_through_its_scheduler(shared_tables):
     hest = Engine.from_pretrained("tiny:llama", calibration=shared_tables, progress=False)
     with pytest.raises(ValueError, match="fixed-path engine"):
         calib_host.measure_host(hest, EstimateMeter(25.0))
+
+
+def test_measured_into_a_table_file(shared_tables, tmp_path):
+    """What `tools/host_fit.py` runs: an engine on the table file, the loop measured and
+    written into it; a table with the loop's work loads and charges it."""
+    src = next(p for p in shared_tables.iterdir() if not p.name.endswith("-int4.json"))
+    path = tmp_path / src.name
+    path.write_text(src.read_text())
+    said = []
+    rec = calib_host.measure_into(path, "tiny:llama", EstimateMeter(25.0), say=said.append)
+    t = CalibrationTable.load(path)
+    assert (t.decode.host, t.decode.host_step) == (rec["host"], rec["host_step"])
+    assert t.kernels["decode_host"]["points"] == rec["points"]
+    assert said and "serving loop" in said[0]
+    em = EnergyModel(t)
+    base = EnergyModel(CalibrationTable.load(src))
+    assert em.decode_fixed(40) == pytest.approx(
+        base.decode_fixed(40) + t.decode.host + t.decode.host_step
+    )
+    before = path.read_text()
+    calib_host.measure_into(path, "tiny:llama", EstimateMeter(25.0), write=False)
+    assert path.read_text() == before

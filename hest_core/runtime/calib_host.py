@@ -29,10 +29,10 @@ import time
 from dataclasses import replace
 
 from .. import paths as reg
-from ..runtime.request import GenerationRequest
-from . import calib_rows
-from .meters import EstimateMeter, Meter
-from .model import EnergyModel
+from ..energy import calib_rows
+from ..energy.meters import EstimateMeter, Meter
+from ..energy.model import EnergyModel
+from .request import GenerationRequest
 
 ROWS = (1, 4, 16)  # rows per decode step served
 STEPS = 6  # decode steps per timed window
@@ -161,14 +161,20 @@ def write_host(table, record: dict) -> None:
 
 
 def measure_into(
-    path, model: str, meter: Meter, device: str = "cpu", threads: int | None = None, say=None
+    path,
+    model: str,
+    meter: Meter,
+    device: str = "cpu",
+    threads: int | None = None,
+    say=None,
+    write: bool = True,
 ) -> dict:
     """Load `model` as an engine on the table at `path` (the fixed fp16 policy, the registered
     paths, no adapter), measure its serving loop with `meter` (`measure_host`) and write it
-    into that table file. Returns the record. Raises CalibrationError where the table cannot
-    be read."""
-    from ..runtime.engine import Engine
-    from .model import CalibrationTable
+    into that table file (not with write=False). Returns the record. Raises CalibrationError
+    where the table cannot be read."""
+    from ..energy.model import CalibrationTable
+    from .engine import Engine
 
     eng = Engine.from_pretrained(
         model,
@@ -182,9 +188,10 @@ def measure_into(
     )
     eng.warmup()
     rec = measure_host(eng, meter)
-    table = CalibrationTable.load(path)
-    write_host(table, rec)
-    table.save(path)
+    if write:
+        table = CalibrationTable.load(path)
+        write_host(table, rec)
+        table.save(path)
     if say is not None:
         say(
             f"serving loop: {rec['host'] * 1e3:.3g} mJ per row and {rec['host_step'] * 1e3:.3g} "

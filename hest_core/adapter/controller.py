@@ -146,17 +146,14 @@ class AdaptiveController(nn.Module):
         """The per-layer logits of a forward whose rows come in groups of one request each:
         group g holds ns[g] rows with budget term betas[g], all at `phase` (0 prefill, 1
         decode). Returns logits(layer, h (N, d)) -> (N, P) fp32, the same as `forward` of those
-        rows up to float rounding (what depends on beta and phase alone, `native_parts`, is
-        worked out here once per request instead of per row and layer: the products over h
-        are what is left per layer; a 556-token prefill spent 9.4 ms in `forward`, 2 threads,
+        rows up to float rounding (what depends on beta and phase alone, `parts`, is worked out
+        once per forward for all the requests instead of per row and layer: the products over
+        h are what is left per layer; a 556-token prefill spent 9.4 ms in `forward`, 2 threads,
         session 16)."""
-        parts = [self.native_parts(b, phase) for b in betas]
-        if len(parts) == 1:
-            lay, bias = parts[0][0][:, None, :], parts[0][1][:, None, :]  # (L, 1, k), (L, 1, P)
-        else:
+        lay, bias = self.parts(betas, phase)  # (L, G, k), (L, G, P)
+        if len(ns) > 1:
             n = torch.tensor(ns, device=self.rc.device)
-            lay = torch.repeat_interleave(torch.stack([p[0] for p in parts], 1), n, dim=1)
-            bias = torch.repeat_interleave(torch.stack([p[1] for p in parts], 1), n, dim=1)
+            lay, bias = lay.repeat_interleave(n, dim=1), bias.repeat_interleave(n, dim=1)
         w, a = self.hest_w_tok.float(), self.hest_a.float()
 
         def logits(layer: int, h: torch.Tensor) -> torch.Tensor:
@@ -165,16 +162,27 @@ class AdaptiveController(nn.Module):
 
         return logits
 
+    def parts(self, betas: list[float], phase: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """For G requests at `phase` with budget terms betas: lay (L, G, k) and the additive
+        term of the logits (L, G, P), so request g's logits at layer l are (sigmoid(W_tok h) *
+        lay[l, g]) @ A^T + bias[l, g]."""
+        with torch.no_grad():
+            b = torch.tensor(betas, dtype=torch.float32, device=self.rc.device)  # (G,)
+            lay = torch.sigmoid(
+                self.hest_w_layer[:, None, :] + self.hest_u * b[:, None] + self.hest_v * phase
+            )  # (L, G, k)
+            price = self.price(b, torch.full_like(b, float(phase)))  # (G,)
+            bias = (self.hest_a0 + phase * self.hest_b)[None, None, :] - price[
+                None, :, None
+            ] * self.rc[phase][:, None, :]  # (L, G, P)
+        return lay.float(), bias.float()
+
     def native_parts(self, beta: float, phase: int) -> tuple[torch.Tensor, torch.Tensor]:
         """For one row at `phase`: lay (L, k) and the additive term of the logits (L, P), so the
         logits at layer l are (sigmoid(W_tok h) * lay[l]) @ A^T + bias[l] (what hest_ctl_logits
-        computes with a per-layer a0)."""
-        with torch.no_grad():
-            lay = torch.sigmoid(self.hest_w_layer + self.hest_u * beta + self.hest_v * phase)
-            b = torch.tensor([beta], dtype=torch.float32, device=self.rc.device)
-            price = self.price(b, torch.full_like(b, float(phase)))[0]
-            bias = self.hest_a0 + phase * self.hest_b - price * self.rc[phase]  # (L, P)
-        return lay.float(), bias.float()
+        computes with a per-layer a0): `parts` of one request."""
+        lay, bias = self.parts([beta], phase)
+        return lay[:, 0], bias[:, 0]
 
 
 # controller name (HestConfig.controller, else HestConfig.method) -> class; baselines register

@@ -25,14 +25,7 @@ from ..config import RuntimeConfig
 from ..dtypes import cpu_model_name, dtype_name
 from ..exec import native
 from ..exec.model import LeanModel
-from . import (
-    calib_attention,
-    calib_check,
-    calib_isa,
-    calib_measure,
-    calib_rows,
-    calib_split,
-)
+from . import calib_attention, calib_check, calib_isa, calib_measure, calib_rows, calib_split
 from .calib_measure import _kernel_choice, _phase
 from .meters import EstimateMeter, Meter, pick_meter
 from .model import CalibrationTable

@@ -186,10 +186,9 @@ class BatchRunner:
         split = phase == "prefill" and len(groups) > 1 and e.energy.splits
         # a controller that can work out its per-request terms once per forward (`for_rows`)
         rows_of = getattr(e.controller, "for_rows", None)
-        with torch.no_grad():
-            fast = None
-            if rows_of is not None:
-                fast = rows_of(betas, [g[1] for g in groups], 1 if phase == "decode" else 0)
+        fast = None
+        if rows_of is not None:
+            fast = rows_of(betas, [g[1] for g in groups], 1 if phase == "decode" else 0)
 
         def decide(li: int, h: torch.Tensor):
             with torch.no_grad():

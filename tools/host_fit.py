@@ -1,20 +1,24 @@
-"""The serving loop's work per decode step (`decode.host`, `decode.host_step`), measured into an
-existing calibration table (`hest_core/runtime/calib_host.py` says how). It needs an engine on
-the table, which the energy layer's `python -m hest_core.energy.calibrate` cannot load: run this
-after it, on the table it wrote (a table without the loop's work charges none of it).
+"""The serving loop's work per decode step (`decode.host`, `decode.host_step`) and the
+controller's work (`prefill.ctrl`, `decode.ctrl`, `decode.ctrl_step`), measured into an existing
+calibration table (`hest_core/runtime/calib_host.py` and `calib_ctrl.py` say how). Both need an
+engine on the table, which the energy layer's `python -m hest_core.energy.calibrate` cannot
+load: run this after it, on the table it wrote (a table without them charges none of either).
 
-    python tools/host_fit.py --table PATH [--threads 2] [--dry-run]
+    python tools/host_fit.py --table PATH [--what host,controller] [--threads 2] [--dry-run]
 
-The table's path set comes from its name (`-int4` in it: fp16, int8, int4, skip). The default
-model is loaded on that table with the fixed fp16 policy and no adapter (the loop's work does not
-depend on the path). Prints the fit and each row count's points; writes decode.host,
-decode.host_step and kernels["decode_host"] into the table (not with --dry-run). Run it on a
-quiet machine: it times things.
+The table's path set comes from `HEST_PATHS` where set, else from the table's width (four costs a
+layer: fp16, int8, int4, skip; three: the built-in paths). The serving loop is measured on the
+fixed fp16 policy without an adapter (its work does not depend on the path); the controller's
+work with the default adapter against fixed-path engines on the paths it mostly ran. Prints each
+fit and its points; writes them into the table, with kernels["decode_host"] and
+kernels["controller"] (not with --dry-run). Run it on a quiet machine: it times things.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 from pathlib import Path
 
@@ -23,7 +27,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hest_core import paths as reg  # noqa: E402
 from hest_core.config import RuntimeConfig  # noqa: E402
 from hest_core.energy.meters import EstimateMeter  # noqa: E402
-from hest_core.runtime import calib_host  # noqa: E402
+from hest_core.runtime import calib_ctrl, calib_host  # noqa: E402
+
+
+def _paths_of(path: Path) -> tuple[str, ...]:
+    """The path set to load `path` under: HEST_PATHS's, else the one its unit rows' width says."""
+    env = os.environ.get("HEST_PATHS")
+    if env:
+        return tuple(n.strip() for n in env.split(",") if n.strip())
+    try:
+        width = len(json.loads(path.read_text())["prefill"]["unit"][0])
+    except (OSError, ValueError, KeyError, IndexError, TypeError) as err:
+        raise SystemExit(f"cannot read calibration table {path}: {err}") from err
+    return ("fp16", "int8", "int4", "skip") if width == 4 else reg.BUILTIN_NAMES
 
 
 def main() -> None:
@@ -31,10 +47,47 @@ def main() -> None:
     ap.add_argument("--table", required=True, help="the calibration table file to write into")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--dry-run", action="store_true", help="measure and print, write nothing")
+    ap.add_argument(
+        "--what",
+        default="host,controller",
+        help="comma list: host (the serving loop), controller (the controller's work, with the "
+        "default adapter)",
+    )
     args = ap.parse_args()
     path = Path(args.table)
-    reg.enable(("fp16", "int8", "int4", "skip") if "-int4" in path.name else reg.BUILTIN_NAMES)
+    what = {w.strip() for w in args.what.split(",") if w.strip()}
+    if not what or what - {"host", "controller"}:
+        ap.error(f"--what takes host and/or controller, not {args.what!r}")
+    reg.enable(_paths_of(path))
     watts = RuntimeConfig.from_env().nominal_watts
+    if "host" in what:
+        _host(path, watts, args)
+    if "controller" in what:
+        _controller(path, watts, args)
+    if not args.dry_run:
+        print(f"wrote {path}")
+
+
+def _controller(path: Path, watts: float, args) -> None:
+    rec = calib_ctrl.measure_into(
+        path, "default", EstimateMeter(watts), threads=args.threads, write=not args.dry_run
+    )
+    print(
+        f"controller: {rec['prefill_ctrl'] * 1e3:.3g} mJ per prompt token, "
+        f"{rec['ctrl'] * 1e3:.3g} mJ per row and {rec['ctrl_step'] * 1e3:.3g} mJ per decode step"
+    )
+    for p in rec["points"]["prefill"]:
+        print(
+            f"  prefill {p['tokens']} tokens: {p['x_j'] * 1e3:.1f} mJ beyond the model "
+            f"(measured {1e3 * p['measured_j'] / watts:.1f} ms, {p['fixed']} "
+            f"{1e3 * p['fixed_measured_j'] / watts:.1f} ms)"
+        )
+    for m, pts in rec["points"]["decode"].items():
+        xs = ", ".join(f"{p['x_j'] * 1e3:.2f}" for p in pts)
+        print(f"  {m:>2} rows: mJ per step beyond the model: {xs} (against {pts[0]['fixed']})")
+
+
+def _host(path: Path, watts: float, args) -> None:
     rec = calib_host.measure_into(
         path, "default", EstimateMeter(watts), threads=args.threads, write=not args.dry_run
     )
@@ -47,8 +100,6 @@ def main() -> None:
             f"{1e3 * p['loop_j'] / watts:.2f} / {1e3 * p['forward_j'] / watts:.2f}" for p in pts
         )
         print(f"  {m:>2} rows: served / bare forward step, ms: {ms}")
-    if not args.dry_run:
-        print(f"wrote {path}")
 
 
 if __name__ == "__main__":

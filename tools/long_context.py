@@ -8,7 +8,8 @@ prefill; optionally the peak resident memory of a real server process with the l
 
 Prompts are consecutive training articles (train.jsonl from row --skip; never the test file)
 joined and cut to the length at a token boundary, read whole, at budget ratio --budget-ratio.
-Every figure is the median of --repeats runs of the same request. Run it on a quiet machine: it times things.
+Every figure is the median of --repeats runs of the same request; the runs of every length and
+policy interleave. Run it on a quiet machine: it times things.
 """
 
 from __future__ import annotations
@@ -39,8 +40,8 @@ def prompt_of(tok, articles: list[str], n_tokens: int) -> str:
     return tok.decode(ids[:n_tokens])
 
 
-def one_policy(policy: str, texts: dict[int, str], args) -> list[dict]:
-    """Rows (length, policy, medians) for one engine."""
+def engine_of(policy: str, args) -> Engine:
+    """A warmed engine of the default model on `policy` (the default adapter for hest)."""
     eng = Engine.from_pretrained(
         "default",
         adapter="default" if policy == "hest" else None,
@@ -50,48 +51,65 @@ def one_policy(policy: str, texts: dict[int, str], args) -> list[dict]:
         calibration=args.calibration,
     )
     eng.warmup()
+    return eng
+
+
+def run_once(eng: Engine, text: str, args):
+    """The stats of one request of `text` read whole at --budget-ratio."""
+    # read whole at r = 1 (--budget-ratio): under the default r = 0.6 the read plan would
+    # read a long prompt's head, and a whole long prompt with few new tokens costs more
+    # than 0.6; a HEST prefill whose layers split between paths can cost more than 1
+    req = GenerationRequest(
+        text,
+        energy_budget_ratio=args.budget_ratio,
+        max_new_tokens=args.max_new,
+        clean_end=False,
+        read="whole",
+    )
+    return eng.generate([req])[0].stats
+
+
+def row_of(eng: Engine, policy: str, n: int, runs: list) -> dict:
+    """One table row (length, policy, medians over `runs`)."""
     em = eng.energy
+    p = runs[0].prompt_tokens
+    pre = em.ph["prefill"]
+    attn = pre.attn_ctx * p * (p + 1) / 2
+    return {
+        "length": n,
+        "policy": policy,
+        "prompt_tokens": p,
+        "modelled_j": statistics.median(s.modelled_j for s in runs),
+        "estimated_j": statistics.median(s.estimated_j for s in runs),
+        "modelled_over_estimate": statistics.median(s.modelled_j / s.estimated_j for s in runs),
+        "prefill_s_per_token": statistics.median(s.prefill_s / p for s in runs),
+        # of the modelled all-fp16 prefill: fixed work + attention + gated units
+        "attention_share_modelled": attn
+        / (em.plain.prefill_fixed(p) + p * em.unit_sum["prefill"][em.ref]),
+    }
+
+
+def measure(policies: list[str], texts: dict[int, str], args) -> list[dict]:
+    """Rows (length, policy, medians) for every policy and length. Every policy's engine is
+    built first and the runs interleave (each repeat runs every length on every policy in turn),
+    so a drift of the host's speed hits every row alike instead of the last ones."""
+    engines = {pol: engine_of(pol, args) for pol in policies}
+    runs: dict[tuple[str, int], list] = {}
+    for _ in range(args.repeats):
+        for n, text in texts.items():
+            for pol, eng in engines.items():
+                runs.setdefault((pol, n), []).append(run_once(eng, text, args))
     rows = []
-    for n, text in texts.items():
-        runs = []
-        for _ in range(args.repeats):
-            # read whole at r = 1 (--budget-ratio): under the default r = 0.6 the read plan would
-            # read a long prompt's head, and a whole long prompt with few new tokens costs more
-            # than 0.6; a HEST prefill whose layers split between paths can cost more than 1
-            req = GenerationRequest(
-                text,
-                energy_budget_ratio=args.budget_ratio,
-                max_new_tokens=args.max_new,
-                clean_end=False,
-                read="whole",
+    for pol, eng in engines.items():
+        for n in texts:
+            r = row_of(eng, pol, n, runs[(pol, n)])
+            rows.append(r)
+            print(
+                f"{pol:5s} {r['prompt_tokens']:5d} tokens: modelled {r['modelled_j']:.1f} J, "
+                f"estimate {r['estimated_j']:.1f} J, ratio {r['modelled_over_estimate']:.3f}, "
+                f"prefill {1e3 * r['prefill_s_per_token']:.2f} ms/token",
+                flush=True,
             )
-            runs.append(eng.generate([req])[0].stats)
-        p = runs[0].prompt_tokens
-        pre = em.ph["prefill"]
-        attn = pre.attn_ctx * p * (p + 1) / 2
-        rows.append(
-            {
-                "length": n,
-                "policy": policy,
-                "prompt_tokens": p,
-                "modelled_j": statistics.median(s.modelled_j for s in runs),
-                "estimated_j": statistics.median(s.estimated_j for s in runs),
-                "modelled_over_estimate": statistics.median(
-                    s.modelled_j / s.estimated_j for s in runs
-                ),
-                "prefill_s_per_token": statistics.median(s.prefill_s / p for s in runs),
-                # of the modelled all-fp16 prefill: fixed work + attention + gated units
-                "attention_share_modelled": attn
-                / (em.prefill_fixed(p) + p * em.unit_sum["prefill"][em.ref]),
-            }
-        )
-        r = rows[-1]
-        print(
-            f"{policy:5s} {p:5d} tokens: modelled {r['modelled_j']:.1f} J, estimate "
-            f"{r['estimated_j']:.1f} J, ratio {r['modelled_over_estimate']:.3f}, prefill "
-            f"{1e3 * r['prefill_s_per_token']:.2f} ms/token",
-            flush=True,
-        )
     return rows
 
 
@@ -173,7 +191,7 @@ def main() -> None:
     lengths = [int(x) for x in args.lengths.split(",")]
     texts = {n: prompt_of(tok, articles, n) for n in lengths}
     policies = [] if args.memory_only else args.policies.split(",")
-    rows = [r for pol in policies for r in one_policy(pol, texts, args)]
+    rows = measure(policies, texts, args) if policies else []
     out: dict = {
         "lengths": lengths,
         "rows": rows,

@@ -36,6 +36,15 @@ The serving loop (optional, `runtime/calib_host.py`): a served decode step also 
 token, runs the guard and streams text, outside the forward the other costs are measured on.
   host               J per row per decode step, charged with token_fixed
   host_step          J per decode step, charged with the head's shared part (head_shared)
+
+The controller (optional, `runtime/calib_ctrl.py`): an engine whose paths a controller chooses
+(policy "hest") also runs it on every token in every layer, and its guard fits and commits each
+layer's choice. Fixed-path policies run none of it.
+  ctrl[phase]        J per token (prefill) or per row per step (decode), charged with token_fixed
+  ctrl_step          J per decode step, charged with the head's shared part
+charged only by a model built with controlled=True (the engine does for a controller policy).
+The ratio's reference, the all-fp16 cost (`reference_cost_q`), is the fixed fp16 policy's and
+never carries it.
 """
 
 from __future__ import annotations
@@ -76,6 +85,11 @@ class PhaseCosts:
     # shared by its rows (0: not measured, nothing charged); decode only
     host: float = 0.0
     host_step: float = 0.0
+    # the controller's work (choosing each row's path in every layer and the guard fitting it;
+    # runtime/calib_ctrl.py): joules per token (prefill) or per row per step (decode), and per
+    # decode step shared by its rows; charged only where a controller chooses the paths
+    ctrl: float = 0.0
+    ctrl_step: float = 0.0
 
     def check(self, n_layers: int, phase: str) -> None:
         """Raises CalibrationError unless unit (and shared, where given) is (n_layers, P) of
@@ -90,7 +104,7 @@ class PhaseCosts:
                 "with `python -m hest_core.energy.calibrate`"
             )
         vals = [v for r in self.unit for v in r] + [self.token_fixed, self.attn_ctx, self.head]
-        vals += [self.head_shared, self.host, self.host_step]
+        vals += [self.head_shared, self.host, self.host_step, self.ctrl, self.ctrl_step]
         if any(not math.isfinite(v) or v < 0 for v in vals):
             raise CalibrationError(f"calibration {phase} has negative or non-finite costs")
         if phase == "prefill" and (self.shared is not None or self.head_shared):
@@ -102,6 +116,11 @@ class PhaseCosts:
             raise CalibrationError(
                 "calibration prefill has host costs: they are the serving loop's work per "
                 "decode step (hest_core/runtime/calib_host.py); recalibrate"
+            )
+        if phase == "prefill" and self.ctrl_step:
+            raise CalibrationError(
+                "calibration prefill has ctrl_step: the controller's per-step work is a decode "
+                "cost (hest_core/runtime/calib_ctrl.py); recalibrate"
             )
         if self.split is not None:
             if phase != "prefill":
@@ -202,6 +221,21 @@ def with_host(c: PhaseCosts) -> PhaseCosts:
     )
 
 
+def with_ctrl(c: PhaseCosts) -> PhaseCosts:
+    """Costs with the controller's work (`ctrl`, `ctrl_step`; runtime/calib_ctrl.py) charged as
+    fixed work, the way `with_host` charges the serving loop's: ctrl per token beside
+    token_fixed, ctrl_step per decode step beside the head's shared part. The same costs where
+    neither was measured."""
+    if not (c.ctrl or c.ctrl_step):
+        return c
+    return replace(
+        c,
+        token_fixed=c.token_fixed + c.ctrl,
+        head=c.head + c.ctrl_step,
+        head_shared=min(c.head_shared, c.head) + c.ctrl_step,
+    )
+
+
 def floored(unit: list[tuple]) -> list[tuple]:
     """Prefill unit costs (L, P) with each path that has a `prefill_floor` raised to at least
     that path's cost in every layer: int4's prefill runs fp16's GEMM on its dequantized blocks
@@ -224,12 +258,24 @@ def floored(unit: list[tuple]) -> list[tuple]:
 
 
 class EnergyModel:
-    """Cost arithmetic over a calibration table. All results in joules (modelled)."""
+    """Cost arithmetic over a calibration table. All results in joules (modelled).
 
-    def __init__(self, table: CalibrationTable):
+    controlled: a controller chooses the paths (policy "hest"), so every token also pays the
+    table's `ctrl` costs (the module docstring); the all-fp16 reference (`reference_cost_q`)
+    never does."""
+
+    def __init__(self, table: CalibrationTable, controlled: bool = False):
         self.table = table
         self.L = table.n_layers
-        self.ph = {"prefill": table.prefill, "decode": with_host(table.decode)}
+        pre, dec = table.prefill, with_host(table.decode)
+        self.controlled = controlled and bool(
+            pre.ctrl or table.decode.ctrl or table.decode.ctrl_step
+        )
+        # the fixed fp16 policy's model: the ratio's reference runs no controller
+        self.plain = EnergyModel(table) if self.controlled else self
+        if self.controlled:
+            pre, dec = with_ctrl(pre), with_ctrl(dec)
+        self.ph = {"prefill": pre, "decode": dec}
         self.paths = reg.names()  # the registry this model was built under
         self.ref = reg.ref()  # index of fp16, the reference path
         P = len(self.paths)
@@ -381,6 +427,12 @@ class EnergyModel:
             total += self.decode_fixed_q(p + i) + dec
         return total
 
+    def reference_cost_q(self, p: int, max_new: int) -> int:
+        """The budget ratio's reference: the fixed fp16 policy's cost of p prompt tokens and
+        max_new generated ones (`request_cost_q` on fp16 without the controller's work, which
+        that policy does not run), in picojoules."""
+        return self.plain.request_cost_q(p, max_new, self.ref)
+
     def gated_step_q(self, phase: str, path: int | None) -> int:
         """Picojoules of one token's gated units, all on `path` (None: each on its cheapest)."""
         return self.min_sum_q[phase] if path is None else self.unit_sum_q[phase][path]
@@ -416,7 +468,8 @@ class EnergyModel:
         return self.prefill_fixed(p) + p * pre + self._decode_fixed_sum(p, steps) + steps * dec
 
     def fp16_cost(self, p: int, max_new: int) -> float:
-        return self.request_cost(p, max_new, self.ref)
+        """The all-fp16 reference in joules (`reference_cost_q`'s float form)."""
+        return self.plain.request_cost(p, max_new, self.ref)
 
     def min_decode_step(self, ctx: int) -> float:
         return self.decode_fixed(ctx) + self.min_sum["decode"]

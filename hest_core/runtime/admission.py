@@ -109,7 +109,7 @@ def admit(engine, r: GenerationRequest) -> PreparedRequest:
     read = _read_mode(r.read)
     ids, truncated, template = _fit(engine, r, max_new)
     article = max(0, len(ids) - template)  # the article's tokens in the prompt
-    fp16_q = engine.energy.request_cost_q(len(ids), max_new, 0)  # the ratio's reference
+    fp16_q = engine.energy.reference_cost_q(len(ids), max_new)  # the ratio's reference
     budget_q = budget_q_of(budget_param, budget_val, fp16_q)
     read_n, truncated_by = article, "context" if truncated else None
     if read == "budget" and engine.guard_mode != "off" and article:

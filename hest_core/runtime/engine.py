@@ -188,7 +188,7 @@ class Engine:
             tokenizer=tok,
             lean=lean,
             controller=ctl,
-            energy=cls._energy_of(table, ctl),
+            energy=cls._energy_of(table, ctl, controlled=reg.find(policy) is None),
             meter=m,
             policy=policy,
             # a fixed policy keeps a budget only by stopping (guard "stop"), or ignores it
@@ -234,10 +234,11 @@ class Engine:
         return rescale_table(table, lean, m)
 
     @staticmethod
-    def _energy_of(table, ctl) -> EnergyModel:
-        """The energy model of `table`, its unit costs handed to a controller that reads this
-        device's relative costs."""
-        em = EnergyModel(table)
+    def _energy_of(table, ctl, controlled: bool = False) -> EnergyModel:
+        """The energy model of `table` (charging the controller's work where `controlled`: a
+        controller policy), its unit costs handed to a controller that reads this device's
+        relative costs."""
+        em = EnergyModel(table, controlled=controlled)
         if hasattr(ctl, "set_costs"):
             ctl.set_costs(torch.tensor(em.unit["prefill"]), torch.tensor(em.unit["decode"]))
         return em

@@ -39,13 +39,74 @@ def h_native_ok(lean) -> bool:
 
 
 def _one_row(st, li: int, p: int, paths: torch.Tensor, logits: torch.Tensor | None):
-    """A forward of one row that chose path p at layer li: the guard fits it, it is counted."""
-    paths, c = st.guard.fit(li, paths, logits, reg.one_hot(p))
-    st.guard.commit(li, c)
-    lc = st.layer_counts[li]
-    for q, n in enumerate(c):
-        lc[q] += n
-    return paths, c
+    """A forward of one row that chose path p at layer li (paths (1,) holding p): the guard fits
+    it (`fit_one`: at one row nothing is ranked, so `logits` is not read), it is charged and
+    counted. Returns (paths (1,) it runs, counts (P,))."""
+    q = _fit_row(st, li, p)
+    if q != p:
+        paths = torch.tensor([q], dtype=torch.long, device=paths.device)
+    return paths, reg.one_hot(q)
+
+
+def _fit_row(st, li: int, p: int) -> int:
+    """One request's one row at layer li on path p: fitted by its guard, charged, counted.
+    Returns the path it runs."""
+    g = st.guard
+    q = g.fit_one(li, p)
+    g.commit_one(li, q)
+    st.layer_counts[li][q] += 1
+    return q
+
+
+def _rows_grouped(groups, li: int, paths: torch.Tensor, logits: torch.Tensor, share, split):
+    """Any forward at layer li: each request's guard fits its rows' paths (n,) against its limit
+    (demoting by the logits' margins) and commits them; then each gives back its share of what
+    the forward's rows on the same path shared (`share`, a decode step) or of the minority
+    paths' weight passes (`split`, a prefill round). paths (N,), logits (N, P). Returns (paths
+    (N,) after the guards, counts (P,) of the forward)."""
+    total = reg.zeros()
+    parts, mine = [], []
+    for row0, n, st in groups:
+        sl = paths[row0 : row0 + n]
+        c = torch.bincount(sl, minlength=len(total)).tolist()
+        sl, c = st.guard.fit(li, sl, logits[row0 : row0 + n], c)
+        st.guard.commit(li, c)
+        parts.append(sl)
+        mine.append(c)
+        for q, k in enumerate(c):
+            st.layer_counts[li][q] += k
+            total[q] += k
+    if share:  # every row is fitted: each pays its share of what its path read once
+        for (_, _, st), c in zip(groups, mine, strict=True):
+            st.guard.share(li, c, total)
+    elif split:  # a prefill round: minority paths' weight passes shared by requests
+        for (_, _, st), c in zip(groups, mine, strict=True):
+            st.guard.share_split(c, total)
+    return torch.cat(parts), total
+
+
+def _rows_each(groups, li: int, paths: torch.Tensor, share: bool):
+    """A forward of one row per request (a decode step of several) at layer li: paths (N,) the
+    controller's choices. Each request's guard fits and commits its row as `_one_row` does, from
+    one read of the paths instead of a slice and a count per request (at one row the guard never
+    ranks by logits); then each gives back its share of what the step's rows on its path shared.
+    Returns what `_rows_grouped` returns for the same rows (a test checks), in less time
+    (docs/runtime.md, "The controller's work", has the figures)."""
+    pl = paths.tolist()
+    total, mine, changed = reg.zeros(), [], False
+    for row0, _n, st in groups:
+        p = pl[row0]
+        q = _fit_row(st, li, p)
+        if q != p:  # demoted by its guard
+            pl[row0], changed = q, True
+        total[q] += 1
+        mine.append(q)
+    if share:
+        for (_, _, st), q in zip(groups, mine, strict=True):
+            st.guard.share_one(li, q, total[q])
+    if changed:
+        paths = torch.tensor(pl, dtype=torch.long, device=paths.device)
+    return paths, total
 
 
 # the remaining-budget ratio a budget-adaptive controller reads is kept inside this range (a
@@ -190,6 +251,8 @@ class BatchRunner:
         if rows_of is not None:
             fast = rows_of(betas, [g[1] for g in groups], 1 if phase == "decode" else 0)
 
+        one_each = phase == "decode" and all(g[1] == 1 for g in groups)
+
         def decide(li: int, h: torch.Tensor):
             with torch.no_grad():
                 logits = e.controller(h, li, beta, ph) if fast is None else fast(li, h)  # (N, P)
@@ -198,25 +261,9 @@ class BatchRunner:
                 paths = sub_t[li][paths]
             if len(groups) == 1 and groups[0][1] == 1:  # batch-1 decode: stay in Python
                 return _one_row(groups[0][2], li, int(paths), paths, logits)
-            total = reg.zeros()
-            parts, mine = [], []
-            for row0, n, st in groups:
-                sl = paths[row0 : row0 + n]
-                c = torch.bincount(sl, minlength=len(total)).tolist()
-                sl, c = st.guard.fit(li, sl, logits[row0 : row0 + n], c)
-                st.guard.commit(li, c)
-                parts.append(sl)
-                mine.append(c)
-                for q, k in enumerate(c):
-                    st.layer_counts[li][q] += k
-                    total[q] += k
-            if share:  # every row is fitted: each pays its share of what its path read once
-                for (_, _, st), c in zip(groups, mine, strict=True):
-                    st.guard.share(li, c, total)
-            elif split:  # a prefill round: minority paths' weight passes shared by requests
-                for (_, _, st), c in zip(groups, mine, strict=True):
-                    st.guard.share_split(c, total)
-            return torch.cat(parts), total
+            if one_each:
+                return _rows_each(groups, li, paths, share)
+            return _rows_grouped(groups, li, paths, logits, share, split)
 
         return decide
 

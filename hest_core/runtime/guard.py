@@ -155,6 +155,24 @@ class BudgetGuard:
         self.rem_min -= n * min(c)
         return cost
 
+    def commit_one(self, li: int, p: int) -> int:
+        """`commit` of one unit on path p (a row of a decode step): the same charge without a
+        count vector. Returns the picojoules charged."""
+        c = self.em.unit_q[self.phase][li]
+        cost = c[p]  # one path: no minority pass
+        self.spent += cost
+        self.rem_fp16 -= c[self.em.ref]
+        self.rem_min -= min(c)
+        return cost
+
+    def share_one(self, li: int, p: int, m: int) -> int:
+        """`share` of one unit on path p of a decode step whose layer li ran m units on p
+        (this one included). Returns the picojoules given back."""
+        back = self.em.unit_rebate_q(li, p, m)
+        self.spent -= back
+        self.rebated += back
+        return back
+
     def share(self, li: int, counts: list[int], on_path: list[int]) -> int:
         """After a decode step's layer li: give back this request's share of the work it shared.
         counts (P,): its units on each path there (already committed); on_path (P,): the step's
@@ -185,6 +203,15 @@ class BudgetGuard:
         self.spent -= back
         self.rebated += back
         return back
+
+    def fit_one(self, li: int, p: int) -> int:
+        """`fit` of one row on path p: the path it runs (p where it fits the limit, else the
+        one `fit` demotes it to; at one row nothing is ranked, so no logits)."""
+        lim = self.limit(li, 1)
+        if lim is None or self.em.unit_q[self.phase][li][p] <= lim:  # one path: no pass
+            return p
+        _, c = self.fit(li, torch.tensor([p]), None, reg.one_hot(p))
+        return c.index(1)
 
     def fit(
         self, li: int, paths: torch.Tensor, logits: torch.Tensor | None, counts: list[int]

@@ -390,3 +390,49 @@ def test_batched_runs_are_modelled_within_15pct_of_the_estimate_meter(default_en
 def test_batched_runs_against_the_estimate_meter_longer(default_engine: Engine):
     """The same, longer runs and more tries (a quieter figure for a report)."""
     _check_against_meter(default_engine, [2, 4, 8, 12, 16], max_new=64, tries=3)
+
+
+# ---- a decode step's guards: the one-row-per-request form against the general one ----------------
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_a_decode_steps_rows_fit_the_same_in_either_form(hest_shared: Engine, seed):
+    """`generation._rows_each` (a decode step: one row per request, read once) leaves every
+    guard, count and path as `_rows_grouped` (the general form) does, demotions included:
+    budgets from generous to nearly spent, every layer, share on and off."""
+    import copy
+
+    from hest_core.runtime.generation import _rows_each, _rows_grouped
+    from hest_core.runtime.tickets import run_state
+
+    e = hest_shared
+    g = torch.Generator().manual_seed(seed)
+    P = len(e.energy.paths)
+    states = []
+    for i in range(9):
+        p = e.check(GenerationRequest(TEXTS[i % len(TEXTS)], max_new_tokens=8))
+        s = run_state(e, p, e.lean.spec.n_layers)
+        assert s.guard.try_start_decode(len(p.ids) + 1)
+        # from plenty left to less than one unit on the dearest path (demotions)
+        s.guard.spent = s.guard.budget - int(s.guard.budget * (0.5 ** (2 * i)))
+        states.append(s)
+    demoted = 0
+    for share in (True, False):
+        a = copy.deepcopy(states)
+        b = copy.deepcopy(states)
+        ga = [(j, 1, s) for j, s in enumerate(a)]
+        gb = [(j, 1, s) for j, s in enumerate(b)]
+        for li in range(e.lean.spec.n_layers):
+            paths = torch.randint(0, P, (len(states),), generator=g)
+            logits = torch.randn(len(states), P, generator=g)
+            pa, ta = _rows_each(ga, li, paths.clone(), share)
+            pb, tb = _rows_grouped(gb, li, paths.clone(), logits, share, False)
+            assert pa.tolist() == pb.tolist() and ta == tb
+            demoted += int((pa != paths).sum())
+        for x, y in zip(a, b, strict=True):
+            assert (x.guard.spent, x.guard.rebated, x.guard.demotions) == (
+                y.guard.spent,
+                y.guard.rebated,
+                y.guard.demotions,
+            )
+            assert (x.guard.rem_fp16, x.guard.rem_min) == (y.guard.rem_fp16, y.guard.rem_min)
+            assert x.layer_counts == y.layer_counts
+    assert demoted > 0  # the tight budgets did demote

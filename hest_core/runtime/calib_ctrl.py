@@ -1,0 +1,259 @@
+"""The controller's own work, in the calibration (the `ctrl` costs).
+
+An engine whose paths a controller chooses (policy "hest") runs, in every layer of every
+forward, the controller on each row's hidden state, the argmax over its path logits and each
+request's guard fitting and committing that layer's choice (`runtime/generation.py`,
+`_controller_decider`, or the native decider for a lone decode row). A fixed-path policy runs
+none of it, and the unit, fixed and head costs are measured on forwards without it
+(`calib_measure`, `calib_rows`). Left out, the model charged a HEST request less than it ran:
+a 556-token prefill took 209 ms against fp16's 188 on the same fp16 units, and a decode step
+~0.4 ms more than int4's on the same int4 units (session 17, Intel Xeon VM), so HEST's modelled /
+estimate ratio sat ~10% below the fixed policies' (0.93 against 1.03 at 556 tokens).
+
+This module serves the same requests on a controller engine and on a fixed-path engine on the
+path the controller mostly ran, interleaved, with the meter around each, and reads what each
+request was charged (its guard's ledger, the table without `ctrl`). In the table's joules
+(k = the fixed engine's modelled over its measured, as `calib_host` rescales), the
+controller's work is what the controller engine ran beyond its own model:
+x = k measured - modelled.
+- prefill: requests of `PROMPTS` tokens read whole with one new token; ctrl = sum x / sum
+  tokens (per prompt token, through the origin);
+- decode: m rows of a scheduler past their prefill (m in `calib_host.ROWS`), per step;
+  x(m) fitted as a + b m through the one-row points (`calib_host.fit_host`): ctrl = b per row,
+  ctrl_step = a per step.
+The energy model charges them only where a controller chooses the paths (`model.EnergyModel`,
+controlled=True).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import replace
+
+from .. import paths as reg
+from ..energy.meters import EstimateMeter, Meter
+from ..energy.model import EnergyModel
+from . import calib_host
+from .request import GenerationRequest
+
+PROMPTS = (128, 512)  # prompt tokens of the prefill points (about: whole words of TEXT)
+REPEATS = 3
+
+
+def without_ctrl(table):
+    """`table` with its controller costs zeroed (what a measurement charges against)."""
+    return replace(
+        table,
+        prefill=replace(table.prefill, ctrl=0.0, ctrl_step=0.0),
+        decode=replace(table.decode, ctrl=0.0, ctrl_step=0.0),
+    )
+
+
+def _pick(xs: list[float], meter: Meter) -> float:
+    """The least reading for the estimate meter (time: noise only adds), else the median."""
+    return min(xs) if isinstance(meter, EstimateMeter) else statistics.median(xs)
+
+
+def _prompt(engine, n: int) -> str:
+    """Prose of about n tokens on `engine`'s tokenizer (calib_host.TEXT repeated, cut)."""
+    tok = engine.tokenizer
+    ids = tok(calib_host.TEXT * (1 + n // 60), add_special_tokens=False)["input_ids"][:n]
+    return tok.decode(ids)
+
+
+def _prefill(engine, meter: Meter, text: str) -> tuple[float, float, list[int], int]:
+    """(measured J, modelled J, paths (P,) run, prompt tokens) of one request read whole with
+    one new token."""
+    req = GenerationRequest(
+        text, energy_budget_ratio=1.0, max_new_tokens=1, clean_end=False, read="whole"
+    )
+    w = meter.begin()
+    res = engine.generate([req])[0]
+    r = meter.end(w)
+    s = res.stats
+    return r.energy_j, s.modelled_j, [s.paths[p] for p in engine.energy.paths], s.prompt_tokens
+
+
+def _decode(engine, meter: Meter, m: int) -> tuple[float, float, list[int]]:
+    """(measured J, modelled J per served decode step of m rows, paths (P,) run in the window
+    counted), the least measured window (the estimate meter) else the median."""
+    steps = calib_host.STEPS
+    for _attempt in range(4):
+        sch, cancel = calib_host._batch(engine, m, 3 + calib_host.WINDOWS * steps + 4)
+        for _ in range(3):  # warm the step
+            sch.step()
+        got, ok = [], True
+        for _ in range(calib_host.WINDOWS):
+            sts = [t.st for t in sch._active]
+            q0 = sum(st.guard.spent_j for st in sts)
+            c0 = [sum(c[i] for st in sts for c in st.layer_counts) for i in range(reg.n_paths())]
+            w = meter.begin()
+            rows = [sch.step() for _ in range(steps)]
+            r = meter.end(w)
+            if any(n != m for n in rows):  # a request ended: its rows left the step
+                ok = False
+                break
+            q1 = sum(st.guard.spent_j for st in sts)
+            c1 = [sum(c[i] for st in sts for c in st.layer_counts) for i in range(reg.n_paths())]
+            got.append(
+                (
+                    r.energy_j / steps,
+                    (q1 - q0) / steps,
+                    [b - a for a, b in zip(c0, c1, strict=True)],
+                )
+            )
+        cancel.set()
+        sch.run_until_idle()
+        if ok and got:
+            best = min(got) if isinstance(meter, EstimateMeter) else sorted(got)[len(got) // 2]
+            return best
+    raise RuntimeError(f"calib_ctrl: no {m}-row window without a request ending early")
+
+
+def _majority(counts: list[int]) -> int:
+    return max(range(len(counts)), key=counts.__getitem__)
+
+
+def measure_ctrl(
+    controlled,
+    fixed: dict,
+    meter: Meter,
+    rows: tuple[int, ...] = calib_host.ROWS,
+    prompts: tuple[int, ...] = PROMPTS,
+    repeats: int = REPEATS,
+) -> dict:
+    """The controller's work (module docstring): `controlled` is an engine whose controller
+    chooses the paths, `fixed` maps a path's name to a fixed-path engine on it (the same model
+    and table; built on demand by `fixed[name]` where it is a `FixedEngines`). Both engines'
+    energy models must be built on the table without ctrl (`without_ctrl`). Returns the record:
+    prefill_ctrl (J per prompt token), ctrl (J per row per decode step), ctrl_step (J per
+    step), the points, method and date. Raises ValueError where `controlled` is a fixed-path
+    engine."""
+    if reg.find(controlled.policy) is not None:
+        raise ValueError(f"calib_ctrl needs a controller engine, not policy {controlled.policy!r}")
+    names = controlled.energy.paths
+    pts: dict = {"prefill": [], "decode": {}}
+    xs, ns = [], []
+    for n in prompts:
+        text = _prompt(controlled, n)
+        for _ in range(repeats):  # interleaved: a drift hits both alike
+            got = [_prefill(controlled, meter, text) for _ in range(2)]
+            _, mod, counts, p = got[-1]
+            mj = _pick([g[0] for g in got], meter)
+            ref = fixed[names[_majority(counts)]]
+            fgot = [_prefill(ref, meter, text) for _ in range(2)]
+            fj, fmod = _pick([g[0] for g in fgot], meter), fgot[-1][1]
+            k = fmod / fj if fj > 0 else 1.0
+            xs.append(k * mj - mod)
+            ns.append(p)
+            pts["prefill"].append(
+                {
+                    "tokens": p,
+                    "measured_j": mj,
+                    "modelled_j": mod,
+                    "fixed_measured_j": fj,
+                    "fixed_modelled_j": fmod,
+                    "fixed": names[_majority(counts)],
+                    "x_j": xs[-1],
+                }
+            )
+    prefill_ctrl = max(0.0, sum(xs) / sum(ns))
+    ms, hs = [], []
+    for m in rows:
+        for _ in range(repeats):
+            mj, mod, counts = _decode(controlled, meter, m)
+            name = names[_majority(counts)]
+            fj, fmod, _ = _decode(fixed[name], meter, m)
+            k = fmod / fj if fj > 0 else 1.0
+            ms.append(m)
+            hs.append(k * mj - mod)
+            pts["decode"].setdefault(str(m), []).append(
+                {
+                    "measured_j": mj,
+                    "modelled_j": mod,
+                    "fixed_measured_j": fj,
+                    "fixed_modelled_j": fmod,
+                    "fixed": name,
+                    "x_j": hs[-1],
+                }
+            )
+    a, b = calib_host.fit_host(ms, hs)
+    return {
+        "method": f"calib_ctrl: {controlled.policy} against fixed-path engines on its majority "
+        f"path, prompts of {list(prompts)} tokens and decode steps of {list(rows)} rows, "
+        f"{meter.name} meter, {repeats} interleaved each",
+        "prefill_ctrl": prefill_ctrl,
+        "ctrl": b,
+        "ctrl_step": a,
+        "points": pts,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def write_ctrl(table, record: dict) -> None:
+    """Write a `measure_ctrl` record into `table` (in place): prefill.ctrl, decode.ctrl,
+    decode.ctrl_step and kernels["controller"]."""
+    table.prefill.ctrl = float(record["prefill_ctrl"])
+    table.decode.ctrl = float(record["ctrl"])
+    table.decode.ctrl_step = float(record["ctrl_step"])
+    table.kernels["controller"] = record
+
+
+class FixedEngines(dict):
+    """Fixed-path engines built on first use: name -> Engine (`make(name)`)."""
+
+    def __init__(self, make):
+        super().__init__()
+        self._make = make
+
+    def __missing__(self, name: str):
+        self[name] = eng = self._make(name)
+        return eng
+
+
+def measure_into(
+    path,
+    model: str,
+    meter: Meter,
+    adapter: str = "default",
+    device: str = "cpu",
+    threads: int | None = None,
+    say=None,
+    write: bool = True,
+) -> dict:
+    """Load `model` with `adapter` (policy "hest") and fixed-path engines on the table at
+    `path`, the table's controller costs left out, measure the controller's work with `meter`
+    (`measure_ctrl`) and write it into that table file (not with write=False). Returns the
+    record. Raises CalibrationError where the table cannot be read."""
+    from ..energy.model import CalibrationTable
+    from .engine import Engine
+
+    def build(policy: str, ad):
+        eng = Engine.from_pretrained(
+            model,
+            adapter=ad,
+            device=device,
+            policy=policy,
+            calibration=path,
+            progress=False,
+            threads=threads,
+            paths=reg.names(),
+        )
+        eng.energy = EnergyModel(without_ctrl(eng.energy.table))
+        eng.warmup()
+        return eng
+
+    ctl = build("hest", adapter)
+    rec = measure_ctrl(ctl, FixedEngines(lambda name: build(name, None)), meter)
+    if write:
+        table = CalibrationTable.load(path)
+        write_ctrl(table, rec)
+        table.save(path)
+    if say is not None:
+        say(
+            f"controller: {rec['prefill_ctrl'] * 1e3:.3g} mJ per prompt token, "
+            f"{rec['ctrl'] * 1e3:.3g} mJ per row and {rec['ctrl_step'] * 1e3:.3g} mJ per decode "
+            "step"
+        )
+    return rec

@@ -4,7 +4,8 @@ calibration table (`hest_core/runtime/calib_host.py` and `calib_ctrl.py` say how
 engine on the table, which the energy layer's `python -m hest_core.energy.calibrate` cannot
 load: run this after it, on the table it wrote (a table without them charges none of either).
 
-    python tools/host_fit.py --table PATH [--what host,controller] [--threads 2] [--dry-run]
+    python tools/host_fit.py --table PATH [--what host,controller] [--repeats 3] [--threads 2]
+        [--dry-run]
 
 The table's path set comes from `HEST_PATHS` where set, else from the table's width (four costs a
 layer: fp16, int8, int4, skip; three: the built-in paths). The serving loop is measured on the
@@ -53,7 +54,15 @@ def main() -> None:
         help="comma list: host (the serving loop), controller (the controller's work, with the "
         "default adapter)",
     )
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=calib_ctrl.REPEATS,
+        help="the controller's points per prompt length and row count (more: less noise)",
+    )
     args = ap.parse_args()
+    if args.repeats < 1:
+        ap.error(f"--repeats {args.repeats}: give at least 1")
     path = Path(args.table)
     what = {w.strip() for w in args.what.split(",") if w.strip()}
     if not what or what - {"host", "controller"}:
@@ -70,7 +79,12 @@ def main() -> None:
 
 def _controller(path: Path, watts: float, args) -> None:
     rec = calib_ctrl.measure_into(
-        path, "default", EstimateMeter(watts), threads=args.threads, write=not args.dry_run
+        path,
+        "default",
+        EstimateMeter(watts),
+        threads=args.threads,
+        write=not args.dry_run,
+        repeats=args.repeats,
     )
     print(
         f"controller: {rec['prefill_ctrl'] * 1e3:.3g} mJ per prompt token, "

@@ -16,8 +16,8 @@ request was charged (its guard's ledger, the table without `ctrl`). In the table
 (k = the fixed engine's modelled over its measured, as `calib_host` rescales), the
 controller's work is what the controller engine ran beyond its own model:
 x = k measured - modelled.
-- prefill: requests of `PROMPTS` tokens read whole with one new token; ctrl = sum x / sum
-  tokens (per prompt token, through the origin);
+- prefill: requests of `PROMPTS` tokens read whole with one new token; ctrl = the median of
+  x / tokens over the points (per prompt token, through the origin);
 - decode: m rows of a scheduler past their prefill (m in `calib_host.ROWS`), per step;
   x(m) fitted as a + b m through the one-row points (`calib_host.fit_host`): ctrl = b per row,
   ctrl_step = a per step.
@@ -158,7 +158,9 @@ def measure_ctrl(
                     "x_j": xs[-1],
                 }
             )
-    prefill_ctrl = max(0.0, sum(xs) / sum(ns))
+    # per prompt token, the median over the points: one slow window moves a prefill by several
+    # percent, which is the size of x itself (~12 ms on ~200 ms at 556 tokens)
+    prefill_ctrl = max(0.0, statistics.median(x / n for x, n in zip(xs, ns, strict=True)))
     ms, hs = [], []
     for m in rows:
         for _ in range(repeats):
@@ -221,11 +223,13 @@ def measure_into(
     threads: int | None = None,
     say=None,
     write: bool = True,
+    repeats: int = REPEATS,
 ) -> dict:
     """Load `model` with `adapter` (policy "hest") and fixed-path engines on the table at
     `path`, the table's controller costs left out, measure the controller's work with `meter`
-    (`measure_ctrl`) and write it into that table file (not with write=False). Returns the
-    record. Raises CalibrationError where the table cannot be read."""
+    (`measure_ctrl`, `repeats` points per prompt length and row count) and write it into that
+    table file (not with write=False). Returns the record. Raises CalibrationError where the
+    table cannot be read."""
     from ..energy.model import CalibrationTable
     from .engine import Engine
 
@@ -245,7 +249,7 @@ def measure_into(
         return eng
 
     ctl = build("hest", adapter)
-    rec = measure_ctrl(ctl, FixedEngines(lambda name: build(name, None)), meter)
+    rec = measure_ctrl(ctl, FixedEngines(lambda name: build(name, None)), meter, repeats=repeats)
     if write:
         table = CalibrationTable.load(path)
         write_ctrl(table, rec)

@@ -206,34 +206,31 @@ class CalibrationTable:
         return t
 
 
-def with_host(c: PhaseCosts) -> PhaseCosts:
-    """Decode costs with the serving loop's work (`host`, `host_step`; runtime/calib_host.py) charged
-    as fixed work: host per row beside token_fixed, host_step per step beside the head's part
+def _as_fixed(c: PhaseCosts, per_row: float, per_step: float) -> PhaseCosts:
+    """c with per_row joules charged beside token_fixed and per_step beside the head's part
     shared by a step's rows (so one row pays it whole, m rows a ceil(1/m) share each, by the
-    head's sharing in the guard). The same costs where neither was measured."""
-    if not (c.host or c.host_step):
+    head's sharing in the guard); c itself where both are 0."""
+    if not (per_row or per_step):
         return c
     return replace(
         c,
-        token_fixed=c.token_fixed + c.host,
-        head=c.head + c.host_step,
-        head_shared=min(c.head_shared, c.head) + c.host_step,
+        token_fixed=c.token_fixed + per_row,
+        head=c.head + per_step,
+        head_shared=min(c.head_shared, c.head) + per_step,
     )
+
+
+def with_host(c: PhaseCosts) -> PhaseCosts:
+    """Decode costs with the serving loop's work (`host`, `host_step`; runtime/calib_host.py)
+    charged as fixed work (`_as_fixed`). The same costs where neither was measured."""
+    return _as_fixed(c, c.host, c.host_step)
 
 
 def with_ctrl(c: PhaseCosts) -> PhaseCosts:
     """Costs with the controller's work (`ctrl`, `ctrl_step`; runtime/calib_ctrl.py) charged as
-    fixed work, the way `with_host` charges the serving loop's: ctrl per token beside
-    token_fixed, ctrl_step per decode step beside the head's shared part. The same costs where
-    neither was measured."""
-    if not (c.ctrl or c.ctrl_step):
-        return c
-    return replace(
-        c,
-        token_fixed=c.token_fixed + c.ctrl,
-        head=c.head + c.ctrl_step,
-        head_shared=min(c.head_shared, c.head) + c.ctrl_step,
-    )
+    fixed work (`_as_fixed`), the way `with_host` charges the serving loop's. The same costs
+    where neither was measured."""
+    return _as_fixed(c, c.ctrl, c.ctrl_step)
 
 
 def floored(unit: list[tuple]) -> list[tuple]:

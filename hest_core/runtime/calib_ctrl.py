@@ -75,40 +75,23 @@ def _prefill(engine, meter: Meter, text: str) -> tuple[float, float, list[int], 
     return r.energy_j, s.modelled_j, [s.paths[p] for p in engine.energy.paths], s.prompt_tokens
 
 
+def _ledger(sts) -> tuple[float, list[int]]:
+    """(joules charged so far, units run per path (P,)) of these requests together."""
+    n = reg.n_paths()
+    spent = sum(st.guard.spent_j for st in sts)
+    return spent, [sum(c[i] for st in sts for c in st.layer_counts) for i in range(n)]
+
+
 def _decode(engine, meter: Meter, m: int) -> tuple[float, float, list[int]]:
-    """(measured J, modelled J per served decode step of m rows, paths (P,) run in the window
-    counted), the least measured window (the estimate meter) else the median."""
+    """(measured J, modelled J per served decode step of m rows, paths (P,) run in the window),
+    the window of least measured joules (the estimate meter) else the median one."""
+    got, _ctx = calib_host.served_windows(engine, meter, m, _ledger)
     steps = calib_host.STEPS
-    for _attempt in range(4):
-        sch, cancel = calib_host._batch(engine, m, 3 + calib_host.WINDOWS * steps + 4)
-        for _ in range(3):  # warm the step
-            sch.step()
-        got, ok = [], True
-        for _ in range(calib_host.WINDOWS):
-            sts = [t.st for t in sch._active]
-            q0 = sum(st.guard.spent_j for st in sts)
-            c0 = [sum(c[i] for st in sts for c in st.layer_counts) for i in range(reg.n_paths())]
-            w = meter.begin()
-            rows = [sch.step() for _ in range(steps)]
-            r = meter.end(w)
-            if any(n != m for n in rows):  # a request ended: its rows left the step
-                ok = False
-                break
-            q1 = sum(st.guard.spent_j for st in sts)
-            c1 = [sum(c[i] for st in sts for c in st.layer_counts) for i in range(reg.n_paths())]
-            got.append(
-                (
-                    r.energy_j / steps,
-                    (q1 - q0) / steps,
-                    [b - a for a, b in zip(c0, c1, strict=True)],
-                )
-            )
-        cancel.set()
-        sch.run_until_idle()
-        if ok and got:
-            best = min(got) if isinstance(meter, EstimateMeter) else sorted(got)[len(got) // 2]
-            return best
-    raise RuntimeError(f"calib_ctrl: no {m}-row window without a request ending early")
+    rows = sorted(
+        (j, (b[0] - a[0]) / steps, [y - x for x, y in zip(a[1], b[1], strict=True)])
+        for j, a, b in got
+    )
+    return rows[0] if isinstance(meter, EstimateMeter) else rows[len(rows) // 2]
 
 
 def _majority(counts: list[int]) -> int:
@@ -230,20 +213,9 @@ def measure_into(
     (`measure_ctrl`, `repeats` points per prompt length and row count) and write it into that
     table file (not with write=False). Returns the record. Raises CalibrationError where the
     table cannot be read."""
-    from ..energy.model import CalibrationTable
-    from .engine import Engine
 
     def build(policy: str, ad):
-        eng = Engine.from_pretrained(
-            model,
-            adapter=ad,
-            device=device,
-            policy=policy,
-            calibration=path,
-            progress=False,
-            threads=threads,
-            paths=reg.names(),
-        )
+        eng = calib_host.table_engine(path, model, policy, ad, device, threads)
         eng.energy = EnergyModel(without_ctrl(eng.energy.table))
         eng.warmup()
         return eng
@@ -251,9 +223,7 @@ def measure_into(
     ctl = build("hest", adapter)
     rec = measure_ctrl(ctl, FixedEngines(lambda name: build(name, None)), meter, repeats=repeats)
     if write:
-        table = CalibrationTable.load(path)
-        write_ctrl(table, rec)
-        table.save(path)
+        calib_host.save_into(path, write_ctrl, rec)
     if say is not None:
         say(
             f"controller: {rec['prefill_ctrl'] * 1e3:.3g} mJ per prompt token, "

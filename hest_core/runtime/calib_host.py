@@ -84,11 +84,12 @@ def _batch(engine, m: int, max_new: int):
     return sch, cancel
 
 
-def _loop_j(engine, meter: Meter, m: int) -> tuple[float, int]:
-    """(joules per served decode step of m rows, the context of the middle step)."""
+def served_windows(engine, meter: Meter, m: int, probe=None) -> tuple[list[tuple], int]:
+    """WINDOWS windows of STEPS served decode steps of m rows each, every row decoding
+    throughout (a batch in which a request ended early is replaced, 4 tries): per window
+    (joules per step, probe(states) before it, probe(states) after it; None without a probe),
+    and the context of the middle step. Raises RuntimeError where no batch held m rows."""
     steps = 3 + WINDOWS * STEPS
-    got: list[float] = []
-    ctx = 0
     for _attempt in range(4):
         sch, cancel = _batch(engine, m, steps + 4)
         p0 = max(len(t.req.ids) for t in sch._active) if sch._active else 0
@@ -96,21 +97,28 @@ def _loop_j(engine, meter: Meter, m: int) -> tuple[float, int]:
             sch.step()
         got, ok = [], True
         for _ in range(WINDOWS):
+            sts = [t.st for t in sch._active]
+            before = probe(sts) if probe is not None else None
             w = meter.begin()
             rows = [sch.step() for _ in range(STEPS)]
             r = meter.end(w)
             if any(n != m for n in rows):  # a request ended: its rows left the step
                 ok = False
                 break
-            got.append(r.energy_j / STEPS)
+            after = probe(sts) if probe is not None else None
+            got.append((r.energy_j / STEPS, before, after))
         cancel.set()  # the rest of the batch ends at its next step
         sch.run_until_idle()
-        if ok:
-            ctx = p0 + 4 + (WINDOWS * STEPS) // 2
-            break
-    if not got:
-        raise RuntimeError(f"calib_host: no {m}-row window without a request ending early")
-    pick = min(got) if isinstance(meter, EstimateMeter) else statistics.median(got)
+        if ok and got:
+            return got, p0 + 4 + (WINDOWS * STEPS) // 2
+    raise RuntimeError(f"calib_host: no {m}-row window without a request ending early")
+
+
+def _loop_j(engine, meter: Meter, m: int) -> tuple[float, int]:
+    """(joules per served decode step of m rows, the context of the middle step)."""
+    got, ctx = served_windows(engine, meter, m)
+    js = [g[0] for g in got]
+    pick = min(js) if isinstance(meter, EstimateMeter) else statistics.median(js)
     return pick, ctx
 
 
@@ -173,28 +181,41 @@ def measure_into(
     paths, no adapter), measure its serving loop with `meter` (`measure_host`) and write it
     into that table file (not with write=False). Returns the record. Raises CalibrationError
     where the table cannot be read."""
-    from ..energy.model import CalibrationTable
-    from .engine import Engine
-
-    eng = Engine.from_pretrained(
-        model,
-        adapter=None,
-        device=device,
-        policy=reg.REFERENCE,
-        calibration=path,
-        progress=False,
-        threads=threads,
-        paths=reg.names(),
-    )
+    eng = table_engine(path, model, reg.REFERENCE, None, device, threads)
     eng.warmup()
     rec = measure_host(eng, meter)
     if write:
-        table = CalibrationTable.load(path)
-        write_host(table, rec)
-        table.save(path)
+        save_into(path, write_host, rec)
     if say is not None:
         say(
             f"serving loop: {rec['host'] * 1e3:.3g} mJ per row and {rec['host_step'] * 1e3:.3g} "
             "mJ per step beyond the forward, per decode step"
         )
     return rec
+
+
+def table_engine(path, model: str, policy: str, adapter, device: str, threads: int | None):
+    """`model` as an engine on the table file at `path` (the registered paths, no progress
+    bars): what the measurements of this module and `calib_ctrl` run on. Raises
+    CalibrationError where the table cannot be read."""
+    from .engine import Engine
+
+    return Engine.from_pretrained(
+        model,
+        adapter=adapter,
+        device=device,
+        policy=policy,
+        calibration=path,
+        progress=False,
+        threads=threads,
+        paths=reg.names(),
+    )
+
+
+def save_into(path, write, record: dict) -> None:
+    """Load the table file at `path`, `write(table, record)` into it, and save it."""
+    from ..energy.model import CalibrationTable
+
+    table = CalibrationTable.load(path)
+    write(table, record)
+    table.save(path)

@@ -134,6 +134,8 @@ class Native:
         lib.hest_gemv_amx.restype = _I
         lib.hest_head_q8.argtypes = [_P] * 4 + [_I] * 4
         lib.hest_head_q8.restype = _I
+        lib.hest_rms_norm.argtypes = [_P, _P, _P, _I, _I, ctypes.c_float, _I]
+        lib.hest_rms_norm.restype = _I
         self.amx = bool(lib.hest_amx_init())  # AMX tiles for the fused layer's many-row products
         self.amx_enabled = self.amx  # whether they are used now (`set_amx`)
         if self.amx:
@@ -232,6 +234,26 @@ class Native:
             torch.get_num_threads(),
         )
         check(rc, "gemv_bf16")
+        return y
+
+    def rms_norm(self, x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+        """RMS norm of x (M, d) CPU bf16 by weight w (d,) bf16 -> (M, d) bf16 (kernels/
+        layer_ops.c: fp32 mean square, the normalised row rounded to bf16, then w's bf16
+        product, as the fused layer computes it). Raises NativeArgumentError for other
+        tensors."""
+        x = x.contiguous()
+        ok = x.dim() == 2 and x.dtype == torch.bfloat16 and x.device.type == "cpu"
+        need(ok, "rms_norm", "x must be 2-D CPU bf16")
+        d = x.shape[1]
+        ok = w.dtype == torch.bfloat16 and w.is_contiguous() and w.numel() == d
+        need(ok, "rms_norm", f"w must be contiguous bf16 of {d}")
+        y = torch.empty_like(x)
+        if x.shape[0] == 0:
+            return y
+        rc = self._lib.hest_rms_norm(
+            x.data_ptr(), w.data_ptr(), y.data_ptr(), x.shape[0], d, eps, torch.get_num_threads()
+        )
+        check(rc, "rms_norm")
         return y
 
     def head_q8(self, x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:

@@ -170,3 +170,37 @@ def test_amx_product_refuses_what_the_tiles_do_not_take():
         assert lib.hest_gemv_amx(wp, None, None, xp, None, yp, sp, 64 * 32, 4, 32, 64, 1) == -3
     finally:
         assert NAT.set_amx(True) is True
+
+
+@needs_native
+@pytest.mark.parametrize("m,d", [(1, 576), (3, 17), (172, 576), (600, 960), (5, 64)])
+def test_rms_norm_rows_match_pytorch(m, d):
+    """`Native.rms_norm` (prefill's row norms, `model.norm_rows`) against `ops.rms_norm`: the
+    same maths, the mean square summed in another order, so at most one bf16 step apart and
+    bit-equal almost everywhere; within one rounding of the fp32 reference."""
+    from hest_core.exec.model import norm_rows
+    from hest_core.exec.ops import rms_norm
+
+    g = torch.Generator().manual_seed(m * 7 + d)
+    x = (torch.randn(m, d, generator=g) * 3).bfloat16()
+    w = (torch.rand(d, generator=g) + 0.5).bfloat16()
+    got, ref = NAT.rms_norm(x, w, 1e-5), rms_norm(x, w, 1e-5)
+    assert got.dtype == torch.bfloat16 and got.shape == (m, d)
+    xf = x.float()
+    exact = w.float() * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5))
+    assert (got.float() - exact).abs().le(exact.abs() * 2**-7 + 1e-6).all()
+    assert (got == ref).float().mean() >= 0.999
+    assert torch.equal(norm_rows(x, w, 1e-5), got)  # the model's prefill norm takes it
+    # a batch whose rows need autograd keeps PyTorch's (the kernel has no backward)
+    xg = x.float().requires_grad_()
+    assert norm_rows(xg, w.float(), 1e-5).requires_grad
+
+
+@needs_native
+def test_rms_norm_refuses_what_it_cannot_take():
+    w = torch.ones(8, dtype=torch.bfloat16)
+    with pytest.raises(native.NativeArgumentError, match="rms_norm"):
+        NAT.rms_norm(torch.ones(2, 8), w, 1e-5)  # fp32
+    with pytest.raises(native.NativeArgumentError, match="rms_norm"):
+        NAT.rms_norm(torch.ones(2, 8, dtype=torch.bfloat16), w[:4], 1e-5)
+    assert NAT.rms_norm(torch.ones(0, 8, dtype=torch.bfloat16), w, 1e-5).shape == (0, 8)

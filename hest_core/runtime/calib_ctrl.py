@@ -94,6 +94,21 @@ def _decode(engine, meter: Meter, m: int) -> tuple[float, float, list[int]]:
     return rows[0] if isinstance(meter, EstimateMeter) else rows[len(rows) // 2]
 
 
+def _point(mj: float, mod: float, fj: float, fmod: float, fixed: str) -> dict:
+    """One measured point: the controller engine's measured and modelled joules (mj, mod), the
+    fixed engine's (fj, fmod), and x_j = k mj - mod, the controller's work in the table's
+    joules (k = fmod / fj: the table's scale against today's meter)."""
+    k = fmod / fj if fj > 0 else 1.0
+    return {
+        "measured_j": mj,
+        "modelled_j": mod,
+        "fixed_measured_j": fj,
+        "fixed_modelled_j": fmod,
+        "fixed": fixed,
+        "x_j": k * mj - mod,
+    }
+
+
 def _majority(counts: list[int]) -> int:
     return max(range(len(counts)), key=counts.__getitem__)
 
@@ -127,20 +142,10 @@ def measure_ctrl(
             ref = fixed[names[_majority(counts)]]
             fgot = [_prefill(ref, meter, text) for _ in range(2)]
             fj, fmod = _pick([g[0] for g in fgot], meter), fgot[-1][1]
-            k = fmod / fj if fj > 0 else 1.0
-            xs.append(k * mj - mod)
+            point = _point(mj, mod, fj, fmod, names[_majority(counts)])
+            pts["prefill"].append({"tokens": p, **point})
+            xs.append(point["x_j"])
             ns.append(p)
-            pts["prefill"].append(
-                {
-                    "tokens": p,
-                    "measured_j": mj,
-                    "modelled_j": mod,
-                    "fixed_measured_j": fj,
-                    "fixed_modelled_j": fmod,
-                    "fixed": names[_majority(counts)],
-                    "x_j": xs[-1],
-                }
-            )
     # per prompt token, the median over the points: one slow window moves a prefill by several
     # percent, which is the size of x itself (~12 ms on ~200 ms at 556 tokens)
     prefill_ctrl = max(0.0, statistics.median(x / n for x, n in zip(xs, ns, strict=True)))
@@ -150,19 +155,10 @@ def measure_ctrl(
             mj, mod, counts = _decode(controlled, meter, m)
             name = names[_majority(counts)]
             fj, fmod, _ = _decode(fixed[name], meter, m)
-            k = fmod / fj if fj > 0 else 1.0
+            point = _point(mj, mod, fj, fmod, name)
+            pts["decode"].setdefault(str(m), []).append(point)
             ms.append(m)
-            hs.append(k * mj - mod)
-            pts["decode"].setdefault(str(m), []).append(
-                {
-                    "measured_j": mj,
-                    "modelled_j": mod,
-                    "fixed_measured_j": fj,
-                    "fixed_modelled_j": fmod,
-                    "fixed": name,
-                    "x_j": hs[-1],
-                }
-            )
+            hs.append(point["x_j"])
     a, b = calib_host.fit_host(ms, hs)
     return {
         "method": f"calib_ctrl: {controlled.policy} against fixed-path engines on its majority "

@@ -8,8 +8,9 @@ Per layer product of the default model (fused q|k|v 960x576, o 576x576, fused ga
 next of enough copies to fill `--pool-mb`, as a decode step reads weights it has not touched
 since the last step) and warm (the same copy again, in cache); the q4/int8 ratio; GB/s of
 weight bytes; a plain streaming read of the same q4 bytes through the same kind of call; the q4
-bandwidth floor (its bytes / a streaming read of 2 GiB on the same threads). Then a whole decode
-step at M = 1: the 120 products of all 30 layers in sequence, cold. Kernels are called through
+bandwidth floor (its bytes / a streaming read of 2 GiB on the same threads). Where the CPU has AMX tiles, `q4amx` is the same Q4_1 product on them (`hest_gemv_q4_amx`,
+what the fused layer runs from AMX_MIN_ROWS_Q4 rows; "tiles/q4" its time over q4.c's). Then a
+whole decode step at M = 1: the 120 products of all 30 layers in sequence, cold. Kernels are called through
 ctypes on preallocated buffers; the cost of an empty call is reported beside them. Samples of
 all kernels are interleaved, so load from other jobs spreads over them alike; the load average
 is printed because it changes every figure.
@@ -39,6 +40,7 @@ PRODUCTS = {  # name -> projections fused into it (LayerWeights)
     "down": ("down_proj",),
 }
 KINDS = ("q4", "i8", "bf16")
+Q4_KINDS = ("q4", "q4amx", "read")  # kinds that read the packed Q4_1 weight
 
 
 def _cpu_model() -> str:
@@ -56,11 +58,17 @@ class Calls:
         self.y = torch.empty(m * 4096, dtype=torch.bfloat16)
         self.q4_scratch = torch.empty(k4.scratch_bytes(m, 1536), dtype=torch.uint8)
         self.i8_scratch = torch.empty(m * (1536 + 2), dtype=torch.int16)
+        self.amx_scratch = torch.empty(1536 * 32 + 64, dtype=torch.uint8)
+        self.amx_base = self.amx_scratch.data_ptr() + (-self.amx_scratch.data_ptr() % 64)
 
     def q4(self, w: q4.Q4Weight, x: torch.Tensor) -> None:
         s = self.q4_scratch
         self.k4.raw(w.data.data_ptr(), x.data_ptr(), None, self.y.data_ptr(), s.data_ptr(),
                     s.numel(), self.m, w.n, w.k, self.threads)  # fmt: skip
+
+    def q4amx(self, w: q4.Q4Weight, x: torch.Tensor) -> None:
+        self.lib.hest_gemv_q4_amx(w.data.data_ptr(), x.data_ptr(), None, self.y.data_ptr(),
+                                  self.amx_base, 1536 * 32, self.m, w.n, w.k, self.threads)  # fmt: skip
 
     def i8(self, w: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor) -> None:
         q, scale = w
@@ -127,7 +135,7 @@ def _weights(blocks: Q4Blocks) -> dict:
 
 
 def _nbytes(kind: str, w) -> int:
-    if kind in ("q4", "read"):
+    if kind in Q4_KINDS:
         return w.nbytes
     if kind == "i8":
         return w[0].numel() + w[1].numel() * 4
@@ -135,7 +143,7 @@ def _nbytes(kind: str, w) -> int:
 
 
 def _clone(kind: str, w):
-    if kind in ("q4", "read"):
+    if kind in Q4_KINDS:
         return q4.Q4Weight(w.data.clone(), w.n, w.k)
     if kind == "i8":
         return (w[0].clone(), w[1].clone())
@@ -159,7 +167,7 @@ def products(r: dict, layers, calls: dict, kinds, rows: list[int], args) -> list
     pool_bytes = args.pool_mb * 2**20
     for name, blocks in _layer_blocks(layers, 0).items():
         w = _weights(blocks)
-        w["read"] = w["q4"]
+        w["read"] = w["q4amx"] = w["q4"]
         n, k = blocks.shape
         pools = {
             kind: Pool(
@@ -244,6 +252,8 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"[bench_q4] the int4 kernel is {why}")
     nat = native.get()
     kinds = KINDS if nat is not None else ("q4",)
+    if nat is not None and nat.amx:
+        kinds = (*kinds, "q4amx")
     rows = [int(m) for m in args.rows.split(",")]
     r: dict = {
         "cpu": _cpu_model(),
@@ -266,6 +276,7 @@ def main(argv: list[str] | None = None) -> None:
     bw = _bandwidth(k4, args.threads)
     r["bandwidth_gb_s"] = bw / 1e9
     tiny = _weights(quantize_q4_1(torch.randn(4, 32)))
+    tiny["q4amx"] = q4.pack(quantize_q4_1(torch.randn(16, 32)))  # the tiles take N >= 16
     x1 = torch.randn(1, 32).bfloat16()
     r["empty_call_us"] = {
         kind: _interleaved({kind: lambda kind=kind: _timed(lambda: getattr(calls[1], kind)(tiny[kind], x1), 2000)}, 5)[kind] * 1e6
@@ -273,7 +284,7 @@ def main(argv: list[str] | None = None) -> None:
     }  # fmt: skip
     print(f"[bench_q4] streaming read {bw / 1e9:.1f} GB/s; empty calls {r['empty_call_us']}")
     r["products"] = products(r, layers, calls, kinds, rows, args)
-    r["decode_step"] = decode_step(layers, calls[1], kinds, args, bw)
+    r["decode_step"] = decode_step(layers, calls[1], [k for k in kinds if k != "q4amx"], args, bw)
     r["loadavg_end"] = os.getloadavg()
     report(r, kinds)
     if args.json:
@@ -293,16 +304,18 @@ def report(r: dict, kinds: tuple[str, ...]) -> None:
     )
     cols = [f"{k} {c}" for k in kinds for c in ("cold", "warm")] + ["read cold"]
     print(f"{'product':>14s} {'M':>2s} " + " ".join(f"{c:>9s}" for c in cols)
-          + f" {'q4/i8 cold':>10s} {'q4/i8 warm':>10s} {'q4 GB/s':>7s} {'q4/floor':>8s}")  # fmt: skip
+          + f" {'q4/i8 cold':>10s} {'q4/i8 warm':>10s} {'q4 GB/s':>7s} {'q4/floor':>8s}"
+          + (f" {'tiles/q4 cold':>10s}" if "q4amx" in kinds else ""))  # fmt: skip
     for x in r["products"]:
         line = f"{x['product']:>5s} {x['n']:>4d}x{x['k']:<4d} {x['m']:2d} "
         line += " ".join(f"{x[c.replace(' ', '_') + '_us']:9.1f}" for c in cols)
         if "i8" in kinds:
             line += f" {x['q4_cold_us'] / x['i8_cold_us']:10.2f} {x['q4_warm_us'] / x['i8_warm_us']:10.2f}"
         floor = x["q4_bytes"] / bw * 1e6
-        print(
-            line + f" {x['q4_bytes'] / x['q4_cold_us'] / 1e3:7.1f} {x['q4_cold_us'] / floor:8.2f}"
-        )
+        line += f" {x['q4_bytes'] / x['q4_cold_us'] / 1e3:7.1f} {x['q4_cold_us'] / floor:8.2f}"
+        if "q4amx" in kinds:
+            line += f" {x['q4amx_cold_us'] / x['q4_cold_us']:10.2f}"
+        print(line)
     print("\nwhole decode step, M=1, 120 products (30 layers x qkv, o, gu, down), cold:")
     for k, s in r["decode_step"].items():
         print(f"  {k:5s} {s['ms']:7.2f} ms  {s['bytes'] / 1e6:6.1f} MB  {s['gb_s']:5.1f} GB/s  "

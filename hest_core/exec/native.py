@@ -132,6 +132,8 @@ class Native:
         lib.hest_amx_enable.restype = _I
         lib.hest_gemv_amx.argtypes = [_P] * 7 + [ctypes.c_size_t] + [_I] * 4
         lib.hest_gemv_amx.restype = _I
+        lib.hest_gemv_q4_amx.argtypes = [_P] * 5 + [ctypes.c_size_t] + [_I] * 4
+        lib.hest_gemv_q4_amx.restype = _I
         lib.hest_head_q8.argtypes = [_P] * 4 + [_I] * 4
         lib.hest_head_q8.restype = _I
         lib.hest_rms_norm.argtypes = [_P, _P, _P, _I, _I, ctypes.c_float, _I]
@@ -210,6 +212,34 @@ class Native:
             torch.get_num_threads(),
         )
         check(rc, "gemv_amx")
+        return y
+
+    def gemv_q4_amx(self, x: torch.Tensor, w, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """The Q4_1 tile product alone (kernels/amx.c, `hest_gemv_q4_amx`): x (M, K) bf16, M
+        1..16, against w, a `q4.Q4Weight` (N, K) -> (M, N) bf16, each weight dequantised to
+        bf16(d q + mn) and the products summed in fp32. Raises NativeArgumentError where the
+        tiles do not take it (AMX off or disabled, N < 16, K not a multiple of 32)."""
+        x = x.contiguous()
+        m, k = x.shape
+        n = w.n
+        need(x.dtype == torch.bfloat16 and w.k == k, "gemv_q4_amx", f"x must be (M, {w.k}) bf16")
+        need(_bias_ok(bias, n), "gemv_q4_amx", f"bias must be contiguous bf16 of {n}")
+        y = torch.empty(m, n, dtype=torch.bfloat16)
+        scratch = torch.empty(k * 32 + 64, dtype=torch.uint8)
+        base = scratch.data_ptr() + (-scratch.data_ptr() % 64)
+        rc = self._lib.hest_gemv_q4_amx(
+            w.data.data_ptr(),
+            x.data_ptr(),
+            None if bias is None else bias.data_ptr(),
+            y.data_ptr(),
+            base,
+            k * 32,
+            m,
+            n,
+            k,
+            torch.get_num_threads(),
+        )
+        check(rc, "gemv_q4_amx")
         return y
 
     def gemv16(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -296,6 +296,31 @@ def test_fused_layer_runs_int4_like_the_pytorch_loop(int4, lean4_fused, rows, ra
         assert_agree(a, b, (rows, rank))
 
 
+@pytest.mark.skipif(
+    native.get() is None or not native.get().amx, reason="no AMX tiles here (or no native kernels)"
+)
+@pytest.mark.parametrize("rank", [0, 16])
+def test_fused_int4_on_the_tiles_at_many_rows(int4, lean4_fused, rank):
+    """From AMX_MIN_ROWS_Q4 rows the fused layer's Q4_1 products run on the AMX tiles
+    (`hest_gemv_q4_amx`: weights dequantised to bf16 once per step): at 16 rows on int4 the
+    logits agree with the PyTorch loop with the tiles and without them (q4.c's vpdpwssd loop),
+    and the two differ (other roundings), so the tiles did run."""
+    nat = native.get()
+    lean = lean4_fused[rank]
+    prompts = prompts_for(16)
+    dec = const_decider(int4.index)
+    loop = decode(lean, prompts, 2, dec, fused=False)
+    tiles = decode(lean, prompts, 2, dec, fused=True)
+    assert nat.set_amx(False) is False
+    try:
+        plain = decode(lean, prompts, 2, dec, fused=True)
+    finally:
+        assert nat.set_amx(True) is True
+    assert_agree(tiles, loop, ("tiles", rank))
+    assert_agree(plain, loop, ("vpdpwssd", rank))
+    assert not torch.equal(tiles, plain)
+
+
 @pytest.mark.skipif(native.get() is None, reason=f"native kernels {native.status()}")
 def test_fused_low_rank_term_is_not_ignored(int4, lean4_fused):
     """The same step with and without the term differs (so the tolerance above is not what hides

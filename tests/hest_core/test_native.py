@@ -13,6 +13,7 @@ import torch
 from hest_core.exec import native
 from hest_core.exec.kvcache import SeqSlot
 from hest_core.exec.loading import TINY, build_lean, load_hf_model
+from hest_core.exec.native import NativeArgumentError
 from hest_core.exec.quant import Int8Linear
 from hest_core.exec.routing import const_decider
 from hest_core.paths import FP16, INT8
@@ -168,6 +169,64 @@ def test_amx_product_refuses_what_the_tiles_do_not_take():
     assert NAT.set_amx(False) is False
     try:
         assert lib.hest_gemv_amx(wp, None, None, xp, None, yp, sp, 64 * 32, 4, 32, 64, 1) == -3
+    finally:
+        assert NAT.set_amx(True) is True
+
+
+@needs_amx
+@pytest.mark.parametrize(
+    "m,n,k", [(16, 960, 576), (9, 36, 224), (8, 33, 1536), (16, 20, 32), (1, 16, 96), (12, 48, 480)]
+)
+def test_amx_q4_product_matches_its_dequantised_weights(m, n, k):
+    """The Q4_1 tile product (`hest_gemv_q4_amx`, the fused layer's int4 products from
+    AMX_MIN_ROWS_Q4 rows): each weight dequantised once to bf16(d q + mn), the products summed in
+    fp32. N not a multiple of 16 (the last block overlaps) nor of 4 (q4.c's zero rows are not
+    written), K with every tail superblock (16, 8, 4, 2, 1 blocks), a bias."""
+    from hest_core.exec.q4 import Q4Weight
+
+    g = torch.Generator().manual_seed(m * 1000 + n + k)
+    qw = Q4Weight.from_weight(torch.randn(n, k, generator=g) / k**0.5)
+    x = torch.randn(m, k, generator=g).bfloat16()
+    b = torch.randn(n, generator=g).bfloat16()
+    y = torch.full((m + 1, n), 7.0, dtype=torch.bfloat16)  # a row past the output stays as it was
+    y[:m] = NAT.gemv_q4_amx(x, qw, b)
+    assert torch.equal(y[m], torch.full((n,), 7.0, dtype=torch.bfloat16))
+    deq = qw.dequantized()  # fp32, exactly d q + mn
+    ref16 = x.float() @ deq.bfloat16().float().t() + b.float()  # the weights as the tiles take them
+    assert ((y[:m].float() - ref16).abs() <= _bf16_bound(ref16)).all()
+    ref = x.float() @ deq.t() + b.float()  # and within a weight's bf16 step of the exact product
+    assert (
+        (y[:m].float() - ref).abs() <= _bf16_bound(ref) + (x.float().abs() @ deq.abs().t()) * 2**-8
+    ).all()
+
+
+@needs_amx
+def test_amx_q4_product_refuses_what_the_tiles_do_not_take():
+    from hest_core.exec.q4 import Q4Weight
+
+    lib = NAT._lib
+    qw = Q4Weight.from_weight(torch.randn(32, 64))
+    x, y = torch.zeros(4, 64, dtype=torch.bfloat16), torch.full((4, 32), 7.0, dtype=torch.bfloat16)
+    s = torch.zeros(64 * 32 + 64, dtype=torch.uint8)
+    sp = s.data_ptr() + (-s.data_ptr() % 64)
+    wp, xp, yp = qw.data.data_ptr(), x.data_ptr(), y.data_ptr()
+    assert lib.hest_gemv_q4_amx(wp, xp, None, yp, sp, 64 * 32, 4, 32, 64, 1) == 0
+    y.fill_(7.0)
+    assert lib.hest_gemv_q4_amx(None, xp, None, yp, sp, 64 * 32, 4, 32, 64, 1) == -1
+    assert lib.hest_gemv_q4_amx(wp, xp, None, yp, None, 64 * 32, 4, 32, 64, 1) == -1
+    assert lib.hest_gemv_q4_amx(wp, xp, None, yp, sp, 64 * 32, 17, 32, 64, 1) == -2
+    assert lib.hest_gemv_q4_amx(wp, xp, None, yp, sp, 64 * 32, 0, 32, 64, 1) == -2
+    assert lib.hest_gemv_q4_amx(wp, xp, None, yp, sp, 64 * 32, 4, 15, 64, 1) == -3
+    assert lib.hest_gemv_q4_amx(wp, xp, None, yp, sp, 64 * 32, 4, 32, 48, 1) == -3
+    assert lib.hest_gemv_q4_amx(wp, xp, None, yp, sp, 100, 4, 32, 64, 1) == -6
+    assert lib.hest_gemv_q4_amx(wp, xp, None, yp, sp + 1, 64 * 32, 4, 32, 64, 1) == -6
+    assert lib.hest_gemv_q4_amx(wp, xp, None, yp, sp, 64 * 32, 4, 32, 64, 0) == -7
+    assert torch.equal(y, torch.full((4, 32), 7.0, dtype=torch.bfloat16))  # nothing written
+    with pytest.raises(NativeArgumentError):
+        NAT.gemv_q4_amx(torch.zeros(4, 32, dtype=torch.bfloat16), qw)  # K does not match
+    assert NAT.set_amx(False) is False
+    try:
+        assert lib.hest_gemv_q4_amx(wp, xp, None, yp, sp, 64 * 32, 4, 32, 64, 1) == -3
     finally:
         assert NAT.set_amx(True) is True
 

@@ -29,13 +29,19 @@ enum { KIND_BF16, KIND_I8, KIND_Q4, KIND_NONE }; /* weight kinds; NONE: no MLP *
 static const int PROJ_KIND[N_PATH_CODES] = {KIND_BF16, KIND_I8, KIND_I8, KIND_Q4};
 static const int MLP_KIND[N_PATH_CODES] = {KIND_BF16, KIND_I8, KIND_NONE, KIND_Q4};
 enum { P_QKV, P_O, P_GU, P_DOWN }; /* the four (fused) products of a layer */
-/* Rows from which the bf16 and int8 products take the AMX tiles (amx.c), where the CPU has them
+/* Rows from which the bf16, int8 and Q4_1 products take the AMX tiles (amx.c), where the CPU has them
  * (measured: docs/runtime.md, "The fused decode layer"). */
 #ifndef AMX_MIN_ROWS_BF16
 #define AMX_MIN_ROWS_BF16 5
 #endif
 #ifndef AMX_MIN_ROWS_I8
 #define AMX_MIN_ROWS_I8 9
+#endif
+/* int4 (Q4_1) from 9 rows: weights cold, one layer's four products, tiles against q4.c's loop
+ * (`python -m hest_core.bench.q4 --rows 1,4,8,9,16`, session 18): 1.20x at 8 rows, 0.94x at 9,
+ * 0.67x at 16 (docs/runtime.md, "int4 on the AMX tiles"). */
+#ifndef AMX_MIN_ROWS_Q4
+#define AMX_MIN_ROWS_Q4 9
 #endif
 
 typedef struct {
@@ -154,6 +160,9 @@ static void proj_rows(int kind, const wref_t *w, const uint16_t *bias, const uin
 #pragma omp single
         quant_rows_i16(src, nr, K, ps->xq, ps->xs);
         gemv_i8_for((const int8_t *)w->w, w->s, ps->xq, ps->xs, bias, dst, nr, N, K);
+    } else if (kind == KIND_Q4 && amx_fits(nr, N, K, AMX_MIN_ROWS_Q4)) {
+        amx_q4_product((const uint8_t *)w->w, src, ps->xb, bias, dst, nr, N, K);
+        if (w->a) low_rank_add(w, src, dst, nr, N, K, ps);
     } else if (kind == KIND_Q4) {
         q4_gemv_region((const uint8_t *)w->w, src, bias, dst, ps->q4, nr, N, K);
         if (w->a) low_rank_add(w, src, dst, nr, N, K, ps);

@@ -88,3 +88,72 @@ class NativeController:
         if rc:
             native.check(rc, "ctl_logits")
         return self.out[:]
+
+
+class NativeRows:
+    """The paths of a decode step's rows, one row per request, from the budget-adaptive
+    controller's logits in C (`hest_ctl_rows`): one call per layer for all rows (the PyTorch
+    form, `AdaptiveController.for_rows`, ran ~6 operators and an argmax per layer). Row m's
+    logits come from the same C code as `NativeController`'s for that request alone, on its
+    per-request terms (`AdaptiveController.parts`) worked out for all rows at once: equal to
+    those alone within float rounding (PyTorch's vectorised sigmoid can round the last bit
+    differently at another position of a longer tensor), as the PyTorch form was. Built per
+    decode step (betas change every step); `of` says where it applies (None: stay in PyTorch)."""
+
+    def __init__(self, ctl, betas: list[float], sub_rows: list[list[int]] | None):
+        w = NativeController._weights.get(ctl)
+        if w is None:
+            with torch.no_grad():
+                w = tuple(t.detach().float().contiguous() for t in (ctl.hest_w_tok, ctl.hest_a))
+            NativeController._weights[ctl] = w
+        self._keep = w
+        self.k, self.d, self.P, self.n = ctl.k, ctl.hidden, ctl.hest_a.shape[0], len(betas)
+        lay, bias = ctl.parts(betas, 1)  # (L, n, k), (L, n, P): decode
+        self.lay, self.bias = lay.contiguous(), bias.contiguous()
+        self.sub = None if sub_rows is None else torch.tensor(sub_rows, dtype=torch.long)
+        self.out = torch.empty(self.n, self.P, dtype=torch.float32)  # the last layer's logits
+        nat = native.get()
+        assert nat is not None
+        self._call = nat.ctl_rows
+
+    @classmethod
+    def of(cls, ctl, betas: list[float], sub_rows) -> NativeRows | None:
+        """A NativeRows for the `AdaptiveController` where the native kernels run and the
+        shapes fit them (rows up to `native.LIMIT_ROWS`); else None."""
+        if type(ctl) is not AdaptiveController or native.get() is None:
+            return None
+        if getattr(native._off, "v", False) or ctl.hest_a.shape[0] > 16:
+            return None
+        if ctl.k > 256 or ctl.hidden > 4096 or ctl.hest_w_tok.device.type != "cpu":
+            return None
+        if not 1 <= len(betas) <= native.LIMIT_ROWS:
+            return None
+        return cls(ctl, betas, sub_rows)
+
+    def paths(self, li: int, h: torch.Tensor) -> torch.Tensor:
+        """(n,) int64 path codes of the step's n rows at layer li (the first largest logit, then
+        the table's substitution); h (n, d) bf16 on CPU. Raises NativeArgumentError for
+        another h or layer."""
+        if not h.is_contiguous():
+            h = h.contiguous()
+        ok = h.dtype == torch.bfloat16 and tuple(h.shape) == (self.n, self.d)
+        if not (ok and 0 <= li < self.lay.shape[0]):
+            native.need(False, "ctl_rows", f"h must be ({self.n}, {self.d}) bf16, layer {li} known")
+        paths = torch.empty(self.n, dtype=torch.long)
+        rc = self._call(
+            self._keep[0].data_ptr(),
+            self.lay[li].data_ptr(),
+            self._keep[1].data_ptr(),
+            self.bias[li].data_ptr(),
+            None if self.sub is None else self.sub[li].data_ptr(),
+            self.k,
+            self.d,
+            self.P,
+            self.n,
+            h.data_ptr(),
+            self.out.data_ptr(),
+            paths.data_ptr(),
+        )
+        if rc:
+            native.check(rc, "ctl_rows")
+        return paths

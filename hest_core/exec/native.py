@@ -127,6 +127,8 @@ class Native:
         lib.hest_decode_scratch_bytes.restype = ctypes.c_size_t
         lib.hest_ctl_logits.argtypes = [_P, _P, _P, _P, _I, _I, _I, _P, _P]
         lib.hest_ctl_logits.restype = _I
+        lib.hest_ctl_rows.argtypes = [_P] * 5 + [_I] * 4 + [_P] * 3
+        lib.hest_ctl_rows.restype = _I
         lib.hest_amx_init.restype = _I
         lib.hest_amx_enable.argtypes = [_I]
         lib.hest_amx_enable.restype = _I
@@ -144,6 +146,8 @@ class Native:
             note += ", amx"
         self._lib, self.path, self.note = lib, path, note
         self.ctl_logits = lib.hest_ctl_logits  # (w_tok, lay, A, a0, k, d, P, h, out)
+        # (w_tok, lay (M, k), A, a0 (M, P), sub (P) or None, k, d, P, M, h (M, d), out, paths)
+        self.ctl_rows = lib.hest_ctl_rows
         # (layer*, step*, paths, x, h, ln_next, kc, vc) -> 0 or an error code: see check()
         self.decode_layer = lib.hest_decode_layer
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import paths as reg
-from ..adapter.native_controller import NativeController
+from ..adapter.native_controller import NativeController, NativeRows
 from ..errors import HestError, RequestFailedError
 from .decoding import RowDecoding, TextDelta, TokenLogprob, choose, cut_at_stop
 from .endings import EndingPlan
@@ -186,6 +186,8 @@ class BatchRunner:
             return self._fixed_decider(groups, fixed, n_rows, share)
         betas = [_beta(e.controller, st) for _, _, st in groups]
         in_c = self._native_decider(groups, betas, phase, sub_rows)
+        if in_c is None:
+            in_c = self._native_rows_decider(groups, betas, phase, sub_rows, share)
         if in_c is not None:
             return in_c
         return self._controller_decider(groups, betas, phase, sub_t, share)
@@ -233,6 +235,24 @@ class BatchRunner:
             return _one_row(st, li, p, _row_on(p), None)
 
         return decide_native
+
+    def _native_rows_decider(self, groups, betas: list[float], phase: str, sub_rows, share: bool):
+        """A decode step of several requests, one row each, with a controller whose logits have
+        a multi-row native form (`NativeRows`): every row's path from one C call per layer, then
+        each request's guard as `_rows_each` (None where that does not apply)."""
+        e = self.e
+        if phase != "decode" or len(groups) < 2 or not h_native_ok(e.lean):
+            return None
+        if not all(g[1] == 1 for g in groups):
+            return None
+        rows = NativeRows.of(e.controller, betas, sub_rows)
+        if rows is None:
+            return None
+
+        def decide_rows(li: int, h: torch.Tensor):
+            return _rows_each(groups, li, rows.paths(li, h), share)
+
+        return decide_rows
 
     def _controller_decider(self, groups, betas: list[float], phase: str, sub_t, share: bool):
         """The controller's paths for every row, each request's guard fitting its own rows."""

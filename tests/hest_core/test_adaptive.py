@@ -12,9 +12,11 @@ from hypothesis import strategies as st
 
 from hest_core import Engine, GenerationRequest
 from hest_core.adapter.artifact import HestAdapter
-from hest_core.adapter.controller import AdaptiveController
+from hest_core.adapter.controller import AdaptiveController, Controller
+from hest_core.adapter.native_controller import NativeController, NativeRows
 from hest_core.adapter.spectral import spectrum_sizes
-from hest_core.errors import BudgetTooLowError, HestError
+from hest_core.errors import BudgetTooLowError, HestError, NativeArgumentError
+from hest_core.exec import native
 from hest_core.exec.loading import fingerprint, load_hf_model, spec_of
 from hest_core.runtime.guard import BudgetGuard
 
@@ -351,3 +353,86 @@ def test_plan_ratio_makes_spending_flat_above_it(priced_engine: Engine):
         e.plan_ratio = 0.3
     assert free.stats.paths["fp16"] > b.stats.paths["fp16"]
     assert free.stats.modelled_j > b.stats.modelled_j
+
+
+# ---- a decode step's rows in C (NativeRows, `hest_ctl_rows`) ------------------------------------
+needs_native = pytest.mark.skipif(native.get() is None, reason=f"native kernels {native.status()}")
+
+
+@needs_native
+@pytest.mark.parametrize("n", [2, 7, 16])
+def test_native_rows_are_each_row_alone(n):
+    """A decode step of n requests, one row each, each with its own beta: the C logits of every
+    row are what `NativeController` gives that request alone and what the PyTorch forward gives,
+    within float rounding; each row's path is the first largest logit, then the layer's
+    substitution."""
+    ctl = _random_adaptive(96, 5, seed=n)
+    ctl.set_costs(torch.rand(5, 3) + 0.1, torch.rand(5, 3) + 0.1)
+    g = torch.Generator().manual_seed(n)
+    betas = (torch.rand(n, generator=g) * 4 - 3).tolist()
+    sub = [[0, 1, 2], [0, 0, 2], [0, 1, 0], [0, 1, 2], [2, 2, 2]]  # per layer: path -> path run
+    rows = NativeRows.of(ctl, betas, sub)
+    plain = NativeRows.of(ctl, betas, None)
+    assert rows is not None and plain is not None
+    for li in range(5):
+        h = torch.randn(n, 96, generator=g).bfloat16()
+        paths = rows.paths(li, h).tolist()
+        first = plain.paths(li, h).tolist()
+        got = rows.out.clone()
+        for m, beta in enumerate(betas):
+            alone = NativeController.of(ctl, beta)
+            assert alone is not None
+            one = torch.tensor(alone.logits(li, h[m : m + 1]))
+            assert torch.allclose(one, got[m], atol=1e-5, rtol=1e-5), (li, m)
+            ref = ctl(h[m : m + 1], li, torch.tensor([beta]), torch.ones(1))[0]
+            assert torch.allclose(got[m], ref, atol=1e-4, rtol=1e-4), (li, m)
+            best = max(range(3), key=got[m].__getitem__)  # the first largest
+            assert first[m] == best and paths[m] == sub[li][best]
+
+
+@needs_native
+def test_native_rows_refuse_what_they_cannot_take():
+    ctl = _random_adaptive(96, 5, seed=0)
+    rows = NativeRows.of(ctl, [0.0, -1.0], None)
+    assert rows is not None
+    with pytest.raises(NativeArgumentError):
+        rows.paths(0, torch.zeros(3, 96, dtype=torch.bfloat16))  # three rows for two requests
+    with pytest.raises(NativeArgumentError):
+        rows.paths(5, torch.zeros(2, 96, dtype=torch.bfloat16))  # no layer 5
+    with pytest.raises(NativeArgumentError):
+        rows.paths(0, torch.zeros(2, 96))  # fp32
+    assert NativeRows.of(ctl, [0.0] * (native.LIMIT_ROWS + 1), None) is None
+    assert NativeRows.of(Controller(96, 5, k=16), [0.0, 0.0], None) is None  # PyTorch's
+    with native.disabled():
+        assert NativeRows.of(ctl, [0.0, 0.0], None) is None
+
+
+@needs_native
+def test_batched_decode_with_native_rows_writes_what_pytorch_does(
+    adaptive_engine: Engine, monkeypatch
+):
+    """Requests decoded together (one row each per step) with the rows' paths from C: the same
+    text, paths and joules as with the PyTorch controller (NativeRows switched off), and C ran."""
+    e = adaptive_engine
+    reqs = [
+        GenerationRequest(ARTICLE[: 80 + 40 * i], energy_budget_ratio=r, max_new_tokens=10)
+        for i, r in enumerate((0.3, 0.6, 1.0, 2.0))
+    ]
+    calls = []
+    real = NativeRows.paths
+
+    def counted(self, li, h):
+        calls.append(h.shape[0])
+        return real(self, li, h)
+
+    monkeypatch.setattr(NativeRows, "paths", counted)
+    with_c = e.generate(reqs)
+    assert calls and max(calls) == len(reqs)
+    monkeypatch.setattr(NativeRows, "of", classmethod(lambda cls, *a: None))
+    calls.clear()
+    without = e.generate(reqs)
+    assert not calls
+    for a, b in zip(with_c, without, strict=True):
+        assert (a.text, a.finish_reason) == (b.text, b.finish_reason)
+        assert a.stats.paths == b.stats.paths
+        assert a.stats.modelled_j == pytest.approx(b.stats.modelled_j, rel=1e-12)

@@ -1,18 +1,21 @@
-"""The serving loop's work per decode step (`decode.host`, `decode.host_step`) and the
-controller's work (`prefill.ctrl`, `decode.ctrl`, `decode.ctrl_step`), measured into an existing
-calibration table (`hest_core/runtime/calib_host.py` and `calib_ctrl.py` say how). Both need an
+"""The serving loop's work per decode step (`decode.host`, `decode.host_step`), the
+controller's work (`prefill.ctrl`, `decode.ctrl`, `decode.ctrl_step`) and how a prompt token's
+cost falls in a prefill round of several requests (`prefill.round_tokens`, `round_cap`),
+measured into an existing calibration table (`hest_core/runtime/calib_host.py`, `calib_ctrl.py`
+and `hest_core/energy/calib_round.py` say how). Both need an
 engine on the table, which the energy layer's `python -m hest_core.energy.calibrate` cannot
 load: run this after it, on the table it wrote (a table without them charges none of either).
 
-    python tools/host_fit.py --table PATH [--what host,controller] [--repeats 3] [--threads 2]
+    python tools/host_fit.py --table PATH [--what host,controller,round] [--repeats 3] [--threads 2]
         [--dry-run]
 
 The table's path set comes from `HEST_PATHS` where set, else from the table's width (four costs a
 layer: fp16, int8, int4, skip; three: the built-in paths). The serving loop is measured on the
 fixed fp16 policy without an adapter (its work does not depend on the path); the controller's
-work with the default adapter against fixed-path engines on the paths it mostly ran. Prints each
-fit and its points; writes them into the table, with kernels["decode_host"] and
-kernels["controller"] (not with --dry-run). Run it on a quiet machine: it times things.
+work with the default adapter against fixed-path engines on the paths it mostly ran; prefill
+rounds on the default model's fp16 path. Prints each fit and its points; writes them into the
+table, with kernels["decode_host"], kernels["controller"] and kernels["prefill_round"] (not with
+--dry-run). `--what` defaults to host,controller; round is asked for by name. Run it on a quiet machine: it times things.
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ def main() -> None:
         "--what",
         default="host,controller",
         help="comma list: host (the serving loop), controller (the controller's work, with the "
-        "default adapter)",
+        "default adapter), round (prefill rounds of several requests)",
     )
     ap.add_argument(
         "--repeats",
@@ -65,14 +68,16 @@ def main() -> None:
         ap.error(f"--repeats {args.repeats}: give at least 1")
     path = Path(args.table)
     what = {w.strip() for w in args.what.split(",") if w.strip()}
-    if not what or what - {"host", "controller"}:
-        ap.error(f"--what takes host and/or controller, not {args.what!r}")
+    if not what or what - {"host", "controller", "round"}:
+        ap.error(f"--what takes host, controller and/or round, not {args.what!r}")
     reg.enable(_paths_of(path))
     watts = RuntimeConfig.from_env().nominal_watts
     if "host" in what:
         _host(path, watts, args)
     if "controller" in what:
         _controller(path, watts, args)
+    if "round" in what:
+        _round(path, watts, args)
     if not args.dry_run:
         print(f"wrote {path}")
 
@@ -99,6 +104,34 @@ def _controller(path: Path, watts: float, args) -> None:
     for m, pts in rec["points"]["decode"].items():
         xs = ", ".join(f"{p['x_j'] * 1e3:.2f}" for p in pts)
         print(f"  {m:>2} rows: mJ per step beyond the model: {xs} (against {pts[0]['fixed']})")
+
+
+def _round(path: Path, watts: float, args) -> None:
+    import torch
+
+    from hest_core.energy import calib_round
+    from hest_core.energy.calibrate import apply_kernel_choices
+    from hest_core.energy.model import CalibrationTable
+    from hest_core.exec.loading import build_lean, load_hf_model
+
+    torch.set_num_threads(args.threads)
+    table = CalibrationTable.load(path)
+    lean = build_lean(
+        load_hf_model("default", progress=False), torch.bfloat16, torch.device("cpu"), 4096
+    )
+    apply_kernel_choices(lean, table)
+    rec = calib_round.measure_round(lean, EstimateMeter(watts), repeats=args.repeats)
+    ms = ", ".join(
+        f"{k} x {rec['tokens_per_request']}: {v:.3f}" for k, v in rec["ms_per_token"].items()
+    )
+    print(
+        f"prefill rounds: round_tokens {rec['round_tokens']:.1f} (a {rec['a_j']:.3f} J, "
+        f"b {rec['b_j_per_token'] * 1e3:.2f} mJ per token), cap {rec['round_cap']} tokens; "
+        f"ms per token: {ms}"
+    )
+    if not args.dry_run:
+        calib_round.write_round(table, rec)
+        table.save(path)
 
 
 def _host(path: Path, watts: float, args) -> None:

@@ -32,6 +32,15 @@ m rows' unit costs do not carry; 0 from SPLIT_ROWS rows on). Batch mates on the 
 the same round share that pass (`split_rebate_q`). A single-path prompt, every fixed policy's,
 pays nothing more: their costs are what they were without it.
 
+Prefill rounds of several requests (optional, `calib_round.py`): a prompt token costs less in a
+round of more tokens (the weights read once per round, each operator dispatched once per layer,
+more rows per GEMM tile); fitted as b (1 + c / T) over rounds of T tokens up to round_cap.
+  round_tokens       c, tokens (0: not measured, every round alike)
+  round_cap          the largest round measured, tokens (T is capped there)
+A request is charged as alone; after a round in which it ran t of the round's T tokens it gets
+back 1 - (1 + c/T) / (1 + c/t) of its units' and per-token fixed work's charge for that round
+(`round_rebate_q`): nothing alone, never more than was charged.
+
 The serving loop (optional, `runtime/calib_host.py`): a served decode step also chooses each row's
 token, runs the guard and streams text, outside the forward the other costs are measured on.
   host               J per row per decode step, charged with token_fixed
@@ -90,6 +99,11 @@ class PhaseCosts:
     # decode step shared by its rows; charged only where a controller chooses the paths
     ctrl: float = 0.0
     ctrl_step: float = 0.0
+    # prefill rounds of several requests (energy/calib_round.py): a token of a round of T tokens
+    # costs b (1 + round_tokens / T), T capped at round_cap (the largest round measured); 0: not
+    # measured, a token costs the same in any round; prefill only
+    round_tokens: float = 0.0
+    round_cap: int = 0
 
     def check(self, n_layers: int, phase: str) -> None:
         """Raises CalibrationError unless unit (and shared, where given) is (n_layers, P) of
@@ -105,6 +119,7 @@ class PhaseCosts:
             )
         vals = [v for r in self.unit for v in r] + [self.token_fixed, self.attn_ctx, self.head]
         vals += [self.head_shared, self.host, self.host_step, self.ctrl, self.ctrl_step]
+        vals += [self.round_tokens, self.round_cap]
         if any(not math.isfinite(v) or v < 0 for v in vals):
             raise CalibrationError(f"calibration {phase} has negative or non-finite costs")
         if phase == "prefill" and (self.shared is not None or self.head_shared):
@@ -116,6 +131,12 @@ class PhaseCosts:
             raise CalibrationError(
                 "calibration prefill has host costs: they are the serving loop's work per "
                 "decode step (hest_core/runtime/calib_host.py); recalibrate"
+            )
+        if phase == "decode" and (self.round_tokens or self.round_cap):
+            raise CalibrationError(
+                "calibration decode has round_tokens: a prefill round's tokens share its fixed "
+                "work (hest_core/energy/calib_round.py), a decode step has shared terms of its "
+                "own; recalibrate"
             )
         if phase == "prefill" and self.ctrl_step:
             raise CalibrationError(
@@ -310,6 +331,14 @@ class EnergyModel:
         self.head_shared_q = min(math.floor(dec.head_shared * PJ), math.floor(dec.head * PJ))
         self.shares = dec.shared is not None or self.head_shared_q > 0
 
+        # prefill rounds of several requests: a token costs less in a larger round
+        self.round_tokens = float(table.prefill.round_tokens)
+        self.round_cap = int(table.prefill.round_cap)
+        self.round_shares = self.round_tokens > 0 and self.round_cap > 0
+        # a prompt token's fixed work (with the controller's, where it is charged), picojoules:
+        # charged per token by `prefill_fixed_q`, shared in a round like its units
+        self.prefill_token_q = math.ceil(self.ph["prefill"].token_fixed * PJ)
+
         # mixed-path prefill: picojoules of each path's weight pass, rounded UP (charged more)
         split = table.prefill.split or [0.0] * P
         self.split_q = tuple(math.ceil(v * PJ) for v in split)
@@ -345,6 +374,23 @@ class EnergyModel:
         the head's shared part, as `unit_rebate_q`). Picojoules."""
         s = self.head_shared_q
         return s - -(-s // max(1, n))
+
+    # ---- prefill rounds of several requests (picojoules) -------------------------------------------
+    def round_rebate_q(self, units_q: int, own: int, total: int) -> int:
+        """What a request whose `own` tokens ran in a prefill round of `total` tokens (every
+        request's, >= own) pays less for them than in a round of its own. Of what those tokens
+        were charged for the round's work, `units_q` (its units in that round, picojoules) plus
+        own x `prefill_token_q` (their fixed per-token work), the fraction 1 - (1 + c/T) / (1 +
+        c/t) (energy/calib_round.py), c = round_tokens, T = min(total, round_cap), t = min(own,
+        T), rounded down. Attention (over the request's own prompt) and the head are not shared.
+        0 where the table has no round fit or the request ran alone; never more than the base."""
+        if not self.round_shares or total <= own or own <= 0:
+            return 0
+        base = max(0, units_q) + own * self.prefill_token_q
+        T = min(total, self.round_cap)
+        t = min(own, T)
+        frac = 1.0 - (1.0 + self.round_tokens / T) / (1.0 + self.round_tokens / t)
+        return min(base, max(0, math.floor(base * frac)))
 
     # ---- mixed-path prefill: the weight passes of minority paths (picojoules) -----------------------
     @staticmethod

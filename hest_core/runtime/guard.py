@@ -68,6 +68,7 @@ class BudgetGuard:
         self.P, self.max_new = prompt_len, max_new
         self.spent = 0  # picojoules: attributed (batch-1 charges minus rebates)
         self.rebated = 0  # picojoules given back for work shared with batch mates
+        self.round_units = 0  # picojoules charged for the units of the current prefill round
         self.demotions = 0
         self._prompt_started = 0  # prompt tokens whose prefill round has begun
         self._prompt_later = 0  # prompt tokens of later rounds (reserved at their cheapest)
@@ -109,6 +110,7 @@ class BudgetGuard:
         """The next n prompt tokens run now (a prefill round of chunked prefill): the limit of
         their layers reserves the cheapest form of the prompt tokens of later rounds, so an
         early round cannot spend what the rest of the prompt needs."""
+        self.round_units = 0  # what this round's units are charged (`share_round`)
         self._prompt_started += n
         self._prompt_later = max(0, self.P - self._prompt_started)
 
@@ -148,6 +150,7 @@ class BudgetGuard:
         c = self.em.unit_q[self.phase][li]
         cost = reg.cost(counts, c)
         if self.phase == "prefill":  # the weight passes of its minority paths (none on one)
+            self.round_units += cost
             cost += self.em.split_premium_q(counts)
         n = sum(counts)
         self.spent += cost
@@ -192,6 +195,16 @@ class BudgetGuard:
         on each path there (committed); on_path (P,): the round's. Returns the picojoules
         given back (<= what `commit` charged for those passes)."""
         back = self.em.split_rebate_q(counts, on_path)
+        self.spent -= back
+        self.rebated += back
+        return back
+
+    def share_round(self, own: int, total: int) -> int:
+        """After a prefill round in which this request ran `own` of the round's `total` tokens:
+        give back what its units cost less in the larger round (`EnergyModel.round_rebate_q`, of
+        what `commit` charged their units this round). Returns the picojoules given back."""
+        back = self.em.round_rebate_q(self.round_units, own, total)
+        self.round_units = 0
         self.spent -= back
         self.rebated += back
         return back

@@ -295,6 +295,10 @@ class Scheduler(BatchRunner):
         live = [t for t, _ in chunks]
         decide = self._decider(groups, "prefill")
         logits = self._run_forward(live, ids, pos, slots, self._rows.cache, decide, False, last)
+        if len(chunks) > 1 and self.e.energy.round_shares:  # the round's tokens shared its work
+            total = len(ids)
+            for t, n in chunks:
+                t.st.guard.share_round(n, total)
         if not owners:
             return
         for t in owners:

@@ -392,6 +392,47 @@ def test_batched_runs_against_the_estimate_meter_longer(default_engine: Engine):
     _check_against_meter(default_engine, [2, 4, 8, 12, 16], max_new=64, tries=3)
 
 
+@pytest.mark.slow  # it times the machine
+def test_served_engine_batched_runs_within_15pct_of_the_estimate_meter():
+    """The engine `make serve` runs (the default adapter on its four-path table, with its
+    batched-decode shares and prefill round fit): whole static batches of 1, 4, 8 and 16 CNN/DM-
+    like articles, every batch size run in turn in each repeat (a drift of the host's speed hits
+    them alike), modelled / estimate of each batch size within 15% of one request's (medians of
+    5). Needs the shipped model and adapter; on a quiet machine: `pytest -m slow -k served`."""
+    import statistics
+    from pathlib import Path
+
+    data = Path(__file__).resolve().parents[3] / "shared" / "data" / "cnndm" / "train.jsonl"
+    if data.exists():
+        arts = [json.loads(line)["article"] for line in data.read_text().splitlines()[200:216]]
+    else:  # no shared data beside the checkout: the built-in texts, longer
+        arts = [(t + " ") * 8 for t in TEXTS]
+    from hest_core.energy.calibrate import PACKAGED
+
+    e = Engine.from_pretrained(progress=False, calibration=PACKAGED)  # not the tests' fixed ones
+    if not (e.energy.shares and e.energy.round_shares):
+        pytest.skip("the served table has no batched-decode shares or prefill round fit here")
+
+    def ratio(rows: int) -> float:
+        reqs = [
+            GenerationRequest(
+                arts[i % len(arts)], energy_budget_ratio=1.0, max_new_tokens=48, clean_end=False
+            )
+            for i in range(rows)
+        ]
+        res = e.generate(reqs)
+        return sum(r.stats.modelled_j for r in res) / sum(r.stats.estimated_j for r in res)
+
+    ratio(1)  # warm
+    got: dict[int, list[float]] = {m: [] for m in (1, 4, 8, 16)}
+    for _ in range(5):
+        for m in got:
+            got[m].append(ratio(m))
+    med = {m: statistics.median(v) for m, v in got.items()}
+    rel = {m: v / med[1] for m, v in med.items()}
+    assert all(abs(v - 1) <= 0.15 for v in rel.values()), (med, rel)
+
+
 # ---- a decode step's guards: the one-row-per-request form against the general one ----------------
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_a_decode_steps_rows_fit_the_same_in_either_form(hest_shared: Engine, seed):

@@ -33,6 +33,11 @@ counts them against the limit (it demotes until units and passes fit, retrying w
 of the demoted mix, else puts every row on the layer's cheapest path, which pays no pass and
 which the reserve always covers); `share_split` gives back what batch mates on the same paths
 shared, like `share`.
+
+Prefill rounds of several requests (`EnergyModel.round_rebate_q`): a request's prefill is priced
+and charged as if its round were its own; after a round it shared, `share_round` gives back what
+its tokens cost less in the larger round (of what its units and its tokens' fixed work were
+charged for that round), again never more than was charged.
 """
 
 from __future__ import annotations

@@ -33,6 +33,7 @@ import torch
 from .. import paths as reg
 from ..exec.kvcache import SeqSlot
 from .calib_measure import measure
+from .calib_split import _forward
 from .meters import Meter
 
 ROUND_TOKENS = 128  # prompt tokens of each request in a measured round
@@ -54,17 +55,8 @@ def _round(lean, k: int, t: int, seed: int = 0):
     slots = [SeqSlot(row0=i * t, n=t, cache_row=i, pos0=0) for i in range(k)]
     cache = lean.new_cache(k, t)
     paths = torch.full((k * t,), reg.ref(), dtype=torch.long, device=dev)
-    counts = reg.one_hot(reg.ref(), k * t)
     last = torch.arange(t - 1, k * t, t, device=dev)
-
-    def decide(li: int, h: torch.Tensor):
-        return paths, counts
-
-    def run() -> None:
-        with torch.inference_mode():
-            lean.forward(ids, pos, slots, cache, decide, False, last)
-
-    return run
+    return _forward(lean, ids, pos, slots, cache, paths, last)
 
 
 def fit_round_tokens(tokens: list[int], joules: list[float]) -> tuple[float, float, float]:

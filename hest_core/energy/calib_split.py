@@ -48,11 +48,13 @@ def majority_of(p: int, unit_sum: list[float]) -> int:
     return min(others, key=unit_sum.__getitem__) if others else ref
 
 
-def _forward(lean, ids, pos, slots, cache, paths: torch.Tensor):
+def _forward(lean, ids, pos, slots, cache, paths: torch.Tensor, last: torch.Tensor | None = None):
     """A zero-argument callable: one prefill forward of `ids` with row i on path paths[i] in
-    every layer, logits for the last row only (what a prompt's prefill computes)."""
+    every layer, logits for the rows `last` (default: the last row only, what a prompt's prefill
+    computes)."""
     counts = torch.bincount(paths, minlength=reg.n_paths()).tolist()
-    last = torch.tensor([ids.shape[0] - 1], device=ids.device)
+    if last is None:
+        last = torch.tensor([ids.shape[0] - 1], device=ids.device)
 
     def decide(li: int, h: torch.Tensor):
         return paths, counts

@@ -198,25 +198,8 @@ class Native:
         )
         need(not i8 or (scale is not None and scale.dtype == torch.float32), "gemv_amx", "scale")
         need(_bias_ok(bias, n), "gemv_amx", f"bias must be contiguous bf16 of {n}")
-        y = torch.empty(m, n, dtype=torch.bfloat16)
-        scratch = torch.empty(k * 32 + 64, dtype=torch.uint8)
-        base = scratch.data_ptr() + (-scratch.data_ptr() % 64)
-        rc = self._lib.hest_gemv_amx(
-            None if i8 else w.data_ptr(),
-            w.data_ptr() if i8 else None,
-            scale.data_ptr() if i8 else None,
-            x.data_ptr(),
-            None if bias is None else bias.data_ptr(),
-            y.data_ptr(),
-            base,
-            k * 32,
-            m,
-            n,
-            k,
-            torch.get_num_threads(),
-        )
-        check(rc, "gemv_amx")
-        return y
+        weights = (None, w.data_ptr(), scale.data_ptr()) if i8 else (w.data_ptr(), None, None)
+        return self._tiles(self._lib.hest_gemv_amx, "gemv_amx", weights, x, bias, n)
 
     def gemv_q4_amx(self, x: torch.Tensor, w, bias: torch.Tensor | None = None) -> torch.Tensor:
         """The Q4_1 tile product alone (kernels/amx.c, `hest_gemv_q4_amx`): x (M, K) bf16, M
@@ -228,22 +211,23 @@ class Native:
         n = w.n
         need(x.dtype == torch.bfloat16 and w.k == k, "gemv_q4_amx", f"x must be (M, {w.k}) bf16")
         need(_bias_ok(bias, n), "gemv_q4_amx", f"bias must be contiguous bf16 of {n}")
+        return self._tiles(
+            self._lib.hest_gemv_q4_amx, "gemv_q4_amx", (w.data.data_ptr(),), x, bias, n
+        )
+
+    @staticmethod
+    def _tiles(fn, entry: str, weights: tuple, x: torch.Tensor, bias, n: int) -> torch.Tensor:
+        """Call a tile product `fn(*weights, x, bias, y, scratch, scratch_bytes, M, N, K,
+        threads)` on a fresh (M, N) bf16 output and a 64-byte aligned scratch of K/32 KB."""
+        m, k = x.shape
         y = torch.empty(m, n, dtype=torch.bfloat16)
         scratch = torch.empty(k * 32 + 64, dtype=torch.uint8)
         base = scratch.data_ptr() + (-scratch.data_ptr() % 64)
-        rc = self._lib.hest_gemv_q4_amx(
-            w.data.data_ptr(),
-            x.data_ptr(),
-            None if bias is None else bias.data_ptr(),
-            y.data_ptr(),
-            base,
-            k * 32,
-            m,
-            n,
-            k,
-            torch.get_num_threads(),
+        b = None if bias is None else bias.data_ptr()
+        rc = fn(
+            *weights, x.data_ptr(), b, y.data_ptr(), base, k * 32, m, n, k, torch.get_num_threads()
         )
-        check(rc, "gemv_q4_amx")
+        check(rc, entry)
         return y
 
     def gemv16(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -230,11 +230,17 @@ def sample(row: torch.Tensor, temperature: float, top_p: float, gen: torch.Gener
 
 
 def choose(
-    logits: torch.Tensor, reqs: list, rows: list[RowDecoding], texts: TokenTexts
+    logits: torch.Tensor,
+    reqs: list,
+    rows: list[RowDecoding],
+    texts: TokenTexts,
+    greedy: list[int] | None = None,
 ) -> tuple[list[int], list[TokenLogprob | None]]:
     """The next token of every row of `logits` (N, V) and, for rows whose request asked, its log
-    probability entry. `reqs[j]` is row j's PreparedRequest, `rows[j]` its decoding state."""
-    tokens = logits.argmax(-1).tolist()  # (N,) greedy
+    probability entry. `reqs[j]` is row j's PreparedRequest, `rows[j]` its decoding state;
+    `greedy`: every row's argmax of these logits where the caller has it (one pass over N x V
+    fp32 logits is ~0.6 ms at 16 rows on the 2-core Xeon), else taken here."""
+    tokens = list(greedy) if greedy is not None else logits.argmax(-1).tolist()  # (N,) greedy
     for j, (r, d) in enumerate(zip(reqs, rows, strict=True)):
         if r.temperature > 0:
             if d.generator is None:

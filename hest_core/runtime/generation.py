@@ -347,23 +347,28 @@ class BatchRunner:
     def _choose(self, logits: torch.Tensor, states: list[RequestState]):
         """Next tokens (greedy or sampled) and log-probability entries of the rows of `logits`."""
         reqs = [st.req for st in states]
-        self._steer(logits, states)
-        return choose(logits, reqs, [st.dec for st in states], self.e.token_texts)
+        greedy = self._steer(logits, states)
+        return choose(logits, reqs, [st.dec for st in states], self.e.token_texts, greedy)
 
-    def _steer(self, logits: torch.Tensor, states: list[RequestState]) -> None:
+    def _steer(self, logits: torch.Tensor, states: list[RequestState]) -> list[int] | None:
         """Clean endings: raise the sentence-ending tokens of rows whose current sentence cannot
         be cut away and whose tokens are running out; at a row's last token only they remain
-        (`EndingPlan.steer`). logits (rows, vocab) fp32, edited in place."""
+        (`EndingPlan.steer`). logits (rows, vocab) fp32, edited in place. Returns every row's
+        argmax where it was taken and no row was edited (so `choose` need not take it again),
+        else None."""
         ends = self.e.sentence_end_ids
+        top: list[int] = []  # every row's most likely token, taken once when a row needs it
+        edited = False
         for j, st in enumerate(states):
             if st.allowance is None or not ends:
                 continue
             bonus = st.plan.steer(st.full, st.allowance - 1, st.whole_char)
-            if not bonus and self._own_end_mid_sentence(logits[j], st):
+            if not bonus and self._own_end_mid_sentence(logits, j, st, top):
                 bonus = math.inf  # a sentence-ending token first, then the model's own end
                 st.own_end = True
             if not bonus:
                 continue
+            edited = True
             st.forced_end = bonus == math.inf and not st.own_end
             with torch.inference_mode():  # the logits are inference tensors
                 if bonus == math.inf:
@@ -372,14 +377,21 @@ class BatchRunner:
                     logits[j, ends] = kept
                 else:
                     logits[j, ends] += bonus
+        return top if top and not edited else None
 
-    def _own_end_mid_sentence(self, row: torch.Tensor, st: RequestState) -> bool:
-        """Whether this row's most likely next token (row: (vocab,) logits) is an end of text
-        while its text stops mid-sentence and a token is left to close it
-        (`EndingPlan.closes_own_end`)."""
+    def _own_end_mid_sentence(
+        self, logits: torch.Tensor, j: int, st: RequestState, top: list[int]
+    ) -> bool:
+        """Whether row j's most likely next token (logits (rows, vocab)) is an end of text while
+        its text stops mid-sentence and a token is left to close it
+        (`EndingPlan.closes_own_end`). `top`: every row's argmax, filled on first use (one
+        argmax over the step's rows instead of one per row: rows are edited only after their
+        own check, so the first fill sees each row as it came)."""
         if st.allowance < 1 or not st.plan.closes_own_end(st.full, st.whole_char):
             return False
-        return int(row.argmax()) in self.e.eos_ids
+        if not top:
+            top.extend(logits.argmax(-1).tolist())
+        return top[j] in self.e.eos_ids
 
     def _emit(self, i: int, st: RequestState, tok: int, lp: TokenLogprob | None = None) -> None:
         e = self.e

@@ -11,6 +11,30 @@ import torch
 from ..exec import native
 from .controller import AdaptiveController, Controller
 
+_WEIGHTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _weights_of(ctl) -> tuple[torch.Tensor, torch.Tensor]:
+    """The controller's W_tok (k, d) and A (P, k) as contiguous fp32, made once per controller."""
+    w = _WEIGHTS.get(ctl)
+    if w is None:
+        with torch.no_grad():
+            w = tuple(t.detach().float().contiguous() for t in (ctl.hest_w_tok, ctl.hest_a))
+        _WEIGHTS[ctl] = w
+    return w
+
+
+def _fits(ctl, classes: tuple) -> bool:
+    """Whether `ctl` (one of `classes`) runs in C here: native kernels on, shapes in range."""
+    if type(ctl) not in classes or native.get() is None or getattr(native._off, "v", False):
+        return False
+    return (
+        ctl.hest_a.shape[0] <= 16
+        and ctl.k <= 256
+        and ctl.hidden <= 4096
+        and (ctl.hest_w_tok.device.type == "cpu")
+    )
+
 
 class NativeController:
     """A controller's logits for one row at decode, in C (hest_ctl_logits): one call per layer
@@ -19,14 +43,8 @@ class NativeController:
     `AdaptiveController`, `update(beta)` remakes both (L, k) and (L, P) at every decode step
     (its beta is the request's remaining ratio). Other classes (the baselines') stay in PyTorch."""
 
-    _weights: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
     def __init__(self, ctl, beta: float):
-        w = self._weights.get(ctl)
-        if w is None:
-            with torch.no_grad():
-                w = tuple(t.detach().float().contiguous() for t in (ctl.hest_w_tok, ctl.hest_a))
-            self._weights[ctl] = w
+        w = _weights_of(ctl)
         self._keep, self.ctl = w, ctl
         self.adaptive = bool(getattr(ctl, "uses_remaining", False))
         self.k, self.d = ctl.k, ctl.hidden
@@ -57,13 +75,7 @@ class NativeController:
 
     @classmethod
     def of(cls, ctl, beta: float) -> NativeController | None:
-        if type(ctl) not in (Controller, AdaptiveController) or native.get() is None:
-            return None
-        if getattr(native._off, "v", False) or ctl.hest_a.shape[0] > 16:
-            return None
-        if ctl.k > 256 or ctl.hidden > 4096 or ctl.hest_w_tok.device.type != "cpu":
-            return None
-        return cls(ctl, beta)
+        return cls(ctl, beta) if _fits(ctl, (Controller, AdaptiveController)) else None
 
     def logits(self, li: int, h: torch.Tensor) -> list[float]:
         """(P,) logits of one row. h: (1, d) contiguous bf16 on CPU; li in 0..n_layers-1.
@@ -101,12 +113,7 @@ class NativeRows:
     decode step (betas change every step); `of` says where it applies (None: stay in PyTorch)."""
 
     def __init__(self, ctl, betas: list[float], sub_rows: list[list[int]] | None):
-        w = NativeController._weights.get(ctl)
-        if w is None:
-            with torch.no_grad():
-                w = tuple(t.detach().float().contiguous() for t in (ctl.hest_w_tok, ctl.hest_a))
-            NativeController._weights[ctl] = w
-        self._keep = w
+        self._keep = _weights_of(ctl)
         self.k, self.d, self.P, self.n = ctl.k, ctl.hidden, ctl.hest_a.shape[0], len(betas)
         lay, bias = ctl.parts(betas, 1)  # (L, n, k), (L, n, P): decode
         self.lay, self.bias = lay.contiguous(), bias.contiguous()
@@ -120,13 +127,7 @@ class NativeRows:
     def of(cls, ctl, betas: list[float], sub_rows) -> NativeRows | None:
         """A NativeRows for the `AdaptiveController` where the native kernels run and the
         shapes fit them (rows up to `native.LIMIT_ROWS`); else None."""
-        if type(ctl) is not AdaptiveController or native.get() is None:
-            return None
-        if getattr(native._off, "v", False) or ctl.hest_a.shape[0] > 16:
-            return None
-        if ctl.k > 256 or ctl.hidden > 4096 or ctl.hest_w_tok.device.type != "cpu":
-            return None
-        if not 1 <= len(betas) <= native.LIMIT_ROWS:
+        if not (_fits(ctl, (AdaptiveController,)) and 1 <= len(betas) <= native.LIMIT_ROWS):
             return None
         return cls(ctl, betas, sub_rows)
 

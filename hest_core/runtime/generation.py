@@ -385,8 +385,8 @@ class BatchRunner:
         """Whether row j's most likely next token (logits (rows, vocab)) is an end of text while
         its text stops mid-sentence and a token is left to close it
         (`EndingPlan.closes_own_end`). `top`: every row's argmax, filled on first use (one
-        argmax over the step's rows instead of one per row: rows are edited only after their
-        own check, so the first fill sees each row as it came)."""
+        argmax over the step's rows instead of one per row: a row is steered only after its own
+        check, so the entries read, row j's and later ones', are the rows as they came)."""
         if st.allowance < 1 or not st.plan.closes_own_end(st.full, st.whole_char):
             return False
         if not top:

@@ -100,9 +100,11 @@ def _write_fixed_tables(out: Path, shares: bool = False, split: bool = False) ->
     ref = json.loads(REFERENCE.read_text())
     ref["prefill"].pop("split", None)  # the packaged table's measured one, if any: not fixed
     ref["kernels"].pop("prefill_split", None)
-    for k in ("round_tokens", "round_cap"):  # a measured round fit, if any: not fixed either
-        ref["prefill"].pop(k, None)
+    for k in ("round_tokens", "round_cap", "round_tokens_ctrl", "round_cap_ctrl"):
+        ref["prefill"].pop(k, None)  # a measured round fit, if any: not fixed either
+    ref["decode"].pop("rows_unit", None)  # nor measured steps of 1..16 rows
     ref["kernels"].pop("prefill_round", None)
+    ref["kernels"].pop("prefill_round_ctrl", None)
     _write(out, ref, shares, split)
     for kind in TINY:
         hf = load_hf_model(kind)

@@ -13,8 +13,10 @@ The table's path set comes from `HEST_PATHS` where set, else from the table's wi
 layer: fp16, int8, int4, skip; three: the built-in paths). The serving loop is measured on the
 fixed fp16 policy without an adapter (its work does not depend on the path); the controller's
 work with the default adapter against fixed-path engines on the paths it mostly ran; prefill
-rounds on the default model's fp16 path. Prints each fit and its points; writes them into the
-table, with kernels["decode_host"], kernels["controller"] and kernels["prefill_round"] (not with
+rounds on the default model's fp16 path (`round_tokens`, what fixed policies get) and as the
+default adapter's engine serves them (`round_tokens_ctrl`, what a controller engine gets).
+Prints each fit and its points; writes them into the table, with kernels["decode_host"],
+kernels["controller"], kernels["prefill_round"] and kernels["prefill_round_ctrl"] (not with
 --dry-run). `--what` defaults to host,controller; round is asked for by name. Run it on a quiet machine: it times things.
 """
 
@@ -132,6 +134,20 @@ def _round(path: Path, watts: float, args) -> None:
     if not args.dry_run:
         calib_round.write_round(table, rec)
         table.save(path)
+    # the same rounds as the default adapter's engine runs them (controller and guards)
+    eng = calib_host.table_engine(path, "default", "hest", "default", "cpu", args.threads)
+    eng.warmup()
+    rc = calib_ctrl.measure_round_ctrl(eng, EstimateMeter(watts), repeats=max(3, args.repeats))
+    pts = ", ".join(
+        f"{rc['tokens'][k]} tokens {1e3 * j / watts / rc['tokens'][k]:.3f}"
+        for k, j in rc["joules"].items()
+    )
+    print(
+        f"prefill rounds on the controller engine: round_tokens_ctrl "
+        f"{rc['round_tokens_ctrl']:.1f}, cap {rc['round_cap_ctrl']} tokens; ms per token: {pts}"
+    )
+    if not args.dry_run:
+        calib_host.save_into(path, calib_ctrl.write_round_ctrl, rc)
 
 
 def _host(path: Path, watts: float, args) -> None:

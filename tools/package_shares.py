@@ -1,15 +1,17 @@
 """Add batched-decode shares to an existing calibration table (issue 15) without re-measuring its
 batch-1 costs.
 
-    python tools/package_shares.py [--table PATH] [--repeats 3] [--rows 1,2,4,8,16]
+    python tools/package_shares.py [--table PATH] [--repeats 3] [--rows 1,2,...,16]
 
 Each repeat measures, on the default model here, the decode costs at batch 1
-(`calib_measure._phase`) and whole decode steps of 2..16 rows (`calib_rows.measure_rows`), and
-takes each path's shared FRACTION of its unit cost (and the head's). Fractions, not joules: a
+(`calib_measure._phase`) and whole decode steps of 1..16 rows (`calib_rows.measure_rows`), and
+takes each path's shared FRACTION of its unit cost (and the head's) and its measured step
+curve (rows_unit: a step of m rows in one row's units, `calib_rows.curve`). Fractions, not joules: a
 ratio measured within one run does not move with the machine's speed that day, so it applies
 to the table's own batch-1 costs (measured on another day). The table gets shared = median
-fraction x unit and head_shared = median fraction x head, and a record in
-kernels["batched_decode"] (the fractions of every repeat, the CPU, the load average, the date).
+fraction x unit, head_shared = median fraction x head, rows_unit = the median curve (what the
+energy model prices steps by), and a record in kernels["batched_decode"] (the fractions and
+curves of every repeat, the CPU, the load average, the date). ~3 min with 3 repeats.
 Default table: the packaged one of this machine (`calibrate.table_name`) for the path set of
 `HEST_PATHS` (`HEST_PATHS=fp16,int8,int4,skip`: the four-column table the default adapter loads,
 measured on the model as the engine builds it, with the int4 copies).
@@ -41,7 +43,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--table", default=None)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--rows", default="1,2,4,8,16")
+    ap.add_argument("--rows", default=",".join(map(str, calib_rows.ROWS)))
     args = ap.parse_args()
     rows = tuple(int(v) for v in args.rows.split(","))
     cfg = RuntimeConfig.from_env()
@@ -59,7 +61,7 @@ def main() -> None:
     apply_kernel_choices(lean, table)
     meter = EstimateMeter(cfg.nominal_watts)
     ctx = min(DECODE_CTX, lean.rope_cos.shape[0] - 1)
-    fracs, heads, fits = [], [], []
+    fracs, heads, fits, curves = [], [], [], []
     t0 = time.perf_counter()
     for i in range(args.repeats):
         d1 = calib_measure._phase(lean, meter, 1, ctx)
@@ -69,6 +71,7 @@ def main() -> None:
         fracs.append([s / u for s, u in zip(d.shared[0], d.unit[0], strict=True)])
         heads.append(d.head_shared / d.head)
         fits.append(rec["fit_error"])
+        curves.append(d.rows_unit)
         print(
             f"[repeat {i + 1}] shared fractions "
             + ", ".join(f"{n} {f:.3f}" for n, f in zip(reg.names(), fracs[-1], strict=True))
@@ -80,6 +83,7 @@ def main() -> None:
     dec = table.decode
     dec.shared = [[f * u for f, u in zip(med, r, strict=True)] for r in dec.unit]
     dec.head_shared = head * dec.head
+    dec.rows_unit = calib_rows.median_rows(curves)
     table.kernels["batched_decode"] = {
         "method": "tools/package_shares.py: shared fractions of the batch-1 costs measured in "
         "the same run, median of the repeats, applied to this table's batch-1 costs",
@@ -88,6 +92,7 @@ def main() -> None:
         "fractions": fracs,
         "head_fractions": heads,
         "fit_error": fits,
+        "rows_unit": curves,
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "load_avg_1m": round(os.getloadavg()[0], 2),
         "cpu": calib_rows.cpu_record(),
@@ -95,6 +100,9 @@ def main() -> None:
     }
     table.save(path)
     print(f"wrote {path}: shared fractions {med}, head {head:.3f}")
+    if dec.rows_unit is not None:
+        for name, g in zip(reg.names(), dec.rows_unit, strict=True):
+            print(f"  {name}: a step of m rows costs " + " ".join(f"{v:.2f}" for v in g))
 
 
 if __name__ == "__main__":

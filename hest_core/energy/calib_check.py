@@ -26,6 +26,7 @@ from pathlib import Path
 
 from .. import paths as reg
 from . import calib_isa
+from .calib_rows import median_rows
 from .model import CalibrationTable, PhaseCosts
 
 log = logging.getLogger("hest.calibrate")
@@ -120,6 +121,7 @@ def _median_phase(cs: list[PhaseCosts]) -> PhaseCosts:
         shared=shared,
         head_shared=min(head, med(c.head_shared for c in cs)),
         split=split,
+        rows_unit=median_rows([c.rows_unit for c in cs]),
     )
 
 

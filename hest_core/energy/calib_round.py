@@ -11,7 +11,8 @@ of 16 was modelled at 1.3-1.5x its estimate-meter prefill joules against 1.0 alo
 
 This times rounds of k requests of `ROUND_TOKENS` prompt tokens each, every unit on the reference
 path (fp16), for k in `ROUND_KS` (interleaved, median of the repeats), and fits the round's time
-as a line in its tokens T, t(T) = a + b T (least squares): a token of a round of T tokens costs
+as a line in its tokens T, t(T) = a + b T (least squares on the time per token, b + a / T, over
+the rounds up to the one whose token costs least): a token of a round of T tokens costs
 b (1 + c / T), c = a / b tokens, clamped at >= 0. Each request's attention is over its own prompt,
 so it grows with T like the units and lands in b. The energy model (`EnergyModel.round_rebate_q`)
 then gives a request that ran t of a round's T tokens back the part of its units' charge for that
@@ -20,7 +21,8 @@ round which a round of T saves over one of t:
     1 - (1 + c / T) / (1 + c / t)       (0 for T = t, < 1 always)
 
 so a request alone pays what it paid before (the units as measured), and never more in a round.
-T is capped at the largest round measured (`round_cap`, below).
+T is capped at the round whose token cost least (`round_cap`, below): past it a token costs
+more again, so the model does not extrapolate.
 """
 
 from __future__ import annotations
@@ -37,11 +39,14 @@ from .calib_split import _forward
 from .meters import Meter
 
 ROUND_TOKENS = 128  # prompt tokens of each request in a measured round
-# requests per measured round: rounds of up to 512 tokens, the scheduler's default prefill token
-# budget (`Scheduler(prefill_tokens=512)`). Past ~1,000 tokens a token costs more again (0.28 ms
-# at 1,024 tokens, 0.35 at 2,048 on the 2-core Xeon: activations outgrow the caches), so the
-# model caps T at the largest round measured (`round_cap`) instead of extrapolating the line.
-ROUND_KS = (1, 2, 3, 4)
+# requests per measured round: rounds of up to 2,048 tokens, what a static batch or a burst of
+# short prompts runs. Measured on the 2-core Xeon (session 19, fp16, 128-token prompts): 0.52 /
+# 0.38 / 0.27 / 0.27 / 0.26 ms a token at 1 / 2 / 4 / 8 / 16 prompts, and through the engine
+# (`calib_ctrl.measure_round_ctrl`) still falling to ~2,800 tokens and rising again past ~5,000
+# (activations outgrow the caches), so the model caps T at the largest round measured
+# (`round_cap`) instead of extrapolating the line. (Session 18 measured 1-4 prompts only and saw
+# 0.35 ms at 2,048 tokens once, on a slower host.)
+ROUND_KS = (1, 2, 4, 8, 16)
 
 
 def _round(lean, k: int, t: int, seed: int = 0):
@@ -60,19 +65,31 @@ def _round(lean, k: int, t: int, seed: int = 0):
 
 
 def fit_round_tokens(tokens: list[int], joules: list[float]) -> tuple[float, float, float]:
-    """Least-squares line joules = a + b tokens through the rounds' points (>= 2 distinct token
-    counts); returns (c = a / b clamped at >= 0, a, b). Raises ValueError for fewer than two
-    distinct token counts or a slope <= 0 (no per-token cost: nothing to fit)."""
+    """The line joules = a + b tokens through the rounds' points (>= 2 distinct token counts),
+    fitted as each point's joules per token, J / T = b + a / T, by least squares (every round
+    weighs alike: on joules themselves the largest round would set the line); returns (c = a / b
+    clamped at >= 0, a, b). Raises ValueError for fewer than two distinct token counts or a
+    slope <= 0 (no per-token cost: nothing to fit)."""
     if len(set(tokens)) < 2:
         raise ValueError(f"need rounds of at least two sizes, got token counts {tokens}")
-    n = len(tokens)
-    mt, mj = sum(tokens) / n, sum(joules) / n
-    sxx = sum((x - mt) ** 2 for x in tokens)
-    b = sum((x - mt) * (y - mj) for x, y in zip(tokens, joules, strict=True)) / sxx
+    xs = [1.0 / t for t in tokens]
+    ys = [j / t for t, j in zip(tokens, joules, strict=True)]
+    n = len(xs)
+    mx, my = sum(xs) / n, sum(ys) / n
+    a = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum(
+        (x - mx) ** 2 for x in xs
+    )
+    b = my - a * mx
     if b <= 0:
         raise ValueError(f"round joules do not grow with its tokens (slope {b:.3g} J/token)")
-    a = mj - b * mt
     return max(0.0, a / b), a, b
+
+
+def cheapest(tokens: list[int], joules: list[float]) -> int:
+    """How many of the rounds (sorted by tokens) to fit: up to and including the one whose
+    token costs least (past it a token costs more again: the cap), at least two."""
+    per = [j / t for t, j in zip(tokens, joules, strict=True)]
+    return max(2, per.index(min(per)) + 1)
 
 
 def measure_round(
@@ -95,13 +112,14 @@ def measure_round(
             js[k].append(measure(runs[k], meter, lean.device)[1])
     med = {k: statistics.median(v) for k, v in js.items()}
     xs = [k * t for k in ks]
-    c, a, b = fit_round_tokens(xs, [med[k] for k in ks])
+    n = cheapest(xs, [med[k] for k in ks])
+    c, a, b = fit_round_tokens(xs[:n], [med[k] for k in ks[:n]])
     return {
         "method": f"calib_round: prefill rounds of k requests of {t} tokens (k in {list(ks)}), "
         f"every unit on {reg.get(reg.ref()).name}, {meter.name} meter, median of {repeats}; "
         "joules = a + b tokens, round_tokens = a / b",
         "round_tokens": c,
-        "round_cap": max(xs),
+        "round_cap": xs[n - 1],
         "a_j": a,
         "b_j_per_token": b,
         "tokens_per_request": t,

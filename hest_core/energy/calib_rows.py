@@ -17,12 +17,21 @@ minimising sum_m (m u_p - (m-1) s_p - g_p(m))^2 over s_p gives
 where g_p(m) is the measured gated part of the step per layer (the step's joules minus the
 per-row fixed work, minus the modelled head, over the layers). s_p is clamped to [0, u_p], so a
 row's share (u_p - s_p) + s_p / m is at most u_p at every m (the guard relies on it).
+
+A line is not what the kernels do: they change with the rows (on the Xeon with AMX, 16-bit
+products run on the tiles from 5 rows, int4 ones from 9), so the table also gets the measured
+curve itself (`curve`): rows_unit[p][m-1] = g_p(m) / g_p(1) for m = 1..max(rows), taken within
+one run (a ratio, so it applies to the table's own batch-1 unit costs), linear between measured
+m, each row's share g / m made non-increasing in m (pool-adjacent-violators: a batch mate
+joining never raises a row's share) and at most 1. The energy model prices a step from the
+curve where a table has it (model.py).
 """
 
 from __future__ import annotations
 
 import os
 import platform
+import statistics
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -39,7 +48,9 @@ from . import calib_measure as cm
 from .meters import Meter
 from .model import PhaseCosts
 
-ROWS = (1, 2, 4, 8, 16)  # rows per decode step measured (1 is the table's own batch-1 cost)
+# rows per decode step measured: every m up to the scheduler's 16 rows, because the kernels
+# change at some m (the AMX tiles) and a curve between sparse points would miss the step
+ROWS = tuple(range(1, 17))
 
 
 def through_one(ms: list[int], ys: list[float], y1: float) -> float:
@@ -49,6 +60,56 @@ def through_one(ms: list[int], ys: list[float], y1: float) -> float:
     if den == 0:
         return 0.0
     return sum((m - 1) * (m * y1 - y) for m, y in zip(ms, ys, strict=True)) / den
+
+
+def _non_increasing(v: list[float]) -> list[float]:
+    """The least-squares non-increasing sequence closest to v (pool adjacent violators, equal
+    weights): runs that rise are replaced by their mean."""
+    blocks: list[list[float]] = []  # [mean, count]
+    for x in v:
+        blocks.append([x, 1.0])
+        while len(blocks) > 1 and blocks[-2][0] < blocks[-1][0]:
+            (a, n), (b, k) = blocks[-2], blocks.pop()
+            blocks[-1] = [(a * n + b * k) / (n + k), n + k]
+    return [m for m, n in blocks for _ in range(int(n))]
+
+
+def curve(ms: list[int], g: list[float]) -> list[float] | None:
+    """A path's step multiples rows_unit (module docstring) for m = 1..max(ms) from its gated
+    step joules g measured at the distinct m in ms (1 among them): g(m) / g(1), linear between
+    measured m; each row's share g / m clamped to (0, 1] and made non-increasing in m. None when
+    the one-row figure is not positive (nothing to scale by: a timing too small to read).
+    Raises ValueError when ms lacks m = 1."""
+    pts = dict(zip(ms, g, strict=True))
+    if 1 not in pts:
+        raise ValueError(f"the curve needs a one-row step among the rows measured, got {ms}")
+    if pts[1] <= 0:
+        return None
+    xs = sorted(pts)
+    full = []
+    for m in range(1, xs[-1] + 1):
+        hi = next(x for x in xs if x >= m)
+        lo = max(x for x in xs if x <= m)
+        y = pts[lo] if hi == lo else pts[lo] + (pts[hi] - pts[lo]) * (m - lo) / (hi - lo)
+        full.append(min(1.0, max(1e-6, y / pts[1] / m)))
+    share = _non_increasing(full)
+    share[0] = 1.0
+    return [a * m for m, a in enumerate(share, 1)]
+
+
+def median_rows(curves: list[list[list[float]] | None]) -> list[list[float]] | None:
+    """The element-wise median of repeated rows_unit curves (each (P, M)), each row's share
+    made non-increasing again (`curve`'s rules); None when any repeat has none."""
+    if not curves or any(c is None for c in curves):
+        return None
+    out = []
+    for p in range(len(curves[0])):
+        M = len(curves[0][p])
+        share = [statistics.median(c[p][m - 1] / m for c in curves) for m in range(1, M + 1)]
+        share = _non_increasing([min(1.0, a) for a in share])
+        share[0] = 1.0
+        out.append([a * m for m, a in enumerate(share, 1)])
+    return out
 
 
 def step_j(lean: LeanModel, meter: Meter, m: int, ctx: int, path: int, cache=None) -> float:
@@ -101,10 +162,12 @@ def measure_rows(
     say: Callable[[str], None] = lambda msg: None,
 ) -> tuple[PhaseCosts, dict]:
     """The decode costs `decode` (batch 1, from `calib_measure._phase`) with their shared parts
-    fitted from whole steps of each m in `rows` (m > 1; 1 is `decode` itself), and a record of
-    the fit: {"rows", "ctx", "step_j": {path: [J per step per m]}, "head_j", "fit_error": {path:
-    largest |model - measured| / measured over the m}}. With no m > 1: `decode` unchanged
-    (shared None) and an empty record. Units are joules (as the meter reads them)."""
+    fitted from whole steps of each m in `rows` (m > 1; 1 is `decode` itself) and the measured
+    curve rows_unit (`curve`, from steps of 1 row and of each m, timed in this run), and a
+    record of the fit: {"rows", "ctx", "step_j": {path: [J per step per m]}, "step_j_1": {path:
+    J of a one-row step}, "head_j", "fit_error": {path: largest |model - measured| / measured
+    over the m}, "rows_unit"}. With no m > 1: `decode` unchanged (shared None) and an empty
+    record. Units are joules (as the meter reads them)."""
     ms = sorted({int(m) for m in rows if int(m) > 1})
     if not ms:
         return decode, {}
@@ -117,16 +180,22 @@ def measure_rows(
     def head_at(m: int) -> float:
         return hs + m * (decode.head - hs)
 
-    shared, steps, errs = [], {}, {}
+    shared, steps, errs, ones = [], {}, {}, {}
+    cache = noisy_cache(lean, 1, ctx)
+    for p in range(P):  # a one-row step in this run: the curve's scale
+        ones[reg.names()[p]] = step_j(lean, meter, 1, ctx, p, cache)
     for m in ms:  # one cache per m, every path on it
         cache = noisy_cache(lean, m, ctx)
         for p in range(P):
             steps.setdefault(reg.names()[p], []).append(step_j(lean, meter, m, ctx, p, cache))
         say(f"  decode steps of {m} rows timed on every path")
         del cache
+    curves = []
     for p, name in enumerate(reg.names()):
         js = steps[name]
         g = [(j - m * per_row - head_at(m)) / L for m, j in zip(ms, js, strict=True)]
+        g1 = (ones[name] - per_row - head_at(1)) / L
+        curves.append(curve([1, *ms], [g1, *g]))
         s = min(max(through_one(ms, g, u1[p]), 0.0), u1[p])
         shared.append(s)
         model = [m * per_row + head_at(m) + L * (s + m * (u1[p] - s)) for m in ms]
@@ -135,10 +204,15 @@ def measure_rows(
         "rows": [1, *ms],
         "ctx": ctx,
         "step_j": steps,
+        "step_j_1": ones,
         "head_j": heads,
         "fit_error": errs,
     }
-    out = replace(decode, shared=[list(shared) for _ in range(L)], head_shared=hs)
+    rows_unit = None if any(c is None for c in curves) else curves
+    record["rows_unit"] = rows_unit
+    out = replace(
+        decode, shared=[list(shared) for _ in range(L)], head_shared=hs, rows_unit=rows_unit
+    )
     return out, record
 
 

@@ -20,6 +20,14 @@ and each of those rows is attributed (unit - shared) + shared / m: at m = 1 exac
 cost, never more at any m. A table without them (shared all 0) is the batch-1 model. Only the
 decode phase has them (a prefill token's unit cost is measured per token of a 256-token GEMM,
 whose weight reads are already shared).
+  rows_unit[p][m-1]  the units' part of a decode step of m rows on path p, in single rows' units
+                     (1 at m = 1), measured at every m up to the most rows a step runs
+where a table has it, it replaces the line above: the kernels change with the rows (on the
+Xeon, int4 products of 9+ rows run on the AMX tiles, 16-bit ones of 5+; measured, session 19:
+int4 steps of 16 rows cost 4.9 one-row steps where the line fitted through 1-16 rows said
+5.9), so a step with m rows on path p in layer l costs unit x rows_unit[p][m-1] there and each
+row is attributed unit x rows_unit[p][m-1] / m, kept non-increasing in m (`calib_rows.curve`)
+and at most its unit; past the measured m, each row pays the last measured m's share.
 
 Mixed-path prefill (optional, `calib_split.py`): a prefill round whose rows in a layer take
 several paths reads the weights of each of them; the unit costs (measured at SPLIT_ROWS rows on
@@ -40,6 +48,8 @@ more rows per GEMM tile); fitted as b (1 + c / T) over rounds of T tokens up to 
 A request is charged as alone; after a round in which it ran t of the round's T tokens it gets
 back 1 - (1 + c/T) / (1 + c/t) of its units' and per-token fixed work's charge for that round
 (`round_rebate_q`): nothing alone, never more than was charged.
+  round_tokens_ctrl, round_cap_ctrl   the same, for rounds as a controller engine runs them
+                     (runtime/calib_ctrl.py): used by a model built with controlled=True
 
 The serving loop (optional, `runtime/calib_host.py`): a served decode step also chooses each row's
 token, runs the guard and streams text, outside the forward the other costs are measured on.
@@ -86,6 +96,9 @@ class PhaseCosts:
     # batch-1 model of tables written before batched attribution); 0 <= shared <= unit
     shared: list[list[float]] | None = None
     head_shared: float = 0.0  # joules per decode step of the head shared by its rows
+    # (P, M) the units' part of a decode step of m = 1..M rows on a path, in one row's units
+    # (calib_rows.py; None: the line through `shared`); decode only
+    rows_unit: list[list[float]] | None = None
     # (P,) joules per layer of a minority path's weight pass in a prefill round (None: not
     # measured, nothing charged for it); prefill only
     split: list[float] | None = None
@@ -104,6 +117,11 @@ class PhaseCosts:
     # measured, a token costs the same in any round; prefill only
     round_tokens: float = 0.0
     round_cap: int = 0
+    # the same fit for rounds as a controller engine runs them (runtime/calib_ctrl.py,
+    # `measure_round_ctrl`: the controller and guards run once a layer per round, so a round's
+    # fixed work is larger); used where a controller chooses the paths; 0: round_tokens
+    round_tokens_ctrl: float = 0.0
+    round_cap_ctrl: int = 0
 
     def check(self, n_layers: int, phase: str) -> None:
         """Raises CalibrationError unless unit (and shared, where given) is (n_layers, P) of
@@ -119,7 +137,7 @@ class PhaseCosts:
             )
         vals = [v for r in self.unit for v in r] + [self.token_fixed, self.attn_ctx, self.head]
         vals += [self.head_shared, self.host, self.host_step, self.ctrl, self.ctrl_step]
-        vals += [self.round_tokens, self.round_cap]
+        vals += [self.round_tokens, self.round_cap, self.round_tokens_ctrl, self.round_cap_ctrl]
         if any(not math.isfinite(v) or v < 0 for v in vals):
             raise CalibrationError(f"calibration {phase} has negative or non-finite costs")
         if phase == "prefill" and (self.shared is not None or self.head_shared):
@@ -132,7 +150,9 @@ class PhaseCosts:
                 "calibration prefill has host costs: they are the serving loop's work per "
                 "decode step (hest_core/runtime/calib_host.py); recalibrate"
             )
-        if phase == "decode" and (self.round_tokens or self.round_cap):
+        if phase == "decode" and (
+            self.round_tokens or self.round_cap or self.round_tokens_ctrl or self.round_cap_ctrl
+        ):
             raise CalibrationError(
                 "calibration decode has round_tokens: a prefill round's tokens share its fixed "
                 "work (hest_core/energy/calib_round.py), a decode step has shared terms of its "
@@ -160,6 +180,8 @@ class PhaseCosts:
                 f"calibration {phase}.head_shared {self.head_shared:.4g} J is above its head "
                 f"cost {self.head:.4g} J: a shared part cannot exceed the whole; recalibrate"
             )
+        if self.rows_unit is not None:
+            self._check_rows(phase, P)
         if self.shared is None:
             return
         if len(self.shared) != n_layers or any(len(r) != P for r in self.shared):
@@ -174,6 +196,33 @@ class PhaseCosts:
                         f"calibration {phase}.shared cost {v!r} J is outside 0..its unit cost "
                         f"{c:.4g} J; recalibrate with `python -m hest_core.energy.calibrate`"
                     )
+
+    def _check_rows(self, phase: str, P: int) -> None:
+        """Raises CalibrationError unless rows_unit is a decode phase's (P, M >= 1) of finite
+        step multiples, 1 at one row, each row's share (g / m) in (0, 1] and non-increasing."""
+        g = self.rows_unit
+        fix = "recalibrate with `python tools/package_shares.py`"
+        if phase != "decode":
+            raise CalibrationError(f"calibration {phase}.rows_unit is for decode steps; {fix}")
+        if len(g) != P or len({len(r) for r in g}) != 1 or not g[0]:
+            raise CalibrationError(
+                f"calibration decode.rows_unit must be {P} rows (paths {', '.join(reg.names())}) "
+                f"of one length >= 1; {fix}"
+            )
+        for p, r in enumerate(g):
+            share = [v / m for m, v in enumerate(r, 1)]
+            if not all(math.isfinite(v) for v in r) or abs(r[0] - 1.0) > 1e-9:
+                raise CalibrationError(
+                    f"calibration decode.rows_unit[{p}] must start at 1 (one row) and be "
+                    f"finite, got {r[:3]!r}...; {fix}"
+                )
+            if any(not 0 < a <= 1 + 1e-9 for a in share) or any(
+                b > a + 1e-9 for a, b in zip(share, share[1:], strict=False)
+            ):
+                raise CalibrationError(
+                    f"calibration decode.rows_unit[{p}]: a row's share of an m-row step must be "
+                    f"in (0, 1] and never rise with m, got {[round(a, 3) for a in share]}; {fix}"
+                )
 
 
 @dataclass
@@ -287,7 +336,7 @@ class EnergyModel:
         self.L = table.n_layers
         pre, dec = table.prefill, with_host(table.decode)
         self.controlled = controlled and bool(
-            pre.ctrl or table.decode.ctrl or table.decode.ctrl_step
+            pre.ctrl or table.decode.ctrl or table.decode.ctrl_step or pre.round_tokens_ctrl
         )
         # the fixed fp16 policy's model: the ratio's reference runs no controller
         self.plain = EnergyModel(table) if self.controlled else self
@@ -329,11 +378,23 @@ class EnergyModel:
             for ur, sr in zip(self.unit_q["decode"], sh, strict=True)
         ]
         self.head_shared_q = min(math.floor(dec.head_shared * PJ), math.floor(dec.head * PJ))
-        self.shares = dec.shared is not None or self.head_shared_q > 0
+        # measured steps of 1..M rows (rows_unit): each row's rebate per m, precomputed
+        # (rounded so a row pays at least its share: ceil), the last m's share past M
+        self.rows_q: list[list[tuple[int, ...]]] | None = None
+        if dec.rows_unit is not None:
+            share = [[v / m for m, v in enumerate(r, 1)] for r in dec.rows_unit]
+            self.rows_q = [
+                [tuple(u - min(u, math.ceil(u * a)) for a in share[p]) for p, u in enumerate(ur)]
+                for ur in self.unit_q["decode"]
+            ]
+        self.shares = dec.shared is not None or self.head_shared_q > 0 or self.rows_q is not None
 
         # prefill rounds of several requests: a token costs less in a larger round
         self.round_tokens = float(table.prefill.round_tokens)
         self.round_cap = int(table.prefill.round_cap)
+        if self.controlled and table.prefill.round_tokens_ctrl and table.prefill.round_cap_ctrl:
+            self.round_tokens = float(table.prefill.round_tokens_ctrl)
+            self.round_cap = int(table.prefill.round_cap_ctrl)
         self.round_shares = self.round_tokens > 0 and self.round_cap > 0
         # a prompt token's fixed work (with the controller's, where it is charged), picojoules:
         # charged per token by `prefill_fixed_q`, shared in a round like its units
@@ -365,7 +426,12 @@ class EnergyModel:
         """What one row on path p in layer li pays less than its batch-1 unit cost unit_q when m
         rows (m >= 1, itself included) ran that path in that layer of the decode step: it pays
         its own work unit_q - s plus ceil(s / m) of the shared s, so the rebate is
-        s - ceil(s / m), 0 at m = 1 and never more than s. Picojoules."""
+        s - ceil(s / m), 0 at m = 1 and never more than s. With measured steps of 1..M rows
+        (`rows_q`): unit_q less its share of the m-row step, rounded up (the last measured m's
+        share past M). Picojoules."""
+        if self.rows_q is not None:
+            r = self.rows_q[li][p]
+            return r[min(max(1, m), len(r)) - 1]
         s = self.shared_q[li][p]
         return s - -(-s // max(1, m))
 
@@ -436,8 +502,8 @@ class EnergyModel:
         """Modelled joules of one whole decode step of len(ctxs) rows: row i at context ctxs[i]
         ran path paths[i][l] in layer l. Sums the fixed work per row, the head's shared part once
         and the per-row part per row, and per (layer, path) in use the shared part once plus
-        the per-row part per row (the docstring's formula; float joules, for reports and
-        tests)."""
+        the per-row part per row, or unit x rows_unit where the table has measured steps (the
+        docstring's formulas; float joules, for reports and tests)."""
         c = self.ph["decode"]
         sh = c.shared
         n = len(ctxs)
@@ -448,9 +514,16 @@ class EnergyModel:
             for row in paths:
                 on[row[li]] += 1
             for p, m in enumerate(on):
-                if m:
-                    s = sh[li][p] if sh is not None else 0.0
-                    total += s + m * (self.unit["decode"][li][p] - s)
+                if not m:
+                    continue
+                u = self.unit["decode"][li][p]
+                if c.rows_unit is not None:
+                    g = c.rows_unit[p]
+                    k = min(m, len(g))
+                    total += u * g[k - 1] * m / k  # past M: the last measured m's share each
+                    continue
+                s = sh[li][p] if sh is not None else 0.0
+                total += s + m * (u - s)
         return total
 
     # ---- exact integer (picojoule) costs: what the guard charges ---------------------------------

@@ -227,3 +227,72 @@ def measure_into(
             "step"
         )
     return rec
+
+
+# ---- prefill rounds as a controller engine runs them ------------------------------------------------
+# requests per measured round, of ROUND_TOKENS each (~172 with the chat template: up to ~2,750
+# tokens, where a token stops getting cheaper; calib_round.ROUND_KS says what was measured)
+ROUND_KS = (1, 2, 4, 8, 16)
+ROUND_TOKENS = 128
+
+
+def measure_round_ctrl(
+    engine, meter: Meter, repeats: int = REPEATS, tokens: int = ROUND_TOKENS, ks=ROUND_KS
+) -> dict:
+    """How a prompt token's cost falls with its round on `engine` as served (its policy's
+    controller and guards included): static batches of k requests of ~`tokens` prompt tokens
+    each (read whole, one new token), k in `ks`, interleaved, the least reading of `repeats`
+    (estimate meter) else the median, fitted as joules = a + b T over the rounds' T tokens
+    (`calib_round.fit_round_tokens`) up to the round whose token costs least (the cap:
+    `calib_round.cheapest`). A controller engine's round has more fixed work than the
+    units alone (`calib_round`'s fp16 forwards): the controller, the argmax and each guard run
+    once a layer per round, whatever its rows (session 19, 2-core Xeon: a lone 303-token HEST
+    prompt at 0.58 ms a token, 16 in one round at 0.35). Returns {"round_tokens_ctrl": c,
+    "round_cap_ctrl": the cap's T, "a_j", "b_j_per_token", "tokens": {k: T}, "joules": {k: J},
+    "method", "date"}. Raises ValueError where the rounds do not grow with their tokens."""
+    from ..energy.calib_round import cheapest, fit_round_tokens
+
+    text = _prompt(engine, tokens)
+
+    def batch(k: int) -> list[GenerationRequest]:
+        return [
+            GenerationRequest(
+                text, energy_budget_ratio=1.0, max_new_tokens=1, clean_end=False, read="whole"
+            )
+            for _ in range(k)
+        ]
+
+    got: dict[int, list[float]] = {k: [] for k in ks}
+    size: dict[int, int] = {}
+    engine.generate(batch(1))  # warm
+    for _ in range(repeats):
+        for k in ks:
+            w = meter.begin()
+            res = engine.generate(batch(k))
+            got[k].append(meter.end(w).energy_j)
+            size[k] = sum(r.stats.prompt_tokens for r in res)
+    js = {k: _pick(v, meter) for k, v in got.items()}
+    ks = sorted(ks, key=size.__getitem__)
+    n = cheapest([size[k] for k in ks], [js[k] for k in ks])
+    c, a, b = fit_round_tokens([size[k] for k in ks[:n]], [js[k] for k in ks[:n]])
+    return {
+        "method": f"calib_ctrl.measure_round_ctrl: static batches of k requests of ~{tokens} "
+        f"tokens (k in {list(ks)}) read whole with one new token on the {engine.info().get('policy')} "
+        f"engine, {meter.name} meter, {'least' if isinstance(meter, EstimateMeter) else 'median'} "
+        f"of {repeats}; joules = a + b tokens, round_tokens_ctrl = a / b",
+        "round_tokens_ctrl": c,
+        "round_cap_ctrl": size[ks[n - 1]],
+        "a_j": a,
+        "b_j_per_token": b,
+        "tokens": {str(k): size[k] for k in ks},
+        "joules": {str(k): js[k] for k in ks},
+        "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def write_round_ctrl(table, record: dict) -> None:
+    """Write a `measure_round_ctrl` record into `table` (in place): prefill.round_tokens_ctrl,
+    prefill.round_cap_ctrl and kernels["prefill_round_ctrl"]."""
+    table.prefill.round_tokens_ctrl = float(record["round_tokens_ctrl"])
+    table.prefill.round_cap_ctrl = int(record["round_cap_ctrl"])
+    table.kernels["prefill_round_ctrl"] = record

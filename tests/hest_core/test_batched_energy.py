@@ -128,6 +128,112 @@ def test_decode_step_j_is_the_formula():
     )
 
 
+# ---- measured steps of 1..M rows (rows_unit) ---------------------------------------------------------
+def _curved(rows_unit) -> EnergyModel:
+    t = _table([5e-4, 3e-4, 1e-5], 8e-4)
+    t.decode.rows_unit = rows_unit
+    return EnergyModel(t)
+
+
+# fp16 flat from 5 rows on (a tile kernel), int8 a line, skip every row its own
+CURVE = [
+    [1.0, 1.5, 2.0, 2.5, 2.5, 2.6, 2.8, 3.0],
+    [1.0, 1.8, 2.6, 3.4, 4.2, 5.0, 5.8, 6.6],
+    [float(m) for m in range(1, 9)],
+]
+
+
+def test_a_measured_curve_prices_each_row_by_its_steps_rows():
+    """With rows_unit a row on path p in an m-row step pays unit x g(m) / m (rounded up): the
+    rebate is the rest of its unit; past the measured m, the last m's share; the step's modelled
+    joules are unit x g(m) per layer and path."""
+    em = _curved(CURVE)
+    assert em.shares
+    for li in range(2):
+        for p in range(3):
+            u = em.unit_q["decode"][li][p]
+            for m in range(1, 12):
+                k = min(m, 8)
+                share = math.ceil(u * (CURVE[p][k - 1] / k))
+                assert em.unit_rebate_q(li, p, m) == u - share
+    assert em.unit_rebate_q(0, 2, 7) == 0  # skip: nothing shared
+    assert em.unit_rebate_q(0, 0, 1) == 0
+    # fp16's rows at 8 pay 3/8 of the unit each, at 16 the same share (not extrapolated)
+    u = em.unit_q["decode"][0][0]
+    assert em.unit_rebate_q(0, 0, 16) == u - math.ceil(u * (3.0 / 8))
+    paths = [[0, 1]] * 5 + [[2, 1]]  # layer 0: five on fp16, one on skip; layer 1: six on int8
+    ctx = [10] * 6
+    c = em.ph["decode"]
+    want = 6 * c.token_fixed + c.attn_ctx * 60 + 8e-4 + 6 * (1e-3 - 8e-4)
+    want += 7e-4 * 2.5 + 6e-5 * 1.0 + 4e-4 * 5.0
+    assert em.decode_step_j(ctx, paths) == pytest.approx(want, rel=1e-12)
+    assert em.decode_step_j([10] * 16, [[0, 0]] * 16) == pytest.approx(
+        16 * c.token_fixed + c.attn_ctx * 160 + 8e-4 + 16 * 2e-4 + 2 * 7e-4 * 3.0 * 2, rel=1e-12
+    )
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    shares=st.lists(st.floats(0.01, 1.0), min_size=1, max_size=16),
+    m=st.integers(1, 40),
+)
+def test_a_curves_rows_pay_their_step_and_never_more_than_alone(shares, m):
+    """For any measured curve (made a valid one by `calib_rows.curve`), the m rows together pay
+    at least the step's modelled cost (picojoules, rounded up), each at most its unit, and a
+    mate joining never raises a row's share."""
+    ms = list(range(1, len(shares) + 1))
+    g = calib_rows.curve(ms, [a * k for a, k in zip(shares, ms, strict=True)])
+    em = _curved([g, g, [float(k) for k in ms]])
+    for p in range(3):
+        u = em.unit_q["decode"][0][p]
+        r = em.unit_rebate_q(0, p, m)
+        k = min(m, len(g) if p < 2 else len(ms))
+        step = u * em.ph["decode"].rows_unit[p][k - 1] * m / k
+        assert 0 <= r <= u
+        assert m * (u - r) >= step - 1e-6 * u
+        assert em.unit_rebate_q(0, p, m + 1) >= r
+
+
+def test_rows_unit_round_trips_and_bad_curves_are_refused(tmp_path):
+    t = _table([5e-4, 3e-4, 1e-5], 8e-4)
+    t.decode.rows_unit = CURVE
+    t.save(tmp_path / "t.json")
+    assert CalibrationTable.load(tmp_path / "t.json").decode.rows_unit == CURVE
+    for edit, match in [
+        (lambda d: d["decode"].update(rows_unit=CURVE[:2]), "must be 3 rows"),
+        (
+            lambda d: d["decode"].update(rows_unit=[r[:4] for r in CURVE[:2]] + [CURVE[2]]),
+            "one length",
+        ),
+        (lambda d: d["decode"].update(rows_unit=[[1.2, 2.0]] * 3), "must start at 1"),
+        (lambda d: d["decode"].update(rows_unit=[[1.0, 2.5]] * 3), r"in \(0, 1\]"),
+        (lambda d: d["decode"].update(rows_unit=[[1.0, 1.2, 2.4]] * 3), "never rise"),
+        (lambda d: d["prefill"].update(rows_unit=CURVE), "for decode steps"),
+    ]:
+        d = t.to_json()
+        edit(d)
+        (tmp_path / "bad.json").write_text(json.dumps(d))
+        with pytest.raises(CalibrationError, match=match):
+            CalibrationTable.load(tmp_path / "bad.json")
+
+
+def test_the_curve_from_measured_steps():
+    """`calib_rows.curve`: g(m) / g(1), linear between measured m, each row's share clamped to
+    (0, 1] and made non-increasing (a rise pooled with its neighbours); None without a positive
+    one-row figure; ValueError without one."""
+    assert calib_rows.curve([1, 2, 4], [2.0, 3.0, 4.0]) == pytest.approx([1.0, 1.5, 1.75, 2.0])
+    # 1 row 1.0; 2 rows 2.4 (share 1.2: clamped to 1); 3 rows 1.2 (0.4); 4 rows 2.0 (0.5: a rise)
+    got = calib_rows.curve([1, 2, 3, 4], [1.0, 2.4, 1.2, 2.0])
+    share = [g / m for m, g in enumerate(got, 1)]
+    assert share == pytest.approx([1.0, 1.0, 0.45, 0.45])
+    assert calib_rows.curve([1, 2], [0.0, 1.0]) is None
+    with pytest.raises(ValueError, match="one-row step"):
+        calib_rows.curve([2, 4], [1.0, 2.0])
+    med = calib_rows.median_rows([[[1.0, 2.0, 2.0]], [[1.0, 1.0, 3.0]], [[1.0, 1.6, 2.1]]])
+    assert len(med) == 1 and med[0] == pytest.approx([1.0, 1.6, 2.1])
+    assert calib_rows.median_rows([[[1.0, 2.0]], None]) is None
+
+
 # ---- the calibration's fit -----------------------------------------------------------------------
 def test_through_one_recovers_the_shared_part():
     s, u = 3.0, 5.0
@@ -161,7 +267,15 @@ def test_measure_rows_fits_each_paths_share_from_whole_steps(monkeypatch, tiny_e
     assert out.shared[0][:2] == pytest.approx(true[:2], rel=1e-9)
     assert out.shared[0][2] == d.unit[0][2]  # clamped
     assert out.head_shared == pytest.approx(head_s, rel=1e-9)
-    assert rec["rows"] == [1, 2, 4, 8, 16] and rec["fit_error"]["fp16"] < 1e-9
+    assert rec["rows"] == list(range(1, 17)) and rec["fit_error"]["fp16"] < 1e-9
+    # the measured curve: a step of m rows in one row's units, from the same steps
+    for p in range(2):
+        u, s = d.unit[0][p], true[p]
+        want = [(s + m * (u - s)) / u for m in range(1, 17)]
+        assert out.rows_unit[p] == pytest.approx(want, rel=1e-9)
+    # skip's data falls below nothing past one row: each share clamped, never rising
+    share = [g / m for m, g in enumerate(out.rows_unit[2], 1)]
+    assert share[0] == 1.0 and all(0 < b <= a for a, b in zip(share, share[1:], strict=False))
     same, none = calib_rows.measure_rows(lean, None, d, ctx, rows=(1,))
     assert same is d and none == {}
 
@@ -393,11 +507,6 @@ def test_batched_runs_against_the_estimate_meter_longer(default_engine: Engine):
 
 
 @pytest.mark.slow  # it times the machine
-@pytest.mark.xfail(
-    reason="issue 15's 15% at 16 rows is missed on the 2-core Xeon: 1.17-1.20 in three runs "
-    "(session 18; 1.31 before prefill rounds were shared)",
-    strict=False,
-)
 def test_served_engine_batched_runs_within_15pct_of_the_estimate_meter():
     """The engine `make serve` runs (the default adapter on its four-path table, with its
     batched-decode shares and prefill round fit): whole static batches of 1, 4, 8 and 16 CNN/DM-
@@ -435,6 +544,7 @@ def test_served_engine_batched_runs_within_15pct_of_the_estimate_meter():
             got[m].append(ratio(m))
     med = {m: statistics.median(v) for m, v in got.items()}
     rel = {m: v / med[1] for m, v in med.items()}
+    print("modelled / estimate relative to one request:", {m: round(v, 3) for m, v in rel.items()})
     assert all(abs(v - 1) <= 0.15 for v in rel.values()), (med, rel)
 
 

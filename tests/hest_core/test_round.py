@@ -116,21 +116,62 @@ def test_requests_sharing_a_round_get_back_their_share(shared_tables, tmp_path, 
 
 
 def test_measured_on_the_tiny_model_and_written(shared_tables, tmp_path):
-    """What `tools/host_fit.py --what round` runs: rounds of 1..4 requests timed, a line fitted,
-    written into a table that then loads with it."""
+    """What `tools/host_fit.py --what round` runs: rounds of 1..16 requests timed, a line
+    fitted, written into a table that then loads with it."""
     from hest_core.exec.loading import build_lean, load_hf_model
 
     torch.manual_seed(0)
     lean = build_lean(load_hf_model("tiny:llama"), torch.bfloat16, torch.device("cpu"), 512)
     rec = calib_round.measure_round(lean, EstimateMeter(30.0), repeats=1, tokens=32)
-    assert rec["round_cap"] == 4 * 32 and rec["round_tokens"] >= 0 and rec["b_j_per_token"] > 0
-    assert set(rec["round_j"]) == {"1", "2", "3", "4"}
+    assert rec["round_cap"] == 16 * 32 and rec["round_tokens"] >= 0 and rec["b_j_per_token"] > 0
+    assert set(rec["round_j"]) == {"1", "2", "4", "8", "16"}
     src, _ = _round_table(shared_tables, tmp_path)
     t = CalibrationTable.load(src)
     calib_round.write_round(t, rec)
     t.save(tmp_path / "written.json")
     back = CalibrationTable.load(tmp_path / "written.json")
     assert (
-        back.prefill.round_cap == 128
+        back.prefill.round_cap == 512
         and back.kernels["prefill_round"]["round_tokens"] == rec["round_tokens"]
     )
+
+
+def test_a_controller_engine_prices_rounds_by_its_own_fit(shared_tables, tmp_path):
+    """round_tokens_ctrl / round_cap_ctrl (rounds as a controller engine runs them) price the
+    rounds of a model built with controlled=True; fixed policies keep round_tokens; a decode
+    phase refuses them; they round-trip."""
+    _, path = _round_table(shared_tables, tmp_path)
+    t = CalibrationTable.load(path)
+    t.prefill.round_tokens_ctrl, t.prefill.round_cap_ctrl = 90.0, 2048
+    t.save(tmp_path / "ctrl.json")
+    t = CalibrationTable.load(tmp_path / "ctrl.json")
+    assert (t.prefill.round_tokens_ctrl, t.prefill.round_cap_ctrl) == (90.0, 2048)
+    fixed, ctl = EnergyModel(t), EnergyModel(t, controlled=True)
+    assert (fixed.round_tokens, fixed.round_cap) == (C, CAP)
+    assert ctl.controlled and (ctl.round_tokens, ctl.round_cap) == (90.0, 2048)
+    base = 10**12 + 100 * ctl.prefill_token_q
+    want = math.floor(base * (1 - (1 + 90.0 / 1500) / (1 + 90.0 / 100)))
+    assert ctl.round_rebate_q(10**12, 100, 1500) == want
+    t.decode.round_tokens_ctrl = 5.0
+    with pytest.raises(CalibrationError, match="decode has round_tokens"):
+        t.decode.check(t.n_layers, "decode")
+
+
+def test_round_fit_measured_on_a_controller_engine_and_written(shared_tables, tmp_path):
+    """What `tools/host_fit.py --what round` runs on the default adapter's engine: static
+    batches of 1, 2 and 4 requests timed through the engine (its controller and guards), a
+    line fitted, written into a table that loads with it."""
+    from hest_core.runtime import calib_ctrl
+
+    src, _ = _round_table(shared_tables, tmp_path)
+    e = Engine.from_pretrained("tiny:llama", calibration=src, progress=False)
+    rec = calib_ctrl.measure_round_ctrl(e, EstimateMeter(30.0), repeats=2, tokens=32, ks=(1, 2, 4))
+    n = rec["tokens"]
+    assert n["2"] == 2 * n["1"] and n["4"] == 4 * n["1"] and rec["round_cap_ctrl"] == n["4"]
+    assert rec["round_tokens_ctrl"] >= 0 and rec["b_j_per_token"] > 0
+    t = CalibrationTable.load(src)
+    calib_ctrl.write_round_ctrl(t, rec)
+    t.save(tmp_path / "written.json")
+    back = CalibrationTable.load(tmp_path / "written.json")
+    assert back.prefill.round_cap_ctrl == n["4"]
+    assert back.kernels["prefill_round_ctrl"]["round_tokens_ctrl"] == rec["round_tokens_ctrl"]

@@ -348,11 +348,29 @@ def test_attributed_joules_fall_by_the_share_of_the_shared_reads(fp16_shared: En
             assert res.stats.modelled_j < a.stats.modelled_j
 
 
-def test_each_step_charges_less_as_mates_join_and_more_as_they_leave(fp16_shared: Engine):
+@pytest.fixture(scope="module")
+def fp16_curved(shared_tables, tmp_path_factory) -> Engine:
+    """The tiny llama on its fixed table with measured-looking steps of 1..8 rows (rows_unit)."""
+    from hest_core.exec.loading import fingerprint, load_hf_model
+
+    fp = fingerprint(load_hf_model("tiny:llama"))
+    d = json.loads((shared_tables / f"{fp}.json").read_text())
+    d["decode"]["rows_unit"] = CURVE
+    path = tmp_path_factory.mktemp("curved") / f"{fp}.json"
+    path.write_text(json.dumps(d))
+    return Engine.from_pretrained(
+        "tiny:llama", adapter=None, policy="fp16", calibration=path, progress=False
+    )
+
+
+@pytest.mark.parametrize("which", ["line", "curve"])
+def test_each_step_charges_less_as_mates_join_and_more_as_they_leave(which, request):
     """Request 0's attributed cost of each decode step follows its batch: at n rows it is the
     batch-1 step at that context less the rebates of n rows, so it falls while three mates run
-    and rises back once they have left."""
-    e = fp16_shared
+    and rises back once they have left; with shares fitted as a line and with measured steps
+    (rows_unit)."""
+    e = request.getfixturevalue("fp16_shared" if which == "line" else "fp16_curved")
+    assert (e.energy.rows_q is not None) == (which == "curve")
     em, L = e.energy, e.lean.spec.n_layers
     sched = e.scheduler(max_rows=8)
     seen = _watch_decode_rows(sched)

@@ -147,7 +147,7 @@ def _round(path: Path, watts: float, args) -> None:
         f"{rc['round_tokens_ctrl']:.1f}, cap {rc['round_cap_ctrl']} tokens; ms per token: {pts}"
     )
     if not args.dry_run:
-        calib_host.save_into(path, calib_ctrl.write_round_ctrl, rc)
+        calib_host.save_into(path, lambda t, r: calib_round.write_round(t, r, ctrl=True), rc)
 
 
 def _host(path: Path, watts: float, args) -> None:

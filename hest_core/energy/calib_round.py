@@ -131,9 +131,12 @@ def measure_round(
     }
 
 
-def write_round(table, record: dict) -> None:
+def write_round(table, record: dict, ctrl: bool = False) -> None:
     """Write a `measure_round` record into `table` (in place): prefill.round_tokens,
-    prefill.round_cap and kernels["prefill_round"]."""
-    table.prefill.round_tokens = float(record["round_tokens"])
-    table.prefill.round_cap = int(record["round_cap"])
-    table.kernels["prefill_round"] = record
+    prefill.round_cap and kernels["prefill_round"]; with ctrl, a
+    `calib_ctrl.measure_round_ctrl` record: round_tokens_ctrl, round_cap_ctrl and
+    kernels["prefill_round_ctrl"]."""
+    end = "_ctrl" if ctrl else ""
+    setattr(table.prefill, "round_tokens" + end, float(record["round_tokens" + end]))
+    setattr(table.prefill, "round_cap" + end, int(record["round_cap" + end]))
+    table.kernels["prefill_round" + end] = record

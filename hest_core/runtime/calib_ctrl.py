@@ -288,11 +288,3 @@ def measure_round_ctrl(
         "joules": {str(k): js[k] for k in ks},
         "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-
-
-def write_round_ctrl(table, record: dict) -> None:
-    """Write a `measure_round_ctrl` record into `table` (in place): prefill.round_tokens_ctrl,
-    prefill.round_cap_ctrl and kernels["prefill_round_ctrl"]."""
-    table.prefill.round_tokens_ctrl = float(record["round_tokens_ctrl"])
-    table.prefill.round_cap_ctrl = int(record["round_cap_ctrl"])
-    table.kernels["prefill_round_ctrl"] = record

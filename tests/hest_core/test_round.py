@@ -170,7 +170,7 @@ def test_round_fit_measured_on_a_controller_engine_and_written(shared_tables, tm
     assert n["2"] == 2 * n["1"] and n["4"] == 4 * n["1"] and rec["round_cap_ctrl"] == n["4"]
     assert rec["round_tokens_ctrl"] >= 0 and rec["b_j_per_token"] > 0
     t = CalibrationTable.load(src)
-    calib_ctrl.write_round_ctrl(t, rec)
+    calib_round.write_round(t, rec, ctrl=True)
     t.save(tmp_path / "written.json")
     back = CalibrationTable.load(tmp_path / "written.json")
     assert back.prefill.round_cap_ctrl == n["4"]

@@ -123,15 +123,20 @@ def test_measured_on_the_tiny_model_and_written(shared_tables, tmp_path):
     torch.manual_seed(0)
     lean = build_lean(load_hf_model("tiny:llama"), torch.bfloat16, torch.device("cpu"), 512)
     rec = calib_round.measure_round(lean, EstimateMeter(30.0), repeats=1, tokens=32)
-    assert rec["round_cap"] == 16 * 32 and rec["round_tokens"] >= 0 and rec["b_j_per_token"] > 0
     assert set(rec["round_j"]) == {"1", "2", "4", "8", "16"}
+    # the cap: the round whose token cost least (of two or more; timing noise may pick 8 or 16)
+    per = {int(k): j / (int(k) * 32) for k, j in rec["round_j"].items()}
+    ks = sorted(per)
+    least = min(ks, key=per.__getitem__)
+    assert rec["round_cap"] == 32 * (least if least > 1 else ks[1])
+    assert rec["round_tokens"] >= 0 and rec["b_j_per_token"] > 0
     src, _ = _round_table(shared_tables, tmp_path)
     t = CalibrationTable.load(src)
     calib_round.write_round(t, rec)
     t.save(tmp_path / "written.json")
     back = CalibrationTable.load(tmp_path / "written.json")
     assert (
-        back.prefill.round_cap == 512
+        back.prefill.round_cap == rec["round_cap"]
         and back.kernels["prefill_round"]["round_tokens"] == rec["round_tokens"]
     )
 

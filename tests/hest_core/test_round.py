@@ -172,11 +172,14 @@ def test_round_fit_measured_on_a_controller_engine_and_written(shared_tables, tm
     e = Engine.from_pretrained("tiny:llama", calibration=src, progress=False)
     rec = calib_ctrl.measure_round_ctrl(e, EstimateMeter(30.0), repeats=2, tokens=32, ks=(1, 2, 4))
     n = rec["tokens"]
-    assert n["2"] == 2 * n["1"] and n["4"] == 4 * n["1"] and rec["round_cap_ctrl"] == n["4"]
+    assert n["2"] == 2 * n["1"] and n["4"] == 4 * n["1"]
+    per = {k: rec["joules"][k] / n[k] for k in n}
+    least = min(per, key=per.__getitem__)
+    assert rec["round_cap_ctrl"] == n["2" if least == "1" else least]  # the cheapest round
     assert rec["round_tokens_ctrl"] >= 0 and rec["b_j_per_token"] > 0
     t = CalibrationTable.load(src)
     calib_round.write_round(t, rec, ctrl=True)
     t.save(tmp_path / "written.json")
     back = CalibrationTable.load(tmp_path / "written.json")
-    assert back.prefill.round_cap_ctrl == n["4"]
+    assert back.prefill.round_cap_ctrl == rec["round_cap_ctrl"]
     assert back.kernels["prefill_round_ctrl"]["round_tokens_ctrl"] == rec["round_tokens_ctrl"]

@@ -43,7 +43,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--table", default=None)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--rows", default=",".join(map(str, calib_rows.ROWS)))
+    ap.add_argument("--rows", default=",".join(map(str, calib_rows.ROWS_ALL)))
     args = ap.parse_args()
     rows = tuple(int(v) for v in args.rows.split(","))
     cfg = RuntimeConfig.from_env()

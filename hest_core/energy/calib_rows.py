@@ -48,9 +48,13 @@ from . import calib_measure as cm
 from .meters import Meter
 from .model import PhaseCosts
 
-# rows per decode step measured: every m up to the scheduler's 16 rows, because the kernels
-# change at some m (the AMX tiles) and a curve between sparse points would miss the step
-ROWS = tuple(range(1, 17))
+# rows per decode step measured by `calibrate` (an engine's first start on a CPU without a
+# packaged table: every repeat times them, ~3 s per m on the default model at 2 threads): both
+# sides of each m where the Xeon's kernels change (16-bit on the AMX tiles from 5 rows, int8 and
+# int4 from 9), linear between; `tools/package_shares.py`, for the packaged tables, takes every
+# m up to the scheduler's 16 (ROWS_ALL)
+ROWS = (1, 2, 4, 5, 8, 9, 12, 16)
+ROWS_ALL = tuple(range(1, 17))
 
 
 def through_one(ms: list[int], ys: list[float], y1: float) -> float:

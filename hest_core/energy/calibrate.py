@@ -87,7 +87,8 @@ def calibrate(
     repeat with `kernels["settled"] = False` and the reasons in `kernels["unsettled"]` (resolve()
     then caches nothing). `rows`: the rows per decode step whose costs give the shared part of
     each decode cost (`calib_rows.measure_rows`; (1,): none, a batch-1 table). Each repeat takes
-    ~6 s on the default model at 2 threads, plus ~10 s for the rows up to 16; then the prompt
+    ~6 s on the default model at 2 threads, plus ~25 s for decode steps of `calib_rows.ROWS` rows
+    up to 16; then the prompt
     attention is measured out to the model's positions and fitted (`calib_attention.fit_into`,
     a few seconds), and each path's weight pass in a mixed-path prefill (`calib_split`, ~20 s)."""
     if meter is None:

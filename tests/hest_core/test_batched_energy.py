@@ -267,11 +267,11 @@ def test_measure_rows_fits_each_paths_share_from_whole_steps(monkeypatch, tiny_e
     assert out.shared[0][:2] == pytest.approx(true[:2], rel=1e-9)
     assert out.shared[0][2] == d.unit[0][2]  # clamped
     assert out.head_shared == pytest.approx(head_s, rel=1e-9)
-    assert rec["rows"] == list(range(1, 17)) and rec["fit_error"]["fp16"] < 1e-9
+    assert rec["rows"] == list(calib_rows.ROWS) and rec["fit_error"]["fp16"] < 1e-9
     # the measured curve: a step of m rows in one row's units, from the same steps
     for p in range(2):
         u, s = d.unit[0][p], true[p]
-        want = [(s + m * (u - s)) / u for m in range(1, 17)]
+        want = [(s + m * (u - s)) / u for m in range(1, 17)]  # linear between measured m: exact
         assert out.rows_unit[p] == pytest.approx(want, rel=1e-9)
     # skip's data falls below nothing past one row: each share clamped, never rising
     share = [g / m for m, g in enumerate(out.rows_unit[2], 1)]

@@ -610,3 +610,34 @@ def test_a_decode_steps_rows_fit_the_same_in_either_form(hest_shared: Engine, se
             assert (x.guard.rem_fp16, x.guard.rem_min) == (y.guard.rem_fp16, y.guard.rem_min)
             assert x.layer_counts == y.layer_counts
     assert demoted > 0  # the tight budgets did demote
+
+
+@pytest.mark.slow  # the real default model, timed
+def test_the_batched_energy_tool_reports_both_views():
+    """`tools/batched_energy.py` (the figures docs/runtime.md cites): `steps` prints each path's
+    whole steps measured and modelled, 1.00 / 1.00 at one row; `split` each batch size's ratios
+    relative to one request's, 1.000 at one row."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tool = Path(__file__).resolve().parents[2] / "tools" / "batched_energy.py"
+    run = [sys.executable, str(tool)]
+    out = subprocess.run(
+        [*run, "steps", "--rows", "1,2"], capture_output=True, text=True, timeout=600
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = [x for x in out.stdout.splitlines() if "rows:" in x]
+    paths = lines[0].count(" / ")  # the engine's paths (the shipped adapter registers int4)
+    assert len(lines) == 2 and paths >= 3 and lines[0].count("1.00 / 1.00") == paths
+    out = subprocess.run(
+        [*run, "split", "--rows", "1,2", "--repeats", "1", "--max-new-tokens", "4"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = [x for x in out.stdout.splitlines() if x.startswith("rows")]
+    assert len(lines) == 2 and lines[0].count("(1.000)") == 2 and "(relative 1.000)" in lines[0]
+    bad = subprocess.run([*run, "split", "--rows", "2,4"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "must start at 1" in bad.stderr

@@ -24,43 +24,24 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from closed_loop_inproc import _timed_forwards  # noqa: E402  (tools/, this script's directory)
+
 from hest_core import Engine, GenerationRequest  # noqa: E402
 from hest_core import paths as reg  # noqa: E402
 from hest_core.energy.calibrate import PACKAGED  # noqa: E402
-from hest_core.runtime import scheduler as sched_mod  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "cnndm" / "train.jsonl"
 
 
-def _timed(log: list[tuple[str, float]]) -> None:
-    """Record the seconds of every prefill round ("p") and decode step ("d")."""
-    pre, dec = sched_mod.Scheduler._prefill_round, sched_mod.Scheduler._decode_step
-
-    def prefill_round(self):
-        t0 = time.perf_counter()
-        pre(self)
-        log.append(("p", time.perf_counter() - t0))
-
-    def decode_step(self):
-        t0 = time.perf_counter()
-        rows = dec(self)
-        log.append(("d", time.perf_counter() - t0))
-        return rows
-
-    sched_mod.Scheduler._prefill_round = prefill_round
-    sched_mod.Scheduler._decode_step = decode_step
-
-
 def split(a) -> None:
     arts = [json.loads(line)["article"] for line in a.data.read_text().splitlines()[200:216]]
-    log: list[tuple[str, float]] = []
-    _timed(log)
+    log: list[tuple[str, int, float]] = []  # (phase, tokens or rows, seconds) of every forward
+    _timed_forwards(log)
     e = Engine.from_pretrained(progress=False, calibration=PACKAGED, threads=a.threads)
     e.warmup()
     watts = e._nominal_watts()
@@ -80,8 +61,8 @@ def split(a) -> None:
         pj = sum(r.stats.prefill_j for r in res)
         dj = sum(r.stats.decode_j for r in res)
         est = sum(r.stats.estimated_j for r in res)
-        ps = sum(s for k, s in log if k == "p")
-        ds = sum(s for k, s in log if k == "d")
+        ps = sum(s for k, _, s in log if k == "p")
+        ds = sum(s for k, _, s in log if k == "d")
         return (pj + dj) / est, pj / (ps * watts), dj / (ds * watts)
 
     once(1)  # warm

@@ -78,6 +78,14 @@ def _non_increasing(v: list[float]) -> list[float]:
     return [m for m, n in blocks for _ in range(int(n))]
 
 
+def _steps(share: list[float]) -> list[float]:
+    """Step multiples g(m) = m x share(m), m = 1.., from each row's share of an m-row step:
+    shares clamped at 1, made non-increasing (`_non_increasing`), 1 at one row."""
+    share = _non_increasing([min(1.0, a) for a in share])
+    share[0] = 1.0
+    return [a * m for m, a in enumerate(share, 1)]
+
+
 def curve(ms: list[int], g: list[float]) -> list[float] | None:
     """A path's step multiples rows_unit (module docstring) for m = 1..max(ms) from its gated
     step joules g measured at the distinct m in ms (1 among them): g(m) / g(1), linear between
@@ -95,10 +103,8 @@ def curve(ms: list[int], g: list[float]) -> list[float] | None:
         hi = next(x for x in xs if x >= m)
         lo = max(x for x in xs if x <= m)
         y = pts[lo] if hi == lo else pts[lo] + (pts[hi] - pts[lo]) * (m - lo) / (hi - lo)
-        full.append(min(1.0, max(1e-6, y / pts[1] / m)))
-    share = _non_increasing(full)
-    share[0] = 1.0
-    return [a * m for m, a in enumerate(share, 1)]
+        full.append(max(1e-6, y / pts[1] / m))
+    return _steps(full)
 
 
 def median_rows(curves: list[list[list[float]] | None]) -> list[list[float]] | None:
@@ -109,10 +115,9 @@ def median_rows(curves: list[list[list[float]] | None]) -> list[list[float]] | N
     out = []
     for p in range(len(curves[0])):
         M = len(curves[0][p])
-        share = [statistics.median(c[p][m - 1] / m for c in curves) for m in range(1, M + 1)]
-        share = _non_increasing([min(1.0, a) for a in share])
-        share[0] = 1.0
-        out.append([a * m for m, a in enumerate(share, 1)])
+        out.append(
+            _steps([statistics.median(c[p][m - 1] / m for c in curves) for m in range(1, M + 1)])
+        )
     return out
 
 

@@ -2,7 +2,7 @@
 without HTTP (issue 15).
 
     python tools/closed_loop_inproc.py [--clients 16] [--requests 64] [--mode continuous|static]
-        [--ratio 0.6] [--max-new-tokens 64] [--prefill-tokens N] [--data PATH]
+        [--ratio 0.6] [--max-new-tokens 64] [--prefill-tokens N] [--data PATH] [--ceiling]
 
 C client threads each submit a request (a CNN/DM training article, budget ratio r, max new
 tokens) as soon as their last one ended, `requests` in all after the first C (the opening burst,
@@ -10,6 +10,13 @@ not counted). Prints requests/s, TTFT, the longest gap between a request's token
 latency (p50 / p99), then every prefill round (its prompt tokens, ms per token) and decode step
 (its rows, median ms per row count) the engine ran. The default engine (the shipped adapter, its
 table), 2 threads. Timings are only as quiet as the machine: run nothing else beside it.
+
+`--ceiling` then times one prefill round of 16 of the run's prompts together (the cheapest price
+per prompt token the runtime has: static batching's shared round) and prints the requests/s no
+schedule of these forwards can pass at C clients: every prompt at that price and every generated
+token in a full step of min(C, 16) rows at this run's median step time, with nothing else
+between forwards. It assumes the run had steps of that many rows (continuous batching at C
+clients has; a static run's are mostly fewer).
 """
 
 from __future__ import annotations
@@ -64,6 +71,7 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--prefill-tokens", type=int, default=None, help="the round's token budget")
     ap.add_argument("--data", type=Path, default=DATA, help="JSONL with an 'article' field")
+    ap.add_argument("--ceiling", action="store_true", help="also print the requests/s ceiling")
     a = ap.parse_args()
     arts = [json.loads(line)["article"] for line in a.data.read_text().splitlines()][100:400]
     # the engine is built, warmed and served from one thread, as the server does (its worker):
@@ -78,6 +86,7 @@ def main() -> None:
     s = eng.scheduler(max_rows=16, static=a.mode == "static", **kw)
     loop = worker.submit(s.serve_forever)
     lock, nxt, recs = threading.Lock(), [0], []
+    counted: list[tuple[int, int]] = []  # (prompt, completion tokens) of counted requests
     C = a.clients
 
     def client() -> None:
@@ -88,11 +97,11 @@ def main() -> None:
             if k >= a.requests + C:
                 return
             req = eng.check(GenerationRequest(arts[k % len(arts)], None, a.ratio, a.max_new_tokens))
-            t0, toks, done = time.perf_counter(), [], threading.Event()
+            t0, toks, done, res = time.perf_counter(), [], threading.Event(), []
             s.submit(
                 req,
                 lambda *_, toks=toks: toks.append(time.perf_counter()),
-                lambda _r, done=done: done.set(),
+                lambda r, done=done, res=res: (res.append(r), done.set()),
             )
             done.wait()
             t1 = time.perf_counter()
@@ -100,6 +109,8 @@ def main() -> None:
                 gap = max((b - x for x, b in zip(toks, toks[1:], strict=False)), default=0.0)
                 with lock:
                     recs.append((t0, t1, (toks[0] if toks else t1) - t0, gap, t1 - t0))
+                    u = res[0].stats
+                    counted.append((u.prompt_tokens, u.completion_tokens))
 
     threads = [threading.Thread(target=client) for _ in range(C)]
     for t in threads:
@@ -108,6 +119,8 @@ def main() -> None:
         t.join()
     s.stop()
     loop.result()
+    run_log = list(log)  # the run's forwards (the ceiling's round is timed into `log` after)
+    shared = worker.submit(_shared_round_ms, eng, arts, a, log).result() if a.ceiling else None
     worker.shutdown()
     span = max(r[1] for r in recs) - min(r[0] for r in recs)
     ttft, gap, e2e = ([r[i] for r in recs] for i in (2, 3, 4))
@@ -116,8 +129,8 @@ def main() -> None:
         f"{_pct(ttft, 0.5):.2f} p99 {_pct(ttft, 0.99):.2f} s | longest gap p50 {_pct(gap, 0.5):.2f} "
         f"p99 {_pct(gap, 0.99):.2f} s | end to end p50 {_pct(e2e, 0.5):.2f} p99 {_pct(e2e, 0.99):.2f} s"
     )
-    p = [x for x in log if x[0] == "p" and x[1] > 0]
-    d = [x for x in log if x[0] == "d" and x[1] > 0]
+    p = [x for x in run_log if x[0] == "p" and x[1] > 0]
+    d = [x for x in run_log if x[0] == "d" and x[1] > 0]
     if p:
         toks = sum(x[1] for x in p)
         print(
@@ -135,6 +148,39 @@ def main() -> None:
             f"decode steps {len(d)}: rows median {statistics.median(x[1] for x in d)}, "
             f"{sum(x[2] for x in d):.1f} s; median ms by rows {per}"
         )
+    if shared is not None and d:
+        _print_ceiling(C, counted, shared, d)
+
+
+def _shared_round_ms(eng, arts: list[str], a, log: list) -> float:
+    """ms a prompt token in one prefill round of 16 of the run's prompts (least of 3 rounds)."""
+    best = float("inf")
+    for _ in range(3):
+        log.clear()
+        reqs = [GenerationRequest(arts[i], None, a.ratio, 1) for i in range(16)]
+        eng.generate(reqs)
+        for kind, n, sec in log:
+            if kind == "p" and n > 0:
+                best = min(best, 1e3 * sec / n)
+    return best
+
+
+def _print_ceiling(C: int, counted, shared_ms: float, d) -> None:
+    """The requests/s no schedule of these forwards passes at C clients (see the module's doc)."""
+    m = min(C, 16)
+    steps = [sec for _, rows, sec in d if rows == m]
+    if len(steps) < 3:
+        print(f"ceiling: fewer than 3 steps of {m} rows in this run; not computed")
+        return
+    step_ms = 1e3 * statistics.median(steps)
+    prompt = statistics.mean(x[0] for x in counted)
+    gen = statistics.mean(x[1] for x in counted)
+    per_req = prompt * shared_ms + gen * step_ms / m  # ms of forwards a request, at best
+    print(
+        f"ceiling at {C} clients: {1e3 / per_req:.2f} requests/s = 1 / ({prompt:.0f} prompt tokens "
+        f"x {shared_ms:.3f} ms (one round of 16 prompts) + {gen:.1f} tokens x {step_ms:.1f} ms / "
+        f"{m} rows)"
+    )
 
 
 if __name__ == "__main__":

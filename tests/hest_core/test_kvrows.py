@@ -125,6 +125,28 @@ def test_random_joins_and_leaves_keep_every_cache(seed):
         _check(rows, want, written)
 
 
+def test_move_rows_copies_each_row_its_own_positions_and_skips_rows_that_hold_nothing():
+    """A swap with a free row (used 0) copies only the mover, up to its own positions: the free
+    row and the mover's old row are left as they were. A three-row cycle with other lengths
+    lands each row's own positions where they belong, read before they were overwritten."""
+    c = KVCache(SPEC, 4, 8, torch.float32, "cpu")
+    for t in (*c.k, *c.v):
+        t.copy_(torch.randn_like(t))
+    before = [t.clone() for t in (*c.k, *c.v)]
+    c.move_rows([0, 3, 2, 1], [0, 5, 0, 0])  # row 1 takes row 3's 5 positions; row 3 is free
+    for t, b in zip((*c.k, *c.v), before, strict=True):
+        assert torch.equal(t[1, :, :5], b[3, :, :5])
+        assert torch.equal(t[1, :, 5:], b[1, :, 5:])  # past its own positions: untouched
+        assert torch.equal(t[3], b[3]) and torch.equal(t[0], b[0]) and torch.equal(t[2], b[2])
+    before = [t.clone() for t in (*c.k, *c.v)]
+    c.move_rows([2, 0, 1, 3], [6, 2, 8, 0])  # a cycle: 0 <- 2, 1 <- 0, 2 <- 1
+    for t, b in zip((*c.k, *c.v), before, strict=True):
+        assert torch.equal(t[0, :, :6], b[2, :, :6])
+        assert torch.equal(t[1, :, :2], b[0, :, :2])
+        assert torch.equal(t[2, :, :8], b[1, :, :8])
+        assert torch.equal(t[3], b[3])
+
+
 def test_move_rows_refuses_bad_lengths():
     c = KVCache(SPEC, 3, 8, torch.float32, "cpu")
     with pytest.raises(ValueError, match="used"):

@@ -273,3 +273,33 @@ def test_static_batching_waits_for_the_running_batch(tiny_engine: Engine):
         sched.step()
     _same(first, alone[0])
     _same(second, alone[1])
+
+
+@pytest.mark.slow  # the real default model, timed
+def test_the_closed_loop_tool_prints_its_ceiling_from_its_own_figures():
+    """`tools/closed_loop_inproc.py --ceiling` (docs/loadtest.md, session 20): a short closed
+    loop of 2 clients, then the ceiling line, whose requests/s is 1 / (prompt tokens x the
+    shared round's ms a token + completion tokens x the step's ms / its rows), as it prints."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tool = Path(__file__).resolve().parents[2] / "tools" / "closed_loop_inproc.py"
+    out = subprocess.run(
+        [sys.executable, str(tool), "--clients", "2", "--requests", "6"]
+        + ["--max-new-tokens", "12", "--ceiling"],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    form = (
+        r"ceiling at 2 clients: ([\d.]+) requests/s = 1 / \(([\d.]+) prompt tokens x ([\d.]+) ms "
+        r"\(one round of 16 prompts\) \+ ([\d.]+) tokens x ([\d.]+) ms / (\d+) rows\)"
+    )
+    m = re.search(form, out.stdout)
+    assert m, out.stdout[-2000:]
+    rps, prompt, price, gen, step, rows = (float(x) for x in m.groups())
+    assert rows == 2 and 0 < price < 5 and 0 < step < 1000 and 1 <= gen <= 12
+    assert rps == pytest.approx(1e3 / (prompt * price + gen * step / rows), rel=0.02)

@@ -11,12 +11,13 @@ latency (p50 / p99), then every prefill round (its prompt tokens, ms per token) 
 (its rows, median ms per row count) the engine ran. The default engine (the shipped adapter, its
 table), 2 threads. Timings are only as quiet as the machine: run nothing else beside it.
 
-`--ceiling` then times one prefill round of 16 of the run's prompts together (the cheapest price
-per prompt token the runtime has: static batching's shared round) and prints the requests/s no
-schedule of these forwards can pass at C clients: every prompt at that price and every generated
-token in a full step of min(C, 16) rows at this run's median step time, with nothing else
-between forwards. It assumes the run had steps of that many rows (continuous batching at C
-clients has; a static run's are mostly fewer).
+`--ceiling` then times one prefill round of 16 of the prompts together (the cheapest price per
+prompt token the runtime has: static batching's shared round) and prints a ceiling, the
+requests/s a schedule of these forwards would reach at best at C clients: every prompt at that
+price and every generated token in a full step of min(C, 16) rows at this run's median step
+time, nothing else between forwards. It needs the run's steps of that many rows (continuous
+batching at C clients has them; a static run mostly runs fewer) and is an estimate from this
+run's timings, not a proof: prompts of other lengths price their rounds a little differently.
 """
 
 from __future__ import annotations
@@ -166,7 +167,7 @@ def _shared_round_ms(eng, arts: list[str], a, log: list) -> float:
 
 
 def _print_ceiling(C: int, counted, shared_ms: float, d) -> None:
-    """The requests/s no schedule of these forwards passes at C clients (see the module's doc)."""
+    """The ceiling of requests/s at C clients (the module's doc says what it assumes)."""
     m = min(C, 16)
     steps = [sec for _, rows, sec in d if rows == m]
     if len(steps) < 3:

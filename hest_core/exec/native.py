@@ -140,6 +140,8 @@ class Native:
         lib.hest_head_q8.restype = _I
         lib.hest_rms_norm.argtypes = [_P, _P, _P, _I, _I, ctypes.c_float, _I]
         lib.hest_rms_norm.restype = _I
+        lib.hest_rope_rows.argtypes = [_P] * 4 + [_I] * 6
+        lib.hest_rope_rows.restype = _I
         self.amx = bool(lib.hest_amx_init())  # AMX tiles for the fused layer's many-row products
         self.amx_enabled = self.amx  # whether they are used now (`set_amx`)
         if self.amx:
@@ -273,6 +275,55 @@ class Native:
         )
         check(rc, "rms_norm")
         return y
+
+    def rope_rows(
+        self,
+        x: torch.Tensor,
+        heads: int,
+        hd: int,
+        pos: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+    ) -> None:
+        """Rotary embedding, in place, of the first `heads` heads of hd values of every row of
+        x (M, >= heads * hd) CPU bf16, rows contiguous (a row stride of its own is fine: a
+        projection's q|k|v output); pos (M,) int64 positions into cos / sin (rope_len, hd)
+        contiguous bf16. Bit for bit `ops.apply_rope` of those heads (kernels/layer_ops.c).
+        Raises NativeArgumentError for other tensors or a position past the tables."""
+        ok = x.dim() == 2 and x.dtype == torch.bfloat16 and x.device.type == "cpu"
+        need(
+            ok and x.stride(1) == 1 and x.shape[1] >= heads * hd,
+            "rope_rows",
+            f"x must be 2-D CPU bf16 rows of >= {heads} x {hd}",
+        )
+        ok = (
+            all(
+                t.dtype == torch.bfloat16
+                and t.is_contiguous()
+                and t.dim() == 2
+                and t.shape[1] == hd
+                for t in (cos, sin)
+            )
+            and cos.shape == sin.shape
+        )
+        need(ok, "rope_rows", f"cos and sin must be contiguous bf16 (rope_len, {hd})")
+        pos = pos.to(torch.int64).contiguous()
+        need(pos.dim() == 1 and pos.numel() == x.shape[0], "rope_rows", "pos must be (M,)")
+        if x.shape[0] == 0:
+            return
+        rc = self._lib.hest_rope_rows(
+            x.data_ptr(),
+            pos.data_ptr(),
+            cos.data_ptr(),
+            sin.data_ptr(),
+            x.shape[0],
+            x.stride(0),
+            heads,
+            hd,
+            cos.shape[0],
+            torch.get_num_threads(),
+        )
+        check(rc, "rope_rows")
 
     def head_q8(self, x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
         """x (M, K) bf16 against Q8_0 weights: codes (N, K) int8, scales (N, K/32) fp16 ->

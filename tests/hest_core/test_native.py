@@ -263,3 +263,78 @@ def test_rms_norm_refuses_what_it_cannot_take():
     with pytest.raises(native.NativeArgumentError, match="rms_norm"):
         NAT.rms_norm(torch.ones(2, 8, dtype=torch.bfloat16), w[:4], 1e-5)
     assert NAT.rms_norm(torch.ones(0, 8, dtype=torch.bfloat16), w, 1e-5).shape == (0, 8)
+
+
+@needs_native
+@pytest.mark.parametrize("m", [1, 5, 172, 1030])
+@pytest.mark.parametrize("scale", [1.0, 1e3, 1e-3])
+def test_rope_rows_equal_apply_rope_bit_for_bit(m, scale):
+    """`Native.rope_rows` (prefill's rope, `LeanModel._pre`) against `ops.apply_rope` on the
+    same q|k heads of a projection's rows, at arbitrary positions: equal bit for bit (the
+    same two products and sum, each rounded to bf16), v's columns untouched."""
+    from hest_core.exec.ops import apply_rope
+
+    g = torch.Generator().manual_seed(m)
+    heads, hd, kv = 12, 64, 3
+    cos, sin = (torch.randn(4096, hd, generator=g).bfloat16() for _ in range(2))
+    qkv = (torch.randn(m, (heads + kv) * hd, generator=g) * scale).bfloat16()
+    qkv[0, :4] = torch.tensor([0.0, -0.0, float("inf"), -1e-40])  # zeros, inf, a subnormal
+    pos = torch.randint(0, 4096, (m,), generator=g)
+    ref = apply_rope(qkv[:, : heads * hd].view(m, heads, hd), cos[pos][:, None], sin[pos][:, None])
+    got = qkv.clone()
+    NAT.rope_rows(got, heads, hd, pos, cos, sin)
+    bits = got[:, : heads * hd].contiguous().view(torch.int16)
+    assert torch.equal(bits, ref.reshape(m, -1).contiguous().view(torch.int16))
+    assert torch.equal(
+        got[:, heads * hd :].view(torch.int16), qkv[:, heads * hd :].view(torch.int16)
+    )
+
+
+@needs_native
+def test_rope_rows_refuse_what_they_cannot_take():
+    cos = torch.zeros(8, 4, dtype=torch.bfloat16)
+    x = torch.zeros(2, 12, dtype=torch.bfloat16)
+    with pytest.raises(NativeArgumentError, match="position"):
+        NAT.rope_rows(x, 3, 4, torch.tensor([0, 8]), cos, cos)  # past the table
+    with pytest.raises(NativeArgumentError, match="rope_rows"):
+        NAT.rope_rows(x.float(), 3, 4, torch.tensor([0, 1]), cos, cos)
+    with pytest.raises(NativeArgumentError, match="rope_rows"):
+        NAT.rope_rows(x, 4, 4, torch.tensor([0, 1]), cos, cos)  # 4 heads of 4 > 12 columns
+    with pytest.raises(NativeArgumentError, match="rope_rows"):
+        NAT.rope_rows(x, 3, 4, torch.tensor([0]), cos, cos)  # one position for two rows
+
+
+@needs_native
+@pytest.mark.parametrize("kind", TINY)
+def test_prefill_with_native_rope_writes_what_pytorch_rope_does(kind):
+    """A prefill forward of each tiny family with the native rope (where its layers take it)
+    and with `apply_rope` (native kernels off for rope only): the same logits and KV cache bit
+    for bit."""
+    from hest_core.exec.model import LeanModel
+
+    hf = load_hf_model(kind)
+    lean = build_lean(hf, torch.bfloat16, torch.device("cpu"), 64)
+    n, ids = 23, torch.arange(23) + 7
+    out, took = {}, []
+    for use in (True, False):
+        cache = lean.new_cache(1, n)
+        keep = LeanModel._rope_native
+        LeanModel._rope_native = (
+            (lambda self, qkv, keep=keep: took.append(keep(self, qkv)) or took[-1])
+            if use
+            else (lambda self, qkv: False)
+        )
+        try:
+            with torch.inference_mode():
+                logits = lean.forward(
+                    ids, torch.arange(n), [SeqSlot(0, n, 0, 0)], cache, const_decider(FP16), False
+                )
+        finally:
+            LeanModel._rope_native = keep
+        out[use] = (logits, torch.stack(cache.k), torch.stack(cache.v))
+    for a, b in zip(out[True], out[False], strict=True):
+        assert torch.equal(a, b), kind
+    if lean.layers[0].q_norm is None:  # every layer took the native rope
+        assert len(took) == len(lean.layers) and all(took)
+    else:  # Qwen3's q/k norms come before rope: apply_rope stays
+        assert not took

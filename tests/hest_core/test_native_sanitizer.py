@@ -2,7 +2,7 @@
 fused layer write past its KV cache). A child pytest loads kernels built with
 `-fsanitize=address,undefined` (HEST_NATIVE_SANITIZE=1) with libasan preloaded, and runs the
 bounds tests, the Q8_0 head and the attention shapes (test_q8head.py), the fused layer against
-the PyTorch loop, and generation over random text and
+the PyTorch loop, prefill's rope rows, and generation over random text and
 batches (1..16 rows, int4 rows with and without their low-rank term): any out-of-bounds access
 or undefined behaviour aborts it. A sanitizer alone misses a
 write that stays inside an allocation (another row or head of the cache): test_native_bounds.py
@@ -54,6 +54,8 @@ def test_kernels_under_address_sanitizer(tmp_path):
         str(HERE / "test_int4.py") + "::test_fused_layer_runs_int4_like_the_pytorch_loop",
         str(HERE / "test_generation_limits.py")
         + "::test_limit_holds_for_any_text_policy_and_batch",
+        str(HERE / "test_native.py") + "::test_rope_rows_equal_apply_rope_bit_for_bit",
+        str(HERE / "test_native.py") + "::test_rope_rows_refuse_what_they_cannot_take",
         str(HERE / "test_native_sanitizer.py") + "::test_loaded_kernels_are_sanitized",
     ]
     r = subprocess.run(

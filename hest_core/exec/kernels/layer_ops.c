@@ -309,6 +309,51 @@ static void residual_norm_rows(uint16_t *x, const uint16_t *y, const uint8_t *ad
 }
 
 /* ---------------------------------------------------------------------------------------- */
+/* Rotary embedding of M rows in place (prefill rows; ops.apply_rope's arithmetic, bf16): the
+ * first `heads` heads of hd values of row m (rows `ld` elements apart) become
+ * bf16(bf16(v * c) + bf16(rot(v) * s)), rot(v) = [-v[hd/2:], v[:hd/2]], c and s the rows pos[m] of
+ * the (rope_len, hd) bf16 tables: the products and the sum in fp32, each rounded to bf16 (nearest
+ * even) as PyTorch's bf16 operators round them, so the result equals apply_rope's bit for bit.
+ * One pass over the rows instead of PyTorch's five (two products, the negation, the concatenation,
+ * the sum) and the gathers of the tables; rows split across `threads`. */
+int hest_rope_rows(uint16_t *x, const int64_t *pos, const uint16_t *cos, const uint16_t *sin,
+                   int M, int ld, int heads, int hd, int rope_len, int threads) {
+    if (!x || !pos || !cos || !sin) return HEST_ENULL;
+    if (M < 1 || heads < 1 || hd < 2 || hd % 2 || ld < heads * hd || rope_len < 1)
+        return HEST_ESHAPE;
+    if (threads < 1) return HEST_ETHREADS;
+    for (int m = 0; m < M; m++)
+        if (pos[m] < 0 || pos[m] >= rope_len) return HEST_EPOS;
+    const int h2 = hd / 2;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int m = 0; m < M; m++) {
+        const uint16_t *c = cos + (size_t)pos[m] * hd, *s = sin + (size_t)pos[m] * hd;
+        uint16_t *row = x + (size_t)m * ld;
+        for (int j = 0; j < heads; j++) {
+            uint16_t *v = row + (size_t)j * hd;
+            for (int i = 0; i < h2; i += 16) {
+                __mmask16 km = tail16(h2 - i);
+                __m512 a = widen_bf16(_mm256_maskz_loadu_epi16(km, v + i));
+                __m512 b = widen_bf16(_mm256_maskz_loadu_epi16(km, v + h2 + i));
+                __m512 c1 = widen_bf16(_mm256_maskz_loadu_epi16(km, c + i));
+                __m512 c2 = widen_bf16(_mm256_maskz_loadu_epi16(km, c + h2 + i));
+                __m512 s1 = widen_bf16(_mm256_maskz_loadu_epi16(km, s + i));
+                __m512 s2 = widen_bf16(_mm256_maskz_loadu_epi16(km, s + h2 + i));
+                __m512 nb = _mm512_castsi512_ps( /* the sign bit flipped, as torch's neg */
+                    _mm512_xor_si512(_mm512_castps_si512(b), _mm512_set1_epi32((int)0x80000000u)));
+                __m512 lo = _mm512_add_ps(widen_bf16(round_bf16x16(_mm512_mul_ps(a, c1))),
+                                          widen_bf16(round_bf16x16(_mm512_mul_ps(nb, s1))));
+                __m512 hi = _mm512_add_ps(widen_bf16(round_bf16x16(_mm512_mul_ps(b, c2))),
+                                          widen_bf16(round_bf16x16(_mm512_mul_ps(a, s2))));
+                _mm256_mask_storeu_epi16(v + i, km, round_bf16x16(lo));
+                _mm256_mask_storeu_epi16(v + h2 + i, km, round_bf16x16(hi));
+            }
+        }
+    }
+    return HEST_OK;
+}
+
+/* ---------------------------------------------------------------------------------------- */
 /* RMS norm of M rows of d, bf16 (HF LlamaRMSNorm, as the fused layer's rms_norm_row: the mean
  * square in fp32, the normalised value rounded to bf16, then the weight's bf16 product), rows
  * split across `threads`. The PyTorch form (ops.rms_norm) makes four fp32 copies of x: at 2,600

@@ -72,6 +72,17 @@ def q_to_min_j(min_q: int) -> float:
     return m
 
 
+def q_to_min_ratio(min_q: int, fp16_q: int, digits: int = 3) -> float:
+    """The smallest ratio with `digits` decimals whose budget (`budget_q_of`: ratio x fp16_q,
+    rounded down) is >= min_q: the ratio to quote, so that sending it back is accepted (a ratio
+    rounded to nearest could fall just under the minimum). min_q, fp16_q: picojoules (> 0)."""
+    step = 10.0**-digits
+    r = round(math.ceil(min_q / fp16_q / step) * step, digits)
+    while budget_q_of("energy_budget_ratio", r, fp16_q) < min_q:
+        r = round(r + step, digits)
+    return r
+
+
 def below_minimum(
     param: str,
     budget_q: int,
@@ -80,14 +91,18 @@ def below_minimum(
     prompt_tokens: int,
     path: str | None = None,
 ):
-    """The BudgetTooLowError of a budget (pJ) below its request's minimum (pJ), quoting it.
-    `path`: the one path of a fixed-path request (guard "stop"); None: every unit skipped."""
+    """The BudgetTooLowError of a budget (pJ) below its request's minimum (pJ), quoting it in
+    joules and as a ratio, each the smallest value that is accepted when sent back (`q_to_min_j`,
+    `q_to_min_ratio`). `path`: the one path of a fixed-path request (guard "stop"); None: every
+    layer on its cheapest path."""
     min_j = q_to_min_j(min_q)
-    how = f"every unit on {path}" if path else "every unit skipped"
+    how = f"every layer on {path}" if path else "every layer on its cheapest path"
     return BudgetTooLowError(
-        f"{param} gives {budget_q / PJ:.6g} J, below the minimum of {min_j:.6g} J "
-        f"(ratio {min_q / fp16_q:.3f}) for this {prompt_tokens}-token prompt: {how} "
-        "plus one generated token. Raise the budget or shorten the text",
+        f"{param} gives {budget_q / PJ:.6g} J, below this request's minimum of {min_j:.6g} J, "
+        f"energy_budget_ratio {q_to_min_ratio(min_q, fp16_q):.3f} (a ratio is of the request's "
+        "all-fp16 cost, which counts max_new_tokens): what its "
+        f"{prompt_tokens}-token prompt (the part of the text it reads) and one generated token "
+        f"cost with {how}. Raise the budget",
         minimum_j=min_j,
         param=param,
     )

@@ -16,6 +16,7 @@ from hest_core.runtime.budget import (
     MAX_BUDGET_RATIO,
     budget_q_of,
     q_to_min_j,
+    q_to_min_ratio,
     requested_budget,
 )
 
@@ -118,3 +119,33 @@ def test_check_builds_the_budget_in_pj(tiny_engine) -> None:
     res = tiny_engine.generate([low])[0]
     assert res.error is None and res.stats.modelled_j <= low.budget_j
     assert res.stats.budget_j == low.budget_j and res.stats.budget_ratio == low.budget_ratio
+
+
+@pytest.mark.parametrize(
+    "min_q,fp16_q",
+    [(MIN_Q, FP16_Q), (1_532_810_000_000, 69_673_209_789_096), (7, 1000), (999, 1000), (5, 3)],
+)
+def test_the_quoted_minimum_ratio_is_accepted_and_the_least_such(min_q, fp16_q) -> None:
+    """The ratio a below-minimum error quotes (3 decimals) is accepted when sent back, and one
+    step lower is not (a session-20 user sent back "ratio 0.022" and was refused: it had been
+    rounded to nearest, 0.0223 down)."""
+    r = q_to_min_ratio(min_q, fp16_q)
+    assert budget_q_of("energy_budget_ratio", r, fp16_q) >= min_q
+    assert budget_q_of("energy_budget_ratio", round(r - 0.001, 3), fp16_q) < min_q
+
+
+def test_the_below_minimum_error_quotes_what_is_accepted() -> None:
+    import re
+
+    fp16_q, min_q = 69_673_209_789_096, 1_553_980_000_000  # the user's 0.0223
+    p = PreparedRequest(
+        ids=[1, 2, 3], max_new=8, budget_q=fp16_q, fp16_q=fp16_q, min_q=min_q, truncated=False
+    )
+    with pytest.raises(BudgetTooLowError) as info:
+        replace(p, budget_q=min_q - 1)
+    msg = info.value.message
+    ratio = float(re.search(r"energy_budget_ratio ([0-9.]+)", msg).group(1))
+    joules = float(re.search(r"minimum of ([0-9.eE+-]+) J", msg).group(1))
+    assert ratio == 0.023 and budget_q_of("energy_budget_ratio", ratio, fp16_q) >= min_q
+    assert budget_q_of("energy_budget_j", joules, fp16_q) >= min_q
+    assert "3-token prompt" in msg and "cheapest path" in msg and "max_new_tokens" in msg

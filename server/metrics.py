@@ -73,7 +73,7 @@ class Metrics:
         self.co2e = Counter(
             "hest_co2e_grams_total",
             "Estimated grams CO2e: measured (else estimated) joules x the configured grid "
-            "intensity (HEST_GRID_INTENSITY_G_PER_KWH); absent without one",
+            "intensity (HEST_GRID_INTENSITY_G_PER_KWH); stays 0 without one",
             registry=r,
         )
         self.budget = Histogram(

@@ -431,10 +431,11 @@ class BatchRunner:
                 st.finish = "energy_budget" if decided else "length"
             elif st.own_end and st.finish is None:  # the model's own end, after the sentence
                 st.finish = "stop"
-            elif st.forced_end and st.finish is None:  # the steered last token ended it
+            elif st.forced_end:  # the steered last token ended it (max_new_tokens may have too)
                 st.plan.reason = "steered"
-                decided = by_budget and st.req.max_new - len(st.out_ids) > 1
-                st.finish = "energy_budget" if decided else "length"
+                if st.finish is None:
+                    decided = by_budget and st.req.max_new - len(st.out_ids) > 1
+                    st.finish = "energy_budget" if decided else "length"
         self._send(i, st, st.plan.visible(st.full[:safe], allowance))
 
     def _finish_text(self, i: int, st: RequestState) -> None:

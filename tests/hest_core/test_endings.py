@@ -173,6 +173,25 @@ def test_real_model_ends_on_a_sentence_boundary_under_a_limit(hest_engine, ratio
     assert raw_mid >= 1  # the limit does cut these summaries when nothing plans the end
 
 
+def test_a_steered_last_token_is_reported_as_steered(hest_engine):
+    """A sentence that cannot be cut, steered to end on the request's last allowed token, says
+    so: finish_detail "steered" (a new user's request, session 20: the first CNN/DM test
+    article, max_new_tokens 8, the default budget, came back "... officially became the ?" with
+    finish_detail null, because max_new_tokens had set the finish first)."""
+    import json
+    from pathlib import Path
+
+    from hest_core import GenerationRequest
+
+    test = Path(__file__).resolve().parents[3] / "shared" / "data" / "cnndm" / "test.jsonl"
+    art = json.loads(test.read_text().splitlines()[0])["article"]
+    res = hest_engine.generate([GenerationRequest(art, max_new_tokens=8)])[0]
+    raw = hest_engine.generate([GenerationRequest(art, max_new_tokens=8, clean_end=False)])[0]
+    assert res.finish_reason == "length" and ends_sentence(res.text)
+    assert not ends_sentence(raw.text)  # the limit struck mid-sentence: the end was steered
+    assert res.finish_detail == "steered", (res.text, res.finish_detail)
+
+
 def test_the_budget_is_named_only_where_it_decided_the_end():
     """finish_reason "energy_budget" only where the budget ended the text before max_new_tokens
     would have: a fixed path (one token stream whatever the budget, read whole) ends at some

@@ -73,8 +73,23 @@ def _explain(e: dict, loc: list[str]) -> tuple[str, list[str], str | None]:
     if kind == "extra_forbidden":
         msg = "unknown field: not part of this API (docs/server.md lists the fields)"
     if kind == "string_pattern_mismatch" and (e.get("ctx") or {}).get("pattern") == NON_BLANK:
-        msg = "is blank; send text"
+        msg, kind = "is blank; send text", "empty_text"  # the native route's code for it
     return msg, loc, kind
+
+
+def _branch_noise(explained: list[tuple[dict, tuple[str, list[str], str | None]]]) -> set[int]:
+    """Indexes of errors that only say a union's other branch did not match the input's type
+    (`content` "" is a string: "Input should be a valid list" adds nothing to "is blank"):
+    a `*_type` error at a location where another error is not a type mismatch."""
+    by_loc: dict[str, list[int]] = {}
+    for i, (_e, (_m, loc, _k)) in enumerate(explained):
+        by_loc.setdefault(".".join(loc), []).append(i)
+    noise = set()
+    for idx in by_loc.values():
+        kinds = [str(explained[i][1][2] or "") for i in idx]
+        if len(idx) > 1 and not all(k.endswith("_type") for k in kinds):
+            noise |= {i for i, k in zip(idx, kinds, strict=True) if k.endswith("_type")}
+    return noise
 
 
 def validation_message(errors: list[dict]) -> tuple[str, str | None, str | None]:
@@ -82,8 +97,9 @@ def validation_message(errors: list[dict]) -> tuple[str, str | None, str | None]
     the deepest location: of a union's branches, the one that got furthest (a list of content
     parts with a bad part names the part, not `content`)."""
     parts, param, code, depth = [], None, None, -1
-    for e in errors[:3]:
-        msg, loc, kind = _explain(e, _where(tuple(e.get("loc", ()))))
+    explained = [(e, _explain(e, _where(tuple(e.get("loc", ()))))) for e in errors]
+    noise = _branch_noise(explained)
+    for e, (msg, loc, kind) in [x for i, x in enumerate(explained) if i not in noise][:3]:
         if e.get("type") == "json_invalid":
             err = (e.get("ctx") or {}).get("error", "")
             return (

@@ -46,7 +46,7 @@ def requested_budget(
     if not 0 < val <= cap:
         raise InvalidInputError(
             f"{name}={val!r} must be > 0 and at most {cap:g}"
-            + ("; use energy_budget_ratio=1.0 for full quality" if val > cap else ""),
+            + ("; energy_budget_ratio=1.0 is the request's all-fp16 cost" if val > cap else ""),
             param=name,
             code="invalid_budget",
         )

@@ -201,7 +201,15 @@ ERROR_CASES = [
         "/v1/chat/completions",
         {"messages": [{"role": "user", "content": " \n "}]},
         400,
-        "string_pattern_mismatch",
+        "empty_text",
+        "messages.0.content",
+    ),
+    (
+        "chat-empty-content",
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": ""}]},
+        400,
+        "empty_text",
         "messages.0.content",
     ),
     ("chat-n-2", "/v1/chat/completions", CHAT | {"n": 2}, 400, "less_than_equal", "n"),
@@ -426,3 +434,20 @@ def test_settings_defaults_and_env(monkeypatch) -> None:
     monkeypatch.setenv("HEST_BROWNOUT_FLOOR_RATIO", "0.9")
     with pytest.raises(ValueError, match="BROWNOUT_FLOOR_RATIO"):
         Settings()
+
+
+async def test_blank_chat_content_is_one_clear_error(tiny_engine) -> None:
+    """Content "" matches the union's string branch and fails its rule; the list branch's "should
+    be a valid list" would only add noise (a new user's report, session 20). Content 3 matches
+    neither branch: both type errors stay, naming what it may be."""
+    async with in_process(tiny_engine) as client:
+        r = await client.post(
+            "/v1/chat/completions", json={"messages": [{"role": "user", "content": ""}]}
+        )
+        msg = r.json()["error"]["message"]
+        assert r.status_code == 400 and "is blank" in msg and "valid list" not in msg, msg
+        r = await client.post(
+            "/v1/chat/completions", json={"messages": [{"role": "user", "content": 3}]}
+        )
+        msg = r.json()["error"]["message"]
+        assert "valid string" in msg and "valid list" in msg, msg

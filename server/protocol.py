@@ -83,7 +83,9 @@ ONE_BUDGET = {
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore", json_schema_extra=ONE_BUDGET)
+    # unknown fields are refused (422 extra_forbidden naming the field), as on the OpenAI
+    # route: a misspelt budget field ("energy_budget_ration") must not run at the default budget
+    model_config = ConfigDict(extra="forbid", json_schema_extra=ONE_BUDGET)
 
 
 # ---- errors -------------------------------------------------------------------------------------

@@ -101,10 +101,10 @@ def fit_prompt(
         return ids, truncated
     if not truncate:
         raise InvalidInputError(
-            f"the prompt is {len(ids)} tokens; with the tokens to generate the request needs "
-            f"{over} more than the {room} the model's context leaves for it: shorten the text by "
-            f"about {over} tokens, lower max_new_tokens, or send truncate=true to cut the article "
-            "to fit",
+            f"the prompt is {len(ids)} tokens, {over} over the {room} that the model's context "
+            "leaves it beside the tokens the request may generate (max_new_tokens): shorten the "
+            f"text by about {over} tokens, lower max_new_tokens, or send truncate=true to cut the "
+            "article to fit",
             param="text",
             code="context_length_exceeded",
         )

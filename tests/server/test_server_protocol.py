@@ -212,6 +212,14 @@ ERROR_CASES = [
         "empty_text",
         "messages.0.content",
     ),
+    (
+        "summarize-misspelt-budget-field",
+        "/v1/summarize",
+        {"text": "The council voted.", "energy_budget_ration": 0.3},
+        422,
+        "extra_forbidden",
+        "energy_budget_ration",
+    ),
     ("chat-n-2", "/v1/chat/completions", CHAT | {"n": 2}, 400, "less_than_equal", "n"),
     (
         "chat-budget-nan",

@@ -31,6 +31,14 @@ RUN if ! command -v python3 >/dev/null 2>&1; then \
     fi \
     && python3 -m venv "$VIRTUAL_ENV"
 
+# a C compiler for the native AVX-512 decode kernels and fused layer, which the server builds on
+# first start into $HEST_CACHE_DIR (hest_core/exec/kernel_build.py; ~3 s); without one it says so
+# and runs PyTorch's kernels, several times slower at decode (docs/runtime.md)
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
+
 WORKDIR /app
 
 # torch first, from the index that matches the base (CPU by default), so the project's

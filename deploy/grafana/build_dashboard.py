@@ -185,5 +185,8 @@ def render() -> str:
 
 
 if __name__ == "__main__":
+    import argparse
+
+    argparse.ArgumentParser(description=__doc__.split("\n\n")[0]).parse_args()  # --help
     OUT.write_text(render())
     print(f"wrote {OUT}")

@@ -81,15 +81,15 @@ def _branch_noise(explained: list[tuple[dict, tuple[str, list[str], str | None]]
     """Indexes of errors that only say a union's other branch did not match the input's type
     (`content` "" is a string: "Input should be a valid list" adds nothing to "is blank"):
     a `*_type` error at a location where another error is not a type mismatch."""
-    by_loc: dict[str, list[int]] = {}
-    for i, (_e, (_m, loc, _k)) in enumerate(explained):
-        by_loc.setdefault(".".join(loc), []).append(i)
-    noise = set()
-    for idx in by_loc.values():
-        kinds = [str(explained[i][1][2] or "") for i in idx]
-        if len(idx) > 1 and not all(k.endswith("_type") for k in kinds):
-            noise |= {i for i, k in zip(idx, kinds, strict=True) if k.endswith("_type")}
-    return noise
+    kinds_at: dict[str, list[str]] = {}
+    for _e, (_m, loc, kind) in explained:
+        kinds_at.setdefault(".".join(loc), []).append(str(kind or ""))
+    return {
+        i
+        for i, (_e, (_m, loc, kind)) in enumerate(explained)
+        if str(kind or "").endswith("_type")
+        and not all(k.endswith("_type") for k in kinds_at[".".join(loc)])
+    }
 
 
 def validation_message(errors: list[dict]) -> tuple[str, str | None, str | None]:

@@ -313,7 +313,7 @@ class LeanModel:
     def _rope_native(self, qkv: torch.Tensor) -> bool:
         """Whether `Native.rope_rows` takes this projection output: CPU bf16 rows without
         autograd, native kernels on, contiguous bf16 rope tables. Measured (session 20, the
-        2-core Xeon, 1 thread, 12 heads of 64): 172 rows 0.070 ms against apply_rope's 0.123 ms
+        2-core Xeon, 1 thread, 12 heads of 64, beside another busy process): 172 rows 0.070 ms against apply_rope's 0.123 ms
         (0.157 with the tables' gathers), 1,024 rows 0.43 against 1.00 ms."""
         if qkv.device.type != "cpu" or qkv.dtype != torch.bfloat16 or qkv.stride(1) != 1:
             return False
